@@ -1,0 +1,3 @@
+from mobiletune.cli import run
+
+run()

@@ -1,0 +1,128 @@
+"""`mobiletune`: a thin command line over the library.
+
+Every command calls one library function. A `MobiletuneError` becomes one line on stderr and
+its exit code (2 usage and config, 1 data and models); nothing else is caught here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from mobiletune import __version__  # noqa: E402
+from mobiletune.errors import MobiletuneError  # noqa: E402
+
+app = typer.Typer(
+    name="mobiletune",
+    help="Fine-tune a pretrained MobileNetV2 on your own images: train, report, ship.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _one_line_errors(command):
+    """Turn library errors into `error: ...` and an exit code instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            _import_tensorflow_quietly()
+            return command(*args, **kwargs)
+        except MobiletuneError as exc:
+            err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with stderr muted: its C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"mobiletune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune a pretrained MobileNetV2 on your own images."""
+
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML recipe; its keys override the defaults.")
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override one key, e.g. --set phase2.fine_tune_at=80 (repeatable)."),
+]
+
+
+@app.command()
+@_one_line_errors
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ validation/ \\[test/] of class folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")] = Path("runs/latest"),
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop on an unreadable image instead of skipping it.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the results.")] = False,
+) -> None:
+    """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
+    from mobiletune.config import load_config
+    from mobiletune.train import train_and_evaluate
+
+    overrides = list(set_ or []) + (["data.strict=true"] if strict else [])
+    cfg = load_config(config, overrides)
+    result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=None if quiet else console)
+    if quiet:
+        from mobiletune.report import print_results
+
+        print_results(console, result.metrics)
+
+
+@app.command()
+@_one_line_errors
+def fetch(
+    name: Annotated[str, typer.Argument(help="Data set to download: cats-and-dogs (the tutorial's 2000/1000 set).")],
+) -> None:
+    """Download a demo data set (checksum verified) and print its folder."""
+    from mobiletune.data import fetch_cats_and_dogs
+    from mobiletune.errors import UsageError
+
+    if name != "cats-and-dogs":
+        raise UsageError(f"fetch {name!r}: unknown data set; available: cats-and-dogs")
+    print(fetch_cats_and_dogs())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

@@ -1,0 +1,228 @@
+"""The recipe as a typed, frozen config: defaults <- YAML file <- `--set key=value`.
+
+Defaults are the seed write-up's recipe (TensorFlow's MobileNetV2 transfer-learning tutorial).
+Every key is `section.field`; unknown keys and bad values raise `ConfigError` naming the key,
+the value received and what is allowed. The resolved config is saved in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mobiletune.errors import ConfigError
+
+# MobileNetV2(include_top=False) has this many layers for every alpha; model.py asserts it.
+BASE_LAYERS = 154
+# Width multipliers Keras publishes ImageNet weights for.
+IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
+BN_MODES = ("inference", "train")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 160  # the tutorial's 160x160: a size Keras ships ImageNet weights for
+    batch_size: int = 32  # the tutorial's batch; also the batch of every inference pass
+    seed: int = 0  # one seed drives the split, the shuffles, augmentation and initial weights
+    test_fraction: float = 0.2  # share of validation/ held out as test when there is no test/
+    holdout_fraction: float = 0.1  # with class folders only: validation and test each get this
+    strict: bool = False  # True: an unreadable image is an error instead of a reported skip
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: str = "horizontal"  # RandomFlip mode, or "none"; cats and dogs are left-right symmetric
+    rotation: float = 0.2  # RandomRotation factor, a fraction of a full turn (0.2 = +-72 deg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    alpha: float = 1.0  # MobileNetV2 width multiplier; 1.0 is the tutorial's base
+    weights: str = "imagenet"  # "imagenet" (Keras download/cache), a .h5/.weights.h5 path, or "none"
+    dropout: float = 0.2  # before the new Dense head, as the tutorial
+    bn_mode: str = "inference"  # BatchNorm of the base stays in inference mode; "train" lets it adapt
+
+
+@dataclass(frozen=True)
+class Phase1Config:
+    epochs: int = 10  # feature extraction: base frozen, only the head trains
+    lr: float = 1e-4  # the tutorial's base_learning_rate
+    optimizer: str = "rmsprop"  # the tutorial's optimizer
+
+
+@dataclass(frozen=True)
+class Phase2Config:
+    epochs: int = 10  # fine-tuning epochs, counted on from phase 1 (20 in all)
+    fine_tune_at: int = 100  # base layers from this index on train; those below stay frozen
+    lr_ratio: float = 0.1  # phase-2 lr = phase1.lr * lr_ratio: small steps keep ImageNet features
+    optimizer: str = "rmsprop"  # recompiled with a fresh optimizer, as the tutorial
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"section.field": value}` for every key, in declaration order."""
+        return {f"{s}.{k}": v for s, fields in self.to_dict().items() for k, v in fields.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from layers of overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_flatten(_read_yaml(Path(path)), source=str(path)))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        values[key] = value
+    return from_flat(values)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`"phase1.lr=3e-4"` -> `("phase1.lr", 3e-4)`; the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set phase1.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_flat(values: dict[str, Any]) -> Config:
+    """A validated Config from `{"section.field": value}`; missing keys keep their defaults."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    by_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if section not in sections or name not in _field_types(section):
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(_all_keys())}")
+        by_section[section][name] = _coerce(key, _field_types(section)[name], value)
+    config = Config(**{s: _section_class(s)(**kw) for s, kw in by_section.items()})
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML ({reason})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, fields in data.items():
+        if not isinstance(fields, dict):
+            raise ConfigError(
+                f"{source}: section {section!r} must be a mapping, got {fields!r}; "
+                f"e.g. 'phase1: {{lr: 0.0001}}'"
+            )
+        for name, value in fields.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def _section_class(section: str) -> type:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]  # type: ignore[return-value]
+
+
+def _field_types(section: str) -> dict[str, str]:
+    return {f.name: f.type for f in dataclasses.fields(_section_class(section))}  # type: ignore[misc]
+
+
+def _all_keys() -> list[str]:
+    return list(Config().flat())
+
+
+def _coerce(key: str, type_name: str, value: Any) -> Any:
+    """Check a value's type; ints and numeric text (YAML reads `1e-4` as text) pass for floats."""
+    if type_name == "float" and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+    }[type_name]
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {type_name}, got {type(value).__name__}")
+    if type_name == "float":
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every rule names the key, the value and what is allowed
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(config: Config) -> None:
+    d, a, m, p1, p2 = config.data, config.augment, config.model, config.phase1, config.phase2
+    _check(32 <= d.image_size <= 1024, "data.image_size", d.image_size,
+           "MobileNetV2 takes 32 to 1024 px (ImageNet weights exist for 96, 128, 160, 192, 224)")
+    _check(1 <= d.batch_size <= 4096, "data.batch_size", d.batch_size, "use 1 to 4096")
+    _check(d.seed >= 0, "data.seed", d.seed, "use a non-negative integer")
+    _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "use a fraction in (0, 1)")
+    _check(0 < d.holdout_fraction < 0.5, "data.holdout_fraction", d.holdout_fraction,
+           "use a fraction in (0, 0.5)")
+    _check(a.flip in FLIPS, "augment.flip", a.flip, f"one of {', '.join(FLIPS)}")
+    _check(0 <= a.rotation < 1, "augment.rotation", a.rotation,
+           "a fraction of a full turn in [0, 1), e.g. 0.2")
+    _check(m.alpha > 0, "model.alpha", m.alpha, "a positive width multiplier, e.g. 1.0")
+    if m.weights == "imagenet":
+        _check(m.alpha in IMAGENET_ALPHAS, "model.alpha", m.alpha,
+               f"with ImageNet weights one of {', '.join(map(str, IMAGENET_ALPHAS))}")
+    elif m.weights != "none":
+        _check(Path(m.weights).is_file(), "model.weights", m.weights,
+               "'imagenet', 'none' or the path of an existing weights file")
+    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "a rate in [0, 1)")
+    _check(m.bn_mode in BN_MODES, "model.bn_mode", m.bn_mode, f"one of {', '.join(BN_MODES)}")
+    for key, phase in (("phase1", p1), ("phase2", p2)):
+        _check(phase.epochs >= 0, f"{key}.epochs", phase.epochs, "zero or more epochs")
+        _check(phase.optimizer in OPTIMIZERS, f"{key}.optimizer", phase.optimizer,
+               f"one of {', '.join(OPTIMIZERS)}")
+    _check(0 < p1.lr <= 1, "phase1.lr", p1.lr, "a learning rate in (0, 1], e.g. 1e-4")
+    _check(0 < p2.lr_ratio <= 10, "phase2.lr_ratio", p2.lr_ratio,
+           "a ratio in (0, 10]; phase-2 lr = phase1.lr * lr_ratio, e.g. 0.1")
+    _check(0 <= p2.fine_tune_at < BASE_LAYERS, "phase2.fine_tune_at", p2.fine_tune_at,
+           f"a base layer index in [0, {BASE_LAYERS - 1}]: MobileNetV2 has {BASE_LAYERS} layers")

@@ -1,0 +1,126 @@
+"""The network: raw pixels -> augmentation -> [-1, 1] -> MobileNetV2 -> pooled -> logits.
+
+Preprocessing lives inside the model, so training, predict and every export see the same
+input: RGB pixels 0-255 at the trained size. The augmentation layers are inactive at inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from mobiletune.config import BASE_LAYERS, Config
+from mobiletune.errors import ModelError
+
+BASE_NAME = "mobilenetv2"
+INPUT_NAME = "pixels"
+
+
+def build_base(config: Config) -> keras.Model:
+    """MobileNetV2 without its top, with the configured weights: the ordinary Keras path."""
+    size, m = config.data.image_size, config.model
+    weights = {"imagenet": "imagenet", "none": None}.get(m.weights)
+    try:
+        base = keras.applications.MobileNetV2(
+            input_shape=(size, size, 3), include_top=False, weights=weights, alpha=m.alpha, name=BASE_NAME
+        )
+        if weights is None and m.weights != "none":
+            base.load_weights(m.weights)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a failed download or load
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        fix = (
+            "with no internet, put the Keras weight files in $KERAS_HOME/models or pass "
+            "--set model.weights=PATH"
+            if m.weights == "imagenet"
+            else "check the file is MobileNetV2 weights for this alpha"
+        )
+        raise ModelError(f"model.weights={m.weights!r}: cannot load ({reason}); {fix}") from None
+    assert len(base.layers) == BASE_LAYERS, len(base.layers)
+    return base
+
+
+def build_augmentation(config: Config) -> keras.Sequential:
+    """The tutorial's augmentation; seeded so one seed gives the same views."""
+    a, seed = config.augment, config.data.seed
+    layers = []
+    if a.flip != "none":
+        layers.append(keras.layers.RandomFlip(a.flip, seed=seed))
+    if a.rotation > 0:
+        layers.append(keras.layers.RandomRotation(a.rotation, seed=seed + 1))
+    return keras.Sequential(layers, name="augment")
+
+
+def build_model(config: Config, num_classes: int) -> keras.Model:
+    """The full classifier; `model.get_layer(BASE_NAME)` is the MobileNetV2 base."""
+    if num_classes < 2:
+        raise ModelError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    size = config.data.image_size
+    base = build_base(config)
+    inputs = keras.Input((size, size, 3), name=INPUT_NAME)
+    x = build_augmentation(config)(inputs)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="scale_to_unit")(x)  # MobileNetV2's [-1, 1]
+    x = base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(config.model.dropout, seed=config.data.seed, name="dropout")(x)
+    # Two classes: one logit and binary cross-entropy, as the seed; more: one logit per class.
+    outputs = keras.layers.Dense(1 if num_classes == 2 else num_classes, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="mobiletune")
+    set_trainable(model, phase=1, config=config)
+    return model
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BASE_NAME)
+
+
+def set_trainable(model: keras.Model, phase: int, config: Config) -> None:
+    """Phase 1: the whole base frozen. Phase 2: base layers from `fine_tune_at` on train.
+
+    With bn_mode "inference" every BatchNormalization layer is made non-trainable, which in
+    Keras 3 is what keeps it in inference mode; `base(x, training=False)` alone does not.
+    """
+    base = base_of(model)
+    if phase == 1:
+        base.trainable = False
+        return
+    base.trainable = True
+    for layer in base.layers[: config.phase2.fine_tune_at]:
+        layer.trainable = False
+    if config.model.bn_mode == "inference":
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+
+
+def is_binary(model: keras.Model) -> bool:
+    return model.output_shape[-1] == 1
+
+
+def loss_and_metric(binary: bool) -> tuple[keras.losses.Loss, keras.metrics.Metric]:
+    """Loss and accuracy on logits: accuracy thresholds the logit at 0 (probability 0.5)."""
+    if binary:
+        return (keras.losses.BinaryCrossentropy(from_logits=True),
+                keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"))
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+
+
+def make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
+    return {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
+            "sgd": keras.optimizers.SGD}[name](learning_rate=lr)
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a .keras model safely: no arbitrary code (Lambda layers are refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged zip or config raises many types
+        text = str(exc)
+        if "Lambda" in text or "safe_mode" in text:
+            raise ModelError(f"{path}: holds a Lambda layer (arbitrary code); mobiletune refuses to load it") from None
+        reason = text.splitlines()[0] if text else exc.__class__.__name__
+        raise ModelError(f"{path}: not a loadable .keras model ({reason[:200]})") from None

@@ -1,0 +1,99 @@
+"""What a run leaves for people: the curve plots, the hyper-parameter summary, the console table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from mobiletune.config import Config  # noqa: E402
+from mobiletune.runfolder import save_figure, write_text  # noqa: E402
+
+# What each knob means, in the seed's words, for the generated summary.
+KNOB_NOTES = {
+    "phase1.lr": "Learning rate of the new head; the seed's base_learning_rate",
+    "phase2.lr_ratio": "Fine-tuning lr = phase1.lr x this: small steps keep the ImageNet features",
+    "phase1.epochs": "Epochs of feature extraction (base frozen)",
+    "phase2.epochs": "More epochs of fine-tuning, counted on from phase 1",
+    "phase2.fine_tune_at": "Base layers from this index on are unfrozen; fewer unfrozen layers = less overfitting",
+    "model.bn_mode": "BatchNorm kept in inference mode while fine-tuning",
+}
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str, fine_tune_from: int | None = None) -> None:
+    """Accuracy and loss, train and validation, per epoch; a line where fine-tuning starts."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_acc, ax_loss) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for ax, metric in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        ax.plot(epochs, [r[metric] for r in history], "o-", ms=3, label=f"training {metric}")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in history], "o-", ms=3, label=f"validation {metric}")
+        if fine_tune_from is not None:
+            ax.axvline(fine_tune_from - 0.5, color="gray", ls="--", label="start fine-tuning")
+        ax.set_ylabel(metric.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if metric == "accuracy" else "upper right")
+    ax_acc.set_title(title)
+    ax_loss.set_xlabel("epoch")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def results_table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for stage, label in (("before_fine_tuning", "before fine-tuning"), ("after_fine_tuning", "after fine-tuning")):
+        test = metrics.get(stage, {}).get("test")
+        if test:
+            rows.append((label, f"{test['accuracy']:.2%}", f"{test['loss']:.4f}"))
+    return rows
+
+
+def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
+    """The seed's hyper-parameter summary, generated from the run."""
+    lines = ["# Hyper-parameter summary (MobileNetV2)", ""]
+    lines += [
+        f"Classes: {', '.join(metrics['classes'])}. Images: "
+        + ", ".join(f"{k} {v}" for k, v in metrics["n_images"].items())
+        + f" ({metrics.get('n_skipped', 0)} skipped).",
+        f"Base: MobileNetV2 alpha {config.model.alpha}, {metrics['base_layers']} layers, weights "
+        f"{config.model.weights}; fine-tuned from layer {metrics['fine_tune_at']} on "
+        f"({metrics['base_layers'] - metrics['fine_tune_at']} layers unfrozen, BatchNorm in "
+        f"{config.model.bn_mode} mode).",
+        "",
+        "## Results on the test set",
+        "",
+        "| stage | accuracy | loss |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in results_table(metrics)]
+    lines += ["", "## Knobs that matter", "", "| knob | value | why it matters |", "|---|---|---|"]
+    flat = config.flat()
+    for key, note in KNOB_NOTES.items():
+        lines.append(f"| `{key}` | {flat[key]} | {note} |")
+    lines.append(f"| phase-2 learning rate | {config.phase1.lr * config.phase2.lr_ratio:g} | derived |")
+    lines += ["", "## Every setting", "", "| key | value |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in flat.items()]
+    seconds = metrics.get("seconds", {})
+    if seconds:
+        lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]
+    lines += ["", "![before fine-tuning](before_fine_tuning.png)", ""]
+    lines += ["![after fine-tuning](after_fine_tuning.png)", ""]
+    return "\n".join(lines)
+
+
+def write_summary(path: Path, config: Config, metrics: dict[str, Any]) -> None:
+    write_text(path, summary_markdown(config, metrics))
+
+
+def print_results(console, metrics: dict[str, Any], title: str = "Test set") -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("stage", "accuracy", "loss"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in results_table(metrics):
+        table.add_row(*row)
+    console.print(table)

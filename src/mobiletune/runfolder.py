@@ -1,0 +1,85 @@
+"""The run folder: created safely, every file written whole.
+
+Each file is written to a temporary name beside its target and renamed over it, so a crash
+never leaves a half-written file. An existing non-empty folder is only reused when the user
+says so: nothing a user made is overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mobiletune.errors import UsageError
+
+
+def check_out(out: str | Path, *, overwrite: bool) -> Path:
+    """Refuse a file, or an existing non-empty folder unless `overwrite`; creates nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out}: folder exists and is not empty; pick a new --out or add --overwrite")
+    return out
+
+
+def prepare(out: str | Path, *, overwrite: bool) -> Path:
+    """Create `out` after `check_out`."""
+    out = check_out(out, overwrite=overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    # surrogateescape: file names that are not UTF-8 round-trip to the bytes on disk
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: Path, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def save_figure(path: Path, figure) -> None:
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_model(path: Path, model) -> None:
+    """model.save() to a temporary .keras file, then rename: never a half-written model."""
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,66 @@
+"""Shared fixtures: offline ImageNet weights, tiny real data sets, a tiny fast config.
+
+Tests read ../shared/data in place and copy only the handful of files a test needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MOBILETUNE_SHARED", ROOT.parent / "shared"))
+CATS_DOGS = SHARED / "data" / "cats_and_dogs_filtered"
+FLOWERS = SHARED / "data" / "flowers_mini"
+
+# Keras reads KERAS_HOME when it is imported: install the offline weights before any test does.
+if "KERAS_HOME" not in os.environ and (SHARED / "weights" / "install-into-keras-cache").exists():
+    home = Path(tempfile.mkdtemp(prefix="keras-home-"))
+    subprocess.run([str(SHARED / "weights" / "install-into-keras-cache"), str(home)], check=True, capture_output=True)
+    os.environ["KERAS_HOME"] = str(home)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Small enough to run a whole recipe in seconds, real enough to exercise every code path.
+TINY = [
+    "data.image_size=32",
+    "data.batch_size=4",
+    "phase1.epochs=1",
+    "phase2.epochs=1",
+    "phase1.lr=0.001",
+]
+
+
+def copy_images(src: Path, dst: Path, per_class: int, offset: int = 0) -> None:
+    for class_dir in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(class_dir.iterdir())[offset : offset + per_class]:
+            shutil.copy(f, dst / class_dir.name / f.name)
+
+
+@pytest.fixture
+def cats_dogs_tiny(tmp_path: Path) -> Path:
+    """train/ 6+6 and validation/ 5+5 real cats-vs-dogs JPEGs."""
+    root = tmp_path / "cats_dogs"
+    copy_images(CATS_DOGS / "train", root / "train", 6)
+    copy_images(CATS_DOGS / "validation", root / "validation", 5)
+    return root
+
+
+@pytest.fixture
+def flowers_tiny(tmp_path: Path) -> Path:
+    """5 class folders of 5 real flower photos each, no split folders."""
+    root = tmp_path / "flowers"
+    copy_images(FLOWERS, root, 5)
+    return root
+
+
+@pytest.fixture
+def tiny_config():
+    from mobiletune.config import load_config
+
+    return load_config(overrides=TINY)

@@ -1,0 +1,52 @@
+import json
+
+from typer.testing import CliRunner
+
+from conftest import TINY
+from mobiletune import __version__
+from mobiletune.cli import app
+
+runner = CliRunner()
+
+
+def _sets(*extra):
+    return [arg for item in [*TINY, *extra] for arg in ("--set", item)]
+
+
+def test_version_and_help():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--out", "--config", "--set", "--overwrite", "--strict", "--quiet"):
+        assert option in result.output
+
+
+def test_train_multiclass_end_to_end(flowers_tiny, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(flowers_tiny), "--out", str(out), *_sets()])
+    assert result.exit_code == 0, result.output
+    assert "before fine-tuning" in result.output and "after fine-tuning" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    assert sum(metrics["n_images"].values()) == 25
+
+    again = runner.invoke(app, ["train", str(flowers_tiny), "--out", str(out), *_sets()])
+    assert again.exit_code == 2
+    assert "not empty" in again.output and "--overwrite" in again.output
+    assert (out / "model.keras").exists()  # nothing the user made was touched
+
+
+def test_bad_input_is_one_line(tmp_path):
+    cases = [
+        (["train", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], 1, "no such folder"),
+        (["train", str(tmp_path), "--set", "phase1.lr=-1"], 2, "phase1.lr=-1"),
+        (["train", str(tmp_path), "--set", "phase9.x=1"], 2, "unknown config key"),
+        (["train", str(tmp_path), "--set", "lr"], 2, "expected key=value"),
+        (["train", str(tmp_path), "--config", str(tmp_path / "none.yaml")], 2, "no such file"),
+    ]
+    for args, code, needle in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == code, (args, result.output)
+        assert needle in result.output and "Traceback" not in result.output
+        assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1

@@ -1,0 +1,192 @@
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CATS_DOGS
+from mobiletune import data
+from mobiletune.config import DataConfig
+from mobiletune.errors import DataError
+
+CFG = DataConfig(image_size=32)
+
+
+def _png_bytes(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A valid PNG that claims width x height: PIL must refuse it before allocating."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_decode_real_jpeg_to_size():
+    raw = (CATS_DOGS / "train" / "cats" / "cat.0.jpg").read_bytes()
+    pixels = data.decode_image(raw, 48)
+    assert pixels.shape == (48, 48, 3) and pixels.dtype == np.uint8 and pixels.std() > 10
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.new("CMYK", (40, 30), (0, 255, 0, 0)),
+        lambda: Image.new("L", (40, 30), 128),
+        lambda: Image.new("RGBA", (40, 30), (10, 200, 30, 0)),
+        lambda: Image.new("P", (40, 30), 3),
+        lambda: Image.fromarray(np.full((30, 40), 40000, np.uint16)),
+    ],
+    ids=["cmyk", "grayscale", "rgba", "palette", "16-bit"],
+)
+def test_usable_oddities_are_converted(make):
+    image = make()
+    fmt = "JPEG" if image.mode == "CMYK" else "PNG"
+    buf = io.BytesIO()
+    kw = {"transparency": 3} if image.mode == "P" else {}
+    image.save(buf, format=fmt, **kw)
+    pixels = data.decode_image(buf.getvalue(), 16)
+    assert pixels.shape == (16, 16, 3)
+    if image.mode == "I;16":
+        assert 150 <= pixels.mean() <= 160  # 40000 / 256, not clipped to white
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    pixels = data.decode_image(buf.getvalue(), 8)
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "empty file"),
+        (b"this is a text file, not a picture\n", "not an image"),
+        ((CATS_DOGS / "train" / "cats" / "cat.1.jpg").read_bytes()[:600], "cannot decode"),
+        (_huge_png_header(20000, 20000), "too large"),
+    ],
+    ids=["zero-byte", "text-as-jpg", "truncated-jpeg", "decompression-bomb"],
+)
+def test_bad_bytes_are_bad_images(payload, reason):
+    with pytest.raises(data.BadImage, match=reason):
+        data.decode_image(payload, 32)
+
+
+def _write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(payload)
+
+
+def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
+    cats = cats_dogs_tiny / "train" / "cats"
+    _write(cats / "zero.jpg", b"")
+    _write(cats / "text.JPG", b"hello")
+    _write(cats / "notes.txt", b"hello")
+    os.symlink("loop_b.jpg", cats / "loop_a.jpg")
+    os.symlink("loop_a.jpg", cats / "loop_b.jpg")
+    _write(cats / "odd.png", _png_bytes(Image.new("LA", (9, 9))))  # usable: converted
+    weird = os.fsdecode(b"caf\xe9.jpg")  # not UTF-8
+    _write(cats / weird, b"garbage")
+    images = data.load_images(cats_dogs_tiny, CFG)
+    reasons = {s.path: s.reason for s in images.skipped}
+    assert len(reasons) == 6, reasons
+    assert "empty file" in reasons["train/cats/zero.jpg"]
+    assert "not an image file extension" in reasons["train/cats/notes.txt"]
+    assert "cannot read" in reasons["train/cats/loop_a.jpg"]
+    assert "train/cats/caf\\xe9.jpg" in reasons
+    assert "train/cats/odd.png" in images.paths
+    out = tmp_path / "skipped.csv"
+    data.write_skipped(images, out)
+    assert len(out.read_text().splitlines()) == 7
+
+    with pytest.raises(DataError, match="6 file.*--strict"):
+        data.load_images(cats_dogs_tiny, DataConfig(image_size=32, strict=True))
+
+
+def test_given_splits_carve_test_from_validation(cats_dogs_tiny):
+    images = data.load_images(cats_dogs_tiny, CFG)
+    counts = images.counts()
+    assert counts == {"train": 12, "validation": 8, "test": 2}
+    for i in range(len(images.classes)):  # stratified: each class held out
+        assert ((images.splits == "test") & (images.labels == i)).sum() == 1
+    assert all(p.startswith("validation/") for p in np.array(images.paths)[images.indices("test")])
+    assert len(set(images.paths)) == len(images.paths)  # no file in two splits
+
+
+def test_test_folder_is_kept(cats_dogs_tiny):
+    from conftest import copy_images
+
+    copy_images(CATS_DOGS / "validation", cats_dogs_tiny / "test", 3, offset=100)
+    images = data.load_images(cats_dogs_tiny, CFG)
+    assert images.counts() == {"train": 12, "validation": 10, "test": 6}
+
+
+def test_class_folders_only_split_80_10_10_seeded(flowers_tiny):
+    a = data.load_images(flowers_tiny, DataConfig(image_size=32, seed=1))
+    b = data.load_images(flowers_tiny, DataConfig(image_size=32, seed=1))
+    c = data.load_images(flowers_tiny, DataConfig(image_size=32, seed=2))
+    assert a.counts() == {"train": 15, "validation": 5, "test": 5}
+    assert list(a.splits) == list(b.splits)
+    assert list(a.splits) != list(c.splits)
+    assert np.array_equal(a.pixels, b.pixels)
+
+
+def test_manifest_round_trip(cats_dogs_tiny, tmp_path):
+    images = data.load_images(cats_dogs_tiny, CFG)
+    data.write_manifest(images, tmp_path / "split.csv")
+    rows = data.read_manifest(tmp_path / "split.csv")
+    assert [r["path"] for r in rows] == images.paths
+    assert {r["split"] for r in rows} == {"train", "validation", "test"}
+    assert all(len(r["sha256"]) == 64 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("arrange", "message"),
+    [
+        (lambda root: root / "missing", "no such folder"),
+        (lambda root: _file(root / "a_file"), "is a file"),
+        (lambda root: _classes(root, ["only"]), "at least 2"),
+        (lambda root: _classes(root, ["a", "b"], empty="b"), "is empty"),
+        (lambda root: _classes(root / "train", ["a", "b"]) and _classes(root / "validation", ["a", "c"]) and root,
+         "differ between splits"),
+        (lambda root: _classes(root / "train", ["a", "b"]).parent, "not both train/ and validation/"),
+        (lambda root: _classes(root, ["a", "b"], per_class=2), "at least 3"),
+    ],
+    ids=["missing", "file", "one-class", "empty-class", "differing-classes", "no-validation", "too-few"],
+)
+def test_unusable_data_dirs(tmp_path, arrange, message):
+    with pytest.raises(DataError, match=message):
+        data.load_images(arrange(tmp_path), CFG)
+
+
+def test_class_with_only_bad_files(tmp_path):
+    root = _classes(tmp_path, ["a", "b"], per_class=3)
+    for f in (root / "b").iterdir():
+        f.write_bytes(b"broken")
+    with pytest.raises(DataError, match="'b' has no usable images"):
+        data.load_images(root, CFG)
+
+
+def _file(path: Path) -> Path:
+    path.write_text("x")
+    return path
+
+
+def _classes(root: Path, names: list[str], per_class: int = 3, empty: str | None = None) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(0 if name == empty else per_class):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
+    return root

@@ -1,0 +1,62 @@
+import csv
+import json
+
+import numpy as np
+import yaml
+
+from mobiletune import data
+from mobiletune import model as model_lib
+from mobiletune.train import train_and_evaluate
+
+RUN_FILES = {"config.yaml", "split.csv", "skipped.csv", "history.csv", "metrics.json", "before_fine_tuning.png",
+             "after_fine_tuning.png", "summary.md", "model.keras"}
+
+
+def _history(run):
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_run_folder(cats_dogs_tiny, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    result = train_and_evaluate(tiny_config, cats_dogs_tiny, run)
+    assert {p.name for p in run.iterdir()} == RUN_FILES  # and no temporary files left behind
+
+    history = _history(run)
+    assert [(r["epoch"], r["phase"]) for r in history] == [("1", "1"), ("2", "2")]
+    for row in history:
+        for key in ("accuracy", "val_accuracy"):
+            assert 0.0 <= float(row[key]) <= 1.0
+        assert float(row["loss"]) > 0 and float(row["seconds"]) > 0
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["cats", "dogs"]
+    assert metrics["n_images"] == {"train": 12, "validation": 8, "test": 2}
+    assert metrics["base_layers"] == 154 and metrics["fine_tune_at"] == 100
+    for stage in ("before_fine_tuning", "after_fine_tuning"):
+        assert 0.0 <= metrics[stage]["test"]["accuracy"] <= 1.0 and metrics[stage]["test"]["loss"] > 0
+    assert metrics["seconds"]["total"] >= metrics["seconds"]["phase1"] + metrics["seconds"]["phase2"]
+
+    assert yaml.safe_load((run / "config.yaml").read_text()) == tiny_config.to_dict()
+    manifest = data.read_manifest(run / "split.csv")
+    assert len({r["path"] for r in manifest}) == len(manifest) == 22  # no file in two splits
+    summary = (run / "summary.md").read_text()
+    assert "| before fine-tuning |" in summary and "`phase2.fine_tune_at` | 100" in summary
+
+    reloaded = model_lib.load_model(run / "model.keras")
+    images = data.load_images(cats_dogs_tiny, tiny_config.data)
+    x = images.pixels[:5].astype("float32")
+    trained = model_lib.load_model(run / "model.keras")  # a second load: files are stable
+    assert np.allclose(reloaded.predict(x, verbose=0), trained.predict(x, verbose=0), atol=1e-6)
+    assert result.metrics == metrics
+
+
+def test_same_seed_same_result(cats_dogs_tiny, tiny_config, tmp_path):
+    a = train_and_evaluate(tiny_config, cats_dogs_tiny, tmp_path / "a")
+    b = train_and_evaluate(tiny_config, cats_dogs_tiny, tmp_path / "b")
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.history]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.history]
+    assert a.metrics["after_fine_tuning"] == b.metrics["after_fine_tuning"]
+    x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    ma, mb = (model_lib.load_model(r / "model.keras") for r in (tmp_path / "a", tmp_path / "b"))
+    assert np.array_equal(ma.predict(x, verbose=0), mb.predict(x, verbose=0))
