@@ -24,6 +24,8 @@ if "KERAS_HOME" not in os.environ and (SHARED / "weights" / "install-into-keras-
     subprocess.run([str(SHARED / "weights" / "install-into-keras-cache"), str(home)], check=True, capture_output=True)
     os.environ["KERAS_HOME"] = str(home)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The feature cache of the tests stays out of the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mobiletune-test-cache-")
 
 # Small enough to run a whole recipe in seconds, real enough to exercise every code path.
 TINY = [

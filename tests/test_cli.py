@@ -24,8 +24,9 @@ def test_version_and_help():
 
 def test_train_multiclass_end_to_end(flowers_tiny, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", str(flowers_tiny), "--out", str(out), *_sets()])
+    result = runner.invoke(app, ["train", str(flowers_tiny), "--out", str(out), "--no-cache", *_sets()])
     assert result.exit_code == 0, result.output
+    assert "feature cache" not in result.output  # the plain recipe
     assert "before fine-tuning" in result.output and "after fine-tuning" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -50,3 +51,17 @@ def test_bad_input_is_one_line(tmp_path):
         assert result.exit_code == code, (args, result.output)
         assert needle in result.output and "Traceback" not in result.output
         assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+
+
+def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "run"
+    args = ["train", str(cats_dogs_tiny), "--out", str(out), *_sets(f"features.cache_dir={cache}")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "0 hit(s), 3 miss(es)" in result.output
+    listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "3 entries" in listing.output
+    cleared = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
+    assert "removed 3 cache entries" in cleared.output
+    assert "0 entries" in runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)]).output

@@ -95,12 +95,16 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop on an unreadable image instead of skipping it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the results.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Run the plain recipe: every epoch through the whole network.")
+    ] = False,
 ) -> None:
     """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
     from mobiletune.config import load_config
     from mobiletune.train import train_and_evaluate
 
-    overrides = list(set_ or []) + (["data.strict=true"] if strict else [])
+    overrides = list(set_ or []) + (["data.strict=true"] if strict else []) + (
+        ["features.cache=false"] if no_cache else [])
     cfg = load_config(config, overrides)
     result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=None if quiet else console)
     if quiet:
@@ -121,6 +125,44 @@ def fetch(
     if name != "cats-and-dogs":
         raise UsageError(f"fetch {name!r}: unknown data set; available: cats-and-dogs")
     print(fetch_cats_and_dogs())
+
+
+cache_app = typer.Typer(help="The feature cache: list or clear it.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+CacheDirOption = Annotated[
+    Optional[Path], typer.Option("--cache-dir", help="Cache folder [default: ~/.cache/mobiletune].")
+]
+
+
+@cache_app.command("ls")
+@_one_line_errors
+def cache_ls(cache_dir: CacheDirOption = None) -> None:
+    """List cached feature sets, most recently used first."""
+    import datetime
+
+    from rich.table import Table
+
+    from mobiletune.features import default_cache_dir, list_cache
+
+    entries = list_cache(cache_dir)
+    table = Table(title=f"feature cache: {cache_dir or default_cache_dir()}")
+    for column in ("key", "images", "views", "fine_tune_at", "size px", "MB", "last used"):
+        table.add_column(column, justify="left" if column in ("key", "last used") else "right")
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
+        table.add_row(e.key[:12], str(e.split_images), str(e.views), str(e.fine_tune_at), str(e.image_size),
+                      f"{e.megabytes:.1f}", used)
+    console.print(table)
+    console.print(f"{len(entries)} entries, {sum(e.megabytes for e in entries):.1f} MB")
+
+
+@cache_app.command("clear")
+@_one_line_errors
+def cache_clear(cache_dir: CacheDirOption = None) -> None:
+    """Delete every cached feature set; they are recomputed when needed."""
+    from mobiletune.features import clear_cache
+
+    console.print(f"removed {clear_cache(cache_dir)} cache entries")
 
 
 def run() -> None:

@@ -66,12 +66,20 @@ class Phase2Config:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    cache: bool = True  # train on cached frozen-base features; False runs the plain recipe (--no-cache)
+    views: int = 4  # augmented views cached per training image; each epoch draws one per image
+    cache_dir: str = ""  # "" = $XDG_CACHE_HOME/mobiletune (~/.cache/mobiletune); shared by runs and sweeps
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -224,5 +232,7 @@ def validate(config: Config) -> None:
     _check(0 < p1.lr <= 1, "phase1.lr", p1.lr, "a learning rate in (0, 1], e.g. 1e-4")
     _check(0 < p2.lr_ratio <= 10, "phase2.lr_ratio", p2.lr_ratio,
            "a ratio in (0, 10]; phase-2 lr = phase1.lr * lr_ratio, e.g. 0.1")
+    _check(1 <= config.features.views <= 64, "features.views", config.features.views,
+           "1 to 64 augmented views per training image")
     _check(0 <= p2.fine_tune_at < BASE_LAYERS, "phase2.fine_tune_at", p2.fine_tune_at,
            f"a base layer index in [0, {BASE_LAYERS - 1}]: MobileNetV2 has {BASE_LAYERS} layers")

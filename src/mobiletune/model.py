@@ -40,9 +40,9 @@ def build_base(config: Config) -> keras.Model:
     return base
 
 
-def build_augmentation(config: Config) -> keras.Sequential:
+def build_augmentation(config: Config, seed: int | None = None) -> keras.Sequential:
     """The tutorial's augmentation; seeded so one seed gives the same views."""
-    a, seed = config.augment, config.data.seed
+    a, seed = config.augment, config.data.seed if seed is None else seed
     layers = []
     if a.flip != "none":
         layers.append(keras.layers.RandomFlip(a.flip, seed=seed))

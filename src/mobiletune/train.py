@@ -14,7 +14,7 @@ from typing import Any
 
 import keras
 
-from mobiletune import data, evaluate, report, runfolder
+from mobiletune import data, evaluate, features, report, runfolder
 from mobiletune import model as model_lib
 from mobiletune.config import Config
 
@@ -120,17 +120,21 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
 
     batch, seed = config.data.batch_size, config.data.seed
-    train_ds = data.tf_dataset(images, "train", batch, shuffle=True, seed=seed)
-    val_ds = data.tf_dataset(images, "validation", batch, shuffle=False, seed=seed)
     test_ds = data.tf_dataset(images, "test", batch, shuffle=False, seed=seed)
-    steps = -(-counts["train"] // batch)
+    feats = None
+    if config.features.cache:
+        t = time.perf_counter()
+        feats = features.compute_features(model, images, config)
+        say(f"feature cache: {feats.hits} hit(s), {feats.misses} miss(es), "
+            f"{time.perf_counter() - t:.1f} s ({config.features.views} views per training image)")
 
     p1, p2 = config.phase1, config.phase2
     t0 = time.perf_counter()
     model_lib.set_trainable(model, phase=1, config=config)
-    history = train_phase(model, train_ds, val_ds, phase=1, epochs=p1.epochs, initial_epoch=0,
-                          optimizer=p1.optimizer, lr=p1.lr, steps=steps, console=console)
-    before = evaluate.evaluate(model, test_ds)
+    trainee, train_data, val_data = _phase_data(1, model, images, feats, config)
+    history = train_phase(trainee, train_data, val_data, phase=1, epochs=p1.epochs, initial_epoch=0,
+                          optimizer=p1.optimizer, lr=p1.lr, steps=len(train_data), console=console)
+    before = evaluate.evaluate(model, test_ds)  # the full model on test pixels: the real numbers
     t1 = time.perf_counter()
     _write_history(out, history)
     report.plot_curves(history, out / "before_fine_tuning.png", "Before fine-tuning (phase 1)")
@@ -138,8 +142,9 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     model_lib.set_trainable(model, phase=2, config=config)
     trainable = sum(layer.trainable for layer in base.layers)
     say(f"fine-tuning {trainable} base layers at lr {p1.lr * p2.lr_ratio:g}")
-    history += train_phase(model, train_ds, val_ds, phase=2, epochs=p2.epochs, initial_epoch=p1.epochs,
-                           optimizer=p2.optimizer, lr=p1.lr * p2.lr_ratio, steps=steps, console=console)
+    trainee, train_data, val_data = _phase_data(2, model, images, feats, config)
+    history += train_phase(trainee, train_data, val_data, phase=2, epochs=p2.epochs, initial_epoch=p1.epochs,
+                           optimizer=p2.optimizer, lr=p1.lr * p2.lr_ratio, steps=len(train_data), console=console)
     after = evaluate.evaluate(model, test_ds)
     t2 = time.perf_counter()
     _write_history(out, history)
@@ -164,6 +169,24 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         report.print_results(console, metrics)
         say(f"run folder: {out}")
     return RunResult(out, metrics, history)
+
+
+def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: features.Features | None,
+                config: Config):
+    """What trains in `phase` and on what: the full model on pixels, or its upper part on cached features."""
+    batch, seed = config.data.batch_size, config.data.seed
+    if feats is None:
+        return (model, data.tf_dataset(images, "train", batch, shuffle=True, seed=seed),
+                data.tf_dataset(images, "validation", batch, shuffle=False, seed=seed))
+    if phase == 1:
+        trainee, train_arrays, val_arrays = features.head_model(model), feats.train[:1], feats.validation[:1]
+    else:
+        cut = config.phase2.fine_tune_at
+        trainee, train_arrays, val_arrays = features.top_model(model, cut), feats.train[1:], feats.validation[1:]
+    labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
+    return (trainee,
+            features.FeatureBatches(train_arrays, labels["train"], batch, shuffle=True, seed=seed),
+            features.FeatureBatches(val_arrays, labels["validation"], batch, shuffle=False, seed=seed))
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:

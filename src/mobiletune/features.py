@@ -1,0 +1,303 @@
+"""Cached frozen features: the same recipe without pushing the same images through the same
+frozen layers every epoch.
+
+Below `fine_tune_at` the base is frozen and in inference mode in both phases, so its output for
+a given input is fixed. One forward pass per image view gives both
+  - the pooled base output, all phase 1 trains on (the head), and
+  - the activations that cross the `fine_tune_at` boundary, all phase 2 trains on (the top).
+Training images get `features.views` seeded augmented views; each epoch draws one view per
+image. Validation and test are computed once, unaugmented. Arrays live in a content-addressed
+cache folder, memory-mapped, so later runs and sweep trials with the same key reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from mobiletune import model as model_lib
+from mobiletune.config import Config
+from mobiletune.data import ImageSet
+
+FORMAT_VERSION = 1  # bump when what is stored changes: old entries are then never matched
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mobiletune"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting the base at `fine_tune_at`
+
+
+def boundary_tensors(base: keras.Model, fine_tune_at: int) -> list:
+    """Tensors made by layers below `fine_tune_at` and used by layers at or above it.
+
+    Usually one tensor, two where the cut falls inside a residual block (the skip path).
+    """
+    index = {id(layer): i for i, layer in enumerate(base.layers)}
+    found: dict[int, Any] = {}
+    for layer in base.layers[max(fine_tune_at, 1):]:
+        # Node 0 is the base's own graph; later nodes come from sub-models built over it.
+        for tensor in layer._inbound_nodes[0].arguments.keras_tensors:
+            producer = tensor._keras_history.operation
+            if index[id(producer)] < fine_tune_at:
+                found.setdefault(id(tensor), tensor)
+    return list(found.values()) or list(base.inputs)
+
+
+def extractor(model: keras.Model, fine_tune_at: int) -> keras.Model:
+    """Scaled pixels -> [pooled base output, *boundary activations]: one pass for both phases."""
+    base = model_lib.base_of(model)
+    pooled = keras.layers.GlobalAveragePooling2D()(base.output)
+    return keras.Model(base.input, [pooled, *boundary_tensors(base, fine_tune_at)])
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """Pooled features -> logits, sharing the classifier's own head layers (phase 1)."""
+    pooled = keras.Input(model.get_layer("pool").output.shape[1:], name="pooled")
+    logits = model.get_layer("logits")(model.get_layer("dropout")(pooled))
+    return keras.Model(pooled, logits, name="head")
+
+
+def top_model(model: keras.Model, fine_tune_at: int) -> keras.Model:
+    """Boundary activations -> logits through base layers >= fine_tune_at and the head (phase 2)."""
+    base = model_lib.base_of(model)
+    cut = boundary_tensors(base, fine_tune_at)
+    inputs = [keras.Input(t.shape[1:], name=f"boundary_{i}") for i, t in enumerate(cut)]
+    if len(cut) == 1:  # Keras wants a lone tensor, not a list of one
+        cut, inputs = cut[0], inputs[0]
+    x = keras.Model(cut, base.output, name="upper_base")(inputs)
+    for name in ("pool", "dropout", "logits"):
+        x = model.get_layer(name)(x)
+    return keras.Model(inputs, x, name="top")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def weights_digest(base: keras.Model) -> str:
+    """sha256 of the base's weights as loaded: one key whatever file or download they came from."""
+    digest = hashlib.sha256()
+    for w in base.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return digest.hexdigest()
+
+
+def _key(**parts: Any) -> str:
+    text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class CacheEntry:
+    """One folder of arrays: `views x images x feature` for each output of the extractor."""
+
+    path: Path
+    hit: bool
+
+    def arrays(self) -> list[np.ndarray]:
+        meta = json.loads((self.path / "meta.json").read_text())
+        return [np.load(self.path / f"{i}.npy", mmap_mode="r") for i in range(meta["outputs"])]
+
+
+def _compute_entry(folder: Path, key_parts: dict, compute) -> CacheEntry:
+    """Return the cached entry for `key_parts`, or compute it and store it atomically."""
+    path = folder / _key(**key_parts)
+    if (path / "meta.json").exists():
+        os.utime(path)  # last used, for `cache ls`
+        return CacheEntry(path, hit=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
+    try:
+        outputs = compute(tmp)
+        meta = {**key_parts, "outputs": outputs, "created": time.time()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process stored the same entry first: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CacheEntry(path, hit=False)
+
+
+def _extract_views(extract: keras.Model, make_augment, pixels: np.ndarray, views: int, batch: int,
+                   out: Path, progress=None) -> int:
+    """Run `extract` over `views` views of `pixels` (`make_augment(view)` or None: as they are).
+
+    Writes one .npy per extractor output, shaped [views, n, ...]; returns how many.
+    """
+    import tensorflow as tf
+
+    scale = 1 / 127.5  # the model's own Rescaling: [0, 255] -> [-1, 1]
+    files: list[np.ndarray] = []
+    run = tf.function(lambda x: extract(x, training=False))
+    for view in range(views):
+        augment = make_augment(view) if make_augment else None
+        for start in range(0, len(pixels), batch):
+            x = tf.convert_to_tensor(pixels[start : start + batch], tf.float32)
+            if augment is not None:
+                x = augment(x, training=True)
+            outs = [np.asarray(o) for o in run(x * scale - 1)]
+            if not files:
+                files = [
+                    np.lib.format.open_memmap(out / f"{i}.npy", mode="w+", dtype=_store_dtype(i),
+                                              shape=(views, len(pixels), *o.shape[1:]))
+                    for i, o in enumerate(outs)
+                ]
+            for f, o in zip(files, outs, strict=True):
+                f[view, start : start + len(o)] = o
+            if progress:
+                progress(len(outs[0]))
+    for f in files:
+        f.flush()
+    return len(files)
+
+
+def _store_dtype(output_index: int) -> str:
+    # Pooled features are small: kept exact. Boundary activations are large: float16 halves the
+    # cache and the page-cache traffic; the rounding (~1e-3 relative) is far below augmentation noise.
+    return "float32" if output_index == 0 else "float16"
+
+
+@dataclass
+class Features:
+    """Per split: a list of arrays [views, n, ...]: index 0 pooled, then the boundary activations."""
+
+    train: list[np.ndarray]
+    validation: list[np.ndarray]
+    test: list[np.ndarray]
+    hits: int
+    misses: int
+
+
+def compute_features(model: keras.Model, images: ImageSet, config: Config, cache_dir: Path | None = None,
+                     progress=None) -> Features:
+    """Cached (or freshly computed) features of every split for the current recipe."""
+    cache_dir = Path(cache_dir or config.features.cache_dir or default_cache_dir())
+    base = model_lib.base_of(model)
+    extract = extractor(model, config.phase2.fine_tune_at)
+    common = {
+        "weights": weights_digest(base),
+        "image_size": config.data.image_size,
+        "alpha": config.model.alpha,
+        "fine_tune_at": config.phase2.fine_tune_at,
+    }
+    seed = config.data.seed
+    # A fresh, seeded augmentation per view: view v is the same whichever entries came before.
+    augmenting = bool(model.get_layer("augment").layers)
+    result: dict[str, list[np.ndarray]] = {}
+    hits = misses = 0
+    for split in ("train", "validation", "test"):
+        idx = images.indices(split)
+        train = split == "train"
+        parts = {**common, "files": _digest_list([images.hashes[i] for i in idx])}
+        if train:
+            parts.update(views=config.features.views, seed=config.data.seed,
+                         flip=config.augment.flip, rotation=config.augment.rotation)
+        views = config.features.views if train else 1
+        make_augment = (lambda v: model_lib.build_augmentation(config, seed=seed * 1000 + v)) if (
+            train and augmenting) else None
+        entry = _compute_entry(
+            cache_dir / "features", parts,
+            lambda tmp, idx=idx, views=views, make_augment=make_augment: _extract_views(
+                extract, make_augment, images.pixels[idx], views, config.data.batch_size, tmp, progress),
+        )
+        hits, misses = hits + entry.hit, misses + (not entry.hit)
+        result[split] = entry.arrays()
+    return Features(result["train"], result["validation"], result["test"], hits, misses)
+
+
+def _digest_list(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeding cached features to Keras
+
+
+class FeatureBatches(keras.utils.PyDataset):
+    """Batches of cached features: each epoch a seeded shuffle and one random view per image.
+
+    `arrays` are [views, n, ...] each, in the order of the model's inputs.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], labels: np.ndarray, batch_size: int, *,
+                 shuffle: bool, seed: int, initial_epoch: int = 0):
+        super().__init__()
+        self.arrays, self.labels = arrays, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch = initial_epoch
+        self._plan()
+
+    def _plan(self) -> None:
+        n, views = len(self.labels), self.arrays[0].shape[0]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.order = rng.permutation(n) if self.shuffle else np.arange(n)
+        self.views = rng.integers(0, views, n) if views > 1 else np.zeros(n, int)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __getitem__(self, i: int):
+        rows = np.sort(self.order[i * self.batch_size : (i + 1) * self.batch_size])  # sorted: mmap-friendly
+        views = self.views[rows]
+        xs = tuple(np.asarray(a[views, rows], dtype=np.float32) for a in self.arrays)
+        return (xs if len(xs) > 1 else xs[0]), self.labels[rows]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._plan()
+
+
+# ---------------------------------------------------------------------------------------------
+# Managing the cache
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    key: str
+    split_images: int
+    views: int
+    fine_tune_at: int
+    image_size: int
+    megabytes: float
+    last_used: float
+
+
+def list_cache(cache_dir: Path | None = None) -> list[CacheInfo]:
+    """Every complete entry of the feature cache, most recently used first."""
+    folder = Path(cache_dir or default_cache_dir()) / "features"
+    entries = []
+    for meta_path in folder.glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        arrays = list(meta_path.parent.glob("*.npy"))
+        first = np.load(meta_path.parent / "0.npy", mmap_mode="r")
+        entries.append(CacheInfo(
+            key=meta_path.parent.name, split_images=first.shape[1], views=first.shape[0],
+            fine_tune_at=meta["fine_tune_at"], image_size=meta["image_size"],
+            megabytes=sum(p.stat().st_size for p in arrays) / 2**20, last_used=meta_path.parent.stat().st_mtime))
+    return sorted(entries, key=lambda e: -e.last_used)
+
+
+def clear_cache(cache_dir: Path | None = None) -> int:
+    """Delete every entry (and any half-written leftovers); returns how many entries went."""
+    folder = Path(cache_dir or default_cache_dir()) / "features"
+    if not folder.is_dir():
+        return 0
+    count = sum(1 for _ in folder.glob("*/meta.json"))
+    shutil.rmtree(folder)
+    return count

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from conftest import TINY
+from mobiletune import data, features
+from mobiletune import model as model_lib
+from mobiletune.config import load_config
+
+
+@pytest.fixture(scope="module")
+def built():
+    config = load_config(overrides=[*TINY, "data.image_size=64"])
+    return config, model_lib.build_model(config, 2)
+
+
+def test_boundary_follows_residual_skips(built):
+    _, model = built
+    base = model_lib.base_of(model)
+    names = sorted(t._keras_history.operation.name for t in features.boundary_tensors(base, 100))
+    assert names == ["block_10_project_BN", "block_11_expand_BN"]  # the cut falls inside block 11
+    assert features.boundary_tensors(base, 0) == base.inputs
+    assert [t._keras_history.operation.name for t in features.boundary_tensors(base, 153)] == ["Conv_1_bn"]
+
+
+@pytest.mark.parametrize("fine_tune_at", [0, 1, 57, 100, 153])
+def test_top_on_cached_boundary_equals_the_full_model(built, fine_tune_at):
+    """Cutting the network changes nothing: the top, fed the boundary, gives the model's own logits."""
+    _, model = built
+    x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    pooled, *cut = features.extractor(model, fine_tune_at)(x / 127.5 - 1)
+    full = np.asarray(model(x, training=False))
+    top = np.asarray(features.top_model(model, fine_tune_at)(cut if len(cut) > 1 else cut[0]))
+    head = np.asarray(features.head_model(model)(pooled))
+    assert np.allclose(top, full, atol=1e-4) and np.allclose(head, full, atol=1e-4)
+
+
+def test_batches_shuffle_and_draw_views_per_epoch():
+    arrays = [np.arange(3 * 10, dtype=np.float32).reshape(3, 10, 1)]  # value = view * 10 + image
+    labels = np.arange(10)
+    batches = features.FeatureBatches(arrays, labels, 4, shuffle=True, seed=0)
+    assert len(batches) == 3
+
+    def epoch():
+        pairs = [(x[:, 0], y) for x, y in (batches[i] for i in range(len(batches)))]
+        x, y = (np.concatenate(p) for p in zip(*pairs, strict=True))
+        assert sorted(y) == list(range(10))  # every image exactly once
+        assert np.array_equal(x % 10, y)  # each row its own image, some view
+        return x
+
+    first = epoch()
+    batches.on_epoch_end()
+    second = epoch()
+    assert not np.array_equal(first, second)
+    again = features.FeatureBatches(arrays, labels, 4, shuffle=True, seed=0)
+    assert np.array_equal(np.concatenate([again[i][0][:, 0] for i in range(3)]), first[: len(first)])
+
+
+def test_cache_hits_and_reuse(built, cats_dogs_tiny, tmp_path):
+    config = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2"])
+    _, model = built
+    images = data.load_images(cats_dogs_tiny, config.data)
+    first = features.compute_features(model, images, config, tmp_path)
+    second = features.compute_features(model, images, config, tmp_path)
+    assert (first.misses, second.hits, second.misses) == (3, 3, 0)
+    assert first.train[0].shape == (2, 12, 1280) and first.test[0].shape == (1, 2, 1280)
+    assert first.train[1].dtype == np.float16
+    for a, b in zip(first.train, second.train, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(first.train[0][0], first.train[0][1])  # two different augmented views
+    other = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2", "phase2.fine_tune_at=120"])
+    assert features.compute_features(model, images, other, tmp_path).misses == 3  # new boundary, new key
+    assert len(features.list_cache(tmp_path)) == 6
+    assert features.clear_cache(tmp_path) == 6 and features.list_cache(tmp_path) == []
