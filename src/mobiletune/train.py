@@ -105,6 +105,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     say = console.print if console is not None else (lambda *a, **k: None)
 
     images = data.load_images(data_dir, config.data)
+    loaded = time.perf_counter()
     out = runfolder.prepare(workdir, overwrite=overwrite)
     runfolder.write_text(out / "config.yaml", config.to_yaml())
     data.write_manifest(images, out / "split.csv")
@@ -122,11 +123,11 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     batch, seed = config.data.batch_size, config.data.seed
     test_ds = data.tf_dataset(images, "test", batch, shuffle=False, seed=seed)
     feats = None
+    t_features = time.perf_counter()
     if config.features.cache:
-        t = time.perf_counter()
         feats = features.compute_features(model, images, config)
         say(f"feature cache: {feats.hits} hit(s), {feats.misses} miss(es), "
-            f"{time.perf_counter() - t:.1f} s ({config.features.views} views per training image)")
+            f"{time.perf_counter() - t_features:.1f} s ({config.features.views} views per training image)")
 
     p1, p2 = config.phase1, config.phase2
     t0 = time.perf_counter()
@@ -160,7 +161,8 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         "n_skipped": len(images.skipped),
         "base_layers": len(base.layers),
         "fine_tune_at": p2.fine_tune_at,
-        "seconds": {"phase1": round(t1 - t0, 2), "phase2": round(t2 - t1, 2),
+        "seconds": {"load_images": round(loaded - started, 2), "features": round(t0 - t_features, 2),
+                    "phase1": round(t1 - t0, 2), "phase2": round(t2 - t1, 2),
                     "total": round(time.perf_counter() - started, 2)},
     }
     runfolder.write_json(out / "metrics.json", metrics)
