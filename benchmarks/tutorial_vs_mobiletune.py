@@ -168,7 +168,8 @@ def main() -> None:
                                                                                       roots.items()}})]),
         }
         default_views = Config().features.views
-        arms = [("mobiletune (cold cache)", "cache", default_views), ("mobiletune (warm cache)", "cache", default_views)]
+        arms = [("mobiletune (cold cache)", "cache", default_views),
+                ("mobiletune (warm cache)", "cache", default_views)]
         arms += [(f"mobiletune views={v} (cold cache)", f"cache-{v}", v) for v in args.also_views]
         for name, cache, views in arms:
             runs[name] = run_arm(["--arm", "mobiletune", *common, json.dumps(

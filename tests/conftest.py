@@ -66,3 +66,17 @@ def tiny_config():
     from mobiletune.config import load_config
 
     return load_config(overrides=TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished tiny run (train/ 6+6, validation/ 5+5 real photos), shared by read-only tests."""
+    from mobiletune.config import load_config
+    from mobiletune.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "data"
+    copy_images(CATS_DOGS / "train", data / "train", 6)
+    copy_images(CATS_DOGS / "validation", data / "validation", 5)
+    config = load_config(overrides=TINY)
+    return train_and_evaluate(config, data, root / "run")

@@ -27,7 +27,9 @@ def test_top_on_cached_boundary_equals_the_full_model(built, fine_tune_at):
     """Cutting the network changes nothing: the top, fed the boundary, gives the model's own logits."""
     _, model = built
     x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
-    pooled, *cut = features.extractor(model, fine_tune_at)(x / 127.5 - 1)
+    extract, where = features.extractor(model, [fine_tune_at, 120])
+    outputs = extract(x / 127.5 - 1)
+    pooled, cut = outputs[0], [outputs[i] for i in where[fine_tune_at]]
     full = np.asarray(model(x, training=False))
     top = np.asarray(features.top_model(model, fine_tune_at)(cut if len(cut) > 1 else cut[0]))
     head = np.asarray(features.head_model(model)(pooled))
@@ -62,12 +64,24 @@ def test_cache_hits_and_reuse(built, cats_dogs_tiny, tmp_path):
     first = features.compute_features(model, images, config, tmp_path)
     second = features.compute_features(model, images, config, tmp_path)
     assert (first.misses, second.hits, second.misses) == (3, 3, 0)
-    assert first.train[0].shape == (2, 12, 1280) and first.test[0].shape == (1, 2, 1280)
-    assert first.train[1].dtype == np.float16
-    for a, b in zip(first.train, second.train, strict=True):
+    assert first.pooled("train")[0].shape == (2, 12, 1280) and first.pooled("test")[0].shape == (1, 2, 1280)
+    assert [a.shape[2:] for a in first.boundary("train", 100)] == [(4, 4, 576), (4, 4, 96)]
+    assert first.boundary("train", 100)[0].dtype == np.float16
+    for a, b in zip(first.splits["train"], second.splits["train"], strict=True):
         assert np.array_equal(a, b)
-    assert not np.array_equal(first.train[0][0], first.train[0][1])  # two different augmented views
+    assert not np.array_equal(first.pooled("train")[0][0], first.pooled("train")[0][1])  # two views differ
     other = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2", "phase2.fine_tune_at=120"])
     assert features.compute_features(model, images, other, tmp_path).misses == 3  # new boundary, new key
     assert len(features.list_cache(tmp_path)) == 6
     assert features.clear_cache(tmp_path) == 6 and features.list_cache(tmp_path) == []
+
+
+def test_one_pass_serves_several_boundaries(built, cats_dogs_tiny, tmp_path):
+    config = load_config(overrides=[*TINY, "data.image_size=64", "features.views=1"])
+    _, model = built
+    images = data.load_images(cats_dogs_tiny, config.data)
+    many = features.compute_features(model, images, config, tmp_path, fine_tune_ats=[100, 140, 120])
+    single = features.compute_features(model, images, config, tmp_path / "single")
+    assert set(many.boundaries) == {100, 120, 140} and many.misses == 3
+    for a, b in zip(many.boundary("validation", 100), single.boundary("validation", 100), strict=True):
+        assert np.array_equal(a, b)

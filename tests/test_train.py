@@ -2,6 +2,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import yaml
 
 from mobiletune import data
@@ -9,7 +10,8 @@ from mobiletune import model as model_lib
 from mobiletune.train import train_and_evaluate
 
 RUN_FILES = {"config.yaml", "split.csv", "skipped.csv", "history.csv", "metrics.json", "before_fine_tuning.png",
-             "after_fine_tuning.png", "summary.md", "model.keras"}
+             "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",
+             "test_predictions.csv", "report.html"}
 
 
 def _history(run):
@@ -17,9 +19,8 @@ def _history(run):
         return list(csv.DictReader(f))
 
 
-def test_end_to_end_run_folder(cats_dogs_tiny, tiny_config, tmp_path):
-    run = tmp_path / "run"
-    result = train_and_evaluate(tiny_config, cats_dogs_tiny, run)
+def test_end_to_end_run_folder(tiny_run, tiny_config):
+    run, result = tiny_run.workdir, tiny_run
     assert {p.name for p in run.iterdir()} == RUN_FILES  # and no temporary files left behind
 
     history = _history(run)
@@ -43,11 +44,15 @@ def test_end_to_end_run_folder(cats_dogs_tiny, tiny_config, tmp_path):
     summary = (run / "summary.md").read_text()
     assert "| before fine-tuning |" in summary and "`phase2.fine_tune_at` | 100" in summary
 
+    # model.keras reloads and gives the trained model's own test predictions (recorded before saving)
+    images = data.load_images(run.parent / "data", tiny_config.data)
+    test = images.indices("test")
+    with open(run / "test_predictions.csv") as f:
+        recorded = {r["path"]: float(r["p_after_dogs"]) for r in csv.DictReader(f)}
     reloaded = model_lib.load_model(run / "model.keras")
-    images = data.load_images(cats_dogs_tiny, tiny_config.data)
-    x = images.pixels[:5].astype("float32")
-    trained = model_lib.load_model(run / "model.keras")  # a second load: files are stable
-    assert np.allclose(reloaded.predict(x, verbose=0), trained.predict(x, verbose=0), atol=1e-6)
+    logits = reloaded.predict(images.pixels[test].astype("float32"), verbose=0)[:, 0]
+    for i, logit in zip(test, logits, strict=True):
+        assert 1 / (1 + np.exp(-logit)) == pytest.approx(recorded[images.paths[i]], abs=1e-5)
     assert result.metrics == metrics
 
 

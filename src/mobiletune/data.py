@@ -276,6 +276,47 @@ def load_images(data_dir: str | Path, config: DataConfig, progress=None) -> Imag
     )
 
 
+def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataConfig) -> ImageSet:
+    """The images to evaluate a finished run on.
+
+    Without `data_dir`: the run's own test split, from its manifest, each file checked against
+    its recorded sha256. With `data_dir`: every image under it (class folders, any layout) is test.
+    """
+    from mobiletune.runfolder import read_json
+
+    metrics = read_json(run_dir / "metrics.json")
+    classes = metrics["classes"]
+    if data_dir is not None:
+        found, files = discover(Path(data_dir))
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"--data {data_dir}: classes {unknown} are not the model's {classes}")
+        rows = [(str(p.relative_to(data_dir)), c) for p, c, _ in files]
+        root = Path(data_dir)
+    else:
+        root = Path(metrics["data_dir"])
+        rows = [(r["path"], r["class"]) for r in read_manifest(run_dir / "split.csv") if r["split"] == "test"]
+        expected = {r["path"]: r["sha256"] for r in read_manifest(run_dir / "split.csv")}
+    pixels = np.empty((len(rows), config.image_size, config.image_size, 3), np.uint8)
+    keep, skipped, hashes = [], [], []
+    for i, (rel, _) in enumerate(rows):
+        try:
+            digest, pixels[i] = _read_one(root / os.fsdecode(rel.encode("utf-8", "surrogateescape")),
+                                          config.image_size)
+        except BadImage as exc:
+            skipped.append(Skipped(rel, str(exc)))
+            continue
+        if data_dir is None and digest != expected[rel]:
+            raise DataError(f"{root / rel}: changed since the run (sha256 differs); evaluate on --data DIR instead")
+        keep.append(i)
+        hashes.append(digest)
+    if not keep:
+        raise DataError(f"no usable test images under {root}")
+    return ImageSet(classes=classes, paths=[rows[i][0] for i in keep],
+                    labels=np.array([classes.index(rows[i][1]) for i in keep], np.int32),
+                    splits=np.array(["test"] * len(keep)), hashes=hashes, pixels=pixels[keep], skipped=skipped)
+
+
 def write_manifest(images: ImageSet, path: Path) -> None:
     from mobiletune.runfolder import write_csv
 

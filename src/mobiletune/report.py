@@ -42,12 +42,16 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str, fine_tune
     plt.close(fig)
 
 
-def results_table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+RESULT_COLUMNS = ("stage", "accuracy", "95% interval", "loss")
+
+
+def results_table(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = []
     for stage, label in (("before_fine_tuning", "before fine-tuning"), ("after_fine_tuning", "after fine-tuning")):
         test = metrics.get(stage, {}).get("test")
         if test:
-            rows.append((label, f"{test['accuracy']:.2%}", f"{test['loss']:.4f}"))
+            lo, hi = test.get("accuracy_ci95", (float("nan"), float("nan")))
+            rows.append((label, f"{test['accuracy']:.2%}", f"{lo:.1%} to {hi:.1%}", f"{test['loss']:.4f}"))
     return rows
 
 
@@ -65,10 +69,14 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
         "",
         "## Results on the test set",
         "",
-        "| stage | accuracy | loss |",
-        "|---|---|---|",
+        "| " + " | ".join(RESULT_COLUMNS) + " |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in results_table(metrics)]
+    lines += ["| " + " | ".join(row) + " |" for row in results_table(metrics)]
+    if "mcnemar" in metrics:
+        mc = metrics["mcnemar"]
+        lines += ["", f"McNemar's exact test, before vs after on the same images: p = {mc['p_value']:.3g} "
+                  f"({mc['only_after_right']} right only after, {mc['only_before_right']} right only before)."]
     lines += ["", "## Knobs that matter", "", "| knob | value | why it matters |", "|---|---|---|"]
     flat = config.flat()
     for key, note in KNOB_NOTES.items():
@@ -92,8 +100,110 @@ def print_results(console, metrics: dict[str, Any], title: str = "Test set") -> 
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("stage", "accuracy", "loss"):
+    for column in RESULT_COLUMNS:
         table.add_column(column, justify="left" if column == "stage" else "right")
     for row in results_table(metrics):
         table.add_row(*row)
     console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def plot_sweep(study, space: dict[str, Any], out: Path) -> list[str]:
+    """Optuna's own plots, drawn with matplotlib: history, importances, accuracy against each knob.
+
+    A plot Optuna cannot draw yet (too few finished trials) is left out; returns the files written.
+    """
+    import warnings
+
+    import optuna.visualization.matplotlib as ovm
+
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study),
+        "param_importances.png": lambda: ovm.plot_param_importances(study),
+        "val_accuracy_by_knob.png": lambda: ovm.plot_slice(study, params=list(space)),
+    }
+    written = []
+    for name, draw in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                axes = draw()
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.set_size_inches(max(7, 3.2 * len(space)) if name.startswith("val_") else 7, 4.5)
+        save_figure(out / name, figure)
+        plt.close(figure)
+        written.append(name)
+    return written
+
+
+def write_sweep_summary(path: Path, study, space: dict[str, Any], base: Config, best: Config,
+                        results: dict[str, Any]) -> None:
+    """The seed's hyper-parameter summary, generated from a sweep."""
+    import optuna
+
+    counts = results["counts"]
+    lines = [
+        "# Hyper-parameter summary (MobileNetV2): sweep",
+        "",
+        f"{len(study.trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        + f". Search {results['search_seconds']:.0f} s; everything, retrains included, "
+        f"{results['total_seconds']:.0f} s.",
+        "",
+        "Selection used validation accuracy only. The test set was touched once per config shown below: by "
+        "the final retrain of the best config and by the run of the default recipe, never by a trial.",
+        "",
+        "## Test set: default recipe vs best config",
+        "",
+        "| config | before fine-tuning | after fine-tuning |",
+        "|---|---|---|",
+    ]
+    for label, m in (("default recipe", results["default"]), ("best config", results["best"])):
+        cells = [f"{m[s]['test']['accuracy']:.2%} (loss {m[s]['test']['loss']:.4f})"
+                 for s in ("before_fine_tuning", "after_fine_tuning")]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        importances = {}
+    lines += ["", "## The knobs: what was tried and what it did", "",
+              "| knob | range tried | default | best | importance | best validation accuracy per value |",
+              "|---|---|---|---|---|---|"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    for key, spec in space.items():
+        tried = (", ".join(map(str, spec["choices"])) if spec["type"] == "categorical"
+                 else f"{spec['low']:g} to {spec['high']:g}" + (" (log)" if spec.get("log") else ""))
+        effect = _effect(complete, key, spec)
+        imp = f"{importances[key]:.2f}" if key in importances else "-"
+        lines.append(f"| `{key}` | {tried} | {base.flat()[key]} | {_short(best.flat()[key])} | {imp} | {effect} |")
+    lines += ["", "## Best config", "", "```yaml", best.to_yaml().rstrip(), "```", ""]
+    for name in ("optimization_history.png", "param_importances.png", "val_accuracy_by_knob.png"):
+        if (path.parent / name).exists():
+            lines += [f"![{name[:-4]}]({name})", ""]
+    write_text(path, "\n".join(lines))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _effect(trials, key: str, spec: dict[str, Any]) -> str:
+    """Best validation accuracy per choice, or per third of a numeric range."""
+    if not trials:
+        return "-"
+    if spec["type"] == "categorical":
+        groups = {str(c): [t.value for t in trials if t.params.get(key) == c] for c in spec["choices"]}
+    else:
+        import numpy as np
+
+        values = np.array([t.params[key] for t in trials], float)
+        edges = np.quantile(values, [0, 1 / 3, 2 / 3, 1])
+        groups = {}
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            members = [t.value for t, v in zip(trials, values, strict=True) if lo <= v <= hi]
+            groups[f"{lo:.3g}-{hi:.3g}"] = members
+    return "; ".join(f"{k}: {max(v):.3f}" for k, v in groups.items() if v) or "-"

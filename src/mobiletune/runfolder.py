@@ -61,6 +61,16 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of a run folder; a missing or damaged one is a usage error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path.parent}: not a finished mobiletune run folder (no {path.name})") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read it ({exc})") from None
+
+
 def write_csv(path: Path, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -7,6 +7,7 @@ scored after each phase ("before" and "after fine-tuning") and everything lands 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import keras
 
-from mobiletune import data, evaluate, features, report, runfolder
+from mobiletune import data, evaluate, features, report, report_html, runfolder
 from mobiletune import model as model_lib
 from mobiletune.config import Config
 
@@ -97,15 +98,44 @@ def _seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()  # same seed -> same numbers, not just close
 
 
+def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Features | None, config: Config, *,
+               console=None, callbacks: list[keras.callbacks.Callback] | None = None,
+               after_phase=None) -> list[dict[str, Any]]:
+    """Phase 1 then phase 2 on `model`, through `train_phase`; the history of both.
+
+    `feats` None runs the plain recipe on pixels. `after_phase(phase, history)` runs after each
+    phase (train evaluates the test set there; the sweep never does).
+    """
+    p1, p2 = config.phase1, config.phase2
+    plan = {1: (p1.epochs, 0, p1.optimizer, p1.lr), 2: (p2.epochs, p1.epochs, p2.optimizer, p1.lr * p2.lr_ratio)}
+    history: list[dict[str, Any]] = []
+    for phase, (epochs, initial_epoch, optimizer, lr) in plan.items():
+        model_lib.set_trainable(model, phase=phase, config=config)
+        if phase == 2 and console is not None:
+            base = model_lib.base_of(model)
+            console.print(f"fine-tuning {sum(layer.trainable for layer in base.layers)} base layers from layer "
+                          f"{p2.fine_tune_at} at lr {lr:g}")
+        trainee, train_data, val_data = _phase_data(phase, model, images, feats, config)
+        history += train_phase(trainee, train_data, val_data, phase=phase, epochs=epochs,
+                               initial_epoch=initial_epoch, optimizer=optimizer, lr=lr, steps=len(train_data),
+                               console=console, callbacks=callbacks)
+        if after_phase is not None:
+            after_phase(phase, history)
+    return history
+
+
 def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path, *, overwrite: bool = False,
-                       console=None) -> RunResult:
-    """Run the whole recipe on DATA_DIR and leave a complete run folder in `workdir`."""
+                       console=None, feature_cuts: list[int] | None = None) -> RunResult:
+    """Run the whole recipe on DATA_DIR and leave a complete run folder in `workdir`.
+
+    `feature_cuts`: the boundaries the feature cache entry holds (a sweep's, to reuse its cache).
+    """
     started = time.perf_counter()
     runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
     say = console.print if console is not None else (lambda *a, **k: None)
 
     images = data.load_images(data_dir, config.data)
-    loaded = time.perf_counter()
+    seconds = {"load_images": time.perf_counter() - started}
     out = runfolder.prepare(workdir, overwrite=overwrite)
     runfolder.write_text(out / "config.yaml", config.to_yaml())
     data.write_manifest(images, out / "split.csv")
@@ -117,60 +147,77 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     _seed_everything(config.data.seed)
     model = model_lib.build_model(config, len(images.classes))
     base = model_lib.base_of(model)
+    weights_sha256 = features.weights_digest(base)  # of the weights as loaded, before any training
     say(f"number of layers in the base model: {len(base.layers)}; fine-tuning from layer "
         f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
 
-    batch, seed = config.data.batch_size, config.data.seed
-    test_ds = data.tf_dataset(images, "test", batch, shuffle=False, seed=seed)
     feats = None
-    t_features = time.perf_counter()
+    clock = time.perf_counter()
     if config.features.cache:
-        feats = features.compute_features(model, images, config)
+        feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts)
         say(f"feature cache: {feats.hits} hit(s), {feats.misses} miss(es), "
-            f"{time.perf_counter() - t_features:.1f} s ({config.features.views} views per training image)")
+            f"{time.perf_counter() - clock:.1f} s ({config.features.views} views per training image)")
+    seconds["features"] = time.perf_counter() - clock
+    clock = time.perf_counter()
 
-    p1, p2 = config.phase1, config.phase2
-    t0 = time.perf_counter()
-    model_lib.set_trainable(model, phase=1, config=config)
-    trainee, train_data, val_data = _phase_data(1, model, images, feats, config)
-    history = train_phase(trainee, train_data, val_data, phase=1, epochs=p1.epochs, initial_epoch=0,
-                          optimizer=p1.optimizer, lr=p1.lr, steps=len(train_data), console=console)
-    before = evaluate.evaluate(model, test_ds)  # the full model on test pixels: the real numbers
-    t1 = time.perf_counter()
-    _write_history(out, history)
-    report.plot_curves(history, out / "before_fine_tuning.png", "Before fine-tuning (phase 1)")
+    test_ds = data.tf_dataset(images, "test", config.data.batch_size, shuffle=False, seed=config.data.seed)
+    test_probs: dict[int, Any] = {}
 
-    model_lib.set_trainable(model, phase=2, config=config)
-    trainable = sum(layer.trainable for layer in base.layers)
-    say(f"fine-tuning {trainable} base layers at lr {p1.lr * p2.lr_ratio:g}")
-    trainee, train_data, val_data = _phase_data(2, model, images, feats, config)
-    history += train_phase(trainee, train_data, val_data, phase=2, epochs=p2.epochs, initial_epoch=p1.epochs,
-                           optimizer=p2.optimizer, lr=p1.lr * p2.lr_ratio, steps=len(train_data), console=console)
-    after = evaluate.evaluate(model, test_ds)
-    t2 = time.perf_counter()
-    _write_history(out, history)
-    report.plot_curves(history, out / "after_fine_tuning.png", "After fine-tuning (phases 1 and 2)",
-                       fine_tune_from=p1.epochs + 1)
+    def after_phase(phase: int, history: list[dict[str, Any]]) -> None:
+        nonlocal clock
+        logits, _ = evaluate.predict_logits(model, test_ds)  # the full model on test pixels: the real numbers
+        test_probs[phase] = evaluate.probabilities(logits)
+        seconds[f"phase{phase}"] = time.perf_counter() - clock
+        _write_history(out, history)
+        if phase == 1:
+            runfolder.save_model(out / "before_fine_tuning.keras", model)  # for `evaluate` on new data
+            report.plot_curves(history, out / "before_fine_tuning.png", "Before fine-tuning (phase 1)")
+        else:
+            report.plot_curves(history, out / "after_fine_tuning.png", "After fine-tuning (phases 1 and 2)",
+                               fine_tune_from=config.phase1.epochs + 1)
+        clock = time.perf_counter()
 
+    history = fit_recipe(model, images, feats, config, console=console, after_phase=after_phase)
     runfolder.save_model(out / "model.keras", model)
+    seconds["total"] = time.perf_counter() - started
+    test = images.indices("test")
+    evaluate.write_predictions(out / "test_predictions.csv", [images.paths[i] for i in test], images.labels[test],
+                               images.classes, test_probs[1], test_probs[2])
     metrics = {
-        "before_fine_tuning": {"test": before},
-        "after_fine_tuning": {"test": after},
+        **evaluate.compare_stages(test_probs[1], test_probs[2], images.labels[test], images.classes),
         "classes": images.classes,
         "n_images": counts,
         "n_skipped": len(images.skipped),
         "base_layers": len(base.layers),
-        "fine_tune_at": p2.fine_tune_at,
-        "seconds": {"load_images": round(loaded - started, 2), "features": round(t0 - t_features, 2),
-                    "phase1": round(t1 - t0, 2), "phase2": round(t2 - t1, 2),
-                    "total": round(time.perf_counter() - started, 2)},
+        "fine_tune_at": config.phase2.fine_tune_at,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "data_dir": str(Path(data_dir).resolve()),
+        "environment": environment(weights_sha256),
     }
     runfolder.write_json(out / "metrics.json", metrics)
     report.write_summary(out / "summary.md", config, metrics)
+    report_html.build_report(out)
     if console is not None:
         report.print_results(console, metrics)
         say(f"run folder: {out}")
     return RunResult(out, metrics, history)
+
+
+def environment(base_weights_sha256: str) -> dict[str, str]:
+    """What produced a run: versions, the base weights' digest, the machine."""
+    import platform
+    from importlib.metadata import version
+
+    import tensorflow as tf
+
+    from mobiletune import __version__
+
+    return {
+        "mobiletune": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "numpy": version("numpy"), "scikit-learn": version("scikit-learn"),
+        "platform": platform.platform(), "cpus": str(os.cpu_count()),
+        "base_weights_sha256": base_weights_sha256,
+    }
 
 
 def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: features.Features | None,
@@ -181,10 +228,12 @@ def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: fe
         return (model, data.tf_dataset(images, "train", batch, shuffle=True, seed=seed),
                 data.tf_dataset(images, "validation", batch, shuffle=False, seed=seed))
     if phase == 1:
-        trainee, train_arrays, val_arrays = features.head_model(model), feats.train[:1], feats.validation[:1]
+        trainee, train_arrays, val_arrays = features.head_model(model), feats.pooled("train"), feats.pooled(
+            "validation")
     else:
         cut = config.phase2.fine_tune_at
-        trainee, train_arrays, val_arrays = features.top_model(model, cut), feats.train[1:], feats.validation[1:]
+        trainee = features.top_model(model, cut)
+        train_arrays, val_arrays = feats.boundary("train", cut), feats.boundary("validation", cut)
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
     return (trainee,
             features.FeatureBatches(train_arrays, labels["train"], batch, shuffle=True, seed=seed),
