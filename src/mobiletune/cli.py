@@ -184,6 +184,75 @@ def sweep(
                   f"fine-tuning, default recipe {default['accuracy']:.2%}; summary: {out / 'summary.md'}")
 
 
+@app.command("export")
+@_one_line_errors
+def export_command(
+    run: RunArgument,
+    format_: Annotated[
+        list[str],
+        typer.Option("--format", "-f", help="keras, savedmodel, tflite, tflite-fp16, tflite-int8, onnx or all "
+                     "(repeatable)."),
+    ] = ["all"],  # noqa: B006 - typer reads the default, never mutates it
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder [default: RUN/export].")] = None,
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Fail when an export's accuracy is more than "
+                                            "this many points below the Keras model's.")] = 1.0,
+    int8_io: Annotated[bool, typer.Option("--int8-io", help="tflite-int8 with uint8 input and output "
+                                          "(integer-only devices) instead of float.")] = False,
+) -> None:
+    """Export the run's model; re-test each format with its own runtime on the test set."""
+    from rich.table import Table
+
+    from mobiletune.export import export_run
+
+    result = export_run(run, format_, out, max_drop=max_drop, int8_io=int8_io)
+    table = Table(title=f"exports in {result['out']} (Keras accuracy {result['keras_accuracy']:.2%})")
+    for column in ("format", "accuracy", "agreement", "max abs diff", "MB", "ms/image"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for c in result["checks"]:
+        table.add_row(c["format"], f"{c['accuracy']:.2%}", f"{c['agreement']:.2%}", f"{c['max_abs_diff']:.1e}",
+                      f"{c['megabytes']:.2f}", f"{c['ms_per_image']:.2f}")
+    console.print(table)
+
+
+@app.command("predict")
+@_one_line_errors
+def predict_command(
+    model: Annotated[Path, typer.Argument(help="A run folder, .keras, SavedModel folder, .tflite or .onnx.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="table, csv or json (one object per line).")] = (
+        "table"),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 1,
+    batch: Annotated[int, typer.Option("--batch", "-b", help="Images decoded and predicted at a time.")] = 32,
+) -> None:
+    """Classify images with any exported model; bad files are reported on their own line."""
+    import csv as csv_lib
+    import json
+
+    from mobiletune.errors import UsageError
+    from mobiletune.predict import load_predictor, predict_paths
+
+    if format_ not in ("table", "csv", "json"):
+        raise UsageError(f"--format {format_!r}: choose table, csv or json")
+    predictor = load_predictor(model)
+    writer = csv_lib.writer(sys.stdout, lineterminator="\n")
+    if format_ == "csv":
+        writer.writerow(["path", *[f"{k}{i + 1}" for i in range(top_k) for k in ("class", "p")], "error"])
+    errors = 0
+    for p in predict_paths(predictor, paths, batch=batch, top_k=top_k):
+        errors += bool(p.error)
+        if format_ == "json":
+            print(json.dumps({"path": p.path, "top": [{"class": c, "p": round(v, 6)} for c, v in p.top],
+                              **({"error": p.error} if p.error else {})}), flush=True)
+        elif format_ == "csv":
+            writer.writerow([p.path, *[x for c, v in p.top for x in (c, f"{v:.6f}")], p.error])
+        else:
+            shown = "  ".join(f"{c} {v:.3f}" for c, v in p.top) if p.top else f"error: {p.error}"
+            print(f"{p.path}\t{shown}", flush=True)
+    if errors:
+        err_console.print(f"{errors} file(s) could not be read", markup=False)
+        raise typer.Exit(1)
+
+
 @app.command()
 @_one_line_errors
 def fetch(

@@ -1,0 +1,238 @@
+"""Ship it: export a run's model to .keras, SavedModel, TFLite (float, fp16, int8) and ONNX, and
+re-test every export with its own runtime on the run's test set.
+
+Every export takes raw RGB pixels 0-255 at the trained size, [n, size, size, 3], and returns
+class probabilities [n, classes]; `labels.txt` beside it names the classes. An export whose
+accuracy falls more than `max_drop` points below the Keras model's fails the command, after
+the table in `export/report.md` has been written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from mobiletune import data, runfolder
+from mobiletune import model as model_lib
+from mobiletune.config import load_config
+from mobiletune.errors import MobiletuneError, UsageError
+
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")
+FILE_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
+              "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite", "onnx": "model.onnx"}
+REPRESENTATIVE_IMAGES = 200  # int8 calibration: enough training images to pin activation ranges
+
+
+class ExportError(MobiletuneError):
+    """An export that converted but lost too much accuracy, or could not be converted."""
+
+
+def serving_model(model: keras.Model) -> keras.Model:
+    """Pixels 0-255 -> probabilities, from the trained layers: no augmentation, no dropout.
+
+    A binary model's single logit z becomes Dense(2) with logits [0, z], whose softmax is exactly
+    [1 - sigmoid(z), sigmoid(z)]: every export has the same [n, classes] output.
+    """
+    logits_layer = model.get_layer("logits")
+    kernel, bias = logits_layer.get_weights()
+    if kernel.shape[1] == 1:
+        kernel = np.concatenate([np.zeros_like(kernel), kernel], axis=1)
+        bias = np.concatenate([np.zeros_like(bias), bias])
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    x = inputs
+    for name in ("scale_to_unit", model_lib.BASE_NAME, "pool"):
+        x = model.get_layer(name)(x)
+    dense = keras.layers.Dense(kernel.shape[1], name="logits")
+    x = dense(x)
+    dense.set_weights([kernel, bias])
+    outputs = keras.layers.Softmax(name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="mobiletune_serving")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters
+
+
+def _tflite(savedmodel: Path, variant: str, representative: np.ndarray | None, int8_io: bool) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(savedmodel))
+    if variant == "tflite-fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "tflite-int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if int8_io:  # uint8 pixels in, uint8 probabilities out: for integer-only accelerators
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def _onnx_with_labels(serving: keras.Model, path: Path, classes: list[str]) -> None:
+    import onnx
+
+    serving.export(str(path), format="onnx", verbose=False)
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"classes": "\n".join(classes), "producer": "mobiletune"})
+    onnx.save(proto, str(path))
+
+
+def export_formats(model: keras.Model, formats: list[str], out: Path, classes: list[str],
+                   representative: np.ndarray | None, int8_io: bool = False) -> dict[str, Path]:
+    """Write each format into `out`; returns format -> path."""
+    serving = serving_model(model)
+    serving(np.zeros((1, *serving.input_shape[1:]), np.float32))  # exports need a model that has run
+    paths: dict[str, Path] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="mobiletune-export-"))
+    try:
+        savedmodel = out / FILE_NAMES["savedmodel"] if "savedmodel" in formats else scratch / "savedmodel"
+        if any(f == "savedmodel" or f.startswith("tflite") for f in formats):
+            shutil.rmtree(savedmodel, ignore_errors=True)
+            serving.export(str(savedmodel), format="tf_saved_model", verbose=False)
+        for fmt in formats:
+            path = out / FILE_NAMES[fmt]
+            try:
+                if fmt == "keras":
+                    runfolder.save_model(path, serving)
+                elif fmt.startswith("tflite"):
+                    runfolder.atomic_write_bytes(path, _tflite(savedmodel, fmt, representative, int8_io))
+                elif fmt == "onnx":
+                    _onnx_with_labels(serving, path, classes)
+            except Exception as exc:  # noqa: BLE001 - converters raise anything; name the format
+                raise ExportError(f"export {fmt}: conversion failed ({str(exc).splitlines()[0][:300]})") from None
+            paths[fmt] = path
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    runfolder.write_text(out / "labels.txt", "\n".join(classes) + "\n")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-testing
+
+
+@dataclass
+class Check:
+    format: str
+    accuracy: float
+    agreement: float  # share of images with the same top-1 class as the Keras model
+    max_abs_diff: float  # largest probability difference from the Keras model
+    megabytes: float
+    ms_per_image: float  # batch 1, median
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def _latency_ms(predictor, image: np.ndarray, repeats: int = 20) -> float:
+    predictor.predict(image[None])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predictor.predict(image[None])
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.ndarray,
+                  batch: int = 32) -> list[Check]:
+    """Load each export in its own runtime and score it against the labels and the Keras model."""
+    from mobiletune.predict import load_predictor
+
+    checks = []
+    for fmt, path in paths.items():
+        predictor = load_predictor(path)
+        probs = np.concatenate([predictor.predict(images.pixels[i : i + batch])
+                                for i in range(0, len(images.pixels), batch)])
+        checks.append(Check(
+            format=fmt,
+            accuracy=float((probs.argmax(1) == images.labels).mean()),
+            agreement=float((probs.argmax(1) == reference.argmax(1)).mean()),
+            max_abs_diff=float(np.abs(probs - reference).max()),
+            megabytes=_size_mb(path),
+            ms_per_image=_latency_ms(predictor, images.pixels[0]),
+        ))
+    return checks
+
+
+def report_markdown(checks: list[Check], keras_accuracy: float, n: int, max_drop: float) -> str:
+    lines = [
+        f"# Exports, re-tested on the run's test set ({n} images)",
+        "",
+        f"Keras model: accuracy {keras_accuracy:.2%}. An export fails when its accuracy is more than "
+        f"{max_drop:g} point(s) lower.",
+        "",
+        "| format | accuracy | agreement with Keras | max abs prob diff | size MB | ms/image (batch 1) | ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        ok = "yes" if 100 * (keras_accuracy - c.accuracy) <= max_drop else "NO"
+        lines.append(f"| {c.format} | {c.accuracy:.2%} | {c.agreement:.2%} | {c.max_abs_diff:.2e} | "
+                     f"{c.megabytes:.2f} | {c.ms_per_image:.2f} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def export_run(run: str | Path, formats: list[str], out: str | Path | None = None, *, max_drop: float = 1.0,
+               int8_io: bool = False) -> dict[str, Any]:
+    """Export a finished run, re-test every format, write the report; raise if one lost accuracy."""
+    run = Path(run)
+    unknown = [f for f in formats if f not in FORMATS and f != "all"]
+    if unknown:
+        raise UsageError(f"--format {', '.join(unknown)}: unknown; choose from {', '.join(FORMATS)} or all")
+    formats = list(FORMATS) if "all" in formats else list(dict.fromkeys(formats))
+    metrics = runfolder.read_json(run / "metrics.json")
+    config = load_config(run / "config.yaml")
+    out = Path(out) if out else run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    model = model_lib.load_model(run / "model.keras")
+    images = data.load_test_images(run, None, config.data)
+    train = _representative(run, metrics, config) if "tflite-int8" in formats else None
+    paths = export_formats(model, formats, out, metrics["classes"], train, int8_io)
+
+    serving = serving_model(model)
+    reference = np.concatenate([np.asarray(serving.predict_on_batch(images.pixels[i : i + 32].astype(np.float32)))
+                                for i in range(0, len(images.pixels), 32)])
+    keras_accuracy = float((reference.argmax(1) == images.labels).mean())
+    checks = check_exports(paths, images, reference)
+    runfolder.write_text(out / "report.md", report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
+    failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
+    result = {"out": str(out), "keras_accuracy": keras_accuracy, "checks": [c.__dict__ for c in checks]}
+    runfolder.write_json(out / "export.json", result)
+    if (run / "report.html").exists():
+        from mobiletune.report_html import build_report
+
+        build_report(run)
+    if failed:
+        worst = max(failed, key=lambda c: keras_accuracy - c.accuracy)
+        raise ExportError(f"export {worst.format}: accuracy {worst.accuracy:.2%} is "
+                          f"{100 * (keras_accuracy - worst.accuracy):.1f} points below the Keras model's "
+                          f"{keras_accuracy:.2%} (allowed: {max_drop:g}); see {out / 'report.md'}")
+    return result
+
+
+def _representative(run: Path, metrics: dict[str, Any], config) -> np.ndarray:
+    """Up to REPRESENTATIVE_IMAGES training images, evenly spread over the manifest, for int8 calibration."""
+    rows = [r for r in data.read_manifest(run / "split.csv") if r["split"] == "train"]
+    step = max(1, len(rows) // REPRESENTATIVE_IMAGES)
+    root = Path(metrics["data_dir"])
+    pixels = []
+    for r in rows[::step][:REPRESENTATIVE_IMAGES]:
+        try:
+            pixels.append(data.decode_image((root / r["path"]).read_bytes(), config.data.image_size))
+        except (OSError, data.BadImage):
+            continue
+    if not pixels:
+        raise UsageError(f"{root}: no training images found for int8 calibration; is the data folder still there?")
+    return np.stack(pixels)

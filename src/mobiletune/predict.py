@@ -1,0 +1,211 @@
+"""Predict with any export or a run folder, streaming over files, folders and globs.
+
+Every predictor takes uint8-range RGB pixels [n, size, size, 3] and returns probabilities
+[n, classes]. Images are decoded in batches as the paths stream by, so a folder of 100k
+images runs in bounded memory; a file that cannot be read is reported on its own and the
+rest go on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune.data import IMAGE_EXTENSIONS, BadImage, decode_image
+from mobiletune.errors import ModelError, UsageError
+
+
+class Predictor:
+    """Base: `classes`, `size` and `predict(pixels) -> probabilities`."""
+
+    classes: list[str]
+    size: int
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class KerasPredictor(Predictor):
+    def __init__(self, model, classes: list[str]):
+        from mobiletune.export import serving_model
+
+        # a training model (run folder) outputs logits: serve probabilities like every export
+        self.model = model if model.output_shape[-1] == len(classes) and model.layers[-1].name == "probabilities" \
+            else serving_model(model)
+        self.classes, self.size = classes, model.input_shape[1]
+
+    def predict(self, pixels):
+        return np.asarray(self.model.predict_on_batch(pixels.astype(np.float32)))
+
+
+class SavedModelPredictor(Predictor):
+    def __init__(self, path: Path, classes: list[str]):
+        import tensorflow as tf
+
+        self.model = tf.saved_model.load(str(path))
+        self.serve = self.model.signatures["serving_default"]
+        spec = next(iter(self.serve.structured_input_signature[1].values()))
+        self.input_name = next(iter(self.serve.structured_input_signature[1]))
+        self.classes, self.size = classes, int(spec.shape[1])
+
+    def predict(self, pixels):
+        out = self.serve(**{self.input_name: pixels.astype(np.float32)})
+        return np.asarray(next(iter(out.values())))
+
+
+class TFLitePredictor(Predictor):
+    def __init__(self, path: Path, classes: list[str]):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.classes, self.size = classes, int(self.input["shape"][1])
+        self._batch = 0
+
+    def predict(self, pixels):
+        n = len(pixels)
+        if n != self._batch:  # resize once per batch size, not per call
+            self.interpreter.resize_tensor_input(self.input["index"], [n, self.size, self.size, 3])
+            self.interpreter.allocate_tensors()
+            self._batch = n
+        x = pixels.astype(np.float32)
+        if self.input["dtype"] != np.float32:  # integer input: quantize with the model's own scale
+            scale, zero = self.input["quantization"]
+            x = np.clip(np.round(x / scale + zero), *_int_range(self.input["dtype"])).astype(self.input["dtype"])
+        self.interpreter.set_tensor(self.input["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])
+        if self.output["dtype"] != np.float32:
+            scale, zero = self.output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+
+def _int_range(dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return info.min, info.max
+
+
+class OnnxPredictor(Predictor):
+    def __init__(self, path: Path, classes: list[str]):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+        self.classes, self.size = classes, int(self.input.shape[1])
+
+    def predict(self, pixels):
+        return self.session.run(None, {self.input.name: pixels.astype(np.float32)})[0]
+
+
+def _labels_for(path: Path) -> list[str]:
+    """labels.txt beside the model, or the run folder's classes."""
+    for candidate in (path.parent / "labels.txt", path / "labels.txt", path.parent.parent / "labels.txt"):
+        if candidate.is_file():
+            return [line for line in candidate.read_text(encoding="utf-8").splitlines() if line]
+    for metrics in (path / "metrics.json", path.parent / "metrics.json"):
+        if metrics.is_file():
+            return json.loads(metrics.read_text())["classes"]
+    raise ModelError(f"{path}: no labels.txt beside it and no run folder around it; cannot name the classes")
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """A run folder, .keras, SavedModel folder, .tflite or .onnx file."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such model or run folder")
+    if path.is_dir() and (path / "model.keras").is_file() and (path / "metrics.json").is_file():
+        path = path / "model.keras"  # a run folder
+    classes = _labels_for(path)
+    try:
+        if path.is_dir() and (path / "saved_model.pb").exists():
+            return SavedModelPredictor(path, classes)
+        suffix = path.suffix.lower()
+        if suffix == ".keras":
+            from mobiletune.model import load_model
+
+            return KerasPredictor(load_model(path), classes)
+        if suffix == ".tflite":
+            return TFLitePredictor(path, classes)
+        if suffix == ".onnx":
+            return OnnxPredictor(path, classes)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a damaged file
+        raise ModelError(f"{path}: cannot load ({str(exc).splitlines()[0][:200]})") from None
+    raise UsageError(f"{path}: not a model: give a run folder, .keras, SavedModel folder, .tflite or .onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming predictions
+
+
+def expand_paths(items: Iterable[str]) -> Iterator[Path]:
+    """Files as given, folders walked for image files, globs expanded; lazily, in a stable order."""
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                        yield Path(root, name)
+        elif path.exists() or path.is_symlink():
+            yield path
+        else:
+            matches = sorted(glob.iglob(item, recursive=True))
+            if not matches:
+                yield path  # reported as missing, on its own line
+            for match in matches:
+                if Path(match).is_file():
+                    yield Path(match)
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), most likely first; empty on error
+    error: str = ""
+
+
+def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32,
+                  top_k: int = 1) -> Iterator[Prediction]:
+    """Predictions in input order, one batch decoded at a time."""
+    if batch < 1 or top_k < 1:
+        raise UsageError(f"--batch {batch} --top-k {top_k}: both must be at least 1")
+    top_k = min(top_k, len(predictor.classes))
+    pending: list[tuple[Path, np.ndarray | None, str]] = []
+
+    def flush() -> Iterator[Prediction]:
+        good = [p for p in pending if p[1] is not None]
+        probs = predictor.predict(np.stack([p[1] for p in good])) if good else np.empty((0, 0))
+        rows = iter(probs)
+        for path, pixels, error in pending:
+            if pixels is None:
+                yield Prediction(os.fsencode(path).decode("utf-8", "backslashreplace"), [], error)
+            else:
+                p = next(rows)
+                order = np.argsort(-p)[:top_k]
+                yield Prediction(os.fsencode(path).decode("utf-8", "backslashreplace"),
+                                 [(predictor.classes[i], float(p[i])) for i in order])
+        pending.clear()
+
+    for path in expand_paths(items):
+        try:
+            pending.append((path, decode_image(path.read_bytes(), predictor.size), ""))
+        except BadImage as exc:
+            pending.append((path, None, str(exc)))
+        except OSError as exc:
+            pending.append((path, None, f"cannot read ({exc.strerror or exc})"))
+        if len(pending) >= batch:
+            yield from flush()
+    yield from flush()

@@ -1,0 +1,60 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mobiletune.export import FILE_NAMES, FORMATS, ExportError, export_run
+from mobiletune.predict import load_predictor
+
+# How far each runtime may drift from Keras, in probability: float formats barely, quantized ones more
+# (int8 most here: a 32-px model calibrated on 12 images; the full-size figures are in docs/benchmarks.md).
+TOLERANCE = {"keras": 1e-5, "savedmodel": 1e-4, "onnx": 1e-4, "tflite": 1e-4, "tflite-fp16": 2e-2,
+             "tflite-int8": 0.35}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    shutil.copytree(tiny_run.workdir, run)
+    return run, export_run(run, ["all"], max_drop=100)
+
+
+def test_every_format_loads_in_its_runtime_and_agrees(exported):
+    run, result = exported
+    checks = {c["format"]: c for c in result["checks"]}
+    assert set(checks) == set(FORMATS)
+    for fmt, c in checks.items():
+        assert c["max_abs_diff"] <= TOLERANCE[fmt], (fmt, c)
+        assert c["megabytes"] > 0.1 and c["ms_per_image"] > 0
+        if fmt != "tflite-int8":
+            assert c["agreement"] == 1.0, (fmt, c)
+    assert (run / "export" / "labels.txt").read_text().split() == ["cats", "dogs"]
+    assert "| tflite-int8 |" in (run / "export" / "report.md").read_text()
+    assert checks["tflite-int8"]["megabytes"] < checks["tflite"]["megabytes"] / 2  # int8 is smaller
+
+
+def test_exports_take_pixels_and_return_probabilities(exported):
+    run, _ = exported
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    for fmt in FORMATS:
+        predictor = load_predictor(run / "export" / FILE_NAMES[fmt])
+        probs = predictor.predict(pixels)
+        assert probs.shape == (3, 2) and predictor.classes == ["cats", "dogs"]
+        assert np.allclose(probs.sum(axis=1), 1, atol=0.02), fmt
+
+
+def test_onnx_carries_the_class_names(exported):
+    import onnx
+
+    run, _ = exported
+    props = {p.key: p.value for p in onnx.load(str(run / "export" / "model.onnx")).metadata_props}
+    assert props["classes"].split("\n") == ["cats", "dogs"]
+
+
+def test_accuracy_drop_fails_with_the_format_named(exported):
+    run, _ = exported
+    with pytest.raises(ExportError, match=r"export keras: accuracy .* points below"):
+        export_run(run, ["keras"], run / "strict", max_drop=-1)  # any export 'loses' more than -1 point
+    assert (run / "strict" / "report.md").exists()  # the table is written before failing
+    assert json.loads((run / "strict" / "export.json").read_text())["checks"][0]["format"] == "keras"
