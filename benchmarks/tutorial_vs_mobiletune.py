@@ -137,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", nargs="?", default=str(DEFAULT_DATA))
     parser.add_argument("--quick", action="store_true", help="2 + 2 epochs instead of 10 + 10")
-    parser.add_argument("--also-views", type=int, nargs="*", default=[2],
+    parser.add_argument("--also-views", type=int, nargs="*", default=[4],
                         help="also run cold with these features.views, to see what the view count buys")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--payload", help=argparse.SUPPRESS)

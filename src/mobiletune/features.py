@@ -149,25 +149,34 @@ class _OnnxRunner:
     """The extractor exported to ONNX and run by ONNX Runtime: about 1.9x TensorFlow's speed on
     this CPU for MobileNetV2's forward pass, the same numbers to ~1e-5 (benchmarks/)."""
 
-    def __init__(self, extract: keras.Model, folder: Path):
+    def __init__(self, extract: keras.Model):
         import onnxruntime as ort
 
         size = extract.input_shape[1:]
         extract(np.zeros((1, *size), np.float32))  # Keras exports only a model that has been called
-        path = folder / "extractor.onnx"
-        extract.export(str(path), format="onnx", verbose=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="mobiletune-onnx-") as tmp:
+            path = Path(tmp) / "extractor.onnx"
+            extract.export(str(path), format="onnx", verbose=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = os.cpu_count() or 1
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        path.unlink()
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {self.input: x})
 
 
-def _extract_views(extract: keras.Model, augment, pixels: np.ndarray, views: int, batch: int, out: Path,
-                   engine: str, progress=None) -> int:
+def _runner(extract: keras.Model, engine: str):
+    """`run(scaled pixels) -> [outputs]` on the chosen engine; built once per extractor."""
+    import tensorflow as tf
+
+    if engine == "onnxruntime":
+        return _OnnxRunner(extract)
+    forward = tf.function(lambda x: extract(x, training=False))
+    return lambda x: [np.asarray(o) for o in forward(x)]
+
+
+def _extract_views(run, augment, pixels: np.ndarray, views: int, batch: int, out: Path, progress=None) -> int:
     """Run `extract` over `views` passes of `pixels`, through `augment` unless it is None.
 
     `augment` is a freshly built, seeded layer, so the draws depend only on the seed and this
@@ -179,11 +188,6 @@ def _extract_views(extract: keras.Model, augment, pixels: np.ndarray, views: int
     def prepare(x):  # augmentation in a graph, then the model's own Rescaling: [0, 255] -> [-1, 1]
         return (augment(x, training=True) if augment is not None else x) / 127.5 - 1
 
-    if engine == "onnxruntime":
-        run = _OnnxRunner(extract, out)
-    else:
-        forward = tf.function(lambda x: extract(x, training=False))
-        run = lambda x: [np.asarray(o) for o in forward(x)]  # noqa: E731
     files: list[np.ndarray] = []
     for view in range(views):
         for start in range(0, len(pixels), batch):
@@ -244,6 +248,13 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
         "engine": config.features.engine,  # engines agree to ~1e-5, not bit for bit
     }
     augmenting = bool(model.get_layer("augment").layers)
+    runners: list = []  # built on the first miss only: a warm cache never converts the model
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        if not runners:
+            runners.append(_runner(extract, config.features.engine))
+        return runners[0](x)
+
     result: dict[str, list[np.ndarray]] = {}
     hits = misses = 0
     for split in ("train", "validation", "test"):
@@ -257,8 +268,8 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
         entry = _compute_entry(
             cache_dir / "features", parts,
             lambda tmp, idx=idx, views=views, train=train: _extract_views(
-                extract, model_lib.build_augmentation(config) if train and augmenting else None,
-                images.pixels[idx], views, config.data.batch_size, tmp, config.features.engine, progress),
+                run, model_lib.build_augmentation(config) if train and augmenting else None,
+                images.pixels[idx], views, config.data.batch_size, tmp, progress),
         )
         hits, misses = hits + entry.hit, misses + (not entry.hit)
         result[split] = entry.arrays()
