@@ -11,7 +11,7 @@ from mobiletune.train import train_and_evaluate
 
 RUN_FILES = {"config.yaml", "split.csv", "skipped.csv", "history.csv", "metrics.json", "before_fine_tuning.png",
              "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",
-             "test_predictions.csv", "report.html"}
+             "test_predictions.csv", "report.html", "run.json"}
 
 
 def _history(run):

@@ -88,7 +88,9 @@ SetOption = Annotated[
 @app.command()
 @_one_line_errors
 def train(
-    data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ validation/ \\[test/] of class folders.")],
+    data_dir: Annotated[
+        Optional[Path], typer.Argument(help="Class folders, or train/ validation/ \\[test/] of class folders.")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")] = Path("runs/latest"),
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -98,15 +100,29 @@ def train(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Run the plain recipe: every epoch through the whole network.")
     ] = False,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option("--resume", help="Continue this run folder after a crash, kill -9 or Ctrl-C, from its last "
+                     "epoch checkpoint."),
+    ] = None,
 ) -> None:
     """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
     from mobiletune.config import load_config
-    from mobiletune.train import train_and_evaluate
+    from mobiletune.errors import UsageError
+    from mobiletune.train import resume_run, train_and_evaluate
 
-    overrides = list(set_ or []) + (["data.strict=true"] if strict else []) + (
-        ["features.cache=false"] if no_cache else [])
-    cfg = load_config(config, overrides)
-    result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=None if quiet else console)
+    shown = None if quiet else console
+    if resume is not None:
+        if data_dir is not None or config is not None or set_:
+            raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config and --set")
+        result = resume_run(resume, console=shown)
+    else:
+        if data_dir is None:
+            raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
+        overrides = list(set_ or []) + (["data.strict=true"] if strict else []) + (
+            ["features.cache=false"] if no_cache else [])
+        cfg = load_config(config, overrides)
+        result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=shown)
     if quiet:
         from mobiletune.report import print_results
 

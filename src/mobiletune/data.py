@@ -267,7 +267,8 @@ def load_images(data_dir: str | Path, config: DataConfig, progress=None) -> Imag
     splits = assign_splits(labels, [files[i][2] for i in keep], config, classes)
     return ImageSet(
         classes=classes,
-        paths=[_display(str(files[i][0].relative_to(data_dir))) for i in keep],
+        # as the OS names them (non-UTF-8 bytes as surrogates): the manifest round-trips to the file
+        paths=[str(files[i][0].relative_to(data_dir)) for i in keep],
         labels=labels,
         splits=splits,
         hashes=[hashes[i] for i in keep],
@@ -301,8 +302,7 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
     keep, skipped, hashes = [], [], []
     for i, (rel, _) in enumerate(rows):
         try:
-            digest, pixels[i] = _read_one(root / os.fsdecode(rel.encode("utf-8", "surrogateescape")),
-                                          config.image_size)
+            digest, pixels[i] = _read_one(root / rel, config.image_size)
         except BadImage as exc:
             skipped.append(Skipped(rel, str(exc)))
             continue
@@ -337,19 +337,32 @@ def write_skipped(images: ImageSet, path: Path) -> None:
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f))
 
 
-def tf_dataset(images: ImageSet, split: str, batch_size: int, *, shuffle: bool, seed: int):
-    """A batched tf.data pipeline of (float32 pixels 0-255, int label) for one split."""
+def tf_dataset(images: ImageSet, split: str, batch_size: int, *, shuffle: bool, seed: int,
+               initial_epoch: int = 0, epochs: int = 1):
+    """A batched tf.data pipeline of (float32 pixels 0-255, int label) for one split.
+
+    Shuffled: epochs `initial_epoch` .. `epochs - 1` back to back, epoch e in an order drawn
+    from (seed, e) alone, so a resumed run sees exactly the batches an unbroken one would.
+    Fit it with steps_per_epoch = ceil(n / batch_size).
+    """
     import tensorflow as tf
 
     idx = images.indices(split)
-    ds = tf.data.Dataset.from_tensor_slices((images.pixels[idx], images.labels[idx]))
+    pixels, labels = tf.constant(images.pixels[idx]), tf.constant(images.labels[idx])
     if shuffle:
-        ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+        def epoch_order(epoch):
+            order = tf.random.experimental.stateless_shuffle(tf.range(len(idx)), seed=tf.stack([seed, epoch]))
+            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+        batches = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_order)
+    else:
+        batches = tf.data.Dataset.range(len(idx)).batch(batch_size)
+    ds = batches.map(lambda i: (tf.cast(tf.gather(pixels, i), tf.float32), tf.gather(labels, i)),
+                     num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

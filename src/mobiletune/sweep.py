@@ -157,8 +157,12 @@ def _objective(shared: _Shared, base: Config, space: dict[str, dict[str, Any]]):
 
 
 def open_study(out: Path, storage: str | None, study_name: str, seed: int, grace_period: int):
+    import warnings
+
     import optuna
 
+    # heartbeats and fail_stale_trials are stable in practice; Optuna still labels them experimental
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     try:
         # A live trial beats 4 times per grace period, so only a dead worker's trial goes stale.

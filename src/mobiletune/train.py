@@ -15,20 +15,22 @@ from typing import Any
 
 import keras
 
-from mobiletune import data, evaluate, features, report, report_html, runfolder
+from mobiletune import checkpoint, data, evaluate, features, report, report_html, runfolder
 from mobiletune import model as model_lib
 from mobiletune.config import Config
+from mobiletune.errors import DataError, UsageError
 
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """Times each epoch and shows progress: a bar per epoch, a line when it ends."""
+    """Times each epoch, appends its history row, and shows progress: a bar, then a line."""
 
-    def __init__(self, phase: int, last_epoch: int, steps: int, console=None):
+    def __init__(self, phase: int, last_epoch: int, steps: int, history: list[dict[str, Any]], console=None,
+                 interrupt: checkpoint.Interrupt | None = None):
         super().__init__()
         self.phase, self.last_epoch, self.steps, self.console = phase, last_epoch, steps, console
-        self.seconds: dict[int, float] = {}
+        self.history, self.interrupt = history, interrupt
         self._progress = self._task = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -48,40 +50,47 @@ class _EpochLog(keras.callbacks.Callback):
             self._progress.update(self._task, advance=1, description=f"{self._label} accuracy {acc:.3f}")
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds[epoch] = time.perf_counter() - self._start
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        if self.interrupt is not None and self.interrupt.requested:
+            return  # a partial epoch is no history
+        logs = logs or {}
+        row = {"epoch": epoch + 1, "phase": self.phase,
+               **{k: float(logs.get(k, float("nan"))) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+               "seconds": round(time.perf_counter() - self._start, 3)}
+        self.history.append(row)
         if self.console is not None:
-            logs = logs or {}
             self.console.print(
-                f"phase {self.phase} epoch {epoch + 1:>2}/{self.last_epoch}  "
-                f"loss {logs.get('loss', float('nan')):.4f}  accuracy {logs.get('accuracy', float('nan')):.4f}  "
-                f"val_loss {logs.get('val_loss', float('nan')):.4f}  "
-                f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f}  {self.seconds[epoch]:.1f} s"
-            )
+                f"phase {self.phase} epoch {epoch + 1:>2}/{self.last_epoch}  loss {row['loss']:.4f}  "
+                f"accuracy {row['accuracy']:.4f}  val_loss {row['val_loss']:.4f}  "
+                f"val_accuracy {row['val_accuracy']:.4f}  {row['seconds']:.1f} s")
 
 
 def train_phase(model: keras.Model, train_data, val_data, *, phase: int, epochs: int, initial_epoch: int,
-                optimizer: str, lr: float, steps: int | None = None, console=None,
-                callbacks: list[keras.callbacks.Callback] | None = None) -> list[dict[str, Any]]:
-    """Compile `model` with a fresh optimizer and fit it; one history row per epoch.
+                optimizer: str, lr: float, steps: int, history: list[dict[str, Any]] | None = None,
+                console=None, callbacks: list[keras.callbacks.Callback] | None = None,
+                optimizer_state: list | None = None, interrupt: checkpoint.Interrupt | None = None
+                ) -> list[dict[str, Any]]:
+    """Compile `model` with a fresh optimizer and fit it; one history row per epoch, appended to `history`.
 
     Serves phase 1, phase 2 and the sweep: `model` is whatever trains (the full classifier, or
-    the part above a feature cache), `initial_epoch` continues the epoch count.
+    the part above a feature cache), `initial_epoch` continues the epoch count, and
+    `optimizer_state` resumes an optimizer saved mid-phase.
     """
     loss, metric = model_lib.loss_and_metric(model_lib.is_binary(model))
     model.compile(optimizer=model_lib.make_optimizer(optimizer, lr), loss=loss, metrics=[metric])
-    if epochs == 0:
-        return []
-    log = _EpochLog(phase, initial_epoch + epochs, steps or 0, console)
-    history = model.fit(train_data, validation_data=val_data, initial_epoch=initial_epoch,
-                        epochs=initial_epoch + epochs, verbose=0, shuffle=False, callbacks=[log, *(callbacks or [])])
-    rows = []
-    for i, epoch in enumerate(history.epoch):
-        rows.append({"epoch": epoch + 1, "phase": phase, **{k: float(history.history[k][i]) for k in
-                     ("loss", "accuracy", "val_loss", "val_accuracy")}, "seconds": round(log.seconds[epoch], 3)})
-    return rows
+    if optimizer_state is not None:
+        checkpoint.restore_optimizer(model, optimizer_state)
+    history = [] if history is None else history
+    already = len(history)
+    if epochs > 0:
+        log = _EpochLog(phase, initial_epoch + epochs, steps, history, console, interrupt)
+        model.fit(train_data, validation_data=val_data, initial_epoch=initial_epoch, epochs=initial_epoch + epochs,
+                  steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[log, *(callbacks or [])])
+    if interrupt is not None and interrupt.requested:
+        raise checkpoint.Interrupted("interrupted")
+    return history[already:]
 
 
 @dataclass
@@ -99,47 +108,74 @@ def _seed_everything(seed: int) -> None:
 
 
 def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Features | None, config: Config, *,
-               console=None, callbacks: list[keras.callbacks.Callback] | None = None,
-               after_phase=None) -> list[dict[str, Any]]:
+               console=None, callbacks: list[keras.callbacks.Callback] | None = None, after_phase=None,
+               resume: checkpoint.Checkpoint | None = None, save_to: Path | None = None,
+               interrupt: checkpoint.Interrupt | None = None, extra: dict[str, Any] | None = None
+               ) -> list[dict[str, Any]]:
     """Phase 1 then phase 2 on `model`, through `train_phase`; the history of both.
 
     `feats` None runs the plain recipe on pixels. `after_phase(phase, history)` runs after each
-    phase (train evaluates the test set there; the sweep never does).
+    phase (train evaluates the test set there; the sweep never does). With `save_to`, a
+    checkpoint is written after every epoch; `resume` continues from one (weights already
+    restored by the caller). `extra` travels in the checkpoint.
     """
     p1, p2 = config.phase1, config.phase2
     plan = {1: (p1.epochs, 0, p1.optimizer, p1.lr), 2: (p2.epochs, p1.epochs, p2.optimizer, p1.lr * p2.lr_ratio)}
-    history: list[dict[str, Any]] = []
-    for phase, (epochs, initial_epoch, optimizer, lr) in plan.items():
+    history: list[dict[str, Any]] = list(resume.history) if resume else []
+    done = resume.epoch if resume else 0
+    for phase, (epochs, first_epoch, optimizer, lr) in plan.items():
+        if done >= first_epoch + epochs:
+            continue  # trained before the checkpoint; the caller sees to its evaluation
+        start = max(first_epoch, done)
         model_lib.set_trainable(model, phase=phase, config=config)
         if phase == 2 and console is not None:
             base = model_lib.base_of(model)
             console.print(f"fine-tuning {sum(layer.trainable for layer in base.layers)} base layers from layer "
                           f"{p2.fine_tune_at} at lr {lr:g}")
-        trainee, train_data, val_data = _phase_data(phase, model, images, feats, config)
-        history += train_phase(trainee, train_data, val_data, phase=phase, epochs=epochs,
-                               initial_epoch=initial_epoch, optimizer=optimizer, lr=lr, steps=len(train_data),
-                               console=console, callbacks=callbacks)
+        trainee, train_data, val_data = _phase_data(phase, model, images, feats, config, start, first_epoch + epochs)
+        saving = [checkpoint.EpochCheckpoint(save_to, model, history, extra if extra is not None else {},
+                                             interrupt or checkpoint.Interrupt())] if save_to else []
+        train_phase(trainee, train_data, val_data, phase=phase, epochs=first_epoch + epochs - start,
+                    initial_epoch=start, optimizer=optimizer, lr=lr, steps=_steps(images, config), history=history,
+                    console=console, callbacks=[*saving, *(callbacks or [])], interrupt=interrupt,
+                    optimizer_state=resume.optimizer_variables if resume and first_epoch < start == done else None)
         if after_phase is not None:
             after_phase(phase, history)
     return history
 
 
+def _steps(images: data.ImageSet, config: Config) -> int:
+    return -(-len(images.indices("train")) // config.data.batch_size)
+
+
 def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path, *, overwrite: bool = False,
-                       console=None, feature_cuts: list[int] | None = None) -> RunResult:
+                       console=None, feature_cuts: list[int] | None = None, resume: bool = False) -> RunResult:
     """Run the whole recipe on DATA_DIR and leave a complete run folder in `workdir`.
 
-    `feature_cuts`: the boundaries the feature cache entry holds (a sweep's, to reuse its cache).
+    `resume`: continue the run in `workdir` from its last checkpoint (the caller passes the
+    run's own config and data folder). `feature_cuts`: the boundaries the feature cache entry
+    holds (a sweep's, to reuse its cache).
     """
     started = time.perf_counter()
-    runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
+    if resume:
+        out = Path(workdir)
+        if (out / "metrics.json").exists():
+            raise UsageError(f"--resume {out}: this run is already complete")
+    else:
+        runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
     say = console.print if console is not None else (lambda *a, **k: None)
 
     images = data.load_images(data_dir, config.data)
     seconds = {"load_images": time.perf_counter() - started}
-    out = runfolder.prepare(workdir, overwrite=overwrite)
-    runfolder.write_text(out / "config.yaml", config.to_yaml())
-    data.write_manifest(images, out / "split.csv")
-    data.write_skipped(images, out / "skipped.csv")
+    if resume:
+        _check_same_data(out, images)
+    else:
+        out = runfolder.prepare(workdir, overwrite=overwrite)
+        (out / checkpoint.FILE_NAME).unlink(missing_ok=True)
+        runfolder.write_text(out / "config.yaml", config.to_yaml())
+        runfolder.write_json(out / "run.json", {"data_dir": str(Path(data_dir).resolve())})
+        data.write_manifest(images, out / "split.csv")
+        data.write_skipped(images, out / "skipped.csv")
     counts = images.counts()
     say(f"images: {counts} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} skipped"
         + (" (see skipped.csv)" if images.skipped else ""))
@@ -160,13 +196,18 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     seconds["features"] = time.perf_counter() - clock
     clock = time.perf_counter()
 
+    saved = checkpoint.load(out) if resume else None
+    extra: dict[str, Any] = dict(saved.extra) if saved else {}
+    if saved is not None:
+        checkpoint.restore_model(model, saved.model_variables)
+        say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
+
     test_ds = data.tf_dataset(images, "test", config.data.batch_size, shuffle=False, seed=config.data.seed)
-    test_probs: dict[int, Any] = {}
 
     def after_phase(phase: int, history: list[dict[str, Any]]) -> None:
         nonlocal clock
         logits, _ = evaluate.predict_logits(model, test_ds)  # the full model on test pixels: the real numbers
-        test_probs[phase] = evaluate.probabilities(logits)
+        extra[f"test_probs_{phase}"] = evaluate.probabilities(logits)
         seconds[f"phase{phase}"] = time.perf_counter() - clock
         _write_history(out, history)
         if phase == 1:
@@ -177,30 +218,65 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
                                fine_tune_from=config.phase1.epochs + 1)
         clock = time.perf_counter()
 
-    history = fit_recipe(model, images, feats, config, console=console, after_phase=after_phase)
+    if saved is not None and saved.epoch >= config.phase1.epochs and "test_probs_1" not in extra:
+        after_phase(1, list(saved.history))  # killed between phase 1's last checkpoint and its evaluation
+    interrupt = checkpoint.Interrupt()
+    with interrupt.handling():
+        try:
+            history = fit_recipe(model, images, feats, config, console=console, after_phase=after_phase,
+                                 resume=saved, save_to=out, interrupt=interrupt, extra=extra)
+        except checkpoint.Interrupted:
+            last = checkpoint.load(out)
+            saved_what = "no epoch had finished" if last is None else f"the checkpoint of epoch {last.epoch} is saved"
+            raise checkpoint.Interrupted(
+                f"interrupted: {saved_what}; continue with: mobiletune train --resume {out}") from None
+    if "test_probs_2" not in extra:  # killed after the last epoch's checkpoint, before its evaluation
+        after_phase(2, history)
     runfolder.save_model(out / "model.keras", model)
     seconds["total"] = time.perf_counter() - started
     test = images.indices("test")
+    probs_before, probs_after = extra["test_probs_1"], extra["test_probs_2"]
     evaluate.write_predictions(out / "test_predictions.csv", [images.paths[i] for i in test], images.labels[test],
-                               images.classes, test_probs[1], test_probs[2])
+                               images.classes, probs_before, probs_after)
     metrics = {
-        **evaluate.compare_stages(test_probs[1], test_probs[2], images.labels[test], images.classes),
+        **evaluate.compare_stages(probs_before, probs_after, images.labels[test], images.classes),
         "classes": images.classes,
         "n_images": counts,
         "n_skipped": len(images.skipped),
         "base_layers": len(base.layers),
         "fine_tune_at": config.phase2.fine_tune_at,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "resumed": saved is not None,
         "data_dir": str(Path(data_dir).resolve()),
         "environment": environment(weights_sha256),
     }
     runfolder.write_json(out / "metrics.json", metrics)
     report.write_summary(out / "summary.md", config, metrics)
     report_html.build_report(out)
+    (out / checkpoint.FILE_NAME).unlink(missing_ok=True)  # the run is complete: model.keras is what counts
     if console is not None:
         report.print_results(console, metrics)
         say(f"run folder: {out}")
     return RunResult(out, metrics, history)
+
+
+def resume_run(run: str | Path, console=None) -> RunResult:
+    """Continue an interrupted or killed run from its folder alone."""
+    from mobiletune.config import load_config
+
+    run = Path(run)
+    info = runfolder.read_json(run / "run.json")
+    return train_and_evaluate(load_config(run / "config.yaml"), info["data_dir"], run, console=console,
+                              resume=True)
+
+
+def _check_same_data(out: Path, images: data.ImageSet) -> None:
+    saved = data.read_manifest(out / "split.csv")
+    now = [{"path": p, "class": images.classes[c], "split": s, "sha256": h}
+           for p, c, s, h in zip(images.paths, images.labels, images.splits, images.hashes, strict=True)]
+    if saved != now:
+        raise DataError(f"--resume {out}: the images changed since the run started (split.csv differs); "
+                        "start a new run instead")
 
 
 def environment(base_weights_sha256: str) -> dict[str, str]:
@@ -221,11 +297,15 @@ def environment(base_weights_sha256: str) -> dict[str, str]:
 
 
 def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: features.Features | None,
-                config: Config):
-    """What trains in `phase` and on what: the full model on pixels, or its upper part on cached features."""
+                config: Config, initial_epoch: int, end_epoch: int):
+    """What trains in `phase` and on what: the full model on pixels, or its upper part on cached features.
+
+    Either way epoch e's order depends on (seed, e) alone, so resuming at `initial_epoch` is exact.
+    """
     batch, seed = config.data.batch_size, config.data.seed
     if feats is None:
-        return (model, data.tf_dataset(images, "train", batch, shuffle=True, seed=seed),
+        return (model, data.tf_dataset(images, "train", batch, shuffle=True, seed=seed,
+                                       initial_epoch=initial_epoch, epochs=end_epoch),
                 data.tf_dataset(images, "validation", batch, shuffle=False, seed=seed))
     if phase == 1:
         trainee, train_arrays, val_arrays = features.head_model(model), feats.pooled("train"), feats.pooled(
@@ -236,7 +316,8 @@ def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: fe
         train_arrays, val_arrays = feats.boundary("train", cut), feats.boundary("validation", cut)
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
     return (trainee,
-            features.FeatureBatches(train_arrays, labels["train"], batch, shuffle=True, seed=seed),
+            features.FeatureBatches(train_arrays, labels["train"], batch, shuffle=True, seed=seed,
+                                    initial_epoch=initial_epoch),
             features.FeatureBatches(val_arrays, labels["validation"], batch, shuffle=False, seed=seed))
 
 
