@@ -70,22 +70,22 @@ def test_bad_set_syntax():
         parse_override("phase1.lr")
 
 
-def test_bad_yaml_files(tmp_path):
-    missing = tmp_path / "missing.yaml"
-    with pytest.raises(ConfigError, match="no such file"):
-        load_config(missing)
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("phase1: {lr: [\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(broken)
-    flat = tmp_path / "flat.yaml"
-    flat.write_text("lr: 0.1\n")
-    with pytest.raises(ConfigError, match="section 'lr' must be a mapping"):
-        load_config(flat)
-    listy = tmp_path / "list.yaml"
-    listy.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="expected a mapping"):
-        load_config(listy)
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (None, "no such file"),
+        ("phase1: {lr: [\n", "not valid YAML"),
+        ("lr: 0.1\n", "section 'lr' must be a mapping"),
+        ("- 1\n- 2\n", "expected a mapping"),
+    ],
+    ids=["missing", "broken", "flat", "list"],
+)
+def test_bad_yaml_files(tmp_path, text, needle):
+    path = tmp_path / "recipe.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
 
 
 def test_config_is_frozen():

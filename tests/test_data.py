@@ -96,12 +96,14 @@ def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
     _write(cats / "notes.txt", b"hello")
     os.symlink("loop_b.jpg", cats / "loop_a.jpg")
     os.symlink("loop_a.jpg", cats / "loop_b.jpg")
+    os.symlink("gone.jpg", cats / "dangling.jpg")  # unreadable (root reads chmod 000 files, so not that)
     _write(cats / "odd.png", _png_bytes(Image.new("LA", (9, 9))))  # usable: converted
     weird = os.fsdecode(b"caf\xe9.jpg")  # not UTF-8
     _write(cats / weird, b"garbage")
     images = data.load_images(cats_dogs_tiny, CFG)
     reasons = {s.path: s.reason for s in images.skipped}
-    assert len(reasons) == 6, reasons
+    assert len(reasons) == 7, reasons
+    assert "cannot read" in reasons["train/cats/dangling.jpg"]
     assert "empty file" in reasons["train/cats/zero.jpg"]
     assert "not an image file extension" in reasons["train/cats/notes.txt"]
     assert "cannot read" in reasons["train/cats/loop_a.jpg"]
@@ -109,9 +111,9 @@ def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
     assert "train/cats/odd.png" in images.paths
     out = tmp_path / "skipped.csv"
     data.write_skipped(images, out)
-    assert len(out.read_text().splitlines()) == 7
+    assert len(out.read_text().splitlines()) == 8
 
-    with pytest.raises(DataError, match="6 file.*--strict"):
+    with pytest.raises(DataError, match="7 file.*--strict"):
         data.load_images(cats_dogs_tiny, DataConfig(image_size=32, strict=True))
 
 
@@ -190,3 +192,13 @@ def _classes(root: Path, names: list[str], per_class: int = 3, empty: str | None
         for i in range(0 if name == empty else per_class):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
     return root
+
+
+def test_non_utf8_names_are_used_and_round_trip(cats_dogs_tiny, tmp_path):
+    name = os.fsdecode(b"chat_\xe9t\xe9.jpg")  # Latin-1 bytes: not valid UTF-8
+    (cats_dogs_tiny / "train" / "cats" / name).write_bytes((CATS_DOGS / "train" / "cats" / "cat.50.jpg").read_bytes())
+    images = data.load_images(cats_dogs_tiny, CFG)
+    assert f"train/cats/{name}" in images.paths
+    data.write_manifest(images, tmp_path / "split.csv")
+    rows = data.read_manifest(tmp_path / "split.csv")
+    assert all((cats_dogs_tiny / r["path"]).is_file() for r in rows)  # every manifest path opens its file

@@ -10,7 +10,7 @@ from mobiletune.predict import load_predictor
 # How far each runtime may drift from Keras, in probability: float formats barely, quantized ones more
 # (int8 most here: a 32-px model calibrated on 12 images; the full-size figures are in docs/benchmarks.md).
 TOLERANCE = {"keras": 1e-5, "savedmodel": 1e-4, "onnx": 1e-4, "tflite": 1e-4, "tflite-fp16": 2e-2,
-             "tflite-int8": 0.35}
+             "tflite-int8": 0.5}
 
 
 @pytest.fixture(scope="module")

@@ -37,24 +37,28 @@ def test_top_on_cached_boundary_equals_the_full_model(built, fine_tune_at):
 
 
 def test_batches_shuffle_and_draw_views_per_epoch():
-    arrays = [np.arange(3 * 10, dtype=np.float32).reshape(3, 10, 1)]  # value = view * 10 + image
+    arrays = [np.arange(3 * 10, dtype=np.float16).reshape(3, 10, 1)]  # value = view * 10 + image
     labels = np.arange(10)
-    batches = features.FeatureBatches(arrays, labels, 4, shuffle=True, seed=0)
-    assert len(batches) == 3
 
-    def epoch():
-        pairs = [(x[:, 0], y) for x, y in (batches[i] for i in range(len(batches)))]
-        x, y = (np.concatenate(p) for p in zip(*pairs, strict=True))
-        assert sorted(y) == list(range(10))  # every image exactly once
-        assert np.array_equal(x % 10, y)  # each row its own image, some view
-        return x
+    def epochs(initial_epoch, end):
+        ds = features.feature_dataset(arrays, labels, 4, shuffle=True, seed=0, initial_epoch=initial_epoch,
+                                      epochs=end)
+        batches = [(np.asarray(x)[:, 0], np.asarray(y)) for x, y in ds]
+        assert [len(y) for _, y in batches] == [4, 4, 2] * (end - initial_epoch)
+        out = []
+        for e in range(end - initial_epoch):
+            x, y = (np.concatenate(p) for p in zip(*batches[3 * e : 3 * e + 3], strict=True))
+            assert sorted(y) == list(range(10))  # every image exactly once per epoch
+            assert np.array_equal(x % 10, y)  # each row its own image, in some view
+            out.append(x)
+        return out
 
-    first = epoch()
-    batches.on_epoch_end()
-    second = epoch()
+    first, second, third = epochs(0, 3)
     assert not np.array_equal(first, second)
-    again = features.FeatureBatches(arrays, labels, 4, shuffle=True, seed=0)
-    assert np.array_equal(np.concatenate([again[i][0][:, 0] for i in range(3)]), first[: len(first)])
+    assert len({int(v) for e in (first, second, third) for v in e // 10}) > 1  # views are drawn
+    assert np.array_equal(epochs(2, 3)[0], third)  # a resumed run reads epoch 2 exactly as before
+    plain = features.feature_dataset(arrays, labels, 4, shuffle=False, seed=0)
+    assert np.array_equal(np.concatenate([np.asarray(x)[:, 0] for x, _ in plain]), np.arange(10))
 
 
 def test_cache_hits_and_reuse(built, cats_dogs_tiny, tmp_path):

@@ -209,3 +209,17 @@ def test_fewer_images_than_one_batch(tmp_path):
     result = runner.invoke(app, ["train", str(root), "--out", str(tmp_path / "run"), "--set", "data.image_size=32",
                                  "--set", "phase1.epochs=1", "--set", "phase2.epochs=1"])
     assert result.exit_code == 0, result.output
+
+
+def test_damaged_model_in_a_run_folder(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.workdir, run)
+    data_bytes = (run / "model.keras").read_bytes()
+    (run / "model.keras").write_bytes(data_bytes[: len(data_bytes) // 2])  # truncated
+    for command in (["evaluate", str(run)], ["export", str(run), "--format", "keras"], ["predict", str(run),
+                                                                                      str(run / "x.jpg")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert "not a loadable .keras model" in result.output and "Traceback" not in result.output

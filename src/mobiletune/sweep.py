@@ -157,6 +157,7 @@ def _objective(shared: _Shared, base: Config, space: dict[str, dict[str, Any]]):
 
 
 def open_study(out: Path, storage: str | None, study_name: str, seed: int, grace_period: int):
+    """The study and whether this call created it."""
     import warnings
 
     import optuna
@@ -172,11 +173,16 @@ def open_study(out: Path, storage: str | None, study_name: str, seed: int, grace
         raise UsageError(f"--storage {url}: cannot open ({str(exc).splitlines()[0][:200]})") from None
     # Workers sharing a study must not draw the same startup points: one seed per worker process.
     sampler_seed = seed if storage is None else (seed * 1_000_003 + os.getpid()) % 2**31
-    return optuna.create_study(
-        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=4, constant_liar=True),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
-    )
+    settings = {
+        "sampler": optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=4, constant_liar=True),
+        "pruner": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+    }
+    # Creating a study is atomic in the storage: exactly one of the workers starting together
+    # creates it, and only that one enqueues the base recipe.
+    try:
+        return optuna.create_study(study_name=study_name, storage=rdb, direction="maximize", **settings), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=study_name, storage=rdb, **settings), False
 
 
 def _counts(study) -> dict[str, int]:
@@ -215,11 +221,10 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     extractor_model = model_lib.build_model(base, len(images.classes))
     cuts = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
     shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, cuts, {})
-    study = open_study(out, storage, study_name, base.data.seed, grace_period)
+    study, created = open_study(out, storage, study_name, base.data.seed, grace_period)
     defaults = {k: base.flat()[k] for k in space}
-    if not study.trials and all(_in_space(defaults[k], space[k]) for k in space):
-        # skip_if_exists: workers starting together enqueue the base recipe once
-        study.enqueue_trial(defaults, user_attrs={"note": "the base recipe"}, skip_if_exists=True)
+    if created and all(_in_space(defaults[k], space[k]) for k in space):
+        study.enqueue_trial(defaults, user_attrs={"note": "the base recipe"})
     say(f"study {study_name!r}: {len(study.trials)} trials so far; running until {n_trials} have finished")
 
     def on_trial_end(study, trial) -> None:

@@ -316,9 +316,9 @@ def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: fe
         train_arrays, val_arrays = feats.boundary("train", cut), feats.boundary("validation", cut)
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
     return (trainee,
-            features.FeatureBatches(train_arrays, labels["train"], batch, shuffle=True, seed=seed,
-                                    initial_epoch=initial_epoch),
-            features.FeatureBatches(val_arrays, labels["validation"], batch, shuffle=False, seed=seed))
+            features.feature_dataset(train_arrays, labels["train"], batch, shuffle=True, seed=seed,
+                                     initial_epoch=initial_epoch, epochs=end_epoch),
+            features.feature_dataset(val_arrays, labels["validation"], batch, shuffle=False, seed=seed))
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
