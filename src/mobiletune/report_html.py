@@ -31,7 +31,8 @@ h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;margin-top:1.
 table{border-collapse:collapse;margin:.5em 0;display:block;overflow-x:auto;max-width:100%}
 td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;height:auto}.grid{display:flex;flex-wrap:wrap;gap:8px}
-.grid figure{margin:0;width:120px;font-size:.8em;overflow-wrap:anywhere}.grid img{width:120px;height:120px;object-fit:cover}
+.grid figure{margin:0;width:120px;font-size:.8em;overflow-wrap:anywhere}
+.grid img{width:120px;height:120px;object-fit:cover}
 .pair{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:8px}
 .note{color:#666;font-size:.9em}code{background:#f4f4f4;padding:0 3px}
 """
