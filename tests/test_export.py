@@ -32,6 +32,7 @@ def test_every_format_loads_in_its_runtime_and_agrees(exported):
     assert (run / "export" / "labels.txt").read_text().split() == ["cats", "dogs"]
     assert "| tflite-int8 |" in (run / "export" / "report.md").read_text()
     assert checks["tflite-int8"]["megabytes"] < checks["tflite"]["megabytes"] / 2  # int8 is smaller
+    assert "Exports (Keras accuracy" in (run / "report.html").read_text()  # the table joins the report
 
 
 def test_exports_take_pixels_and_return_probabilities(exported):

@@ -65,3 +65,24 @@ def test_same_seed_same_result(cats_dogs_tiny, tiny_config, tmp_path):
     x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     ma, mb = (model_lib.load_model(r / "model.keras") for r in (tmp_path / "a", tmp_path / "b"))
     assert np.array_equal(ma.predict(x, verbose=0), mb.predict(x, verbose=0))
+
+
+def test_class_weight_auto_balances_an_imbalanced_split(tmp_path):
+    from conftest import CATS_DOGS, TINY, copy_images
+    from mobiletune.config import load_config
+
+    root = tmp_path / "data"
+    (root / "train" / "cats").mkdir(parents=True)
+    for name in sorted((CATS_DOGS / "train" / "cats").iterdir())[:12]:
+        (root / "train" / "cats" / name.name).write_bytes(name.read_bytes())
+    (root / "train" / "dogs").mkdir(parents=True)
+    for name in sorted((CATS_DOGS / "train" / "dogs").iterdir())[:4]:
+        (root / "train" / "dogs" / name.name).write_bytes(name.read_bytes())
+    copy_images(CATS_DOGS / "validation", root / "validation", 3)
+    config = load_config(overrides=[*TINY, "data.class_weight=auto"])
+    result = train_and_evaluate(config, root, tmp_path / "run")
+    assert result.metrics["class_weight"] == pytest.approx({"cats": 16 / 24, "dogs": 16 / 8})
+    assert "auto: balanced" in (tmp_path / "run" / "summary.md").read_text()
+    plain = train_and_evaluate(load_config(overrides=TINY), root, tmp_path / "plain")
+    assert plain.metrics["class_weight"] == {}
+    assert plain.history[0]["loss"] != result.history[0]["loss"]  # the weights reached the loss

@@ -25,6 +25,7 @@ OPTIMIZERS = ("rmsprop", "adam", "sgd")
 FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 BN_MODES = ("inference", "train")
 ENGINES = ("onnxruntime", "tensorflow")
+CLASS_WEIGHTS = ("none", "auto")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class DataConfig:
     test_fraction: float = 0.2  # share of validation/ held out as test when there is no test/
     holdout_fraction: float = 0.1  # with class folders only: validation and test each get this
     strict: bool = False  # True: an unreadable image is an error instead of a reported skip
+    class_weight: str = "none"  # "auto": weight each class by n / (classes x its count), for imbalanced data
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ def validate(config: Config) -> None:
     _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "use a fraction in (0, 1)")
     _check(0 < d.holdout_fraction < 0.5, "data.holdout_fraction", d.holdout_fraction,
            "use a fraction in (0, 0.5)")
+    _check(d.class_weight in CLASS_WEIGHTS, "data.class_weight", d.class_weight, "none or auto (balanced)")
     _check(a.flip in FLIPS, "augment.flip", a.flip, f"one of {', '.join(FLIPS)}")
     _check(0 <= a.rotation < 1, "augment.rotation", a.rotation,
            "a fraction of a full turn in [0, 1), e.g. 0.2")

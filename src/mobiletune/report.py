@@ -66,6 +66,9 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
         f"{config.model.weights}; fine-tuned from layer {metrics['fine_tune_at']} on "
         f"({metrics['base_layers'] - metrics['fine_tune_at']} layers unfrozen, BatchNorm in "
         f"{config.model.bn_mode} mode).",
+        "Class weights: " + (", ".join(f"{c} {w:.3g}" for c, w in metrics["class_weight"].items())
+                             + " (auto: balanced by training counts)" if metrics.get("class_weight")
+                             else "none (every image counts the same)") + ".",
         "",
         "## Results on the test set",
         "",

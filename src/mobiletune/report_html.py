@@ -169,6 +169,7 @@ def build_report(run: str | Path) -> Path:
     parts.append("</div>")
 
     parts.append(_misclassified(run, metrics, classes))
+    parts.append(_exports(run))
     parts.append(_data_summary(run, metrics))
     parts.append("<h2>Hyper-parameters</h2>")
     parts.append(_table(["key", "value"], [[f"{s}.{k}", v] for s, fields in config.items()
@@ -204,6 +205,18 @@ def _misclassified(run: Path, metrics: dict[str, Any], classes: list[str], limit
     if len(rows) > limit:
         out.append(f"<p class='note'>First {limit} of {len(rows)} shown; all are in test_predictions.csv.</p>")
     return "".join(out)
+
+
+def _exports(run: Path) -> str:
+    """The re-test table of `mobiletune export`, when the run has been exported."""
+    path = run / "export" / "export.json"
+    if not path.is_file():
+        return ""
+    result = read_json(path)
+    rows = [[c["format"], f"{c['accuracy']:.2%}", f"{c['agreement']:.2%}", f"{c['max_abs_diff']:.1e}",
+             f"{c['megabytes']:.2f}", f"{c['ms_per_image']:.2f}"] for c in result["checks"]]
+    return (f"<h2>Exports (Keras accuracy {result['keras_accuracy']:.2%})</h2>"
+            + _table(["format", "accuracy", "agreement with Keras", "max abs prob diff", "MB", "ms/image"], rows))
 
 
 def _data_summary(run: Path, metrics: dict[str, Any]) -> str:

@@ -70,8 +70,8 @@ class _EpochLog(keras.callbacks.Callback):
 def train_phase(model: keras.Model, train_data, val_data, *, phase: int, epochs: int, initial_epoch: int,
                 optimizer: str, lr: float, steps: int, history: list[dict[str, Any]] | None = None,
                 console=None, callbacks: list[keras.callbacks.Callback] | None = None,
-                optimizer_state: list | None = None, interrupt: checkpoint.Interrupt | None = None
-                ) -> list[dict[str, Any]]:
+                optimizer_state: list | None = None, interrupt: checkpoint.Interrupt | None = None,
+                class_weight: dict[int, float] | None = None) -> list[dict[str, Any]]:
     """Compile `model` with a fresh optimizer and fit it; one history row per epoch, appended to `history`.
 
     Serves phase 1, phase 2 and the sweep: `model` is whatever trains (the full classifier, or
@@ -87,7 +87,8 @@ def train_phase(model: keras.Model, train_data, val_data, *, phase: int, epochs:
     if epochs > 0:
         log = _EpochLog(phase, initial_epoch + epochs, steps, history, console, interrupt)
         model.fit(train_data, validation_data=val_data, initial_epoch=initial_epoch, epochs=initial_epoch + epochs,
-                  steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[log, *(callbacks or [])])
+                  steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[log, *(callbacks or [])],
+                  class_weight=class_weight)
     if interrupt is not None and interrupt.requested:
         raise checkpoint.Interrupted("interrupted")
     return history[already:]
@@ -123,6 +124,7 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
     plan = {1: (p1.epochs, 0, p1.optimizer, p1.lr), 2: (p2.epochs, p1.epochs, p2.optimizer, p1.lr * p2.lr_ratio)}
     history: list[dict[str, Any]] = list(resume.history) if resume else []
     done = resume.epoch if resume else 0
+    weights = class_weights(images, config)
     for phase, (epochs, first_epoch, optimizer, lr) in plan.items():
         if done >= first_epoch + epochs:
             continue  # trained before the checkpoint; the caller sees to its evaluation
@@ -137,11 +139,24 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
                                              interrupt or checkpoint.Interrupt())] if save_to else []
         train_phase(trainee, train_data, val_data, phase=phase, epochs=first_epoch + epochs - start,
                     initial_epoch=start, optimizer=optimizer, lr=lr, steps=_steps(images, config), history=history,
-                    console=console, callbacks=[*saving, *(callbacks or [])], interrupt=interrupt,
+                    console=console, callbacks=[*saving, *(callbacks or [])], interrupt=interrupt, class_weight=weights,
                     optimizer_state=resume.optimizer_variables if resume and first_epoch < start == done else None)
         if after_phase is not None:
             after_phase(phase, history)
     return history
+
+
+def class_weights(images: data.ImageSet, config: Config) -> dict[int, float] | None:
+    """With data.class_weight "auto": scikit-learn's 'balanced' weights from the training split."""
+    if config.data.class_weight == "none":
+        return None
+    import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = images.labels[images.indices("train")]
+    classes = np.arange(len(images.classes))
+    return {int(c): float(w) for c, w in zip(classes, compute_class_weight("balanced", classes=classes, y=y),
+                                             strict=True)}
 
 
 def _steps(images: data.ImageSet, config: Config) -> int:
@@ -245,6 +260,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         "n_skipped": len(images.skipped),
         "base_layers": len(base.layers),
         "fine_tune_at": config.phase2.fine_tune_at,
+        "class_weight": {images.classes[c]: w for c, w in (class_weights(images, config) or {}).items()},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "resumed": saved is not None,
         "data_dir": str(Path(data_dir).resolve()),
