@@ -9,7 +9,6 @@ stratified, and saved as a manifest so later commands see exactly the same image
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
@@ -296,8 +295,9 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
         root = Path(data_dir)
     else:
         root = Path(metrics["data_dir"])
-        rows = [(r["path"], r["class"]) for r in read_manifest(run_dir / "split.csv") if r["split"] == "test"]
-        expected = {r["path"]: r["sha256"] for r in read_manifest(run_dir / "split.csv")}
+        manifest = [r for r in read_manifest(run_dir / "split.csv") if r["split"] == "test"]
+        rows = [(r["path"], r["class"]) for r in manifest]
+        expected = {r["path"]: r["sha256"] for r in manifest}
     pixels = np.empty((len(rows), config.image_size, config.image_size, 3), np.uint8)
     keep, skipped, hashes = [], [], []
     for i, (rel, _) in enumerate(rows):
@@ -337,8 +337,9 @@ def write_skipped(images: ImageSet, path: Path) -> None:
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        return list(csv.DictReader(f))
+    from mobiletune.runfolder import read_csv
+
+    return read_csv(path)
 
 
 def tf_dataset(images: ImageSet, split: str, batch_size: int, *, shuffle: bool, seed: int,

@@ -43,11 +43,6 @@ def loss_and_accuracy(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]
     }
 
 
-def evaluate(model, dataset) -> dict[str, float]:
-    logits, labels = predict_logits(model, dataset)
-    return loss_and_accuracy(probabilities(logits), labels)
-
-
 def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion: honest at small n and near 0 or 1."""
     from scipy.stats import binomtest

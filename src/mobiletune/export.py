@@ -146,6 +146,11 @@ def _latency_ms(predictor, image: np.ndarray, repeats: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
+def predict_all(predictor, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Probabilities for every image, `batch` at a time."""
+    return np.concatenate([predictor.predict(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+
+
 def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.ndarray,
                   batch: int = 32) -> list[Check]:
     """Load each export in its own runtime and score it against the labels and the Keras model."""
@@ -154,8 +159,7 @@ def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.n
     checks = []
     for fmt, path in paths.items():
         predictor = load_predictor(path)
-        probs = np.concatenate([predictor.predict(images.pixels[i : i + batch])
-                                for i in range(0, len(images.pixels), batch)])
+        probs = predict_all(predictor, images.pixels, batch)
         checks.append(Check(
             format=fmt,
             accuracy=float((probs.argmax(1) == images.labels).mean()),
@@ -201,9 +205,9 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None
     paths = export_formats(model, formats, out, metrics["classes"], train, int8_io)
 
-    serving = serving_model(model)
-    reference = np.concatenate([np.asarray(serving.predict_on_batch(images.pixels[i : i + 32].astype(np.float32)))
-                                for i in range(0, len(images.pixels), 32)])
+    from mobiletune.predict import KerasPredictor
+
+    reference = predict_all(KerasPredictor(model, metrics["classes"]), images.pixels)
     keras_accuracy = float((reference.argmax(1) == images.labels).mean())
     checks = check_exports(paths, images, reference)
     runfolder.write_text(out / "report.md", report_markdown(checks, keras_accuracy, len(images.labels), max_drop))

@@ -176,7 +176,7 @@ def _runner(extract: keras.Model, engine: str):
     return lambda x: [np.asarray(o) for o in forward(x)]
 
 
-def _extract_views(run, augment, pixels: np.ndarray, views: int, batch: int, out: Path, progress=None) -> int:
+def _extract_views(run, augment, pixels: np.ndarray, views: int, batch: int, out: Path) -> int:
     """Run `extract` over `views` passes of `pixels`, through `augment` unless it is None.
 
     `augment` is a freshly built, seeded layer, so the draws depend only on the seed and this
@@ -201,8 +201,6 @@ def _extract_views(run, augment, pixels: np.ndarray, views: int, batch: int, out
                 ]
             for f, o in zip(files, outs, strict=True):
                 f[view, start : start + len(o)] = o
-            if progress:
-                progress(len(outs[0]))
     for f in files:
         f.flush()
     return len(files)
@@ -231,7 +229,7 @@ class Features:
 
 
 def compute_features(model: keras.Model, images: ImageSet, config: Config, cache_dir: Path | None = None,
-                     fine_tune_ats: list[int] | None = None, progress=None) -> Features:
+                     fine_tune_ats: list[int] | None = None) -> Features:
     """Cached (or freshly computed) features of every split for the current recipe.
 
     `fine_tune_ats`: the boundaries to provide (default: the config's); a sweep asks for all of
@@ -269,7 +267,7 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
             cache_dir / "features", parts,
             lambda tmp, idx=idx, views=views, train=train: _extract_views(
                 run, model_lib.build_augmentation(config) if train and augmenting else None,
-                images.pixels[idx], views, config.data.batch_size, tmp, progress),
+                images.pixels[idx], views, config.data.batch_size, tmp),
         )
         hits, misses = hits + entry.hit, misses + (not entry.hit)
         result[split] = entry.arrays()

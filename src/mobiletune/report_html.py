@@ -8,7 +8,6 @@ as data URIs; the layout is a single column that reads on a phone and widens on 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from mobiletune.errors import UsageError  # noqa: E402
-from mobiletune.runfolder import read_json, write_text  # noqa: E402
+from mobiletune.runfolder import read_csv, read_json, write_text  # noqa: E402
 
 STAGES = (("before_fine_tuning", "before fine-tuning"), ("after_fine_tuning", "after fine-tuning"))
 CSS = """
@@ -117,10 +116,7 @@ def _thumbnail(path: Path) -> str | None:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        return list(csv.DictReader(f))
+    return read_csv(path) if path.exists() else []
 
 
 def build_report(run: str | Path) -> Path:

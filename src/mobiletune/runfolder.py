@@ -71,6 +71,12 @@ def read_json(path: Path) -> Any:
         raise UsageError(f"{path}: cannot read it ({exc})") from None
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file written by write_csv; non-UTF-8 file names come back as they went in."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
+
+
 def write_csv(path: Path, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
