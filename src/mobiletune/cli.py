@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+# TensorFlow's C++ log lines (start-up chatter, a harmless float16 fallback notice); its real
+# errors still reach us as Python exceptions.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

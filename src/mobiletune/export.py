@@ -24,6 +24,7 @@ from mobiletune import data, runfolder
 from mobiletune import model as model_lib
 from mobiletune.config import load_config
 from mobiletune.errors import MobiletuneError, UsageError
+from mobiletune.features import export_onnx
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")
 FILE_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
@@ -81,7 +82,7 @@ def _tflite(savedmodel: Path, variant: str, representative: np.ndarray | None, i
 def _onnx_with_labels(serving: keras.Model, path: Path, classes: list[str]) -> None:
     import onnx
 
-    serving.export(str(path), format="onnx", verbose=False)
+    export_onnx(serving, path)
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {"classes": "\n".join(classes), "producer": "mobiletune"})
     onnx.save(proto, str(path))
