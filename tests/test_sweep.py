@@ -77,6 +77,17 @@ def test_sweep_refuses_a_foreign_folder(cats_dogs_tiny, tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("damage", ["missing", "not json"])
+def test_sweep_checks_baseline_before_searching(cats_dogs_tiny, tmp_path, damage):
+    run = tmp_path / "run"
+    run.mkdir()
+    if damage == "not json":
+        (run / "metrics.json").write_text("{half a file")
+    with pytest.raises(UsageError, match="--baseline: .*metrics.json"):
+        run_sweep(load_config(overrides=TINY), cats_dogs_tiny, tmp_path / "sweep", n_trials=1, baseline=run)
+    assert not (tmp_path / "sweep").exists()  # refused before anything was made
+
+
 def _postgres_url() -> str | None:
     url = os.environ.get("MOBILETUNE_TEST_POSTGRES", "postgresql://mobiletune:mobiletune@127.0.0.1:5432/mobiletune_test")
     try:

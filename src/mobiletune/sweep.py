@@ -208,6 +208,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     started = time.perf_counter()
     out = Path(out)
     space = load_space(space_path)
+    baseline_metrics = None if baseline is None else _read_baseline(Path(baseline))  # checked before the search
     if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
         raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -256,11 +257,9 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     say(f"best: trial {best.number}, validation accuracy {best.value:.4f}; retraining it into {out / 'best'}")
     best_run = _run_once(best_config, data_dir, out / "best", cuts, console)
     results["best"] = best_run
-    if baseline is not None:
-        baseline_metrics = _read_metrics(Path(baseline))
-    elif best_config == base:
+    if baseline_metrics is None and best_config == base:
         baseline_metrics = best_run
-    else:
+    elif baseline_metrics is None:
         say(f"training the base recipe into {out / 'default'} for comparison")
         baseline_metrics = _run_once(base, data_dir, out / "default", cuts, console)
     results["default"] = baseline_metrics
@@ -277,13 +276,16 @@ def _run_once(config: Config, data_dir, out: Path, cuts: list[int], console) -> 
     return train_and_evaluate(config, data_dir, out, overwrite=True, feature_cuts=cuts).metrics
 
 
-def _read_metrics(run: Path) -> dict[str, Any]:
-    import json
+def _read_baseline(run: Path) -> dict[str, Any]:
+    try:
+        return _read_metrics(run)
+    except UsageError as exc:
+        raise UsageError(f"--baseline: {exc}") from None
 
-    path = run / "metrics.json" if run.is_dir() else run
-    if not path.is_file():
-        raise UsageError(f"--baseline {run}: no metrics.json there; give a mobiletune run folder")
-    return json.loads(path.read_text())
+
+def _read_metrics(run: Path) -> dict[str, Any]:
+    """metrics.json of a run folder (or the file itself); a missing or damaged one is a usage error."""
+    return runfolder.read_json(run / "metrics.json" if run.is_dir() else run)
 
 
 def write_trials_csv(study, space: dict[str, Any], path: Path) -> None:
