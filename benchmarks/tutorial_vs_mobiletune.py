@@ -1,12 +1,16 @@
 """Side by side, in one invocation: the recipe as the TensorFlow tutorial writes it vs `mobiletune train`.
 
-    .venv/bin/python benchmarks/tutorial_vs_mobiletune.py [DATA_DIR] [--quick]
+    .venv/bin/python benchmarks/tutorial_vs_mobiletune.py [DATA_DIR] [--seeds 0 1 2] [--also-views 4] [--quick]
 
 Both arms use the same train/validation/test files (mobiletune's seeded split; the tutorial's own
 take()/skip() on a reshuffled dataset would leak validation images into test). Each arm runs in
 its own process so its peak RSS is its own. mobiletune runs twice: with a cold feature cache
 and again with the cache warm. Prints wall time, peak RSS, test accuracy/loss before and after
 fine-tuning, per-phase images/s against the measured fp32 GEMM ceiling, and the ratio.
+
+With several --seeds, each seed gets its own split and training seed, shared by both arms, and
+the summary gives median wall times, their ratio, and mean test accuracies: on a 200-image test
+set one seed's accuracy moves by a point or two from the seed alone.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,16 +59,16 @@ def link_split(data_dir: Path, manifest: list[dict], workdir: Path) -> dict[str,
     return roots
 
 
-def tutorial_arm(roots: dict[str, str], epochs: tuple[int, int]) -> dict:
+def tutorial_arm(roots: dict[str, str], epochs: tuple[int, int], seed: int) -> dict:
     """The seed's recipe written as the TF transfer-learning tutorial writes it."""
     import keras
     import tensorflow as tf
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     size, batch = (160, 160), 32
     started = time.perf_counter()
     load = lambda d, shuffle: tf.keras.utils.image_dataset_from_directory(  # noqa: E731
-        d, shuffle=shuffle, batch_size=batch, image_size=size, seed=0)
+        d, shuffle=shuffle, batch_size=batch, image_size=size, seed=seed)
     train_dataset = load(roots["train"], True).prefetch(tf.data.AUTOTUNE)
     validation_dataset = load(roots["validation"], True).prefetch(tf.data.AUTOTUNE)
     test_dataset = load(roots["test"], False).prefetch(tf.data.AUTOTUNE)
@@ -110,12 +115,12 @@ def tutorial_arm(roots: dict[str, str], epochs: tuple[int, int]) -> dict:
             "seconds": {"phase1": t1 - t0, "phase2": t3 - t2, "total": time.perf_counter() - started}}
 
 
-def mobiletune_arm(data_dir: str, out: str, cache: str, epochs: tuple[int, int], views: int) -> dict:
+def mobiletune_arm(data_dir: str, out: str, cache: str, epochs: tuple[int, int], views: int, seed: int) -> dict:
     from mobiletune.config import load_config
     from mobiletune.train import train_and_evaluate
 
     config = load_config(overrides=[f"features.cache_dir={cache}", f"phase1.epochs={epochs[0]}",
-                                    f"phase2.epochs={epochs[1]}", f"features.views={views}"])
+                                    f"phase2.epochs={epochs[1]}", f"features.views={views}", f"data.seed={seed}"])
     started = time.perf_counter()
     m = train_and_evaluate(config, data_dir, out, overwrite=True).metrics
     seconds = dict(m["seconds"], total=time.perf_counter() - started)
@@ -137,7 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", nargs="?", default=str(DEFAULT_DATA))
     parser.add_argument("--quick", action="store_true", help="2 + 2 epochs instead of 10 + 10")
-    parser.add_argument("--also-views", type=int, nargs="*", default=[4],
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one split and training seed per value, shared by both arms")
+    parser.add_argument("--also-views", type=int, nargs="*", default=[],
                         help="also run cold with these features.views, to see what the view count buys")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--payload", help=argparse.SUPPRESS)
@@ -146,8 +153,8 @@ def main() -> None:
 
     if args.arm:  # child process
         payload = json.loads(args.payload)
-        result = tutorial_arm(payload["roots"], epochs) if args.arm == "tutorial" else mobiletune_arm(
-            args.data_dir, payload["out"], payload["cache"], epochs, payload["views"])
+        result = tutorial_arm(payload["roots"], epochs, payload["seed"]) if args.arm == "tutorial" else \
+            mobiletune_arm(args.data_dir, payload["out"], payload["cache"], epochs, payload["views"], payload["seed"])
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -155,59 +162,78 @@ def main() -> None:
     from mobiletune import data
     from mobiletune.config import Config, DataConfig
 
-    with tempfile.TemporaryDirectory(prefix="mt-bench-") as tmp:
-        tmp = Path(tmp)
-        images = data.load_images(args.data_dir, DataConfig())
-        data.write_manifest(images, tmp / "split.csv")
-        roots = link_split(Path(args.data_dir), data.read_manifest(tmp / "split.csv"), tmp / "links")
-        peak = gemm_peak_gflops()
-        flag = ["--quick"] if args.quick else []
-        common = [args.data_dir, *flag, "--payload"]
-        runs = {
-            "tutorial": run_arm(["--arm", "tutorial", *common, json.dumps({"roots": {k: str(v) for k, v in
-                                                                                      roots.items()}})]),
-        }
-        default_views = Config().features.views
-        arms = [("mobiletune (cold cache)", "cache", default_views),
-                ("mobiletune (warm cache)", "cache", default_views)]
-        arms += [(f"mobiletune views={v} (cold cache)", f"cache-{v}", v) for v in args.also_views]
-        for name, cache, views in arms:
-            runs[name] = run_arm(["--arm", "mobiletune", *common, json.dumps(
-                {"out": str(tmp / "run"), "cache": str(tmp / cache), "views": views})])
-        counts = images.counts()
-        report(runs, counts, epochs, peak)
+    peak = gemm_peak_gflops()
+    flag = ["--quick"] if args.quick else []
+    default_views = Config().features.views
+    runs: list[dict] = []  # one row per (seed, arm)
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix="mt-bench-") as tmp:
+            tmp = Path(tmp)
+            images = data.load_images(args.data_dir, DataConfig(seed=seed))
+            data.write_manifest(images, tmp / "split.csv")
+            roots = link_split(Path(args.data_dir), data.read_manifest(tmp / "split.csv"), tmp / "links")
+            arm = lambda kind, payload, seed=seed: run_arm(  # noqa: E731
+                ["--arm", kind, args.data_dir, *flag, "--payload", json.dumps({**payload, "seed": seed})])
+            runs.append({"name": "tutorial-style", "seed": seed,
+                         **arm("tutorial", {"roots": {k: str(v) for k, v in roots.items()}})})
+            arms = [("mobiletune, cold cache", "cache", default_views),
+                    ("mobiletune, warm cache", "cache", default_views)]
+            arms += [(f"mobiletune, views={v}, cold cache", f"cache-{v}", v) for v in args.also_views]
+            for name, cache, views in arms:
+                runs.append({"name": name, "seed": seed, **arm(
+                    "mobiletune", {"out": str(tmp / "run"), "cache": str(tmp / cache), "views": views})})
+            print(f"seed {seed}: " + "; ".join(f"{r['name']} {r['wall']:.0f} s, after "
+                                               f"{r['after']['accuracy']:.2%}" for r in runs if r["seed"] == seed),
+                  flush=True)
+    report(runs, images.counts(), epochs, peak)
 
 
-def report(runs: dict, counts: dict, epochs: tuple[int, int], peak: float) -> None:
+def report(runs: list[dict], counts: dict, epochs: tuple[int, int], peak: float) -> None:
     n_train, n_val = counts["train"], counts["validation"]
     print(f"\nfp32 GEMM ceiling: {peak:.0f} GFLOP/s on {os.cpu_count()} cores; "
           f"images: {counts}; epochs {epochs[0]} + {epochs[1]}\n")
-    print("| run | wall s | peak RSS MB | test acc before | loss before | test acc after | loss after |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in runs.items():
-        print(f"| {name} | {r['wall']:.0f} | {r['peak_rss_mb']:.0f} | {r['before']['accuracy']:.2%} | "
-              f"{r['before']['loss']:.4f} | {r['after']['accuracy']:.2%} | {r['after']['loss']:.4f} |")
-    t = runs["tutorial"]
+    print("| run | seed | wall s | peak RSS MB | test acc before | loss before | test acc after | loss after |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['name']} | {r['seed']} | {r['wall']:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['before']['accuracy']:.2%} | {r['before']['loss']:.4f} | {r['after']['accuracy']:.2%} | "
+              f"{r['after']['loss']:.4f} |")
+
     # The tutorial's per-epoch work: every training image forward (phase 1) or forward+backward
     # through the top (phase 2), and every validation image forward.
     work1 = epochs[0] * (n_train + n_val) * GFLOP_FORWARD
     work2 = epochs[1] * (n_train * GFLOP_PHASE2_STEP + n_val * GFLOP_FORWARD)
     print("\nper phase: images/s (training images per second of phase time) and the tutorial's FLOPs over that "
           "time as a share of the ceiling ('effective': work mobiletune skipped counts as done)")
-    for name, r in runs.items():
+    for r in runs:
         s = r["seconds"]
         p1 = s["phase1"] + s.get("features", 0.0)  # mobiletune's phase 1 includes making its features
-        line = (f"  {name}: phase 1 {epochs[0] * n_train / p1:.0f} img/s ({work1 / p1 / peak:.0%} of ceiling), "
+        line = (f"  {r['name']} (seed {r['seed']}): phase 1 {epochs[0] * n_train / p1:.0f} img/s "
+                f"({work1 / p1 / peak:.0%} of ceiling), "
                 f"phase 2 {epochs[1] * n_train / s['phase2']:.0f} img/s ({work2 / s['phase2'] / peak:.0%})")
         if "features" in s:
-            line += f"; time: load {s['load_images']:.0f} s, features {s['features']:.0f} s, " \
-                    f"phase 1 {s['phase1']:.0f} s, phase 2 {s['phase2']:.0f} s"
+            line += (f"; time: load {s['load_images']:.0f} s, features {s['features']:.0f} s, "
+                     f"phase 1 {s['phase1']:.0f} s, phase 2 {s['phase2']:.0f} s")
         print(line)
-    for name, r in runs.items():
-        if name != "tutorial":
-            gap = 100 * (r["after"]["accuracy"] - t["after"]["accuracy"])
-            print(f"tutorial / {name}: wall-time ratio {t['wall'] / r['wall']:.2f}x; "
-                  f"after-fine-tuning accuracy {gap:+.2f} points")
+
+    by_arm: dict[str, list[dict]] = {}
+    for r in runs:
+        by_arm.setdefault(r["name"], []).append(r)
+    tutorial = by_arm["tutorial-style"]
+    print(f"\nover {len(tutorial)} seed(s): median wall, mean (min-max) test accuracy")
+    print("| run | median wall s | ratio to tutorial | before | after | after, paired gap to tutorial |")
+    print("|---|---|---|---|---|---|")
+    t_wall = statistics.median(r["wall"] for r in tutorial)
+    for name, rows in by_arm.items():
+        wall = statistics.median(r["wall"] for r in rows)
+        gaps = [100 * (r["after"]["accuracy"] - t["after"]["accuracy"]) for r, t in zip(rows, tutorial, strict=True)]
+        print(f"| {name} | {wall:.0f} | {t_wall / wall:.2f}x | {_spread(rows, 'before')} | {_spread(rows, 'after')} | "
+              f"{statistics.mean(gaps):+.2f} points |")
+
+
+def _spread(rows: list[dict], stage: str) -> str:
+    acc = [r[stage]["accuracy"] for r in rows]
+    return f"{statistics.mean(acc):.2%} ({min(acc):.1%}-{max(acc):.1%})"
 
 
 if __name__ == "__main__":

@@ -172,7 +172,10 @@ class _OnnxRunner:
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input: x})
+        # One image per call: its activations stay in the CPU's caches. Measured on the 2-core
+        # box: 924 img/s one at a time vs 682 img/s in batches of 32 (benchmarks/ notes).
+        per_image = [self.session.run(None, {self.input: x[i : i + 1]}) for i in range(len(x))]
+        return [np.concatenate(outputs) for outputs in zip(*per_image, strict=True)]
 
 
 def _runner(extract: keras.Model, engine: str):
