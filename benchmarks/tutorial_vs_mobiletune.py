@@ -228,7 +228,7 @@ def report(runs: list[dict], counts: dict, epochs: tuple[int, int], peak: float)
         wall = statistics.median(r["wall"] for r in rows)
         gaps = [100 * (r["after"]["accuracy"] - t["after"]["accuracy"]) for r, t in zip(rows, tutorial, strict=True)]
         print(f"| {name} | {wall:.0f} | {t_wall / wall:.2f}x | {_spread(rows, 'before')} | {_spread(rows, 'after')} | "
-              f"{statistics.mean(gaps):+.2f} points |")
+              f"{round(statistics.mean(gaps), 2) + 0.0:+.2f} points |")  # + 0.0 turns -0.0 into 0.0
 
 
 def _spread(rows: list[dict], stage: str) -> str:

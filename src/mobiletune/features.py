@@ -127,8 +127,14 @@ def _compute_entry(folder: Path, key_parts: dict, compute) -> CacheEntry:
     """Return the cached entry for `key_parts`, or compute it and store it atomically."""
     path = folder / _key(**key_parts)
     if (path / "meta.json").exists():
-        os.utime(path)  # last used, for `cache ls`
-        return CacheEntry(path, hit=True)
+        entry = CacheEntry(path, hit=True)
+        try:
+            entry.arrays()
+        except (OSError, ValueError, KeyError):
+            shutil.rmtree(path, ignore_errors=True)  # damaged on disk or by hand: computed again below
+        else:
+            os.utime(path)  # last used, for `cache ls`
+            return entry
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
     try:
@@ -156,20 +162,38 @@ def export_onnx(model: keras.Model, path: Path) -> None:
 
 class _OnnxRunner:
     """The extractor exported to ONNX and run by ONNX Runtime: about 1.9x TensorFlow's speed on
-    this CPU for MobileNetV2's forward pass, the same numbers to ~1e-5 (benchmarks/)."""
+    this CPU for MobileNetV2's forward pass, the same numbers to ~1e-5 (benchmarks/).
 
-    def __init__(self, extract: keras.Model):
+    The export (~4 s) is cached at `path`, so a new data set, augmentation or seed with the same
+    base, size and boundaries reuses it; a damaged file there is exported again.
+    """
+
+    def __init__(self, extract: keras.Model, path: Path):
+        if path.exists():
+            try:
+                self.session = self._session(path)
+            except Exception:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+                path.unlink()
+        if not path.exists():
+            self._export(extract, path)
+            self.session = self._session(path)
+        self.input = self.session.get_inputs()[0].name
+
+    @staticmethod
+    def _export(extract: keras.Model, path: Path) -> None:
+        extract(np.zeros((1, *extract.input_shape[1:]), np.float32))  # Keras exports only a called model
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+            export_onnx(extract, Path(tmp) / path.name)
+            os.replace(Path(tmp) / path.name, path)  # whole or absent, even with workers racing
+
+    @staticmethod
+    def _session(path: Path):
         import onnxruntime as ort
 
-        size = extract.input_shape[1:]
-        extract(np.zeros((1, *size), np.float32))  # Keras exports only a model that has been called
-        with tempfile.TemporaryDirectory(prefix="mobiletune-onnx-") as tmp:
-            path = Path(tmp) / "extractor.onnx"
-            export_onnx(extract, path)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = os.cpu_count() or 1
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         # One image per call: its activations stay in the CPU's caches. Measured on the 2-core
@@ -178,12 +202,12 @@ class _OnnxRunner:
         return [np.concatenate(outputs) for outputs in zip(*per_image, strict=True)]
 
 
-def _runner(extract: keras.Model, engine: str):
+def _runner(extract: keras.Model, engine: str, onnx_path: Path):
     """`run(scaled pixels) -> [outputs]` on the chosen engine; built once per extractor."""
     import tensorflow as tf
 
     if engine == "onnxruntime":
-        return _OnnxRunner(extract)
+        return _OnnxRunner(extract, onnx_path)
     forward = tf.function(lambda x: extract(x, training=False))
     return lambda x: [np.asarray(o) for o in forward(x)]
 
@@ -262,7 +286,8 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         if not runners:
-            runners.append(_runner(extract, config.features.engine))
+            onnx_path = cache_dir / "onnx" / f"{_key(**common, keras=keras.__version__)}.onnx"
+            runners.append(_runner(extract, config.features.engine, onnx_path))
         return runners[0](x)
 
     result: dict[str, list[np.ndarray]] = {}
@@ -295,19 +320,20 @@ def _digest_list(items: list[str]) -> str:
 
 
 def feature_dataset(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
-                    initial_epoch: int = 0, epochs: int = 1):
+                    initial_epoch: int = 0, epochs: int = 1, in_memory: bool | None = None):
     """A tf.data pipeline of cached features: (float32 features, label) batches.
 
     `arrays` are [views, n, ...] each, in the order of the model's inputs. Shuffled: epochs
     `initial_epoch` .. `epochs - 1` back to back, epoch e in an order and with one view per image
     drawn from (seed, e) alone, so a resumed run sees exactly the batches an unbroken one would.
-    The arrays are held in memory as float16 and gathered in the graph, so batches are ready
-    while the previous step runs (a Python PyDataset cost ~1.3 s per phase-2 epoch).
+    `in_memory` (default: when they fit, see `fits_in_memory`) holds the arrays in RAM and gathers
+    batches in the graph, ready while the previous step runs (a Python PyDataset cost ~1.3 s per
+    phase-2 epoch); otherwise batches are read from the memory-mapped cache files, so a data set
+    larger than RAM still trains, in the same order.
     """
     import tensorflow as tf
 
     views, n = arrays[0].shape[:2]
-    tensors = [tf.constant(np.asarray(a)) for a in arrays]
     y = tf.constant(labels)
     seed64 = tf.constant(seed, tf.int64)
 
@@ -322,12 +348,36 @@ def feature_dataset(arrays: list[np.ndarray], labels: np.ndarray, batch_size: in
         batches = tf.data.Dataset.from_tensor_slices(
             (tf.range(n, dtype=tf.int64), tf.zeros(n, tf.int64))).batch(batch_size)
 
+    if fits_in_memory(arrays) if in_memory is None else in_memory:
+        tensors = [tf.constant(np.asarray(a)) for a in arrays]
+
+        def gather(rows, view):
+            return [tf.gather_nd(t, tf.stack([view, rows], axis=1)) for t in tensors]
+    else:
+        def read(rows, view):
+            return [np.asarray(a[view, rows]) for a in arrays]
+
+        def gather(rows, view):
+            xs = tf.numpy_function(read, [rows, view], [tf.as_dtype(a.dtype) for a in arrays], stateful=False)
+            for x, a in zip(xs, arrays, strict=True):
+                x.set_shape([None, *a.shape[2:]])
+            return xs
+
     def load(rows, view):
-        where = tf.stack([view, rows], axis=1)
-        xs = tuple(tf.cast(tf.gather_nd(t, where), tf.float32) for t in tensors)
+        xs = tuple(tf.cast(x, tf.float32) for x in gather(rows, view))
         return (xs if len(xs) > 1 else xs[0]), tf.gather(y, rows)
 
     return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def fits_in_memory(arrays: list[np.ndarray], share: float = 0.5) -> bool:
+    """Whether `arrays` take less than `share` of the memory the kernel says is available."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True  # not Linux: no way to ask, keep the fast path
+    return sum(a.nbytes for a in arrays) < share * available
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +400,12 @@ def list_cache(cache_dir: Path | None = None) -> list[CacheInfo]:
     folder = Path(cache_dir or default_cache_dir()) / "features"
     entries = []
     for meta_path in folder.glob("*/meta.json"):
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            first = np.load(meta_path.parent / "0.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            continue  # damaged: the next run that needs it computes it again; `cache clear` removes it
         arrays = list(meta_path.parent.glob("*.npy"))
-        first = np.load(meta_path.parent / "0.npy", mmap_mode="r")
         entries.append(CacheInfo(
             key=meta_path.parent.name, split_images=first.shape[1], views=first.shape[0],
             fine_tune_at=",".join(map(str, meta["fine_tune_at"])), image_size=meta["image_size"],
@@ -361,10 +414,9 @@ def list_cache(cache_dir: Path | None = None) -> list[CacheInfo]:
 
 
 def clear_cache(cache_dir: Path | None = None) -> int:
-    """Delete every entry (and any half-written leftovers); returns how many entries went."""
-    folder = Path(cache_dir or default_cache_dir()) / "features"
-    if not folder.is_dir():
-        return 0
-    count = sum(1 for _ in folder.glob("*/meta.json"))
-    shutil.rmtree(folder)
+    """Delete every feature entry and exported extractor (and half-written leftovers); returns how many went."""
+    root = Path(cache_dir or default_cache_dir())
+    count = len(list((root / "features").glob("*/meta.json"))) + len(list((root / "onnx").glob("*.onnx")))
+    for folder in (root / "features", root / "onnx"):
+        shutil.rmtree(folder, ignore_errors=True)
     return count
