@@ -61,7 +61,7 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert "0 hit(s), 3 miss(es)" in result.output
     listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
-    assert listing.exit_code == 0 and "3 entries" in listing.output
+    assert listing.exit_code == 0 and "3 entries" in listing.output and "1 exported extractor(s)" in listing.output
     cleared = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
-    assert "removed 3 cache entries" in cleared.output
+    assert "removed 3 cache entries and 1 exported extractor(s)" in cleared.output
     assert "0 entries" in runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)]).output

@@ -99,8 +99,9 @@ def test_cache_hits_and_reuse(built, cats_dogs_tiny, tmp_path):
     other = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2", "phase2.fine_tune_at=120"])
     assert features.compute_features(model, images, other, tmp_path).misses == 3  # new boundary, new key
     assert len(features.list_cache(tmp_path)) == 6
-    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # one exported extractor per boundary set
-    assert features.clear_cache(tmp_path) == 6 + 2 and features.list_cache(tmp_path) == []
+    assert len(features.list_extractors(tmp_path)) == 2  # one exported extractor per boundary set
+    assert features.clear_cache(tmp_path) == (6, 2) and features.list_cache(tmp_path) == []
+    assert features.list_extractors(tmp_path) == []
 
 
 def test_damaged_cache_files_are_made_again(built, cats_dogs_tiny, tmp_path):

@@ -300,7 +300,7 @@ def cache_ls(cache_dir: CacheDirOption = None) -> None:
 
     from rich.table import Table
 
-    from mobiletune.features import default_cache_dir, list_cache
+    from mobiletune.features import default_cache_dir, list_cache, list_extractors
 
     entries = list_cache(cache_dir)
     table = Table(title=f"feature cache: {cache_dir or default_cache_dir()}")
@@ -311,16 +311,20 @@ def cache_ls(cache_dir: CacheDirOption = None) -> None:
         table.add_row(e.key[:12], str(e.split_images), str(e.views), str(e.fine_tune_at), str(e.image_size),
                       f"{e.megabytes:.1f}", used)
     console.print(table)
-    console.print(f"{len(entries)} entries, {sum(e.megabytes for e in entries):.1f} MB")
+    extractors = list_extractors(cache_dir)
+    extractor_mb = sum(p.stat().st_size for p in extractors) / 2**20
+    console.print(f"{len(entries)} entries, {sum(e.megabytes for e in entries):.1f} MB; "
+                  f"{len(extractors)} exported extractor(s), {extractor_mb:.1f} MB")
 
 
 @cache_app.command("clear")
 @_one_line_errors
 def cache_clear(cache_dir: CacheDirOption = None) -> None:
-    """Delete every cached feature set; they are recomputed when needed."""
+    """Delete every cached feature set and exported extractor; they are made again when needed."""
     from mobiletune.features import clear_cache
 
-    console.print(f"removed {clear_cache(cache_dir)} cache entries")
+    entries, extractors = clear_cache(cache_dir)
+    console.print(f"removed {entries} cache entries and {extractors} exported extractor(s)")
 
 
 def run() -> None:

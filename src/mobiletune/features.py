@@ -164,7 +164,7 @@ class _OnnxRunner:
     """The extractor exported to ONNX and run by ONNX Runtime: about 1.9x TensorFlow's speed on
     this CPU for MobileNetV2's forward pass, the same numbers to ~1e-5 (benchmarks/).
 
-    The export (~4 s) is cached at `path`, so a new data set, augmentation or seed with the same
+    The export (~2.5 s) is cached at `path`, so a new data set, augmentation or seed with the same
     base, size and boundaries reuses it; a damaged file there is exported again.
     """
 
@@ -413,10 +413,15 @@ def list_cache(cache_dir: Path | None = None) -> list[CacheInfo]:
     return sorted(entries, key=lambda e: -e.last_used)
 
 
-def clear_cache(cache_dir: Path | None = None) -> int:
-    """Delete every feature entry and exported extractor (and half-written leftovers); returns how many went."""
+def list_extractors(cache_dir: Path | None = None) -> list[Path]:
+    """The cached ONNX exports of the frozen base (one per base, image size and boundary set)."""
+    return sorted((Path(cache_dir or default_cache_dir()) / "onnx").glob("*.onnx"))
+
+
+def clear_cache(cache_dir: Path | None = None) -> tuple[int, int]:
+    """Delete every feature entry and exported extractor (and half-written leftovers); how many of each went."""
     root = Path(cache_dir or default_cache_dir())
-    count = len(list((root / "features").glob("*/meta.json"))) + len(list((root / "onnx").glob("*.onnx")))
+    counts = len(list((root / "features").glob("*/meta.json"))), len(list_extractors(root))
     for folder in (root / "features", root / "onnx"):
         shutil.rmtree(folder, ignore_errors=True)
-    return count
+    return counts
