@@ -328,8 +328,8 @@ def feature_dataset(arrays: list[np.ndarray], labels: np.ndarray, batch_size: in
     drawn from (seed, e) alone, so a resumed run sees exactly the batches an unbroken one would.
     `in_memory` (default: when they fit, see `fits_in_memory`) holds the arrays in RAM and gathers
     batches in the graph, ready while the previous step runs (a Python PyDataset cost ~1.3 s per
-    phase-2 epoch); otherwise batches are read from the memory-mapped cache files, so a data set
-    larger than RAM still trains, in the same order.
+    phase-2 epoch); otherwise batches are read from the memory-mapped cache files, so features
+    larger than memory still train, on the same batches.
     """
     import tensorflow as tf
 
