@@ -12,7 +12,7 @@ import yaml
 from conftest import TINY
 from mobiletune.config import load_config
 from mobiletune.errors import ConfigError, UsageError
-from mobiletune.sweep import DEFAULT_SPACE, load_space, run_sweep
+from mobiletune.sweep import DEFAULT_SPACE, _ReportToTrial, load_space, run_sweep
 
 # Small and quick: two boundaries, short phases.
 SPACE = {
@@ -68,6 +68,19 @@ def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path):
 
     again = run_sweep(config, cats_dogs_tiny, out, n_trials=3, space_path=_space_file(tmp_path))
     assert again["counts"] == results["counts"]  # nothing left to run: the study was already complete
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch():
+    """Its result is complete by then; a trial with fewer epochs must not be judged on others' middles."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.99))
+    trial = study.ask()  # every value below 0.99 is prunable
+    report = _ReportToTrial(trial, epochs=3)
+    with pytest.raises(optuna.TrialPruned):
+        report.on_epoch_end(1, {"val_accuracy": 0.9})
+    report.on_epoch_end(2, {"val_accuracy": 0.95})  # the last epoch: reported, not pruned
+    assert study.trials[0].intermediate_values == {1: 0.9, 2: 0.95}
 
 
 def test_sweep_refuses_a_foreign_folder(cats_dogs_tiny, tmp_path):

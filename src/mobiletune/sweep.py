@@ -101,17 +101,22 @@ def _in_space(value: Any, spec: dict[str, Any]) -> bool:
 
 
 class _ReportToTrial(keras.callbacks.Callback):
-    """Validation accuracy to Optuna after every epoch; stop the trial when the pruner says so."""
+    """Validation accuracy to Optuna after every epoch; stop the trial when the pruner says so.
 
-    def __init__(self, trial):
+    Never after the trial's last epoch (`epochs`): its work is done by then, and the pruner would
+    compare its final value with other trials' mid-training values at the same step (trials
+    differ in epochs), throwing away a finished result that may be the best.
+    """
+
+    def __init__(self, trial, epochs: int):
         super().__init__()
-        self.trial = trial
+        self.trial, self.epochs = trial, epochs
 
     def on_epoch_end(self, epoch, logs=None):
         import optuna
 
         self.trial.report(float((logs or {})["val_accuracy"]), step=epoch)
-        if self.trial.should_prune():
+        if epoch + 1 < self.epochs and self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
             raise optuna.TrialPruned()
 
@@ -146,7 +151,8 @@ def _objective(shared: _Shared, base: Config, space: dict[str, dict[str, Any]]):
         model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}),
                                       len(shared.images.classes))
         model_lib.base_of(model).set_weights(shared.base_weights)  # no reload from disk per trial
-        history = fit_recipe(model, shared.images, feats, config, callbacks=[_ReportToTrial(trial)])
+        epochs = config.phase1.epochs + config.phase2.epochs
+        history = fit_recipe(model, shared.images, feats, config, callbacks=[_ReportToTrial(trial, epochs)])
         return history[-1]["val_accuracy"] if history else 0.0
 
     return objective
