@@ -203,10 +203,18 @@ def _effect(trials, key: str, spec: dict[str, Any]) -> str:
     else:
         import numpy as np
 
+        integer = spec["type"] == "int"
         values = np.array([t.params[key] for t in trials], float)
         edges = np.quantile(values, [0, 1 / 3, 2 / 3, 1])
+        edges = np.unique(np.round(edges) if integer else edges)
+        if len(edges) == 1:  # every trial drew the same value
+            edges = np.repeat(edges, 2)
         groups = {}
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-            members = [t.value for t, v in zip(trials, values, strict=True) if lo <= v <= hi]
-            groups[f"{lo:.3g}-{hi:.3g}"] = members
+        for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            last = i == len(edges) - 2  # bins are [lo, hi), the last one [lo, hi]: each trial in one
+            members = [t.value for t, v in zip(trials, values, strict=True)
+                       if lo <= v and (v <= hi if last else v < hi)]
+            top = hi if last or not integer else hi - 1
+            label = f"{lo:.0f}-{top:.0f}" if integer else f"{lo:.3g}-{hi:.3g}"
+            groups[label if lo != top else f"{lo:.3g}"] = members
     return "; ".join(f"{k}: {max(v):.3f}" for k, v in groups.items() if v) or "-"
