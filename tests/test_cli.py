@@ -66,3 +66,17 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     cleared = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
     assert "removed 3 cache entries and 1 exported extractor(s)" in cleared.output
     assert "0 entries" in runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)]).output
+
+
+def test_a_full_disk_is_one_line(tiny_run, monkeypatch):
+    import errno
+
+    from mobiletune import report_html
+
+    def no_space(run):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "report.html"))
+
+    monkeypatch.setattr(report_html, "build_report", no_space)
+    result = runner.invoke(app, ["report", str(tiny_run.workdir)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {tiny_run.workdir / 'report.html'}: No space left on device"

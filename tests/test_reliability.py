@@ -193,6 +193,9 @@ def test_bad_input_catalogue_through_the_cli(tmp_path, cats_dogs_small):
         (["predict", str(broken_model), str(a_file)], 1, "not a loadable .keras model"),
         (["sweep", str(cats_dogs_small), "--out", str(full)], 2, "not a sweep"),
         (["sweep", str(cats_dogs_small), "--trials", "0", "--out", str(tmp_path / "s")], 2, "at least 1"),
+        (["sweep", str(cats_dogs_small), "--out", str(a_file / "s"), *sets], 2, "cannot create it"),
+        (["train", str(cats_dogs_small), "--quiet", "--out", str(tmp_path / "c"), *sets, "--set",
+          f"features.cache_dir={a_file}"], 1, "cannot write the feature cache"),
     ]
     for args, code, needle in cases:
         result = runner.invoke(app, args)

@@ -1,7 +1,8 @@
 """`mobiletune`: a thin command line over the library.
 
 Every command calls one library function. A `MobiletuneError` becomes one line on stderr and
-its exit code (2 usage and config, 1 data and models); nothing else is caught here.
+its exit code (2 usage and config, 1 data and models); so does an `OSError` the machine raises
+(a full disk, a folder removed under us: exit 1). Nothing else is caught here.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def _one_line_errors(command):
         except MobiletuneError as exc:
             err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"error: {where}{exc.strerror or exc}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", markup=False)
             raise typer.Exit(130) from None

@@ -199,8 +199,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     formats = list(FORMATS) if "all" in formats else list(dict.fromkeys(formats))
     metrics = runfolder.read_json(run / "metrics.json")
     config = load_config(run / "config.yaml")
-    out = Path(out) if out else run / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    out = runfolder.make_folder(Path(out) if out else run / "export")
     model = model_lib.load_model(run / "model.keras")
     images = data.load_test_images(run, None, config.data)
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None

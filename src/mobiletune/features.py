@@ -28,6 +28,7 @@ import numpy as np
 from mobiletune import model as model_lib
 from mobiletune.config import Config
 from mobiletune.data import ImageSet
+from mobiletune.errors import MobiletuneError
 
 FORMAT_VERSION = 1  # bump when what is stored changes: old entries are then never matched
 
@@ -300,12 +301,17 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
             parts.update(views=config.features.views, seed=config.data.seed,
                          flip=config.augment.flip, rotation=config.augment.rotation)
         views = config.features.views if train else 1
-        entry = _compute_entry(
-            cache_dir / "features", parts,
-            lambda tmp, idx=idx, views=views, train=train: _extract_views(
-                run, model_lib.build_augmentation(config) if train and augmenting else None,
-                images.pixels[idx], views, config.data.batch_size, tmp),
-        )
+        try:
+            entry = _compute_entry(
+                cache_dir / "features", parts,
+                lambda tmp, idx=idx, views=views, train=train: _extract_views(
+                    run, model_lib.build_augmentation(config) if train and augmenting else None,
+                    images.pixels[idx], views, config.data.batch_size, tmp),
+            )
+        except OSError as exc:  # a full disk; a read-only cache_dir, or one that is a file
+            raise MobiletuneError(
+                f"features.cache_dir {cache_dir}: cannot write the feature cache ({exc.strerror or exc}); free "
+                "space there, set features.cache_dir to a writable folder, or run with --no-cache") from None
         hits, misses = hits + entry.hit, misses + (not entry.hit)
         result[split] = entry.arrays()
     return Features(result, where, hits, misses)

@@ -31,12 +31,16 @@ def check_out(out: str | Path, *, overwrite: bool) -> Path:
 
 def prepare(out: str | Path, *, overwrite: bool) -> Path:
     """Create `out` after `check_out`."""
-    out = check_out(out, overwrite=overwrite)
+    return make_folder(check_out(out, overwrite=overwrite))
+
+
+def make_folder(path: Path, option: str = "--out") -> Path:
+    """mkdir -p, or a usage error naming the option that gave the path."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
-    return out
+        raise UsageError(f"{option} {path}: cannot create it ({exc.strerror or exc})") from None
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

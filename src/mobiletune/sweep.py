@@ -217,7 +217,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     baseline_metrics = None if baseline is None else _read_baseline(Path(baseline))  # checked before the search
     if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
         raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    runfolder.make_folder(out)
     runfolder.write_text(out / "sweep.yaml", yaml.safe_dump(
         {"base_config": base.to_dict(), "space": space, "trials": n_trials, "study": study_name}, sort_keys=False))
     say = console.print if console is not None else (lambda *a, **k: None)
