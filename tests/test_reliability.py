@@ -190,6 +190,7 @@ def test_bad_input_catalogue_through_the_cli(tmp_path, cats_dogs_small):
         (["train", "--resume", str(tmp_path / "nothing")], 2, "not a finished mobiletune run folder"),
         (["evaluate", str(tmp_path / "nothing")], 2, "not a finished mobiletune run folder"),
         (["export", str(tmp_path / "nothing")], 2, "not a finished mobiletune run folder"),
+        (["export", str(tmp_path / "nothing"), "--max-drop", "-1"], 2, "--max-drop -1: give accuracy points"),
         (["predict", str(broken_model), str(a_file)], 1, "not a loadable .keras model"),
         (["sweep", str(cats_dogs_small), "--out", str(full)], 2, "not a sweep"),
         (["sweep", str(cats_dogs_small), "--trials", "0", "--out", str(tmp_path / "s")], 2, "at least 1"),

@@ -193,6 +193,8 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
                int8_io: bool = False) -> dict[str, Any]:
     """Export a finished run, re-test every format, write the report; raise if one lost accuracy."""
     run = Path(run)
+    if not 0 <= max_drop <= 100:
+        raise UsageError(f"--max-drop {max_drop:g}: give accuracy points between 0 and 100 (default 1)")
     unknown = [f for f in formats if f not in FORMATS and f != "all"]
     if unknown:
         raise UsageError(f"--format {', '.join(unknown)}: unknown; choose from {', '.join(FORMATS)} or all")
