@@ -29,6 +29,7 @@ def test_train_multiclass_end_to_end(flowers_tiny, tmp_path):
     assert "feature cache" not in result.output  # the plain recipe
     assert "note: phase 1 is only" in result.output and "phase1.epochs or phase1.lr" in result.output
     assert "before fine-tuning" in result.output and "after fine-tuning" in result.output
+    assert "McNemar's exact test, before vs after on the same images: p = " in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert sum(metrics["n_images"].values()) == 25

@@ -77,9 +77,7 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in results_table(metrics)]
     if "mcnemar" in metrics:
-        mc = metrics["mcnemar"]
-        lines += ["", f"McNemar's exact test, before vs after on the same images: p = {mc['p_value']:.3g} "
-                  f"({mc['only_after_right']} right only after, {mc['only_before_right']} right only before)."]
+        lines += ["", mcnemar_sentence(metrics["mcnemar"])]
     lines += ["", "## Knobs that matter", "", "| knob | value | why it matters |", "|---|---|---|"]
     flat = config.flat()
     for key, note in KNOB_NOTES.items():
@@ -99,6 +97,12 @@ def write_summary(path: Path, config: Config, metrics: dict[str, Any]) -> None:
     write_text(path, summary_markdown(config, metrics))
 
 
+def mcnemar_sentence(mc: dict[str, Any]) -> str:
+    """Whether fine-tuning changed anything beyond chance, in one sentence."""
+    return (f"McNemar's exact test, before vs after on the same images: p = {mc['p_value']:.3g} "
+            f"({mc['only_after_right']} right only after, {mc['only_before_right']} right only before).")
+
+
 def print_results(console, metrics: dict[str, Any], title: str = "Test set") -> None:
     from rich.table import Table
 
@@ -108,6 +112,8 @@ def print_results(console, metrics: dict[str, Any], title: str = "Test set") -> 
     for row in results_table(metrics):
         table.add_row(*row)
     console.print(table)
+    if "mcnemar" in metrics:
+        console.print(mcnemar_sentence(metrics["mcnemar"]))
 
 
 # ---------------------------------------------------------------------------------------------
