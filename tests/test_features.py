@@ -129,3 +129,19 @@ def test_one_pass_serves_several_boundaries(built, cats_dogs_tiny, tmp_path):
     assert set(many.boundaries) == {100, 120, 140} and many.misses == 3
     for a, b in zip(many.boundary("validation", 100), single.boundary("validation", 100), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_a_full_disk_while_caching_is_one_clear_error(built, cats_dogs_tiny, tmp_path, monkeypatch):
+    import errno
+
+    from mobiletune.errors import MobiletuneError
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features, "_extract_views", no_space)
+    config = load_config(overrides=[*TINY, "data.image_size=64"])
+    images = data.load_images(cats_dogs_tiny, config.data)
+    with pytest.raises(MobiletuneError, match="cannot write the feature cache .No space left on device.; free space"):
+        features.compute_features(built[1], images, config, tmp_path)
+    assert features.list_cache(tmp_path) == [] and not list((tmp_path / "features").glob(".tmp-*"))

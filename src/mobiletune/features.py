@@ -37,6 +37,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mobiletune"
 
 
+def cache_root(config: Config) -> Path:
+    """The cache folder this config uses: `features.cache_dir`, or the default."""
+    return Path(config.features.cache_dir or default_cache_dir())
+
+
 # ---------------------------------------------------------------------------------------------
 # Cutting the base at `fine_tune_at`
 
@@ -272,7 +277,7 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
     `fine_tune_ats`: the boundaries to provide (default: the config's); a sweep asks for all of
     its choices at once, so every trial reuses one pass.
     """
-    cache_dir = Path(cache_dir or config.features.cache_dir or default_cache_dir())
+    cache_dir = Path(cache_dir or cache_root(config))
     cuts = sorted(set(fine_tune_ats or [config.phase2.fine_tune_at]))
     extract, where = extractor(model, cuts)
     common = {

@@ -214,6 +214,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     started = time.perf_counter()
     out = Path(out)
     space = load_space(space_path)
+    runfolder.make_folder(features.cache_root(base), "features.cache_dir")  # before minutes of work
     baseline_metrics = None if baseline is None else _read_baseline(Path(baseline))  # checked before the search
     if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
         raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")

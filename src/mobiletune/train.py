@@ -181,6 +181,8 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
             raise UsageError(f"--resume {out}: this run is already complete")
     else:
         runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
+    if config.features.cache:
+        runfolder.make_folder(features.cache_root(config), "features.cache_dir")  # likewise
     say = console.print if console is not None else (lambda *a, **k: None)
 
     images = data.load_images(data_dir, config.data)
