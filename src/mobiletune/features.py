@@ -119,28 +119,28 @@ def _key(**parts: Any) -> str:
 
 @dataclass
 class CacheEntry:
-    """One folder of arrays: `views x images x feature` for each output of the extractor."""
+    """One folder's arrays, memory-mapped: `views x images x feature` for each output of the extractor."""
 
-    path: Path
+    arrays: list[np.ndarray]
     hit: bool
 
-    def arrays(self) -> list[np.ndarray]:
-        meta = json.loads((self.path / "meta.json").read_text())
-        return [np.load(self.path / f"{i}.npy", mmap_mode="r") for i in range(meta["outputs"])]
+
+def _load_arrays(path: Path) -> list[np.ndarray]:
+    meta = json.loads((path / "meta.json").read_text())
+    return [np.load(path / f"{i}.npy", mmap_mode="r") for i in range(meta["outputs"])]
 
 
 def _compute_entry(folder: Path, key_parts: dict, compute) -> CacheEntry:
     """Return the cached entry for `key_parts`, or compute it and store it atomically."""
     path = folder / _key(**key_parts)
     if (path / "meta.json").exists():
-        entry = CacheEntry(path, hit=True)
         try:
-            entry.arrays()
+            arrays = _load_arrays(path)
         except (OSError, ValueError, KeyError):
             shutil.rmtree(path, ignore_errors=True)  # damaged on disk or by hand: computed again below
         else:
             os.utime(path)  # last used, for `cache ls`
-            return entry
+            return CacheEntry(arrays, hit=True)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
     try:
@@ -154,7 +154,7 @@ def _compute_entry(folder: Path, key_parts: dict, compute) -> CacheEntry:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return CacheEntry(path, hit=False)
+    return CacheEntry(_load_arrays(path), hit=False)
 
 
 def export_onnx(model: keras.Model, path: Path) -> None:
@@ -318,7 +318,7 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
                 f"features.cache_dir {cache_dir}: cannot write the feature cache ({exc.strerror or exc}); free "
                 "space there, set features.cache_dir to a writable folder, or run with --no-cache") from None
         hits, misses = hits + entry.hit, misses + (not entry.hit)
-        result[split] = entry.arrays()
+        result[split] = entry.arrays
     return Features(result, where, hits, misses)
 
 

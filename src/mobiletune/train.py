@@ -218,7 +218,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts)
         say(f"feature cache: {feats.hits} hit(s), {feats.misses} miss(es), "
             f"{time.perf_counter() - clock:.1f} s ({config.features.views} views per training image)")
-        if not features.fits_in_memory(feats.splits["train"]):
+        if not features.fits_in_memory(feats.boundary("train", config.phase2.fine_tune_at)):  # as phase 2 decides
             say("cached features exceed half the available memory: streaming them from the cache files (slower)")
     seconds["features"] = time.perf_counter() - clock
     clock = time.perf_counter()
