@@ -61,12 +61,22 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     args = ["train", str(cats_dogs_tiny), "--out", str(out), *_sets(f"features.cache_dir={cache}")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "0 hit(s), 3 miss(es)" in result.output
+    assert "features: 0 cached, 34 computed" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["features"]["images_computed"] == 34 and metrics["features"]["cache_bytes"] > 0
+    assert metrics["peak_rss_mb"] > 100
+    again = runner.invoke(app, [*args, "--overwrite"])
+    assert "features: 34 cached, 0 computed" in again.output
     listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
-    assert listing.exit_code == 0 and "3 entries" in listing.output and "1 exported extractor(s)" in listing.output
+    assert listing.exit_code == 0 and "1 store(s)" in listing.output and "1 exported extractor(s)" in listing.output
+    assert str(cats_dogs_tiny.resolve()) in listing.output
+    assert "removed 0 " in runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache), "--older-than",
+                                               "30d"]).output
+    bad_age = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache), "--older-than", "soon"])
+    assert bad_age.exit_code == 2 and "--older-than 'soon': give an age like 30d" in bad_age.output
     cleared = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
-    assert "removed 3 cache entries and 1 exported extractor(s)" in cleared.output
-    assert "0 entries" in runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)]).output
+    assert cleared.exit_code == 0 and "MB freed" in cleared.output
+    assert "0 store(s)" in runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)]).output
 
 
 def test_a_full_disk_is_one_line(tiny_run, monkeypatch):

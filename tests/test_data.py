@@ -142,7 +142,7 @@ def test_class_folders_only_split_80_10_10_seeded(flowers_tiny):
     assert a.counts() == {"train": 15, "validation": 5, "test": 5}
     assert list(a.splits) == list(b.splits)
     assert list(a.splits) != list(c.splits)
-    assert np.array_equal(a.pixels, b.pixels)
+    assert a.hashes == b.hashes
 
 
 def test_manifest_round_trip(cats_dogs_tiny, tmp_path):
@@ -202,3 +202,59 @@ def test_non_utf8_names_are_used_and_round_trip(cats_dogs_tiny, tmp_path):
     data.write_manifest(images, tmp_path / "split.csv")
     rows = data.read_manifest(tmp_path / "split.csv")
     assert all((cats_dogs_tiny / r["path"]).is_file() for r in rows)  # every manifest path opens its file
+
+
+def _random_hashes(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [rng.bytes(32).hex() for _ in range(n)]
+
+
+@pytest.mark.parametrize("n", [3000, 200], ids=["thresholds", "exact-quotas"])
+def test_adding_images_never_moves_a_training_image_into_test(n):
+    """Splits are drawn from each image's hash: a grown folder keeps the old images where they were
+    (above EXACT_SPLIT_BELOW exactly; below it, quotas may shift a held-out image by one split)."""
+    config = DataConfig(seed=3)
+    hashes = _random_hashes(n, 0)
+    before = data.assign_splits(np.zeros(n, np.int32), [None] * n, hashes, config, ["a"])
+    grown = hashes + _random_hashes(n // 10, 1)
+    after = data.assign_splits(np.zeros(len(grown), np.int32), [None] * len(grown), grown, config, ["a"])[:n]
+    assert not ((before == "train") & (after == "test")).any()
+    moved = int((before != after).sum())
+    if n >= data.EXACT_SPLIT_BELOW:
+        assert moved == 0
+        assert abs((before == "test").sum() - n * config.holdout_fraction) < 4 * (n * 0.1 * 0.9) ** 0.5
+    else:
+        assert moved <= 2 * (n // 10) * config.holdout_fraction + 4  # only images at a quota's edge
+        assert (before == "test").sum() == (before == "validation").sum() == round(n * config.holdout_fraction)
+
+
+def test_copies_of_one_file_share_a_split():
+    hashes = _random_hashes(40, 2)
+    hashes += hashes[:10]  # ten files twice
+    splits = data.assign_splits(np.zeros(50, np.int32), [None] * 50, hashes, DataConfig(), ["a"])
+    assert all(splits[i] == splits[40 + i] for i in range(10))
+
+
+def test_the_split_does_not_depend_on_file_names_or_order(flowers_tiny):
+    a = data.load_images(flowers_tiny, CFG)
+    for f in sorted(flowers_tiny.rglob("*.jpg")):
+        f.rename(f.with_name("renamed_" + f.name))
+    b = data.load_images(flowers_tiny, CFG)
+    assert dict(zip(a.hashes, a.splits, strict=True)) == dict(zip(b.hashes, b.splits, strict=True))
+
+
+def test_pixels_are_decoded_in_batches_and_checked_against_their_hash(cats_dogs_tiny):
+    images = data.load_images(cats_dogs_tiny, CFG)
+    got = list(data.iter_pixels(images, np.arange(5), 32, 2))
+    assert [len(rows) for rows, _, _ in got] == [2, 2, 1] and all(p.shape[1:] == (32, 32, 3) for _, p, _ in got)
+    (images.root / images.paths[3]).write_bytes((images.root / images.paths[4]).read_bytes())
+    rows, _, failed = list(data.iter_pixels(images, np.arange(5), 32, 5))[0]
+    assert list(rows) == [0, 1, 2, 4] and "changed since it was scanned" in failed[3]
+    with pytest.raises(DataError, match="changed since it was scanned"):
+        list(data.test_batches(_all_test(images), 32, 4))
+
+
+def _all_test(images):
+    from dataclasses import replace
+
+    return replace(images, splits=np.array(["test"] * len(images.paths)))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from mobiletune import data, features
+from mobiletune import data, features, store
 from mobiletune import model as model_lib
 from mobiletune.config import load_config
 
@@ -36,15 +36,28 @@ def test_top_on_cached_boundary_equals_the_full_model(built, fine_tune_at):
     assert np.allclose(top, full, atol=1e-4) and np.allclose(head, full, atol=1e-4)
 
 
-@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "streamed-from-memmap"])
-def test_batches_shuffle_and_draw_views_per_epoch(tmp_path, in_memory):
-    np.save(tmp_path / "0.npy", np.arange(3 * 10, dtype=np.float16).reshape(3, 10, 1))  # value = view * 10 + image
-    arrays = [np.load(tmp_path / "0.npy", mmap_mode="r")]  # as the cache hands them out
+def _toy_store(tmp_path, values: np.ndarray) -> tuple[store.FeatureStore, list[bytes]]:
+    """A real store holding `values` [rows, ...] as items "0", "1", ..., written by `fill`."""
+    st = store.FeatureStore(tmp_path / "toy", [(values.shape[1:], str(values.dtype))])
+    keys = [store.item_key(str(i), "plain") for i in range(len(values))]
+
+    def compute(chunk, folder, heartbeat):
+        rows = [keys.index(k) for k in chunk]
+        np.save(folder / "0.npy", values[rows])
+        return set()
+
+    st.fill(keys, compute)
+    return st, keys
+
+
+def test_batches_shuffle_and_draw_views_per_epoch(tmp_path):
+    st, keys = _toy_store(tmp_path, np.arange(3 * 10, dtype=np.float16).reshape(30, 1))  # row = view * 10 + image
+    reader = st.reader(keys)
     labels = np.arange(10)
 
     def epochs(initial_epoch, end):
-        ds = features.feature_dataset(arrays, labels, 4, shuffle=True, seed=0, initial_epoch=initial_epoch,
-                                      epochs=end, in_memory=in_memory)
+        ds = features.feature_dataset(reader, [0], labels, 3, 4, shuffle=True, seed=0, initial_epoch=initial_epoch,
+                                      epochs=end)
         batches = [(np.asarray(x)[:, 0], np.asarray(y)) for x, y in ds]
         assert [len(y) for _, y in batches] == [4, 4, 2] * (end - initial_epoch)
         out = []
@@ -59,28 +72,41 @@ def test_batches_shuffle_and_draw_views_per_epoch(tmp_path, in_memory):
     assert not np.array_equal(first, second)
     assert len({int(v) for e in (first, second, third) for v in e // 10}) > 1  # views are drawn
     assert np.array_equal(epochs(2, 3)[0], third)  # a resumed run reads epoch 2 exactly as before
-    plain = features.feature_dataset(arrays, labels, 4, shuffle=False, seed=0, in_memory=in_memory)
+    plain = features.feature_dataset(reader, [0], labels, 1, 4, shuffle=False, seed=0)
     assert np.array_equal(np.concatenate([np.asarray(x)[:, 0] for x, _ in plain]), np.arange(10))
 
 
 def test_streamed_batches_equal_in_memory_batches(tmp_path):
-    """Two inputs (a boundary inside a residual block), mixed dtypes: the same batches either way."""
+    """Two inputs (a boundary inside a residual block), mixed dtypes, rows spread over several shards in
+    an order unlike the reading order: each batch equals the same rows gathered from arrays in memory."""
     rng = np.random.default_rng(0)
-    for i, (shape, dtype) in enumerate((((2, 9, 3, 3, 4), np.float16), ((2, 9, 5), np.float32))):
-        np.save(tmp_path / f"{i}.npy", rng.normal(size=shape).astype(dtype))
-    arrays = [np.load(tmp_path / f"{i}.npy", mmap_mode="r") for i in range(2)]
+    a, b = rng.normal(size=(18, 3, 3, 4)).astype(np.float16), rng.normal(size=(18, 5)).astype(np.float32)
+    st = store.FeatureStore(tmp_path / "two", [((3, 3, 4), "float16"), ((5,), "float32")])
+    keys = [store.item_key(str(i), "v") for i in range(18)]
+
+    def compute(chunk, folder, heartbeat):
+        rows = [keys.index(k) for k in chunk]
+        np.save(folder / "0.npy", a[rows])
+        np.save(folder / "1.npy", b[rows])
+        return set()
+
+    for part in (keys[9:], keys[:4], keys[4:9]):
+        st.fill(part, compute)
+    assert len(st.shards) == 3
     labels = rng.integers(0, 3, 9)
-    read = [list(features.feature_dataset(arrays, labels, 4, shuffle=True, seed=1, epochs=2, in_memory=m))
-            for m in (True, False)]
-    assert len(read[0]) == len(read[1]) == 6
-    for (xa, ya), (xb, yb) in zip(*read, strict=True):
-        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(xa, xb, strict=True))
-        assert np.array_equal(ya, yb)
+    ds = features.feature_dataset(st.reader(keys), [0, 1], labels, 2, 4, shuffle=True, seed=1, epochs=2)
+    seen = 0
+    for (xa, xb), y in ds:
+        rows = [int(np.flatnonzero(b[:, 0] == r[0])[0]) for r in np.asarray(xb)]  # which row each one is
+        assert np.array_equal(np.asarray(xa), a[rows].astype(np.float32)) and xa.dtype == "float32"
+        assert np.array_equal(np.asarray(y), labels[np.array(rows) % 9])
+        seen += len(y)
+    assert seen == 18
 
 
-def test_fits_in_memory_asks_the_kernel():
-    assert features.fits_in_memory([np.zeros(10)])
-    assert not features.fits_in_memory([np.zeros(10)], share=0.0)
+def _items(images, config, augmenting=True) -> set[bytes]:
+    needed = features._needed(images, config, augmenting)
+    return {store.item_key(images.hashes[i], features.view_tag(config, v)) for s in needed for i, v in needed[s]}
 
 
 def test_cache_hits_and_reuse(built, cats_dogs_tiny, tmp_path):
@@ -89,35 +115,87 @@ def test_cache_hits_and_reuse(built, cats_dogs_tiny, tmp_path):
     images = data.load_images(cats_dogs_tiny, config.data)
     first = features.compute_features(model, images, config, tmp_path)
     second = features.compute_features(model, images, config, tmp_path)
-    assert (first.misses, second.hits, second.misses) == (3, 3, 0)
-    assert first.pooled("train")[0].shape == (2, 12, 1280) and first.pooled("test")[0].shape == (1, 2, 1280)
-    assert [a.shape[2:] for a in first.boundary("train", 100)] == [(4, 4, 576), (4, 4, 96)]
-    assert first.boundary("train", 100)[0].dtype == np.float16
-    for a, b in zip(first.splits["train"], second.splits["train"], strict=True):
-        assert np.array_equal(a, b)
-    assert not np.array_equal(first.pooled("train")[0][0], first.pooled("train")[0][1])  # two views differ
+    assert (first.computed, first.cached) == (12 * 2 + 8 + 2, 0)
+    assert (second.computed, second.cached) == (0, 34)
+    pooled, *boundary = first.readers["train"].read(np.arange(24), [0, *first.boundaries[100]])
+    assert pooled.shape == (24, 1280) and [x.shape[1:] for x in boundary] == [(4, 4, 576), (4, 4, 96)]
+    assert boundary[0].dtype == np.float16
+    again = second.readers["train"].read(np.arange(24), [0])[0]
+    assert np.array_equal(pooled, again)
+    assert not np.array_equal(pooled[:12], pooled[12:])  # two views differ
+    assert first.cache_bytes() > 0
     other = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2", "phase2.fine_tune_at=120"])
-    assert features.compute_features(model, images, other, tmp_path).misses == 3  # new boundary, new key
-    assert len(features.list_cache(tmp_path)) == 6
+    assert features.compute_features(model, images, other, tmp_path).computed == 34  # new boundary, new store
+    stores, used = features.list_cache(tmp_path)
+    assert sorted(s.items for s in stores) == [34, 34] and len(used) == 2
+    assert used[0]["images"] == 22 and str(cats_dogs_tiny.resolve()) == used[0]["data_dir"]
     assert len(features.list_extractors(tmp_path)) == 2  # one exported extractor per boundary set
-    assert features.clear_cache(tmp_path) == (6, 2) and features.list_cache(tmp_path) == []
+    removed, megabytes = features.clear_cache(tmp_path, older_than=3600)
+    assert removed == 0 and len(features.list_cache(tmp_path)[0]) == 2  # all used just now: kept
+    removed, megabytes = features.clear_cache(tmp_path)
+    assert removed >= 6 and megabytes > 0 and features.list_cache(tmp_path) == ([], [])
     assert features.list_extractors(tmp_path) == []
 
 
-def test_damaged_cache_files_are_made_again(built, cats_dogs_tiny, tmp_path):
+def test_new_images_subsets_and_resplits_compute_only_what_is_missing(built, flowers_tiny, tmp_path):
+    from conftest import FLOWERS, copy_images
+
+    config = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2"])
+    _, model = built
+    first = features.compute_features(model, data.load_images(flowers_tiny, config.data), config, tmp_path)
+    assert first.cached == 0
+    copy_images(FLOWERS, flowers_tiny, 1, offset=5)  # one new image per class
+    grown = data.load_images(flowers_tiny, config.data)
+    new = {h for h in grown.hashes} - set(first.images.hashes)
+    assert len(new) == 5
+    again = features.compute_features(model, grown, config, tmp_path)
+    assert again.computed == len(_items(grown, config) - _items(first.images, config))
+    assert again.computed <= 5 * 2 + 2  # the new images' views, and at most a held-out image that moved
+    resplit_config = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2",
+                                            "data.holdout_fraction=0.25"])
+    resplit = data.load_images(flowers_tiny, resplit_config.data)
+    known = _items(grown, config) | _items(first.images, config)
+    third = features.compute_features(model, resplit, resplit_config, tmp_path)
+    assert third.computed == len(_items(resplit, resplit_config) - known)  # only images that changed role
+    for f in sorted((flowers_tiny / "roses").iterdir())[3:]:
+        f.unlink()
+    subset = data.load_images(flowers_tiny, config.data)
+    assert features.compute_features(model, subset, config, tmp_path).computed == 0
+
+
+def test_views_depend_on_the_image_not_its_position(built, cats_dogs_tiny, tmp_path):
+    """The same image keeps its augmented features whatever else is in the folder."""
+    config = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2"])
+    _, model = built
+    full = features.compute_features(model, data.load_images(cats_dogs_tiny, config.data), config, tmp_path / "a")
+    for f in sorted((cats_dogs_tiny / "train" / "cats").iterdir())[:3]:
+        f.unlink()
+    part = features.compute_features(model, data.load_images(cats_dogs_tiny, config.data), config, tmp_path / "b")
+    h = part.images.hashes[part.images.indices("train")[0]]
+    i_full, i_part = full.images.hashes.index(h), 0
+    n_full, n_part = len(full.images.indices("train")), len(part.images.indices("train"))
+    j_full = int(np.flatnonzero(full.images.indices("train") == i_full)[0])
+    for view in range(2):
+        x = full.readers["train"].read(np.array([view * n_full + j_full]), [0])[0]
+        y = part.readers["train"].read(np.array([view * n_part + i_part]), [0])[0]
+        assert np.allclose(x, y, atol=1e-5)
+
+
+def test_truncated_shards_and_extractors_are_made_again(built, cats_dogs_tiny, tmp_path):
     config = load_config(overrides=[*TINY, "data.image_size=64"])
     _, model = built
     images = data.load_images(cats_dogs_tiny, config.data)
     first = features.compute_features(model, images, config, tmp_path)
-    expected = [np.array(a) for a in first.splits["test"]]
+    expected = first.readers["test"].read(np.arange(2), [0, 1])
     (onnx,) = (tmp_path / "onnx").glob("*.onnx")
     onnx.write_bytes(b"not onnx")
-    for entry in (tmp_path / "features").iterdir():
-        (entry / "0.npy").write_bytes(b"\x93NUMPY truncated")
-    assert len(features.list_cache(tmp_path)) == 0  # damaged entries are not listed
+    (shard,) = (tmp_path / "features").glob("*/shards/[!.]*")
+    with open(shard / "1.npy", "r+b") as f:  # as a crash mid-write would leave it
+        f.truncate(f.seek(0, 2) // 2)
     again = features.compute_features(model, images, config, tmp_path)
-    assert again.misses == 3 and onnx.stat().st_size > 1000
-    assert all(np.array_equal(a, b) for a, b in zip(expected, again.splits["test"], strict=True))
+    assert again.computed == 34 and onnx.stat().st_size > 1000
+    got = again.readers["test"].read(np.arange(2), [0, 1])
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(expected, got, strict=True))
 
 
 def test_one_pass_serves_several_boundaries(built, cats_dogs_tiny, tmp_path):
@@ -126,9 +204,24 @@ def test_one_pass_serves_several_boundaries(built, cats_dogs_tiny, tmp_path):
     images = data.load_images(cats_dogs_tiny, config.data)
     many = features.compute_features(model, images, config, tmp_path, fine_tune_ats=[100, 140, 120])
     single = features.compute_features(model, images, config, tmp_path / "single")
-    assert set(many.boundaries) == {100, 120, 140} and many.misses == 3
-    for a, b in zip(many.boundary("validation", 100), single.boundary("validation", 100), strict=True):
-        assert np.array_equal(a, b)
+    assert set(many.boundaries) == {100, 120, 140} and many.computed == 12 + 8 + 2
+    a = many.readers["validation"].read(np.arange(8), many.boundaries[100])
+    b = single.readers["validation"].read(np.arange(8), single.boundaries[100])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_file_changed_after_the_scan_is_skipped_never_stale(built, cats_dogs_tiny, tmp_path):
+    config = load_config(overrides=[*TINY, "data.image_size=64"])
+    _, model = built
+    images = data.load_images(cats_dogs_tiny, config.data)
+    victim = images.root / images.paths[0]
+    old_hash = images.hashes[0]
+    victim.write_bytes((cats_dogs_tiny / images.paths[1]).read_bytes()[:-10] + b"new tail!!")
+    feats = features.compute_features(model, images, config, tmp_path)
+    assert images.paths[0] not in feats.images.paths and old_hash not in feats.images.hashes
+    assert any("changed since it was scanned" in s.reason for s in feats.images.skipped)
+    rescanned = data.load_images(cats_dogs_tiny, config.data)  # the next run uses the new content
+    assert images.paths[0] in rescanned.paths and old_hash not in rescanned.hashes
 
 
 def test_a_full_disk_while_caching_is_one_clear_error(built, cats_dogs_tiny, tmp_path, monkeypatch):
@@ -139,9 +232,9 @@ def test_a_full_disk_while_caching_is_one_clear_error(built, cats_dogs_tiny, tmp
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(features, "_extract_views", no_space)
+    monkeypatch.setattr(features._Computer, "__call__", no_space)
     config = load_config(overrides=[*TINY, "data.image_size=64"])
     images = data.load_images(cats_dogs_tiny, config.data)
     with pytest.raises(MobiletuneError, match="cannot write the feature cache .No space left on device.; free space"):
         features.compute_features(built[1], images, config, tmp_path)
-    assert features.list_cache(tmp_path) == [] and not list((tmp_path / "features").glob(".tmp-*"))
+    assert features.list_cache(tmp_path)[0][0].items == 0 and not list((tmp_path / "features").glob("*/shards/.*"))

@@ -1,10 +1,12 @@
-"""Find the images, decode each once, make a fixed split, and feed them to Keras.
+"""Find the images, split them by content, and decode them as they are needed.
 
 A DATA_DIR holds class folders directly, or `train/` and `validation/` (and optionally `test/`),
-each with the same class folders: the `image_dataset_from_directory` convention. Every file is
-read once: its bytes are hashed and decoded, and a file that cannot be used is skipped with a
-reason (or, with `data.strict`, is an error). The split is then made once, seeded and
-stratified, and saved as a manifest so later commands see exactly the same images.
+each with the same class folders: the `image_dataset_from_directory` convention. Each file is
+named by the sha256 of its bytes (hashed once, `scan`); a file that cannot be used is skipped
+with a reason (or, with `data.strict`, is an error). The split is drawn from each image's hash,
+seeded and stratified, so adding images does not move the others, and saved as a manifest so
+later commands see exactly the same images. Pixels are decoded in parallel, a batch at a time,
+and never all held in memory.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import hashlib
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +25,8 @@ from PIL import Image, ImageOps
 
 from mobiletune.config import DataConfig
 from mobiletune.errors import DataError
+from mobiletune.scan import FileIndex, hash_files
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLITS = ("train", "validation", "test")
 # Accepted folder names for each split; the first is the canonical one.
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
@@ -41,15 +44,17 @@ class Skipped:
 
 @dataclass
 class ImageSet:
-    """The decoded images of one run: pixels, labels and the manifest they came from."""
+    """The images of one run: where they are, their labels, split and content digests. No pixels:
+    those are decoded when needed (`iter_pixels`, `pixel_dataset`), so memory does not grow with N."""
 
+    root: Path  # DATA_DIR; `paths` are relative to it
     classes: list[str]
-    paths: list[str]  # relative to DATA_DIR
+    paths: list[str]  # relative to root
     labels: np.ndarray  # int32 class index per image
     splits: np.ndarray  # split name per image
     hashes: list[str]  # sha256 of each file's bytes
-    pixels: np.ndarray  # uint8 [n, size, size, 3]
     skipped: list[Skipped] = field(default_factory=list)
+    files_read: int = 0  # how many files the scan had to read (new or changed); the rest came from the index
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -63,6 +68,16 @@ class ImageSet:
             s: {c: int(((self.splits == s) & (self.labels == i)).sum()) for i, c in enumerate(self.classes)}
             for s in SPLITS
         }
+
+    def without(self, failed: dict[int, str]) -> ImageSet:
+        """This set less the images at the `failed` positions, each recorded as skipped with its reason."""
+        if not failed:
+            return self
+        keep = np.array([i for i in range(len(self.paths)) if i not in failed], dtype=np.int64)
+        skipped = sorted([*self.skipped, *(Skipped(_display(self.paths[i]), r) for i, r in failed.items())],
+                         key=lambda s: s.path)
+        return replace(self, paths=[self.paths[i] for i in keep], labels=self.labels[keep], splits=self.splits[keep],
+                       hashes=[self.hashes[i] for i in keep], skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,18 +184,79 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         raise BadImage(f"cannot decode ({exc})") from None
 
 
-def _read_one(path: Path, size: int) -> tuple[str, np.ndarray]:
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise BadImage(f"not an image file extension (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+def probe_image(path: Path) -> str | None:
+    """Why `path` is not an image, from its header alone (cheap: the scan runs it on new files); None if it may be.
+
+    Catches empty, foreign and oversized files; a file damaged further in is caught when decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.size  # noqa: B018 - the header is parsed by now
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"too large to decode safely ({exc.__class__.__name__})"
+    except Image.UnidentifiedImageError:
+        return "empty file (0 bytes)" if path.stat().st_size == 0 else "not an image PIL can read"
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        return f"cannot decode ({exc})"
+    return None
+
+
+def read_image(path: Path, size: int, sha256: str | None = None) -> np.ndarray:
+    """Decode one file. With `sha256`, a file whose bytes are no longer those scanned is refused
+    (BadImage): a stale digest must never name new pixels."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror or exc})") from None
-    return hashlib.sha256(data).hexdigest(), decode_image(data, size)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BadImage("changed since it was scanned; run again to use its new content")
+    return decode_image(data, size)
+
+
+def iter_pixels(images: ImageSet, positions: np.ndarray, size: int, batch: int
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:
+    """Decode `positions` of `images` in parallel threads, a batch at a time, one batch ahead.
+
+    Yields (positions decoded, uint8 pixels [k, size, size, 3], {position: reason} of those that
+    failed). Only a couple of batches are ever in memory.
+    """
+    def one(i: int) -> np.ndarray | str:
+        try:
+            return read_image(images.root / images.paths[i], size, images.hashes[i])
+        except BadImage as exc:
+            return str(exc)
+
+    chunks = [positions[s : s + batch] for s in range(0, len(positions), batch)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL decodes without the GIL
+        pending = [pool.map(one, chunks[0])] if chunks else []
+        for k, chunk in enumerate(chunks):
+            if k + 1 < len(chunks):
+                pending.append(pool.map(one, chunks[k + 1]))
+            results = list(pending.pop(0))
+            ok = [j for j, r in enumerate(results) if not isinstance(r, str)]
+            pixels = np.stack([results[j] for j in ok]) if ok else np.empty((0, size, size, 3), np.uint8)
+            yield chunk[ok], pixels, {int(chunk[j]): r for j, r in enumerate(results) if isinstance(r, str)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The split
+
+# Below this many images a class is split by exact quotas (ranks of the seeded hash); from it on,
+# by thresholds on the hash, which never move an image when others are added. Near this size the
+# two agree except for a few images at the quota's edge, and a binomial count is within ~10% of
+# its quota.
+EXACT_SPLIT_BELOW = 1000
+
+
+def split_unit(seed: int, sha256: str) -> float:
+    """A number in [0, 1) drawn from the image's content and the seed alone: its place in the split.
+
+    It does not depend on the image's position or on the other images, so adding images, or
+    renaming them, leaves every other image's draw unchanged; copies of one file share a split.
+    """
+    return int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:15], 16) / 16**15
 
 
 def _split_counts(n: int, fraction: float) -> int:
@@ -188,38 +264,54 @@ def _split_counts(n: int, fraction: float) -> int:
     return min(max(1, round(n * fraction)), n - 1)
 
 
-def assign_splits(
-    labels: np.ndarray, given: list[str | None], config: DataConfig, classes: list[str]
-) -> np.ndarray:
-    """A split name per image: kept where the folders say, made stratified and seeded where not.
+def _held_out(members: np.ndarray, hashes: np.ndarray, seed: int, fraction: float, parts: int) -> list[np.ndarray]:
+    """`parts` held-out slices of `members` (each `fraction` of them), lowest hash draws first.
 
-    With train/ and validation/ but no test/, a fraction of each class of validation/ becomes
-    the test set. With class folders only, each class is divided train/validation/test.
+    Copies of one file (equal sha256) are one unit: they land in the same split, never across two.
+    """
+    unique, inverse = np.unique(hashes[members], return_inverse=True)
+    units = np.array([split_unit(seed, h) for h in unique])
+    order = np.argsort(units, kind="stable")
+    if len(unique) < EXACT_SPLIT_BELOW:
+        k = _split_counts(len(unique), fraction)
+        chosen = [order[p * k : (p + 1) * k] for p in range(parts)]
+    else:
+        chosen = [np.flatnonzero((units >= p * fraction) & (units < (p + 1) * fraction)) for p in range(parts)]
+    return [members[np.isin(inverse, c)] for c in chosen]
+
+
+def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str], config: DataConfig,
+                  classes: list[str]) -> np.ndarray:
+    """A split name per image: kept where the folders say, drawn from each image's hash where not.
+
+    With class folders only, each class is divided into test, validation and train by the seeded
+    hash draw (`split_unit`); with train/ and validation/ but no test/, a fraction of each class
+    of validation/ becomes the test set the same way. Stratified: exact per-class quotas for
+    classes under EXACT_SPLIT_BELOW images, hash thresholds above (stable as the folder grows).
     """
     splits = np.array([s or "" for s in given], dtype=object)
-    rng = np.random.default_rng(config.seed)
+    digests = np.array(hashes)
     has_test = "test" in given
     for cls in np.unique(labels):
         if given[0] is None:
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            n = len(members)
-            if n < 3:
+            members = np.flatnonzero(labels == cls)
+            if len(members) < 3:
                 raise DataError(
-                    f"class {classes[cls]!r} has {n} usable image(s); at least 3 are needed to split into "
-                    "train/validation/test (or give train/ and validation/ folders)"
+                    f"class {classes[cls]!r} has {len(members)} usable image(s); at least 3 are needed to split "
+                    "into train/validation/test (or give train/ and validation/ folders)"
                 )
-            k = _split_counts(n, config.holdout_fraction)
-            splits[members[:k]] = "test"
-            splits[members[k : 2 * k]] = "validation"
-            splits[members[2 * k :]] = "train"
+            test, validation = _held_out(members, digests, config.seed, config.holdout_fraction, 2)
+            splits[members] = "train"
+            splits[validation] = "validation"
+            splits[test] = "test"
         elif not has_test:
-            members = rng.permutation(np.flatnonzero((labels == cls) & (splits == "validation")))
+            members = np.flatnonzero((labels == cls) & (splits == "validation"))
             if len(members) < 2:
                 raise DataError(
                     f"class {classes[cls]!r} has {len(members)} usable image(s) in validation/; at least 2 "
                     "are needed to hold some out as test (or add a test/ folder)"
                 )
-            splits[members[: _split_counts(len(members), config.test_fraction)]] = "test"
+            splits[_held_out(members, digests, config.seed, config.test_fraction, 1)[0]] = "test"
     return splits.astype(str)
 
 
@@ -227,60 +319,59 @@ def assign_splits(
 # Putting it together
 
 
-def load_images(data_dir: str | Path, config: DataConfig, progress=None) -> ImageSet:
-    """Discover, hash and decode every file once, skip what cannot be used, and split.
+def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | None = None,
+                progress: Callable[[int, int], None] | None = None) -> ImageSet:
+    """Find every file, hash the new or changed ones (`index` remembers the rest), skip what cannot be
+    used, and split. Nothing is decoded here: pixels are read when the features or a test need them.
 
-    `progress(done, total)` is called as files are decoded.
+    `progress(done, total)` is called as new files are hashed.
     """
     data_dir = Path(data_dir)
     classes, files = discover(data_dir)
-    pixels = np.empty((len(files), config.image_size, config.image_size, 3), np.uint8)
-    ok = np.zeros(len(files), bool)
-    hashes = [""] * len(files)
-    skipped: list[Skipped] = []
-
-    def work(i: int) -> None:
-        path = files[i][0]
-        try:
-            hashes[i], pixels[i] = _read_one(path, config.image_size)
-            ok[i] = True
-        except BadImage as exc:
-            skipped.append(Skipped(_display(str(path.relative_to(data_dir))), str(exc)))
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for done, _ in enumerate(pool.map(work, range(len(files))), 1):
-            if progress:
-                progress(done, len(files))
-    skipped.sort(key=lambda s: s.path)
+    hashed, files_read = hash_files([f[0] for f in files], index or FileIndex(None), probe_image, progress)
+    skipped = sorted((Skipped(_display(str(files[i][0].relative_to(data_dir))), h.reason)
+                      for i, h in enumerate(hashed) if h.reason), key=lambda s: s.path)
     if skipped and config.strict:
         first = skipped[0]
         raise DataError(
             f"{len(skipped)} file(s) cannot be used, first {first.path}: {first.reason}; "
             "remove them, or drop --strict to skip them"
         )
-    keep = np.flatnonzero(ok)
+    keep = [i for i, h in enumerate(hashed) if not h.reason]
     labels = np.array([classes.index(files[i][1]) for i in keep], np.int32)
     for i, cls in enumerate(classes):
         if not (labels == i).any():
             raise DataError(f"class {cls!r} has no usable images (all {len(skipped)} skipped files: see skipped.csv)")
-    splits = assign_splits(labels, [files[i][2] for i in keep], config, classes)
+    hashes = [hashed[i].sha256 for i in keep]
+    splits = assign_splits(labels, [files[i][2] for i in keep], hashes, config, classes)  # type: ignore[arg-type]
     return ImageSet(
+        root=data_dir,
         classes=classes,
         # as the OS names them (non-UTF-8 bytes as surrogates): the manifest round-trips to the file
         paths=[str(files[i][0].relative_to(data_dir)) for i in keep],
         labels=labels,
         splits=splits,
-        hashes=[hashes[i] for i in keep],
-        pixels=pixels[keep] if len(keep) < len(files) else pixels,
+        hashes=hashes,  # type: ignore[arg-type]
         skipped=skipped,
+        files_read=files_read,
     )
+
+
+def check_decodable(images: ImageSet, size: int, batch: int) -> ImageSet:
+    """`images` less those that fail to decode (each skipped with its reason): for paths that
+    train on pixels (--no-cache) and so meet every file in the middle of an epoch otherwise."""
+    failed: dict[int, str] = {}
+    for _, _, bad in iter_pixels(images, np.arange(len(images.paths)), size, batch):
+        failed.update(bad)
+    return images.without(failed)
 
 
 def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataConfig) -> ImageSet:
     """The images to evaluate a finished run on.
 
-    Without `data_dir`: the run's own test split, from its manifest, each file checked against
-    its recorded sha256. With `data_dir`: every image under it (class folders, any layout) is test.
+    Without `data_dir`: the run's own test split, from its manifest; each file is checked against
+    its recorded sha256 when decoded. With `data_dir`: every image under it (class folders, any
+    layout) is test. Files that cannot be used are skipped with a reason.
     """
     from mobiletune.runfolder import read_json
 
@@ -291,30 +382,21 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataError(f"--data {data_dir}: classes {unknown} are not the model's {classes}")
-        rows = [(str(p.relative_to(data_dir)), c) for p, c, _ in files]
         root = Path(data_dir)
+        hashed, _ = hash_files([p for p, _, _ in files], FileIndex(None), probe_image)
+        rows = [(str(p.relative_to(root)), c, h.sha256, h.reason) for (p, c, _), h in zip(files, hashed, strict=True)]
     else:
         root = Path(metrics["data_dir"])
-        manifest = [r for r in read_manifest(run_dir / "split.csv") if r["split"] == "test"]
-        rows = [(r["path"], r["class"]) for r in manifest]
-        expected = {r["path"]: r["sha256"] for r in manifest}
-    pixels = np.empty((len(rows), config.image_size, config.image_size, 3), np.uint8)
-    keep, skipped, hashes = [], [], []
-    for i, (rel, _) in enumerate(rows):
-        try:
-            digest, pixels[i] = _read_one(root / rel, config.image_size)
-        except BadImage as exc:
-            skipped.append(Skipped(rel, str(exc)))
-            continue
-        if data_dir is None and digest != expected[rel]:
-            raise DataError(f"{root / rel}: changed since the run (sha256 differs); evaluate on --data DIR instead")
-        keep.append(i)
-        hashes.append(digest)
-    if not keep:
-        raise DataError(f"no usable test images under {root}")
-    return ImageSet(classes=classes, paths=[rows[i][0] for i in keep],
-                    labels=np.array([classes.index(rows[i][1]) for i in keep], np.int32),
-                    splits=np.array(["test"] * len(keep)), hashes=hashes, pixels=pixels[keep], skipped=skipped)
+        rows = [(r["path"], r["class"], r["sha256"], None) for r in read_manifest(run_dir / "split.csv")
+                if r["split"] == "test"]
+    images = ImageSet(root=root, classes=classes, paths=[r[0] for r in rows if not r[3]],
+                      labels=np.array([classes.index(r[1]) for r in rows if not r[3]], np.int32),
+                      splits=np.array(["test"] * sum(not r[3] for r in rows)), hashes=[r[2] for r in rows if not r[3]],
+                      skipped=[Skipped(_display(r[0]), r[3]) for r in rows if r[3]])
+    images = check_decodable(images, config.image_size, config.batch_size)
+    if not images.paths:
+        raise DataError(f"no usable test images under {root}" + (" (see the skipped files)" if images.skipped else ""))
+    return images
 
 
 def write_manifest(images: ImageSet, path: Path) -> None:
@@ -342,18 +424,22 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
     return read_csv(path)
 
 
-def tf_dataset(images: ImageSet, split: str, batch_size: int, *, shuffle: bool, seed: int,
-               initial_epoch: int = 0, epochs: int = 1):
-    """A batched tf.data pipeline of (float32 pixels 0-255, int label) for one split.
+def pixel_dataset(images: ImageSet, split: str, size: int, batch_size: int, *, shuffle: bool, seed: int,
+                  initial_epoch: int = 0, epochs: int = 1):
+    """A batched tf.data pipeline of (float32 pixels 0-255, int label) for one split, decoded as it goes.
 
     Shuffled: epochs `initial_epoch` .. `epochs - 1` back to back, epoch e in an order drawn
     from (seed, e) alone, so a resumed run sees exactly the batches an unbroken one would.
-    Fit it with steps_per_epoch = ceil(n / batch_size).
+    Fit it with steps_per_epoch = ceil(n / batch_size). Files are checked by `check_decodable` first.
     """
     import tensorflow as tf
 
     idx = images.indices(split)
-    pixels, labels = tf.constant(images.pixels[idx]), tf.constant(images.labels[idx])
+    labels = tf.constant(images.labels[idx])
+
+    def decode(rows: np.ndarray) -> np.ndarray:
+        return np.stack([read_image(images.root / images.paths[idx[r]], size, images.hashes[idx[r]]) for r in rows])
+
     if shuffle:
         def epoch_order(epoch):
             order = tf.random.experimental.stateless_shuffle(tf.range(len(idx)), seed=tf.stack([seed, epoch]))
@@ -362,9 +448,23 @@ def tf_dataset(images: ImageSet, split: str, batch_size: int, *, shuffle: bool, 
         batches = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_order)
     else:
         batches = tf.data.Dataset.range(len(idx)).batch(batch_size)
-    ds = batches.map(lambda i: (tf.cast(tf.gather(pixels, i), tf.float32), tf.gather(labels, i)),
-                     num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+
+    def load(rows):
+        pixels = tf.numpy_function(decode, [rows], tf.uint8, stateful=False)
+        pixels.set_shape([None, size, size, 3])
+        return tf.cast(pixels, tf.float32), tf.gather(labels, rows)
+
+    return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def test_batches(images: ImageSet, size: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(float32 pixels, labels) of the test split in order, for `evaluate.predict_logits`. A file
+    that changed or broke since it was scanned is an error: a test set must not shrink unseen."""
+    for rows, pixels, failed in iter_pixels(images, images.indices("test"), size, batch):
+        if failed:
+            i, reason = next(iter(failed.items()))
+            raise DataError(f"{images.root / images.paths[i]}: {reason}; run again")
+        yield pixels.astype(np.float32), images.labels[rows]
 
 
 # ---------------------------------------------------------------------------------------------

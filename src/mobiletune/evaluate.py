@@ -15,7 +15,7 @@ import numpy as np
 
 
 def predict_logits(model, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and true labels for every batch of a (pixels, label) dataset, in order."""
+    """Logits and true labels for every (pixels, label) batch of `dataset` (any iterable), in order."""
     logits, labels = [], []
     for x, y in dataset:
         logits.append(np.asarray(model.predict_on_batch(x)))  # compiled once, no augmentation
@@ -168,8 +168,9 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     metrics = runfolder.read_json(run / "metrics.json")  # first: a clear error for a folder that is no run
     config = load_config(run / "config.yaml")
     images = data.load_test_images(run, data_dir, config.data)
-    ds = data.tf_dataset(images, "test", config.data.batch_size, shuffle=False, seed=0)
-    before, after = (probabilities(predict_logits(load_model(run / name), ds)[0])
+    before, after = (probabilities(predict_logits(load_model(run / name),
+                                                  data.test_batches(images, config.data.image_size,
+                                                                    config.data.batch_size))[0])
                      for name in ("before_fine_tuning.keras", "model.keras"))
     block = compare_stages(before, after, images.labels, images.classes)
     if data_dir is not None:

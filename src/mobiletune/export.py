@@ -147,9 +147,9 @@ def _latency_ms(predictor, image: np.ndarray, repeats: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
-def predict_all(predictor, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Probabilities for every image, `batch` at a time."""
-    return np.concatenate([predictor.predict(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+def predict_all(predictor, images: data.ImageSet, batch: int = 32) -> np.ndarray:
+    """Probabilities for every test image, decoded and predicted `batch` at a time."""
+    return np.concatenate([predictor.predict(x) for x, _ in data.test_batches(images, predictor.size, batch)])
 
 
 def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.ndarray,
@@ -160,14 +160,14 @@ def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.n
     checks = []
     for fmt, path in paths.items():
         predictor = load_predictor(path)
-        probs = predict_all(predictor, images.pixels, batch)
+        probs = predict_all(predictor, images, batch)
         checks.append(Check(
             format=fmt,
             accuracy=float((probs.argmax(1) == images.labels).mean()),
             agreement=float((probs.argmax(1) == reference.argmax(1)).mean()),
             max_abs_diff=float(np.abs(probs - reference).max()),
             megabytes=_size_mb(path),
-            ms_per_image=_latency_ms(predictor, images.pixels[0]),
+            ms_per_image=_latency_ms(predictor, next(data.test_batches(images, predictor.size, 1))[0][0]),
         ))
     return checks
 
@@ -209,7 +209,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
 
     from mobiletune.predict import KerasPredictor
 
-    reference = predict_all(KerasPredictor(model, metrics["classes"]), images.pixels)
+    reference = predict_all(KerasPredictor(model, metrics["classes"]), images)
     keras_accuracy = float((reference.argmax(1) == images.labels).mean())
     checks = check_exports(paths, images, reference)
     runfolder.write_text(out / "report.md", report_markdown(checks, keras_accuracy, len(images.labels), max_drop))

@@ -25,12 +25,16 @@ from typing import Any
 import keras
 import numpy as np
 
+from mobiletune import data as data_lib
 from mobiletune import model as model_lib
+from mobiletune import store as store_lib
 from mobiletune.config import Config
 from mobiletune.data import ImageSet
 from mobiletune.errors import MobiletuneError
+from mobiletune.scan import INDEX_NAME
+from mobiletune.store import RowReader
 
-FORMAT_VERSION = 1  # bump when what is stored changes: old entries are then never matched
+FORMAT_VERSION = 2  # bump when what is stored changes: old entries are then never matched
 
 
 def default_cache_dir() -> Path:
@@ -117,46 +121,6 @@ def _key(**parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-@dataclass
-class CacheEntry:
-    """One folder's arrays, memory-mapped: `views x images x feature` for each output of the extractor."""
-
-    arrays: list[np.ndarray]
-    hit: bool
-
-
-def _load_arrays(path: Path) -> list[np.ndarray]:
-    meta = json.loads((path / "meta.json").read_text())
-    return [np.load(path / f"{i}.npy", mmap_mode="r") for i in range(meta["outputs"])]
-
-
-def _compute_entry(folder: Path, key_parts: dict, compute) -> CacheEntry:
-    """Return the cached entry for `key_parts`, or compute it and store it atomically."""
-    path = folder / _key(**key_parts)
-    if (path / "meta.json").exists():
-        try:
-            arrays = _load_arrays(path)
-        except (OSError, ValueError, KeyError):
-            shutil.rmtree(path, ignore_errors=True)  # damaged on disk or by hand: computed again below
-        else:
-            os.utime(path)  # last used, for `cache ls`
-            return CacheEntry(arrays, hit=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
-    try:
-        outputs = compute(tmp)
-        meta = {**key_parts, "outputs": outputs, "created": time.time()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process stored the same entry first: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return CacheEntry(_load_arrays(path), hit=False)
-
-
 def export_onnx(model: keras.Model, path: Path) -> None:
     """Keras' own ONNX export, without the FutureWarning its bundled tf2onnx shim prints."""
     import warnings
@@ -218,64 +182,58 @@ def _runner(extract: keras.Model, engine: str, onnx_path: Path):
     return lambda x: [np.asarray(o) for o in forward(x)]
 
 
-def _extract_views(run, augment, pixels: np.ndarray, views: int, batch: int, out: Path) -> int:
-    """Run `extract` over `views` passes of `pixels`, through `augment` unless it is None.
-
-    `augment` is a freshly built, seeded layer, so the draws depend only on the seed and this
-    entry's own order. Writes one .npy per extractor output, [views, n, ...]; returns how many.
-    """
-    import tensorflow as tf
-
-    @tf.function
-    def prepare(x):  # augmentation in a graph, then the model's own Rescaling: [0, 255] -> [-1, 1]
-        return (augment(x, training=True) if augment is not None else x) / 127.5 - 1
-
-    files: list[np.ndarray] = []
-    for view in range(views):
-        for start in range(0, len(pixels), batch):
-            x = prepare(tf.convert_to_tensor(pixels[start : start + batch], tf.float32)).numpy()
-            outs = run(x)
-            if not files:
-                files = [
-                    np.lib.format.open_memmap(out / f"{i}.npy", mode="w+", dtype=_store_dtype(i),
-                                              shape=(views, len(pixels), *o.shape[1:]))
-                    for i, o in enumerate(outs)
-                ]
-            for f, o in zip(files, outs, strict=True):
-                f[view, start : start + len(o)] = o
-    for f in files:
-        f.flush()
-    return len(files)
-
-
 def _store_dtype(output_index: int) -> str:
     # Pooled features are small: kept exact. Boundary activations are large: float16 halves the
     # cache and the page-cache traffic; the rounding (~1e-3 relative) is far below augmentation noise.
     return "float32" if output_index == 0 else "float16"
 
 
+def view_tag(config: Config, view: int | None) -> str:
+    """What names a view in the store: "plain", or the augmentation settings, seed and view number."""
+    if view is None:
+        return "plain"
+    a = config.augment
+    return f"aug:{config.data.seed}:{a.flip}:{a.rotation!r}:{view}"
+
+
 @dataclass
 class Features:
-    """Cached arrays [views, n, ...] per split: the pooled base output and each boundary's activations."""
+    """Where each split's cached features are: one reader per split over [views x images] rows
+    (row v*n + i is view v of image i; validation and test have the one plain view).
 
-    splits: dict[str, list[np.ndarray]]  # split -> extractor outputs; output 0 is pooled
-    boundaries: dict[int, list[int]]  # fine_tune_at -> indices of its outputs
-    hits: int
-    misses: int
+    `images` is the run's image set less any file that failed to decode during the pass.
+    """
 
-    def pooled(self, split: str) -> list[np.ndarray]:
-        return self.splits[split][:1]
+    images: ImageSet
+    readers: dict[str, RowReader]
+    views: dict[str, int]
+    boundaries: dict[int, list[int]]  # fine_tune_at -> indices of its outputs; output 0 is pooled
+    computed: int  # item (image view) counts of this run
+    cached: int
+    failed: int
 
-    def boundary(self, split: str, fine_tune_at: int) -> list[np.ndarray]:
-        return [self.splits[split][i] for i in self.boundaries[fine_tune_at]]
+    def cache_bytes(self) -> int:
+        return sum(r.nbytes() for r in self.readers.values())
+
+
+def _needed(images: ImageSet, config: Config, augmenting: bool) -> dict[str, list[tuple[int, int | None]]]:
+    """(image position, view or None for plain) per split, view-major, in reading order."""
+    out = {}
+    for split in ("train", "validation", "test"):
+        idx = images.indices(split).tolist()
+        # with nothing to augment, every training view is the plain image (one item, read `views` times)
+        views = [v if augmenting else None for v in range(config.features.views)] if split == "train" else [None]
+        out[split] = [(i, v) for v in views for i in idx]
+    return out
 
 
 def compute_features(model: keras.Model, images: ImageSet, config: Config, cache_dir: Path | None = None,
-                     fine_tune_ats: list[int] | None = None) -> Features:
-    """Cached (or freshly computed) features of every split for the current recipe.
+                     fine_tune_ats: list[int] | None = None, progress=None, file_index=None) -> Features:
+    """Look up every split's features in the per-image store and compute only the missing items.
 
     `fine_tune_ats`: the boundaries to provide (default: the config's); a sweep asks for all of
-    its choices at once, so every trial reuses one pass.
+    its choices at once, so every trial reuses one pass. `progress(done, total)` follows the
+    computation. A file that fails to decode is left out (and remembered in `file_index`).
     """
     cache_dir = Path(cache_dir or cache_root(config))
     cuts = sorted(set(fine_tune_ats or [config.phase2.fine_tune_at]))
@@ -287,64 +245,115 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
         "fine_tune_at": cuts,
         "engine": config.features.engine,  # engines agree to ~1e-5, not bit for bit
     }
+    outputs = [(tuple(o.shape[1:]), _store_dtype(k)) for k, o in enumerate(extract.outputs)]
     augmenting = bool(model.get_layer("augment").layers)
-    runners: list = []  # built on the first miss only: a warm cache never converts the model
+    needed = _needed(images, config, augmenting)
+    keys = {s: [store_lib.item_key(images.hashes[i], view_tag(config, v)) for i, v in items]
+            for s, items in needed.items()}
+    item_of = {k: iv for s in needed for k, iv in zip(keys[s], needed[s], strict=True)}
+    failed: dict[int, str] = {}
+    try:
+        store_key = _key(**common)
+        store = store_lib.FeatureStore(cache_dir / "features" / store_key, outputs)
+        if not (store.folder / "key.json").exists():
+            store_lib.write_atomic(store.folder / "key.json", json.dumps(common).encode())
+        all_keys = [k for s in keys for k in keys[s]]
+        todo = store.missing(all_keys)
+        done = [0]
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        if not runners:
-            onnx_path = cache_dir / "onnx" / f"{_key(**common, keras=keras.__version__)}.onnx"
-            runners.append(_runner(extract, config.features.engine, onnx_path))
-        return runners[0](x)
+        def advance(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], len(todo))
 
-    result: dict[str, list[np.ndarray]] = {}
-    hits = misses = 0
-    for split in ("train", "validation", "test"):
-        idx = images.indices(split)
-        train = split == "train"
-        parts = {**common, "files": _digest_list([images.hashes[i] for i in idx])}
-        if train:
-            parts.update(views=config.features.views, seed=config.data.seed,
-                         flip=config.augment.flip, rotation=config.augment.rotation)
-        views = config.features.views if train else 1
-        try:
-            entry = _compute_entry(
-                cache_dir / "features", parts,
-                lambda tmp, idx=idx, views=views, train=train: _extract_views(
-                    run, model_lib.build_augmentation(config) if train and augmenting else None,
-                    images.pixels[idx], views, config.data.batch_size, tmp),
-            )
-        except OSError as exc:  # a full disk; a read-only cache_dir, or one that is a file
-            raise MobiletuneError(
-                f"features.cache_dir {cache_dir}: cannot write the feature cache ({exc.strerror or exc}); free "
-                "space there, set features.cache_dir to a writable folder, or run with --no-cache") from None
-        hits, misses = hits + entry.hit, misses + (not entry.hit)
-        result[split] = entry.arrays
-    return Features(result, where, hits, misses)
+        compute = _Computer(extract, config, images, item_of, failed,
+                            cache_dir / "onnx" / f"{_key(**common, keras=keras.__version__)}.onnx")
+        computed, _ = store.fill(todo, compute, advance)
+    except OSError as exc:  # a full disk; a read-only cache_dir, or one that is a file
+        raise MobiletuneError(
+            f"features.cache_dir {cache_dir}: cannot write the feature cache ({exc.strerror or exc}); free "
+            "space there, set features.cache_dir to a writable folder, or run with --no-cache") from None
+    if file_index is not None:
+        for i, reason in failed.items():
+            file_index.mark_bad(images.hashes[i], reason)
+    kept = images.without(failed)
+    readers, views = {}, {}
+    for split, items in _needed(kept, config, augmenting).items():
+        readers[split] = store.reader([store_lib.item_key(kept.hashes[i], view_tag(config, v)) for i, v in items])
+        views[split] = config.features.views if split == "train" else 1
+    total = sum(len(r) for r in readers.values())
+    feats = Features(kept, readers, views, where, computed=computed, cached=total - computed, failed=len(failed))
+    try:
+        record_use(cache_dir, kept, feats, store_key)
+    except OSError:
+        pass  # only bookkeeping for `cache ls`
+    return feats
 
 
-def _digest_list(items: list[str]) -> str:
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+class _Computer:
+    """Computes a chunk of store items: decode (threads), augment (per-image draws), extract, write."""
+
+    def __init__(self, extract, config: Config, images: ImageSet, item_of: dict, failed: dict[int, str],
+                 onnx_path: Path):
+        self.extract, self.config, self.images, self.item_of = extract, config, images, item_of
+        self.failed, self.onnx_path = failed, onnx_path
+        self.run = self.augment = None  # built on the first miss only: a warm cache never converts the model
+
+    def __call__(self, chunk: list[bytes], folder: Path, heartbeat) -> set[bytes]:
+        import tensorflow as tf
+
+        if self.run is None:
+            self.run = _runner(self.extract, self.config.features.engine, self.onnx_path)
+            self.augment = model_lib.view_augmenter(self.config.augment.flip, self.config.augment.rotation)
+        size, batch = self.config.data.image_size, self.config.data.batch_size
+        rows = {k: r for r, k in enumerate(chunk)}
+        files = [np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=_store_dtype(k),
+                                           shape=(len(chunk), *o.shape[1:]))
+                 for k, o in enumerate(self.extract.outputs)]
+        bad: set[bytes] = set()
+        for view in sorted({v for k in chunk for v in [self.item_of[k][1]]}, key=lambda v: -1 if v is None else v):
+            members = [k for k in chunk if self.item_of[k][1] == view]
+            positions = np.array([self.item_of[k][0] for k in members])
+            key_at = dict(zip(positions.tolist(), members, strict=True))
+            for done, pixels, broken in data_lib.iter_pixels(self.images, positions, size, batch):
+                for i, reason in broken.items():
+                    self.failed[i] = reason
+                    bad.add(key_at[i])
+                if not len(done):
+                    continue
+                x = pixels.astype(np.float32)
+                if view is not None:
+                    x = self.augment(x, *model_lib.view_draws(self.config, [self.images.hashes[i] for i in done],
+                                                              view))
+                outs = self.run(np.asarray(tf.constant(x) / 127.5 - 1))  # the model's own Rescaling to [-1, 1]
+                at = [rows[key_at[i]] for i in done.tolist()]
+                for f, o in zip(files, outs, strict=True):
+                    f[at] = o
+                heartbeat()
+        for f in files:
+            f.flush()
+        del files
+        return bad
 
 
 # ---------------------------------------------------------------------------------------------
 # Feeding cached features to Keras
 
 
-def feature_dataset(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
-                    initial_epoch: int = 0, epochs: int = 1, in_memory: bool | None = None):
-    """A tf.data pipeline of cached features: (float32 features, label) batches.
+def feature_dataset(reader: RowReader, outputs: list[int], labels: np.ndarray, views: int, batch_size: int, *,
+                    shuffle: bool, seed: int, initial_epoch: int = 0, epochs: int = 1):
+    """A tf.data pipeline of cached features: (float32 features, label) batches, read from the store.
 
-    `arrays` are [views, n, ...] each, in the order of the model's inputs. Shuffled: epochs
-    `initial_epoch` .. `epochs - 1` back to back, epoch e in an order and with one view per image
-    drawn from (seed, e) alone, so a resumed run sees exactly the batches an unbroken one would.
-    `in_memory` (default: when they fit, see `fits_in_memory`) holds the arrays in RAM and gathers
-    batches in the graph, ready while the previous step runs (a Python PyDataset cost ~1.3 s per
-    phase-2 epoch); otherwise batches are read from the memory-mapped cache files, so features
-    larger than memory still train, on the same batches.
+    `reader` holds [views x n] rows (view v of image i at v*n + i); `outputs` are the extractor
+    outputs the trainee takes, in its input order. Shuffled: epochs `initial_epoch` .. `epochs - 1`
+    back to back, epoch e in an order and with one view per image drawn from (seed, e) alone, so a
+    resumed run sees exactly the batches an unbroken one would, whatever the store's layout.
+    Batches are read with pread in parallel map calls, a few batches ahead: memory stays flat
+    however large the store.
     """
     import tensorflow as tf
 
-    views, n = arrays[0].shape[:2]
+    n = len(labels)
     y = tf.constant(labels)
     seed64 = tf.constant(seed, tf.int64)
 
@@ -358,70 +367,78 @@ def feature_dataset(arrays: list[np.ndarray], labels: np.ndarray, batch_size: in
     else:
         batches = tf.data.Dataset.from_tensor_slices(
             (tf.range(n, dtype=tf.int64), tf.zeros(n, tf.int64))).batch(batch_size)
+    dtypes = [tf.as_dtype(reader.dtypes[k]) for k in outputs]
 
-    if fits_in_memory(arrays) if in_memory is None else in_memory:
-        tensors = [tf.constant(np.asarray(a)) for a in arrays]
-
-        def gather(rows, view):
-            return [tf.gather_nd(t, tf.stack([view, rows], axis=1)) for t in tensors]
-    else:
-        def read(rows, view):
-            return [np.asarray(a[view, rows]) for a in arrays]
-
-        def gather(rows, view):
-            xs = tf.numpy_function(read, [rows, view], [tf.as_dtype(a.dtype) for a in arrays], stateful=False)
-            for x, a in zip(xs, arrays, strict=True):
-                x.set_shape([None, *a.shape[2:]])
-            return xs
+    def read(rows, view):
+        return reader.read(view * n + rows, outputs)
 
     def load(rows, view):
-        xs = tuple(tf.cast(x, tf.float32) for x in gather(rows, view))
+        xs = tf.numpy_function(read, [rows, view], dtypes, stateful=False)
+        xs = [tf.ensure_shape(x, [None, *reader.shapes[k]]) for x, k in zip(xs, outputs, strict=True)]
+        xs = tuple(tf.cast(x, tf.float32) for x in xs)
         return (xs if len(xs) > 1 else xs[0]), tf.gather(y, rows)
 
     return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
-def fits_in_memory(arrays: list[np.ndarray], share: float = 0.5) -> bool:
-    """Whether `arrays` take less than `share` of the memory the kernel says is available."""
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return True  # not Linux: no way to ask, keep the fast path
-    return sum(a.nbytes for a in arrays) < share * available
 
 
 # ---------------------------------------------------------------------------------------------
 # Managing the cache
 
 
+def record_use(cache_dir: Path, images: ImageSet, feats: Features, store_key: str) -> None:
+    """Note which data set used which store, how much of it, and when: what `cache ls` shows."""
+    folder = cache_dir / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    root = str(images.root.resolve())
+    name = hashlib.sha256(f"{root}:{store_key}".encode()).hexdigest()[:16]
+    record = {"data_dir": root, "store": store_key, "images": len(images.paths),
+              "megabytes": feats.cache_bytes() / 2**20, "last_used": time.time()}
+    store_lib.write_atomic(folder / f"{name}.json", json.dumps(record).encode())
+
+
 @dataclass(frozen=True)
-class CacheInfo:
+class StoreInfo:
     key: str
-    split_images: int
-    views: int
-    fine_tune_at: str  # the boundaries stored, e.g. "100" or "100,120,140"
     image_size: int
+    fine_tune_at: str  # the boundaries stored, e.g. "100" or "100,120,140"
+    items: int  # image views
+    shards: int
     megabytes: float
     last_used: float
 
 
-def list_cache(cache_dir: Path | None = None) -> list[CacheInfo]:
-    """Every complete entry of the feature cache, most recently used first."""
-    folder = Path(cache_dir or default_cache_dir()) / "features"
-    entries = []
-    for meta_path in folder.glob("*/meta.json"):
+def list_cache(cache_dir: Path | None = None) -> tuple[list[StoreInfo], list[dict[str, Any]]]:
+    """Every feature store, most recently used first, and the data sets that used them."""
+    root = Path(cache_dir or default_cache_dir())
+    stores = []
+    for meta_path in (root / "features").glob("*/meta.json"):
+        shards = [p for p in (meta_path.parent / "shards").glob("[!.]*") if p.is_dir()]
+        items = size = 0
+        for shard in shards:
+            try:
+                items += len(np.load(shard / "keys.npy", mmap_mode="r"))
+                size += sum(f.stat().st_size for f in shard.iterdir())
+            except (OSError, ValueError):
+                continue  # damaged or just removed: the next run that needs it computes it again
+        key = meta_path.parent.name
+        info = _key_info(root, key)
+        stores.append(StoreInfo(key, info.get("image_size", 0), ",".join(map(str, info.get("fine_tune_at", []))),
+                                items, len(shards), size / 2**20,
+                                max([meta_path.stat().st_mtime, *(s.stat().st_mtime for s in shards)])))
+    used = []
+    for path in (root / "datasets").glob("*.json"):
         try:
-            meta = json.loads(meta_path.read_text())
-            first = np.load(meta_path.parent / "0.npy", mmap_mode="r")
+            used.append(json.loads(path.read_text()))
         except (OSError, ValueError):
-            continue  # damaged: the next run that needs it computes it again; `cache clear` removes it
-        arrays = list(meta_path.parent.glob("*.npy"))
-        entries.append(CacheInfo(
-            key=meta_path.parent.name, split_images=first.shape[1], views=first.shape[0],
-            fine_tune_at=",".join(map(str, meta["fine_tune_at"])), image_size=meta["image_size"],
-            megabytes=sum(p.stat().st_size for p in arrays) / 2**20, last_used=meta_path.parent.stat().st_mtime))
-    return sorted(entries, key=lambda e: -e.last_used)
+            continue
+    return sorted(stores, key=lambda e: -e.last_used), sorted(used, key=lambda d: -d["last_used"])
+
+
+def _key_info(root: Path, key: str) -> dict[str, Any]:
+    try:
+        return json.loads((root / "features" / key / "key.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def list_extractors(cache_dir: Path | None = None) -> list[Path]:
@@ -429,10 +446,27 @@ def list_extractors(cache_dir: Path | None = None) -> list[Path]:
     return sorted((Path(cache_dir or default_cache_dir()) / "onnx").glob("*.onnx"))
 
 
-def clear_cache(cache_dir: Path | None = None) -> tuple[int, int]:
-    """Delete every feature entry and exported extractor (and half-written leftovers); how many of each went."""
+def clear_cache(cache_dir: Path | None = None, older_than: float | None = None) -> tuple[int, float]:
+    """Delete cached features and extractors: all, or only what was last used more than `older_than`
+    seconds ago (shard by shard). Returns (files and folders removed, megabytes freed)."""
     root = Path(cache_dir or default_cache_dir())
-    counts = len(list((root / "features").glob("*/meta.json"))), len(list_extractors(root))
-    for folder in (root / "features", root / "onnx"):
-        shutil.rmtree(folder, ignore_errors=True)
-    return counts
+    cutoff = None if older_than is None else time.time() - older_than
+    removed, freed = 0, 0
+    candidates = [*(root / "features").glob("*/shards/*"), *(root / "onnx").glob("*"),
+                  *(root / "datasets").glob("*.json")]
+    if cutoff is None:
+        candidates += [*(root / "features").glob("*/claims/*"), *root.glob(f"{INDEX_NAME}*")]
+    for path in candidates:
+        try:
+            if cutoff is not None and path.stat().st_mtime >= cutoff:
+                continue
+            files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+            size = sum(f.stat().st_size for f in files)
+        except OSError:
+            continue
+        store_lib.remove_tree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        removed, freed = removed + 1, freed + size
+    for store in (root / "features").glob("*"):
+        if store.is_dir() and not any((store / "shards").glob("[!.]*")):
+            shutil.rmtree(store, ignore_errors=True)  # no shards left: the store itself goes
+    return removed, freed / 2**20

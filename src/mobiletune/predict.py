@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mobiletune.data import IMAGE_EXTENSIONS, BadImage, decode_image
+from mobiletune.data import BadImage, decode_image
 from mobiletune.errors import ModelError, UsageError
+from mobiletune.scan import IMAGE_EXTENSIONS
 
 
 class Predictor:

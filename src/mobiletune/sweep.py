@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import yaml
 
-from mobiletune import data, features, runfolder
+from mobiletune import data, features, runfolder, scan
 from mobiletune import model as model_lib
 from mobiletune.config import Config, _all_keys, from_flat
 from mobiletune.errors import ConfigError, UsageError
@@ -130,13 +130,14 @@ class _Shared:
     extractor_model: keras.Model
     cuts: list[int]
     feature_sets: dict[tuple, features.Features]
+    index: scan.FileIndex
 
 
 def _features_for(shared: _Shared, config: Config) -> features.Features:
     key = (config.augment.flip, config.augment.rotation)
     if key not in shared.feature_sets:
         shared.feature_sets[key] = features.compute_features(shared.extractor_model, shared.images, config,
-                                                             fine_tune_ats=shared.cuts)
+                                                             fine_tune_ats=shared.cuts, file_index=shared.index)
     return shared.feature_sets[key]
 
 
@@ -152,7 +153,7 @@ def _objective(shared: _Shared, base: Config, space: dict[str, dict[str, Any]]):
                                       len(shared.images.classes))
         model_lib.base_of(model).set_weights(shared.base_weights)  # no reload from disk per trial
         epochs = config.phase1.epochs + config.phase2.epochs
-        history = fit_recipe(model, shared.images, feats, config, callbacks=[_ReportToTrial(trial, epochs)])
+        history = fit_recipe(model, feats.images, feats, config, callbacks=[_ReportToTrial(trial, epochs)])
         return history[-1]["val_accuracy"] if history else 0.0
 
     return objective
@@ -224,11 +225,12 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     say = console.print if console is not None else (lambda *a, **k: None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    images = data.load_images(data_dir, base.data)
+    index = scan.FileIndex(features.cache_root(base) / scan.INDEX_NAME)
+    images = data.load_images(data_dir, base.data, index)
     _seed_everything(base.data.seed)
     extractor_model = model_lib.build_model(base, len(images.classes))
     cuts = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
-    shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, cuts, {})
+    shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, cuts, {}, index)
     study, created = open_study(out, storage, study_name, base.data.seed, grace_period)
     defaults = {k: base.flat()[k] for k in space}
     if created and all(_in_space(defaults[k], space[k]) for k in space):

@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from mobiletune import checkpoint, data, evaluate, features, report, report_html, runfolder
+from mobiletune import checkpoint, data, evaluate, features, progress, report, report_html, runfolder, scan
 from mobiletune import model as model_lib
 from mobiletune.config import Config
 from mobiletune.errors import DataError, UsageError
@@ -185,8 +185,30 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         runfolder.make_folder(features.cache_root(config), "features.cache_dir")  # likewise
     say = console.print if console is not None else (lambda *a, **k: None)
 
-    images = data.load_images(data_dir, config.data)
+    index = _file_index(config)
+    images = _scan(data_dir, config, index, console)
     seconds = {"load_images": time.perf_counter() - started}
+    _seed_everything(config.data.seed)
+    model = model_lib.build_model(config, len(images.classes))
+    base = model_lib.base_of(model)
+    weights_sha256 = features.weights_digest(base)  # of the weights as loaded, before any training
+    say(f"number of layers in the base model: {len(base.layers)}; fine-tuning from layer "
+        f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
+
+    feats = None
+    clock = time.perf_counter()
+    if config.features.cache:
+        with progress.bar(console, "features") as update:
+            feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
+                                              file_index=index)
+        images = feats.images
+        say(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
+            + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
+            + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} MB of "
+            f"cache, {time.perf_counter() - clock:.1f} s)")
+    else:
+        images = data.check_decodable(images, config.data.image_size, config.data.batch_size)
+    seconds["features"] = time.perf_counter() - clock
     if resume:
         _check_same_data(out, images)
     else:
@@ -204,23 +226,6 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         say(f"note: phase 1 is only {head_steps} optimizer steps ({counts['train']} training images, batch "
             f"{config.data.batch_size}, {config.phase1.epochs} epochs); the new head may underfit: raise "
             "phase1.epochs or phase1.lr, or let `mobiletune sweep` choose")
-
-    _seed_everything(config.data.seed)
-    model = model_lib.build_model(config, len(images.classes))
-    base = model_lib.base_of(model)
-    weights_sha256 = features.weights_digest(base)  # of the weights as loaded, before any training
-    say(f"number of layers in the base model: {len(base.layers)}; fine-tuning from layer "
-        f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
-
-    feats = None
-    clock = time.perf_counter()
-    if config.features.cache:
-        feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts)
-        say(f"feature cache: {feats.hits} hit(s), {feats.misses} miss(es), "
-            f"{time.perf_counter() - clock:.1f} s ({config.features.views} views per training image)")
-        if not features.fits_in_memory(feats.boundary("train", config.phase2.fine_tune_at)):  # as phase 2 decides
-            say("cached features exceed half the available memory: streaming them from the cache files (slower)")
-    seconds["features"] = time.perf_counter() - clock
     clock = time.perf_counter()
 
     saved = checkpoint.load(out) if resume else None
@@ -229,11 +234,10 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         checkpoint.restore_model(model, saved.model_variables)
         say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
 
-    test_ds = data.tf_dataset(images, "test", config.data.batch_size, shuffle=False, seed=config.data.seed)
-
     def after_phase(phase: int, history: list[dict[str, Any]]) -> None:
         nonlocal clock
-        logits, _ = evaluate.predict_logits(model, test_ds)  # the full model on test pixels: the real numbers
+        test = data.test_batches(images, config.data.image_size, config.data.batch_size)
+        logits, _ = evaluate.predict_logits(model, test)  # the full model on test pixels: the real numbers
         extra[f"test_probs_{phase}"] = evaluate.probabilities(logits)
         seconds[f"phase{phase}"] = time.perf_counter() - clock
         _write_history(out, history)
@@ -275,6 +279,10 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         "class_weight": {images.classes[c]: w for c, w in (class_weights(images, config) or {}).items()},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "resumed": saved is not None,
+        "features": None if feats is None else {"images_cached": feats.cached, "images_computed": feats.computed,
+                                                "cache_bytes": feats.cache_bytes()},
+        "files_hashed": images.files_read,
+        "peak_rss_mb": peak_rss_mb(),
         "data_dir": str(Path(data_dir).resolve()),
         "environment": environment(weights_sha256),
     }
@@ -296,6 +304,30 @@ def resume_run(run: str | Path, console=None) -> RunResult:
     info = runfolder.read_json(run / "run.json")
     return train_and_evaluate(load_config(run / "config.yaml"), info["data_dir"], run, console=console,
                               resume=True)
+
+
+def _file_index(config: Config) -> scan.FileIndex:
+    """The digests index in the cache folder; with --no-cache nothing is written there, so in memory."""
+    if not config.features.cache:
+        return scan.FileIndex(None)
+    root = features.cache_root(config)
+    return scan.FileIndex(root / scan.INDEX_NAME)
+
+
+def _scan(data_dir: str | Path, config: Config, index: scan.FileIndex, console) -> data.ImageSet:
+    with progress.bar(console, "hashing new files") as update:
+        images = data.load_images(data_dir, config.data, index, update)
+    if console is not None:
+        console.print(f"scanned {len(images.paths) + len(images.skipped):,} files: {images.files_read:,} new or "
+                      "changed (hashed), the rest known")
+    return images
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _check_same_data(out: Path, images: data.ImageSet) -> None:
@@ -332,21 +364,21 @@ def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: fe
     """
     batch, seed = config.data.batch_size, config.data.seed
     if feats is None:
-        return (model, data.tf_dataset(images, "train", batch, shuffle=True, seed=seed,
-                                       initial_epoch=initial_epoch, epochs=end_epoch),
-                data.tf_dataset(images, "validation", batch, shuffle=False, seed=seed))
+        size = config.data.image_size
+        return (model, data.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
+                                          initial_epoch=initial_epoch, epochs=end_epoch),
+                data.pixel_dataset(images, "validation", size, batch, shuffle=False, seed=seed))
     if phase == 1:
-        trainee, train_arrays, val_arrays = features.head_model(model), feats.pooled("train"), feats.pooled(
-            "validation")
+        trainee, outputs = features.head_model(model), [0]
     else:
-        cut = config.phase2.fine_tune_at
-        trainee = features.top_model(model, cut)
-        train_arrays, val_arrays = feats.boundary("train", cut), feats.boundary("validation", cut)
+        trainee, outputs = features.top_model(model, config.phase2.fine_tune_at), feats.boundaries[
+            config.phase2.fine_tune_at]
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
     return (trainee,
-            features.feature_dataset(train_arrays, labels["train"], batch, shuffle=True, seed=seed,
-                                     initial_epoch=initial_epoch, epochs=end_epoch),
-            features.feature_dataset(val_arrays, labels["validation"], batch, shuffle=False, seed=seed))
+            features.feature_dataset(feats.readers["train"], outputs, labels["train"], feats.views["train"], batch,
+                                     shuffle=True, seed=seed, initial_epoch=initial_epoch, epochs=end_epoch),
+            features.feature_dataset(feats.readers["validation"], outputs, labels["validation"], 1, batch,
+                                     shuffle=False, seed=seed))
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
