@@ -8,15 +8,16 @@ import numpy as np
 from mobiletune import store
 
 
-def _fill(folder, n, log, shard_bytes):
+def _fill(folder, n, log, shard_bytes, start):
     """One worker: fill items 0..n-1 (value = item number), slowly, logging what it computed."""
     store.SHARD_BYTES = shard_bytes
     st = store.FeatureStore(folder, [((2,), "float32")])
+    start.wait(timeout=60)  # both begin together, however long each took to start
     keys = [store.item_key(str(i), "plain") for i in range(n)]
 
     def compute(chunk, out, heartbeat):
         rows = [keys.index(k) for k in chunk]
-        time.sleep(0.05)
+        time.sleep(0.1)
         np.save(out / "0.npy", np.repeat(np.array(rows, np.float32)[:, None], 2, axis=1))
         with open(log, "a") as f:
             f.write("".join(f"{r}\n" for r in rows))
@@ -32,8 +33,10 @@ def _fill(folder, n, log, shard_bytes):
 def test_two_processes_fill_one_store_without_computing_twice(tmp_path):
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold TensorFlow threads
     n, row = 60, 8  # 8 bytes per item; 40-byte shards: 5 items each, 12 shards to share out
-    with ctx.Pool(2) as pool:
-        results = [pool.apply_async(_fill, (tmp_path / "s", n, tmp_path / f"log{w}", 5 * row)) for w in range(2)]
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
+        start = manager.Barrier(2)
+        results = [pool.apply_async(_fill, (tmp_path / "s", n, tmp_path / f"log{w}", 5 * row, start))
+                   for w in range(2)]
         computed = [r.get(timeout=120) for r in results]
     logged = [int(x) for w in range(2) if (tmp_path / f"log{w}").exists()
               for x in (tmp_path / f"log{w}").read_text().split()]

@@ -154,7 +154,8 @@ class FeatureStore:
                 if progress:
                     progress(len(chunk))
             finally:
-                claim.unlink(missing_ok=True)
+                with self._lock():  # released only once its shard is in place (or given up): no gap to misread
+                    claim.unlink(missing_ok=True)
             taken = set(chunk)
             todo = [k for k in todo if k not in taken]
         self.refresh()  # take in the shards just written
@@ -220,15 +221,14 @@ class FeatureStore:
 
 
 class RowReader:
-    """Reads rows (by position in the key list) of every output, with os.pread: no memory map whose
-    pages would count against the process, and safe from many tf.data threads at once."""
+    """Reads rows (by position in the key list) of chosen outputs with os.pread: no memory map whose
+    pages would count against the process, and safe from many tf.data threads at once. Files are
+    opened per call, so a store of any number of shards never runs out of file descriptors."""
 
     def __init__(self, store: FeatureStore, where: np.ndarray):
-        _raise_open_files_limit()
         self.store, self.where = store, where
         self.shapes = [s for s, _ in store.outputs]
         self.dtypes = [np.dtype(d) for _, d in store.outputs]
-        self._fds: dict[tuple[int, int], int] = {}
 
     def __len__(self) -> int:
         return len(self.where)
@@ -239,41 +239,24 @@ class RowReader:
     def read(self, positions: np.ndarray, outputs: Sequence[int]) -> list[np.ndarray]:
         """Outputs `outputs` of the rows at `positions`, each [len(positions), ...]."""
         out = [np.empty((len(positions), *self.shapes[k]), self.dtypes[k]) for k in outputs]
-        for j, p in enumerate(positions):
-            number, row = self.where[p]
+        where = self.where[positions]
+        for number in np.unique(where[:, 0]):
             shard = self.store.shards[number]
+            at = np.flatnonzero(where[:, 0] == number)
             for array, k in zip(out, outputs, strict=True):
                 offset, _, dtype = shard.layouts[k]
-                size = array[j].nbytes
-                data = os.pread(self._fd(number, k), size, offset + row * size)
-                if len(data) != size:
-                    raise DamagedShard(f"{shard.folder}/{k}.npy: shorter than its header says")
-                array[j] = np.frombuffer(data, dtype).reshape(array.shape[1:])
+                size = array[0].nbytes
+                fd = os.open(shard.folder / f"{k}.npy", os.O_RDONLY)
+                try:
+                    for j in at:
+                        data = os.pread(fd, size, offset + int(where[j, 1]) * size)
+                        if len(data) != size:
+                            raise DamagedShard(f"{shard.folder}/{k}.npy: shorter than its header says; run again "
+                                               "to recompute it")
+                        array[j] = np.frombuffer(data, dtype).reshape(array.shape[1:])
+                finally:
+                    os.close(fd)
         return out
-
-    def _fd(self, number: int, k: int) -> int:
-        fd = self._fds.get((number, k))
-        if fd is None:
-            fd = os.open(self.store.shards[number].folder / f"{k}.npy", os.O_RDONLY)
-            fd = self._fds.setdefault((number, k), fd)
-        return fd
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self):
-        self.close()
-
-
-def _raise_open_files_limit() -> None:
-    """One descriptor per shard file stays open while training: lift the soft limit to the hard one."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
 
 def _keep_rows(folder: Path, outputs: int, rows: list[int]) -> None:
