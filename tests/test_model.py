@@ -61,7 +61,7 @@ def test_batchnorm_stays_in_inference_mode_when_fine_tuning():
 def test_imagenet_features_are_real():
     """The offline weights load and give features that tell a cat photo from noise."""
     from conftest import CATS_DOGS
-    from mobiletune.data import decode_image
+    from mobiletune.pixels import decode_image
 
     base = model_lib.build_base(load_config(overrides=["data.image_size=96"]))
     cat = decode_image((CATS_DOGS / "train" / "cats" / "cat.0.jpg").read_bytes(), 96)[None].astype("float32")

@@ -43,7 +43,7 @@ def test_two_processes_fill_one_store_without_computing_twice(tmp_path):
     assert sum(computed) == n and sorted(logged) == list(range(n))  # each item computed exactly once
     assert min(computed) > 0  # and the work was shared
     st = store.FeatureStore(tmp_path / "s", [((2,), "float32")])
-    assert len(st.index) == n and sum(len(s.keys) for s in st.shards) == n
+    assert len(st) == n and sum(s.rows for s in st.shards) == n
     assert not list((tmp_path / "s" / "claims").glob("*.json"))
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mobiletune import data
+from mobiletune import data, pixels
 from mobiletune import model as model_lib
 from mobiletune.train import train_and_evaluate
 
@@ -50,8 +50,8 @@ def test_end_to_end_run_folder(tiny_run, tiny_config):
     with open(run / "test_predictions.csv") as f:
         recorded = {r["path"]: float(r["p_after_dogs"]) for r in csv.DictReader(f)}
     reloaded = model_lib.load_model(run / "model.keras")
-    pixels = np.concatenate([p for _, p, _ in data.iter_pixels(images, test, tiny_config.data.image_size, 8)])
-    logits = reloaded.predict(pixels.astype("float32"), verbose=0)[:, 0]
+    decoded = np.concatenate([p for _, p, _ in pixels.iter_pixels(images, test, tiny_config.data.image_size, 8)])
+    logits = reloaded.predict(decoded.astype("float32"), verbose=0)[:, 0]
     for i, logit in zip(test, logits, strict=True):
         assert 1 / (1 + np.exp(-logit)) == pytest.approx(recorded[images.paths[i]], abs=1e-5)
     assert result.metrics == metrics

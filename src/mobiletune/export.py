@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from mobiletune import data, runfolder
+from mobiletune import data, pixels, runfolder
 from mobiletune import model as model_lib
 from mobiletune.config import load_config
 from mobiletune.errors import MobiletuneError, UsageError
@@ -149,7 +149,7 @@ def _latency_ms(predictor, image: np.ndarray, repeats: int = 20) -> float:
 
 def predict_all(predictor, images: data.ImageSet, batch: int = 32) -> np.ndarray:
     """Probabilities for every test image, decoded and predicted `batch` at a time."""
-    return np.concatenate([predictor.predict(x) for x, _ in data.test_batches(images, predictor.size, batch)])
+    return np.concatenate([predictor.predict(x) for x, _ in pixels.test_batches(images, predictor.size, batch)])
 
 
 def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.ndarray,
@@ -167,7 +167,7 @@ def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.n
             agreement=float((probs.argmax(1) == reference.argmax(1)).mean()),
             max_abs_diff=float(np.abs(probs - reference).max()),
             megabytes=_size_mb(path),
-            ms_per_image=_latency_ms(predictor, next(data.test_batches(images, predictor.size, 1))[0][0]),
+            ms_per_image=_latency_ms(predictor, next(pixels.test_batches(images, predictor.size, 1))[0][0]),
         ))
     return checks
 
@@ -233,12 +233,12 @@ def _representative(run: Path, metrics: dict[str, Any], config) -> np.ndarray:
     rows = [r for r in data.read_manifest(run / "split.csv") if r["split"] == "train"]
     step = max(1, len(rows) // REPRESENTATIVE_IMAGES)
     root = Path(metrics["data_dir"])
-    pixels = []
+    decoded = []
     for r in rows[::step][:REPRESENTATIVE_IMAGES]:
         try:
-            pixels.append(data.decode_image((root / r["path"]).read_bytes(), config.data.image_size))
-        except (OSError, data.BadImage):
+            decoded.append(pixels.decode_image((root / r["path"]).read_bytes(), config.data.image_size))
+        except (OSError, pixels.BadImage):
             continue
-    if not pixels:
+    if not decoded:
         raise UsageError(f"{root}: no training images found for int8 calibration; is the data folder still there?")
-    return np.stack(pixels)
+    return np.stack(decoded)

@@ -5,9 +5,10 @@ Below `fine_tune_at` the base is frozen and in inference mode in both phases, so
 a given input is fixed. One forward pass per image view gives both
   - the pooled base output, all phase 1 trains on (the head), and
   - the activations that cross the `fine_tune_at` boundary, all phase 2 trains on (the top).
-Training images get `features.views` seeded augmented views; each epoch draws one view per
-image. Validation and test are computed once, unaugmented. Arrays live in a content-addressed
-cache folder, memory-mapped, so later runs and sweep trials with the same key reuse them.
+Training images get `features.views` augmented views, each drawn from (seed, image hash, view);
+each epoch draws one view per image. Validation and test are computed once, unaugmented. Every
+view of every image is an item of the per-image store (`store`), so later runs, sweep trials,
+grown folders and new splits compute only the items that are not there yet.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from mobiletune import data as data_lib
 from mobiletune import model as model_lib
+from mobiletune import pixels as pixels_lib
 from mobiletune import store as store_lib
 from mobiletune.config import Config
 from mobiletune.data import ImageSet
@@ -257,8 +258,9 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
         store = store_lib.FeatureStore(cache_dir / "features" / store_key, outputs)
         if not (store.folder / "key.json").exists():
             store_lib.write_atomic(store.folder / "key.json", json.dumps(common).encode())
-        all_keys = [k for s in keys for k in keys[s]]
-        todo = store.missing(all_keys)
+        # image-major, so a shard holds all the views of its images and each image is decoded once
+        todo = sorted(store.missing([k for s in keys for k in keys[s]]),
+                      key=lambda k: (item_of[k][0], -1 if item_of[k][1] is None else item_of[k][1]))
         done = [0]
 
         def advance(n: int) -> None:
@@ -300,40 +302,43 @@ class _Computer:
         self.run = self.augment = None  # built on the first miss only: a warm cache never converts the model
 
     def __call__(self, chunk: list[bytes], folder: Path, heartbeat) -> set[bytes]:
-        import tensorflow as tf
-
         if self.run is None:
             self.run = _runner(self.extract, self.config.features.engine, self.onnx_path)
             self.augment = model_lib.view_augmenter(self.config.augment.flip, self.config.augment.rotation)
-        size, batch = self.config.data.image_size, self.config.data.batch_size
         rows = {k: r for r, k in enumerate(chunk)}
         files = [np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=_store_dtype(k),
                                            shape=(len(chunk), *o.shape[1:]))
                  for k, o in enumerate(self.extract.outputs)]
+        wanted: dict[int, list[tuple[int | None, bytes]]] = {}  # image position -> its (view, key) in the chunk
+        for k in chunk:
+            position, view = self.item_of[k]
+            wanted.setdefault(position, []).append((view, k))
         bad: set[bytes] = set()
-        for view in sorted({v for k in chunk for v in [self.item_of[k][1]]}, key=lambda v: -1 if v is None else v):
-            members = [k for k in chunk if self.item_of[k][1] == view]
-            positions = np.array([self.item_of[k][0] for k in members])
-            key_at = dict(zip(positions.tolist(), members, strict=True))
-            for done, pixels, broken in data_lib.iter_pixels(self.images, positions, size, batch):
-                for i, reason in broken.items():
-                    self.failed[i] = reason
-                    bad.add(key_at[i])
-                if not len(done):
-                    continue
-                x = pixels.astype(np.float32)
-                if view is not None:
-                    x = self.augment(x, *model_lib.view_draws(self.config, [self.images.hashes[i] for i in done],
-                                                              view))
-                outs = self.run(np.asarray(tf.constant(x) / 127.5 - 1))  # the model's own Rescaling to [-1, 1]
-                at = [rows[key_at[i]] for i in done.tolist()]
+        # each image decoded once, however many of its views the chunk holds (chunks are image-major)
+        batches = pixels_lib.iter_pixels(self.images, np.array(sorted(wanted)), self.config.data.image_size,
+                                         self.config.data.batch_size)
+        for done, pixels, broken in batches:
+            for i, reason in broken.items():
+                self.failed[i] = reason
+                bad.update(k for _, k in wanted[i])
+            for view in sorted({v for i in done.tolist() for v, _ in wanted[i]}, key=lambda v: -1 if v is None else v):
+                pick = [(j, k) for j, i in enumerate(done.tolist()) for v, k in wanted[i] if v == view]
+                outs = self._extract(pixels[[j for j, _ in pick]], [self.images.hashes[done[j]] for j, _ in pick], view)
+                at = [rows[k] for _, k in pick]
                 for f, o in zip(files, outs, strict=True):
                     f[at] = o
-                heartbeat()
+            heartbeat()
         for f in files:
             f.flush()
         del files
         return bad
+
+    def _extract(self, pixels: np.ndarray, digests: list[str], view: int | None) -> list[np.ndarray]:
+        """Augment (the images' own draws for `view`; none for plain), scale as the model does, extract."""
+        x = pixels.astype(np.float32)
+        if view is not None:
+            x = self.augment(x, *model_lib.view_draws(self.config, digests, view))
+        return self.run(x / np.float32(127.5) - np.float32(1))  # the model's Rescaling: [0, 255] -> [-1, 1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mobiletune.data import BadImage, decode_image
 from mobiletune.errors import ModelError, UsageError
+from mobiletune.pixels import BadImage, decode_image
 from mobiletune.scan import IMAGE_EXTENSIONS
 
 

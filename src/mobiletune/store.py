@@ -70,7 +70,8 @@ class Shard:
             self.layouts = [_npy_layout(folder / f"{k}.npy") for k in range(len(sizes) - 1)]
         except (OSError, ValueError, KeyError) as exc:
             raise DamagedShard(f"{folder}: {exc}") from None
-        if any(shape[0] != len(self.keys) for _, shape, _ in self.layouts):
+        self.rows = len(self.keys)  # the keys themselves move into the store's index (see refresh)
+        if any(shape[0] != self.rows for _, shape, _ in self.layouts):
             raise DamagedShard(f"{folder}: row counts differ between its files")
 
     def nbytes(self) -> int:
@@ -78,7 +79,8 @@ class Shard:
 
 
 class FeatureStore:
-    """The shards of one extractor; `index` maps an item key to (shard number, row)."""
+    """The shards of one extractor, and a sorted index of their item keys: numpy arrays, ~40 bytes an
+    item (a dict of bytes would take ~200), so 10^6 images' views index in well under 100 MB."""
 
     def __init__(self, folder: Path, outputs: Sequence[tuple[tuple[int, ...], str]]):
         self.folder, self.outputs = folder, [(tuple(s), str(d)) for s, d in outputs]
@@ -89,7 +91,8 @@ class FeatureStore:
             write_atomic(meta, json.dumps({"outputs": self.outputs}).encode())
         self.shards: list[Shard] = []
         self.names: set[str] = set()
-        self.index: dict[bytes, tuple[int, int]] = {}
+        self._keys = np.empty(0, KEY_DTYPE)  # sorted; _where[i] = (shard number, row) of _keys[i]
+        self._where = np.empty((0, 2), np.int64)
         self.damaged = 0
         self.refresh()
 
@@ -99,6 +102,7 @@ class FeatureStore:
     def refresh(self) -> None:
         """Take in shards other processes (or earlier runs) completed; drop damaged ones, so their items
         count as missing and are computed again."""
+        fresh: list[tuple[int, np.ndarray]] = []
         for entry in sorted(os.scandir(self.folder / "shards"), key=lambda e: e.name):
             if entry.name.startswith(".") or entry.name in self.names or not entry.is_dir():
                 continue
@@ -109,19 +113,32 @@ class FeatureStore:
                 remove_tree(Path(entry.path))
                 continue
             self.names.add(entry.name)
-            number = len(self.shards)
+            fresh.append((len(self.shards), shard.keys))
+            del shard.keys  # held once, in the index
             self.shards.append(shard)
-            for row, key in enumerate(shard.keys.tolist()):
-                self.index.setdefault(key, (number, row))
+        if fresh:
+            keys = np.concatenate([self._keys, *(k for _, k in fresh)])
+            where = np.concatenate([self._where, *(np.stack([np.full(len(k), n), np.arange(len(k))], axis=1)
+                                                   for n, k in fresh)])
+            keys, first = np.unique(keys, return_index=True)  # sorted; an item in two shards: the earlier one
+            self._keys, self._where = keys, where[first]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _find(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, position in the index) of each key."""
+        wanted = np.asarray(keys, dtype=KEY_DTYPE)
+        at = np.minimum(np.searchsorted(self._keys, wanted), max(len(self._keys) - 1, 0))
+        found = (self._keys[at] == wanted) if len(self._keys) else np.zeros(len(wanted), bool)
+        return found, at
 
     def missing(self, keys: Sequence[bytes]) -> list[bytes]:
-        seen: set[bytes] = set()
-        out = []
-        for k in keys:
-            if k not in self.index and k not in seen:
-                seen.add(k)
-                out.append(k)
-        return out
+        """The keys not in the store, each once, in their first order."""
+        if not len(keys):
+            return []
+        found, _ = self._find(keys)
+        return list(dict.fromkeys(k for k, f in zip(keys, found.tolist(), strict=True) if not f))
 
     # -----------------------------------------------------------------------------------------
     # Filling
@@ -138,7 +155,7 @@ class FeatureStore:
         while todo:
             with self._lock():  # one process at a time sees what is done and claimed, then claims
                 self.refresh()  # shards are in place before their claim is released: nothing is missed
-                todo = [k for k in todo if k not in self.index and k not in failed]
+                todo = [k for k in self.missing(todo) if k not in failed]
                 busy = self._claimed_by_others()
                 chunk = [k for k in todo if k not in busy][:per_shard]
                 claim = self._claim(chunk) if chunk else None
@@ -214,7 +231,9 @@ class FeatureStore:
 
     def reader(self, keys: Sequence[bytes]) -> RowReader:
         """Rows of `keys` (all present) in this order, read on demand."""
-        where = np.array([self.index[k] for k in keys], dtype=np.int64).reshape(-1, 2)
+        found, at = self._find(keys)
+        assert found.all(), "reader() asked for items that are not in the store"
+        where = self._where[at].reshape(-1, 2)
         for number in np.unique(where[:, 0]):
             os.utime(self.shards[number].folder)  # last used, for `cache clear --older-than`
         return RowReader(self, where)

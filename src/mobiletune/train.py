@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from mobiletune import checkpoint, data, evaluate, features, progress, report, report_html, runfolder, scan
+from mobiletune import checkpoint, data, evaluate, features, pixels, progress, report, report_html, runfolder, scan
 from mobiletune import model as model_lib
 from mobiletune.config import Config
 from mobiletune.errors import DataError, UsageError
@@ -207,7 +207,8 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
             + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} MB of "
             f"cache, {time.perf_counter() - clock:.1f} s)")
     else:
-        images = data.check_decodable(images, config.data.image_size, config.data.batch_size)
+        with progress.bar(console, "checking images") as update:
+            images = data.check_decodable(images, config.data.image_size, config.data.batch_size, update)
     seconds["features"] = time.perf_counter() - clock
     if resume:
         _check_same_data(out, images)
@@ -236,7 +237,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
 
     def after_phase(phase: int, history: list[dict[str, Any]]) -> None:
         nonlocal clock
-        test = data.test_batches(images, config.data.image_size, config.data.batch_size)
+        test = pixels.test_batches(images, config.data.image_size, config.data.batch_size)
         logits, _ = evaluate.predict_logits(model, test)  # the full model on test pixels: the real numbers
         extra[f"test_probs_{phase}"] = evaluate.probabilities(logits)
         seconds[f"phase{phase}"] = time.perf_counter() - clock
@@ -365,9 +366,9 @@ def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: fe
     batch, seed = config.data.batch_size, config.data.seed
     if feats is None:
         size = config.data.image_size
-        return (model, data.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
+        return (model, pixels.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
                                           initial_epoch=initial_epoch, epochs=end_epoch),
-                data.pixel_dataset(images, "validation", size, batch, shuffle=False, seed=seed))
+                pixels.pixel_dataset(images, "validation", size, batch, shuffle=False, seed=seed))
     if phase == 1:
         trainee, outputs = features.head_model(model), [0]
     else:
