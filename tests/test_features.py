@@ -238,3 +238,24 @@ def test_a_full_disk_while_caching_is_one_clear_error(built, cats_dogs_tiny, tmp
     with pytest.raises(MobiletuneError, match="cannot write the feature cache .No space left on device.; free space"):
         features.compute_features(built[1], images, config, tmp_path)
     assert features.list_cache(tmp_path)[0][0].items == 0 and not list((tmp_path / "features").glob("*/shards/.*"))
+
+
+def test_two_training_processes_share_one_cache(cats_dogs_tiny, tmp_path):
+    """Two `mobiletune train` processes started together on one folder and one cache: both finish, the
+    cache holds every item once, and between them they computed each item once."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    sets = [f"--set={s}" for s in [*TINY, "data.image_size=64", f"features.cache_dir={tmp_path / 'cache'}"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "mobiletune", "train", str(cats_dogs_tiny), "--out",
+                               str(tmp_path / f"run{i}"), "--quiet", *sets], env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    counts = [json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["features"] for i in range(2)]
+    assert sum(c["images_computed"] for c in counts) == 34 and all(c["images_cached"] + c["images_computed"] == 34
+                                                                   for c in counts)
+    stores, _ = features.list_cache(tmp_path / "cache")
+    assert [s.items for s in stores] == [34]

@@ -277,7 +277,10 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
             "space there, set features.cache_dir to a writable folder, or run with --no-cache") from None
     if file_index is not None:
         for i, reason in failed.items():
-            file_index.mark_bad(images.hashes[i], reason)
+            if reason == pixels_lib.CHANGED:
+                file_index.forget(images.root / images.paths[i])  # hashed again, with its new content, next scan
+            else:
+                file_index.mark_bad(images.hashes[i], reason)  # later scans skip it without decoding
     kept = images.without(failed)
     readers, views = {}, {}
     for split, items in _needed(kept, config, augmenting).items():
@@ -372,15 +375,14 @@ def feature_dataset(reader: RowReader, outputs: list[int], labels: np.ndarray, v
     else:
         batches = tf.data.Dataset.from_tensor_slices(
             (tf.range(n, dtype=tf.int64), tf.zeros(n, tf.int64))).batch(batch_size)
-    dtypes = [tf.as_dtype(reader.dtypes[k]) for k in outputs]
-
     def read(rows, view):
-        return reader.read(view * n + rows, outputs)
+        # float16 boundary activations widen here, in NumPy: a float16 tensor in TensorFlow makes oneDNN
+        # log "supports DT_HALF only on ..." to the console on every run
+        return reader.read(view * n + rows, outputs, dtype="float32")
 
     def load(rows, view):
-        xs = tf.numpy_function(read, [rows, view], dtypes, stateful=False)
-        xs = [tf.ensure_shape(x, [None, *reader.shapes[k]]) for x, k in zip(xs, outputs, strict=True)]
-        xs = tuple(tf.cast(x, tf.float32) for x in xs)
+        xs = tf.numpy_function(read, [rows, view], [tf.float32] * len(outputs), stateful=False)
+        xs = tuple(tf.ensure_shape(x, [None, *reader.shapes[k]]) for x, k in zip(xs, outputs, strict=True))
         return (xs if len(xs) > 1 else xs[0]), tf.gather(y, rows)
 
     return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

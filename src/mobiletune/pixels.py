@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from mobiletune.data import ImageSet
 
 
+# The reason for a file whose bytes no longer match its scanned digest: not bad content, only new content.
+CHANGED = "changed since it was scanned; run again to use its new content"
+
+
 class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason users see."""
 
@@ -86,7 +90,7 @@ def read_image(path: Path, size: int, sha256: str | None = None) -> np.ndarray:
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror or exc})") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise BadImage("changed since it was scanned; run again to use its new content")
+        raise BadImage(CHANGED)
     return decode_image(data, size)
 
 

@@ -74,13 +74,10 @@ class Shard:
         if any(shape[0] != self.rows for _, shape, _ in self.layouts):
             raise DamagedShard(f"{folder}: row counts differ between its files")
 
-    def nbytes(self) -> int:
-        return sum((self.folder / f"{k}.npy").stat().st_size for k in range(len(self.layouts)))
-
 
 class FeatureStore:
-    """The shards of one extractor, and a sorted index of their item keys: numpy arrays, ~40 bytes an
-    item (a dict of bytes would take ~200), so 10^6 images' views index in well under 100 MB."""
+    """The shards of one extractor, and a sorted index of their item keys: numpy arrays, 48 bytes an
+    item (a dict of bytes would take ~200), so 10^6 images' views index in under 100 MB."""
 
     def __init__(self, folder: Path, outputs: Sequence[tuple[tuple[int, ...], str]]):
         self.folder, self.outputs = folder, [(tuple(s), str(d)) for s, d in outputs]
@@ -255,16 +252,16 @@ class RowReader:
     def nbytes(self) -> int:
         return len(self.where) * self.store.row_bytes()
 
-    def read(self, positions: np.ndarray, outputs: Sequence[int]) -> list[np.ndarray]:
-        """Outputs `outputs` of the rows at `positions`, each [len(positions), ...]."""
-        out = [np.empty((len(positions), *self.shapes[k]), self.dtypes[k]) for k in outputs]
+    def read(self, positions: np.ndarray, outputs: Sequence[int], dtype: str | None = None) -> list[np.ndarray]:
+        """Outputs `outputs` of the rows at `positions`, each [len(positions), ...], as stored or as `dtype`."""
+        out = [np.empty((len(positions), *self.shapes[k]), dtype or self.dtypes[k]) for k in outputs]
         where = self.where[positions]
         for number in np.unique(where[:, 0]):
             shard = self.store.shards[number]
             at = np.flatnonzero(where[:, 0] == number)
             for array, k in zip(out, outputs, strict=True):
-                offset, _, dtype = shard.layouts[k]
-                size = array[0].nbytes
+                offset, _, stored = shard.layouts[k]
+                size = int(np.prod(array.shape[1:])) * stored.itemsize
                 fd = os.open(shard.folder / f"{k}.npy", os.O_RDONLY)
                 try:
                     for j in at:
@@ -272,7 +269,7 @@ class RowReader:
                         if len(data) != size:
                             raise DamagedShard(f"{shard.folder}/{k}.npy: shorter than its header says; run again "
                                                "to recompute it")
-                        array[j] = np.frombuffer(data, dtype).reshape(array.shape[1:])
+                        array[j] = np.frombuffer(data, stored).reshape(array.shape[1:])
                 finally:
                     os.close(fd)
         return out

@@ -195,20 +195,8 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     say(f"number of layers in the base model: {len(base.layers)}; fine-tuning from layer "
         f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
 
-    feats = None
     clock = time.perf_counter()
-    if config.features.cache:
-        with progress.bar(console, "features") as update:
-            feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
-                                              file_index=index)
-        images = feats.images
-        say(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
-            + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
-            + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} MB of "
-            f"cache, {time.perf_counter() - clock:.1f} s)")
-    else:
-        with progress.bar(console, "checking images") as update:
-            images = data.check_decodable(images, config.data.image_size, config.data.batch_size, update)
+    feats, images = _features_or_checked_images(model, images, config, index, console, feature_cuts)
     seconds["features"] = time.perf_counter() - clock
     if resume:
         _check_same_data(out, images)
@@ -305,6 +293,30 @@ def resume_run(run: str | Path, console=None) -> RunResult:
     info = runfolder.read_json(run / "run.json")
     return train_and_evaluate(load_config(run / "config.yaml"), info["data_dir"], run, console=console,
                               resume=True)
+
+
+def _features_or_checked_images(model: keras.Model, images: data.ImageSet, config: Config, index: scan.FileIndex,
+                                console, feature_cuts: list[int] | None
+                                ) -> tuple[features.Features | None, data.ImageSet]:
+    """The cached features (computing what is missing) and the images that decoded; with --no-cache,
+    no features, and every image decoded once up front so none fails mid-epoch."""
+    clock = time.perf_counter()
+    if not config.features.cache:
+        with progress.bar(console, "checking images") as update:
+            return None, data.check_decodable(images, config.data.image_size, config.data.batch_size, update)
+    with progress.bar(console, "features") as update:
+        feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
+                                          file_index=index)
+        if feats.failed:  # now known to the index: scan again, so the split is the one any later run (--resume) makes
+            images = data.load_images(images.root, config.data, index)
+            feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
+                                              file_index=index)
+    if console is not None:
+        console.print(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
+                      + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
+                      + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} "
+                      f"MB of cache, {time.perf_counter() - clock:.1f} s)")
+    return feats, feats.images
 
 
 def _file_index(config: Config) -> scan.FileIndex:
