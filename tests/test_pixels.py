@@ -92,7 +92,7 @@ def test_pixels_are_decoded_in_batches_and_checked_against_their_hash(cats_dogs_
     rows, _, failed = list(pixels.iter_pixels(images, np.arange(5), 32, 5))[0]
     assert list(rows) == [0, 1, 2, 4] and "changed since it was scanned" in failed[3]
     with pytest.raises(DataError, match="changed since it was scanned"):
-        list(pixels.test_batches(_all_test(images), 32, 4))
+        list(pixels.eval_batches(_all_test(images), 32, 4))
 
 
 def _all_test(images):

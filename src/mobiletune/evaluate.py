@@ -169,7 +169,7 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     config = load_config(run / "config.yaml")
     images = data.load_test_images(run, data_dir, config.data)
     before, after = (probabilities(predict_logits(load_model(run / name),
-                                                  pixels.test_batches(images, config.data.image_size,
+                                                  pixels.eval_batches(images, config.data.image_size,
                                                                     config.data.batch_size))[0])
                      for name in ("before_fine_tuning.keras", "model.keras"))
     block = compare_stages(before, after, images.labels, images.classes)

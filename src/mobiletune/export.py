@@ -149,7 +149,7 @@ def _latency_ms(predictor, image: np.ndarray, repeats: int = 20) -> float:
 
 def predict_all(predictor, images: data.ImageSet, batch: int = 32) -> np.ndarray:
     """Probabilities for every test image, decoded and predicted `batch` at a time."""
-    return np.concatenate([predictor.predict(x) for x, _ in pixels.test_batches(images, predictor.size, batch)])
+    return np.concatenate([predictor.predict(x) for x, _ in pixels.eval_batches(images, predictor.size, batch)])
 
 
 def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.ndarray,
@@ -167,7 +167,7 @@ def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.n
             agreement=float((probs.argmax(1) == reference.argmax(1)).mean()),
             max_abs_diff=float(np.abs(probs - reference).max()),
             megabytes=_size_mb(path),
-            ms_per_image=_latency_ms(predictor, next(pixels.test_batches(images, predictor.size, 1))[0][0]),
+            ms_per_image=_latency_ms(predictor, next(pixels.eval_batches(images, predictor.size, 1))[0][0]),
         ))
     return checks
 

@@ -156,7 +156,7 @@ def pixel_dataset(images: ImageSet, split: str, size: int, batch_size: int, *, s
     return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def test_batches(images: ImageSet, size: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def eval_batches(images: ImageSet, size: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(float32 pixels, labels) of the test split in order, for `evaluate.predict_logits`. A file
     that changed or broke since it was scanned is an error: a test set must not shrink unseen."""
     for rows, pixels, failed in iter_pixels(images, images.indices("test"), size, batch):

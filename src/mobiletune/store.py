@@ -8,7 +8,7 @@ look-ups: new images, a new split or a subset of the folder compute only what is
     shards/<id>/keys.npy         the item keys of this shard, one per row
     shards/<id>/<k>.npy          output k of every item, [rows, ...]
     shards/<id>/sizes.json       each file's byte size: a shard truncated by a crash is detected
-    claims/<time>-<pid>-<n>.json the items a process is computing now
+    claims/<time>-<owner>-<n>.json  the items a process is computing now
 
 A shard is written in a temporary folder and renamed into place whole. Before computing, a
 process claims its items in a claim file, under an flock on the store so that claims never
@@ -91,6 +91,7 @@ class FeatureStore:
         self._keys = np.empty(0, KEY_DTYPE)  # sorted; _where[i] = (shard number, row) of _keys[i]
         self._where = np.empty((0, 2), np.int64)
         self.damaged = 0
+        self.owner = uuid.uuid4().hex[:12]  # names this process's claims (a pid can repeat across machines)
         self.refresh()
 
     def row_bytes(self) -> int:
@@ -204,7 +205,7 @@ class FeatureStore:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _claim(self, chunk: list[bytes]) -> Path:
-        path = self.folder / "claims" / f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        path = self.folder / "claims" / f"{time.time_ns():020d}-{self.owner}-{uuid.uuid4().hex[:8]}.json"
         write_atomic(path, json.dumps([k.decode() for k in chunk]).encode())
         return path
 
@@ -212,7 +213,7 @@ class FeatureStore:
         """Keys in the live claims of other processes."""
         busy: set[bytes] = set()
         for entry in os.scandir(self.folder / "claims"):
-            if entry.name.startswith(".") or entry.name.split("-")[1] == str(os.getpid()):
+            if entry.name.startswith(".") or entry.name.split("-")[1] == self.owner:
                 continue
             try:
                 if time.time() - entry.stat().st_mtime > CLAIM_STALE_SECONDS:

@@ -225,7 +225,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
 
     def after_phase(phase: int, history: list[dict[str, Any]]) -> None:
         nonlocal clock
-        test = pixels.test_batches(images, config.data.image_size, config.data.batch_size)
+        test = pixels.eval_batches(images, config.data.image_size, config.data.batch_size)
         logits, _ = evaluate.predict_logits(model, test)  # the full model on test pixels: the real numbers
         extra[f"test_probs_{phase}"] = evaluate.probabilities(logits)
         seconds[f"phase{phase}"] = time.perf_counter() - clock
