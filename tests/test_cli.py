@@ -61,12 +61,13 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     args = ["train", str(cats_dogs_tiny), "--out", str(out), *_sets(f"features.cache_dir={cache}")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "features: 0 cached, 34 computed" in result.output
+    # 12 training images x (2 views + the plain one the audit compares) + 8 validation + 2 test
+    assert "features: 0 cached, 46 computed" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["features"]["images_computed"] == 34 and metrics["features"]["cache_bytes"] > 0
+    assert metrics["features"]["images_computed"] == 46 and metrics["features"]["cache_bytes"] > 0
     assert metrics["peak_rss_mb"] > 100
     again = runner.invoke(app, [*args, "--overwrite"])
-    assert "features: 34 cached, 0 computed" in again.output
+    assert "features: 46 cached, 0 computed" in again.output
     listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
     assert listing.exit_code == 0 and "1 store(s)" in listing.output and "1 exported extractor(s)" in listing.output
     assert str(cats_dogs_tiny.resolve()) in listing.output

@@ -255,7 +255,8 @@ def test_two_training_processes_share_one_cache(cats_dogs_tiny, tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     counts = [json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["features"] for i in range(2)]
-    assert sum(c["images_computed"] for c in counts) == 34 and all(c["images_cached"] + c["images_computed"] == 34
+    # 12 training images x (2 views + the plain one the audit compares) + 8 validation + 2 test = 46 items
+    assert sum(c["images_computed"] for c in counts) == 46 and all(c["images_cached"] + c["images_computed"] == 46
                                                                    for c in counts)
     stores, _ = features.list_cache(tmp_path / "cache")
-    assert [s.items for s in stores] == [34]
+    assert [s.items for s in stores] == [46]

@@ -9,8 +9,8 @@ from mobiletune import data, pixels
 from mobiletune import model as model_lib
 from mobiletune.train import train_and_evaluate
 
-RUN_FILES = {"config.yaml", "split.csv", "skipped.csv", "history.csv", "metrics.json", "before_fine_tuning.png",
-             "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",
+RUN_FILES = {"config.yaml", "split.csv", "audit.csv", "skipped.csv", "history.csv", "metrics.json",
+             "before_fine_tuning.png", "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",
              "test_predictions.csv", "report.html", "run.json"}
 
 
@@ -45,7 +45,7 @@ def test_end_to_end_run_folder(tiny_run, tiny_config):
     assert "| before fine-tuning |" in summary and "`phase2.fine_tune_at` | 100" in summary
 
     # model.keras reloads and gives the trained model's own test predictions (recorded before saving)
-    images = data.load_images(run.parent / "data", tiny_config.data)
+    images = data.load_test_images(run, None, tiny_config.data)  # the run's own test split, from its manifest
     test = images.indices("test")
     with open(run / "test_predictions.csv") as f:
         recorded = {r["path"]: float(r["p_after_dogs"]) for r in csv.DictReader(f)}

@@ -112,6 +112,14 @@ def train(
         typer.Option("--resume", help="Continue this run folder after a crash, kill -9 or Ctrl-C, from its last "
                      "epoch checkpoint."),
     ] = None,
+    full_audit: Annotated[
+        bool, typer.Option("--audit", help="Also look for likely label errors and off-topic images (duplicates and "
+                           "cross-split leaks are always checked).")
+    ] = False,
+    exclude: Annotated[
+        Optional[Path], typer.Option("--exclude", help="Leave out the files of an audit.csv (or a list of paths "
+                                     "relative to DATA_DIR); each is listed in skipped.csv.")
+    ] = None,
 ) -> None:
     """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
     from mobiletune.config import load_config
@@ -120,14 +128,16 @@ def train(
 
     shown = None if quiet else console
     if resume is not None:
-        if data_dir is not None or config is not None or set_:
-            raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config and --set")
+        if data_dir is not None or config is not None or set_ or full_audit or exclude:
+            raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
+                             "--audit and --exclude")
         result = resume_run(resume, console=shown)
     else:
         if data_dir is None:
             raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
         overrides = list(set_ or []) + (["data.strict=true"] if strict else []) + (
-            ["features.cache=false"] if no_cache else [])
+            ["features.cache=false"] if no_cache else []) + (["data.audit=full"] if full_audit else []) + (
+            [f"data.exclude={exclude.resolve()}"] if exclude else [])
         cfg = load_config(config, overrides)
         result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=shown)
     if quiet:
@@ -165,6 +175,34 @@ def report_command(run: RunArgument) -> None:
     from mobiletune.report_html import build_report
 
     console.print(f"report: {build_report(run)}")
+
+
+@app.command("audit")
+@_one_line_errors
+def audit_command(
+    data_dir: Annotated[Path, typer.Argument(help="The same DATA_DIR as for train.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for audit.csv and audit.html.")] = Path(
+        "runs/audit"),
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
+) -> None:
+    """Find duplicates, copies across splits, likely label errors and off-topic images; write audit.csv and .html."""
+    from rich.table import Table
+
+    from mobiletune.audit import ISSUES, audit_folder
+    from mobiletune.config import load_config
+
+    found = audit_folder(load_config(config, list(set_ or [])), data_dir, out, overwrite=overwrite, console=console)
+    table = Table(title=f"audit of {found['images']:,} images ({found['skipped']} skipped)")
+    table.add_column("issue")
+    table.add_column("images", justify="right")
+    for issue in ISSUES:
+        table.add_row(issue.replace("_", " "), f"{found[issue]:,}")
+    table.add_row("duplicates across train and validation/test (leaks)", f"{found['leaks']:,}")
+    console.print(table)
+    console.print(f"details: {Path(found['out']) / 'audit.csv'} and audit.html; leave files out with "
+                  f"mobiletune train {data_dir} --exclude {Path(found['out']) / 'audit.csv'}")
 
 
 @app.command()

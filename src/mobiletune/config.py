@@ -26,6 +26,7 @@ FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 BN_MODES = ("inference", "train")
 ENGINES = ("onnxruntime", "tensorflow")
 CLASS_WEIGHTS = ("none", "auto")
+AUDITS = ("none", "duplicates", "full")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class DataConfig:
     holdout_fraction: float = 0.1  # with class folders only: validation and test each get this
     strict: bool = False  # True: an unreadable image is an error instead of a reported skip
     class_weight: str = "none"  # "auto": weight each class by n / (classes x its count), for imbalanced data
+    audit: str = "duplicates"  # every run: exact/near duplicates and cross-split leaks (cheap: ~1 s on 3000 images
+    # beyond one more view of each training image); "full" adds label errors and outliers; "none" skips it
+    dedupe: bool = True  # where mobiletune makes the split, near copies stay in one split: a copy of a training
+    # image in test inflates its accuracy (on by default: costs one look-up, ~1 s for 3000 images, and needs data.audit)
+    exclude: str = ""  # an audit.csv or a list of paths (relative to DATA_DIR) to leave out, each reported as skipped
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,9 @@ def validate(config: Config) -> None:
     _check(0 < d.holdout_fraction < 0.5, "data.holdout_fraction", d.holdout_fraction,
            "use a fraction in (0, 0.5)")
     _check(d.class_weight in CLASS_WEIGHTS, "data.class_weight", d.class_weight, "none or auto (balanced)")
+    _check(d.audit in AUDITS, "data.audit", d.audit, f"one of {', '.join(AUDITS)}")
+    _check(not d.exclude or Path(d.exclude).is_file(), "data.exclude", d.exclude,
+           "the path of an existing audit.csv or list of paths, or empty")
     _check(a.flip in FLIPS, "augment.flip", a.flip, f"one of {', '.join(FLIPS)}")
     _check(0 <= a.rotation < 1, "augment.rotation", a.rotation,
            "a fraction of a full turn in [0, 1), e.g. 0.2")

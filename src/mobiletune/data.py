@@ -185,16 +185,18 @@ def _held_out(members: np.ndarray, hashes: np.ndarray, seed: int, fraction: floa
 
 
 def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str], config: DataConfig,
-                  classes: list[str]) -> np.ndarray:
+                  classes: list[str], groups: dict[str, str] | None = None) -> np.ndarray:
     """A split name per image: kept where the folders say, drawn from each image's hash where not.
 
     With class folders only, each class is divided into test, validation and train by the seeded
     hash draw (`split_unit`); with train/ and validation/ but no test/, a fraction of each class
     of validation/ becomes the test set the same way. Stratified: exact per-class quotas for
     classes under EXACT_SPLIT_BELOW images, hash thresholds above (stable as the folder grows).
+    `groups` maps an image's digest to its group's (near copies, `audit.duplicate_groups`).
     """
     splits = np.array([s or "" for s in given], dtype=object)
-    digests = np.array(hashes)
+    # an image in a group of near copies is split as the group: all of them land in one split
+    digests = np.array([groups.get(h, h) for h in hashes] if groups else hashes)
     has_test = "test" in given
     for cls in np.unique(labels):
         if given[0] is None:
@@ -224,30 +226,37 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
 
 
 def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | None = None,
-                progress: Callable[[int, int], None] | None = None) -> ImageSet:
+                progress: Callable[[int, int], None] | None = None, exclude: dict[str, str] | None = None,
+                groups: dict[str, str] | None = None) -> ImageSet:
     """Find every file, hash the new or changed ones (`index` remembers the rest), skip what cannot be
     used, and split. Nothing is decoded here: pixels are read when the features or a test need them.
 
-    `progress(done, total)` is called as new files are hashed.
+    `progress(done, total)` is called as new files are hashed. `exclude`: {path relative to DATA_DIR:
+    reason} of files to leave out (an audit's findings); they are listed as skipped with that reason.
     """
     data_dir = Path(data_dir)
     classes, files = discover(data_dir)
+    exclude = exclude or {}
+    left_out = [Skipped(_display(str(p.relative_to(data_dir))), exclude[str(p.relative_to(data_dir))])
+                for p, _, _ in files if str(p.relative_to(data_dir)) in exclude]
+    files = [f for f in files if str(f[0].relative_to(data_dir)) not in exclude]
     hashed, files_read = hash_files([f[0] for f in files], index or FileIndex(None), probe_image, progress)
-    skipped = sorted((Skipped(_display(str(files[i][0].relative_to(data_dir))), h.reason)
-                      for i, h in enumerate(hashed) if h.reason), key=lambda s: s.path)
-    if skipped and config.strict:
-        first = skipped[0]
+    unusable = sorted((Skipped(_display(str(files[i][0].relative_to(data_dir))), h.reason)
+                       for i, h in enumerate(hashed) if h.reason), key=lambda s: s.path)
+    if unusable and config.strict:
+        first = unusable[0]
         raise DataError(
-            f"{len(skipped)} file(s) cannot be used, first {first.path}: {first.reason}; "
+            f"{len(unusable)} file(s) cannot be used, first {first.path}: {first.reason}; "
             "remove them, or drop --strict to skip them"
         )
+    skipped = sorted([*unusable, *left_out], key=lambda s: s.path)
     keep = [i for i, h in enumerate(hashed) if not h.reason]
     labels = np.array([classes.index(files[i][1]) for i in keep], np.int32)
     for i, cls in enumerate(classes):
         if not (labels == i).any():
             raise DataError(f"class {cls!r} has no usable images (all {len(skipped)} skipped files: see skipped.csv)")
     hashes = [hashed[i].sha256 for i in keep]
-    splits = assign_splits(labels, [files[i][2] for i in keep], hashes, config, classes)  # type: ignore[arg-type]
+    splits = assign_splits(labels, [files[i][2] for i in keep], hashes, config, classes, groups)  # type: ignore[arg-type]
     return ImageSet(
         root=data_dir,
         classes=classes,

@@ -212,6 +212,7 @@ class Features:
     computed: int  # item (image view) counts of this run
     cached: int
     failed: int
+    pooled_plain: np.ndarray | None = None  # [n images, channels]: every image unaugmented (compute_features plain)
 
     def cache_bytes(self) -> int:
         return sum(r.nbytes() for r in self.readers.values())
@@ -229,12 +230,61 @@ def _needed(images: ImageSet, config: Config, augmenting: bool) -> dict[str, lis
 
 
 def compute_features(model: keras.Model, images: ImageSet, config: Config, cache_dir: Path | None = None,
-                     fine_tune_ats: list[int] | None = None, progress=None, file_index=None) -> Features:
+                     fine_tune_ats: list[int] | None = None, progress=None, file_index=None,
+                     plain: bool = False) -> Features:
     """Look up every split's features in the per-image store and compute only the missing items.
 
     `fine_tune_ats`: the boundaries to provide (default: the config's); a sweep asks for all of
     its choices at once, so every trial reuses one pass. `progress(done, total)` follows the
     computation. A file that fails to decode is left out (and remembered in `file_index`).
+    `plain`: also the unaugmented view of the training images, in the same pass (each image is
+    decoded once), so `Features.pooled_plain` holds every image's pooled features for the audit.
+    """
+    augmenting = bool(model.get_layer("augment").layers)
+    needed = _needed(images, config, augmenting)
+    items = [iv for split in needed.values() for iv in split]
+    if plain:
+        items += [(i, None) for i in images.indices("train").tolist()]
+    store, where, computed, failed = _fill(model, images, config, items, cache_dir, fine_tune_ats, progress,
+                                           file_index)
+    kept = images.without(failed)
+    readers, views, used = {}, {}, set()
+    for split, wanted in _needed(kept, config, augmenting).items():
+        keys = [store_lib.item_key(kept.hashes[i], view_tag(config, v)) for i, v in wanted]
+        readers[split], views[split] = store.reader(keys), config.features.views if split == "train" else 1
+        used.update(keys)
+    feats = Features(kept, readers, views, where, computed=computed, cached=0, failed=len(failed))
+    if plain:
+        keys = [store_lib.item_key(h, view_tag(config, None)) for h in kept.hashes]
+        every = store.reader(keys)
+        feats.pooled_plain = every.read(np.arange(len(every)), [0], dtype="float32")[0]
+        used.update(keys)
+    feats.cached = len(used) - computed
+    try:
+        record_use(store.folder.parent.parent, kept, feats, store.folder.name)
+    except OSError:
+        pass  # only bookkeeping for `cache ls`
+    return feats
+
+
+def plain_pooled(model: keras.Model, images: ImageSet, config: Config, cache_dir: Path | None = None,
+                 progress=None, file_index=None) -> tuple[np.ndarray, ImageSet]:
+    """The unaugmented pooled base output of every image, [n, channels] float32, in image order, and the
+    images that decoded: what the audit compares. Items come from (and go to) the run's own store."""
+    store, _, _, failed = _fill(model, images, config, [(i, None) for i in range(len(images.paths))], cache_dir,
+                                None, progress, file_index)
+    kept = images.without(failed)
+    reader = store.reader([store_lib.item_key(h, view_tag(config, None)) for h in kept.hashes])
+    return reader.read(np.arange(len(reader)), [0], dtype="float32")[0], kept
+
+
+def _fill(model: keras.Model, images: ImageSet, config: Config, items: list[tuple[int, int | None]],
+          cache_dir: Path | None, fine_tune_ats: list[int] | None, progress, file_index
+          ) -> tuple[store_lib.FeatureStore, dict[int, list[int]], int, dict[int, str]]:
+    """Compute the (image position, view) `items` missing from the store of this extractor.
+
+    Returns the store, which outputs each boundary is, how many items were computed, and
+    {position: reason} of the images that failed to decode.
     """
     cache_dir = Path(cache_dir or cache_root(config))
     cuts = sorted(set(fine_tune_ats or [config.phase2.fine_tune_at]))
@@ -247,19 +297,14 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
         "engine": config.features.engine,  # engines agree to ~1e-5, not bit for bit
     }
     outputs = [(tuple(o.shape[1:]), _store_dtype(k)) for k, o in enumerate(extract.outputs)]
-    augmenting = bool(model.get_layer("augment").layers)
-    needed = _needed(images, config, augmenting)
-    keys = {s: [store_lib.item_key(images.hashes[i], view_tag(config, v)) for i, v in items]
-            for s, items in needed.items()}
-    item_of = {k: iv for s in needed for k, iv in zip(keys[s], needed[s], strict=True)}
+    item_of = {store_lib.item_key(images.hashes[i], view_tag(config, v)): (i, v) for i, v in items}
     failed: dict[int, str] = {}
     try:
-        store_key = _key(**common)
-        store = store_lib.FeatureStore(cache_dir / "features" / store_key, outputs)
+        store = store_lib.FeatureStore(cache_dir / "features" / _key(**common), outputs)
         if not (store.folder / "key.json").exists():
             store_lib.write_atomic(store.folder / "key.json", json.dumps(common).encode())
         # image-major, so a shard holds all the views of its images and each image is decoded once
-        todo = sorted(store.missing([k for s in keys for k in keys[s]]),
+        todo = sorted(store.missing(list(item_of)),
                       key=lambda k: (item_of[k][0], -1 if item_of[k][1] is None else item_of[k][1]))
         done = [0]
 
@@ -281,18 +326,7 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
                 file_index.forget(images.root / images.paths[i])  # hashed again, with its new content, next scan
             else:
                 file_index.mark_bad(images.hashes[i], reason)  # later scans skip it without decoding
-    kept = images.without(failed)
-    readers, views = {}, {}
-    for split, items in _needed(kept, config, augmenting).items():
-        readers[split] = store.reader([store_lib.item_key(kept.hashes[i], view_tag(config, v)) for i, v in items])
-        views[split] = config.features.views if split == "train" else 1
-    total = sum(len(r) for r in readers.values())
-    feats = Features(kept, readers, views, where, computed=computed, cached=total - computed, failed=len(failed))
-    try:
-        record_use(cache_dir, kept, feats, store_key)
-    except OSError:
-        pass  # only bookkeeping for `cache ls`
-    return feats
+    return store, where, computed, failed
 
 
 class _Computer:

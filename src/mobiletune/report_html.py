@@ -101,7 +101,7 @@ def reliability_figure(metrics: dict[str, Any]):
     return fig
 
 
-def _thumbnail(path: Path) -> str | None:
+def thumbnail(path: Path) -> str | None:
     from PIL import Image, ImageOps
 
     try:
@@ -187,7 +187,7 @@ def _misclassified(run: Path, metrics: dict[str, Any], classes: list[str], limit
     data_dir = Path(metrics.get("data_dir", ""))
     figures, missing = [], 0
     for r in rows[:limit]:
-        thumb = _thumbnail(data_dir / r["path"]) if metrics.get("data_dir") else None
+        thumb = thumbnail(data_dir / r["path"]) if metrics.get("data_dir") else None
         if thumb is None:
             missing += 1
             continue
@@ -228,4 +228,23 @@ def _data_summary(run: Path, metrics: dict[str, Any]) -> str:
     out.append(f"<p>{len(skipped)} file(s) skipped.</p>")
     if skipped:
         out.append(_table(["file", "reason"], [[s["path"], s["reason"]] for s in skipped[:50]]))
+    out.append(_audit_summary(metrics.get("audit")))
+    return "".join(out)
+
+
+def _audit_summary(found: dict[str, Any] | None) -> str:
+    """The audit's counts, and what the test accuracy is without the test images that have a copy in train."""
+    if not found:
+        return '<p class="note">No data audit in this run (data.audit=none, or --no-cache).</p>'
+    counts = [[k.replace("_", " "), found[k]] for k in ("exact_duplicate", "near_duplicate", "label_error",
+                                                        "outlier", "leaks")]
+    out = ["<h3>Audit</h3>", _table(["finding", "count"], counts)]
+    clean = found.get("test_without_leaks") or {}
+    if found.get("leaked_test_images") and clean.get("images"):
+        out.append(f"<p>{len(found['leaked_test_images'])} test image(s) have a copy in train. On the other "
+                   f"{clean['images']}: accuracy {clean['before']:.2%} before and {clean['after']:.2%} after "
+                   "fine-tuning.</p>")
+    elif found.get("leaked_test_images"):
+        out.append("<p>Every test image has a copy in train: the test accuracy says little.</p>")
+    out.append('<p class="note">Every finding, with paths: audit.csv in the run folder.</p>')
     return "".join(out)

@@ -14,8 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
-from mobiletune import checkpoint, data, evaluate, features, pixels, progress, report, report_html, runfolder, scan
+from mobiletune import (
+    audit,
+    checkpoint,
+    data,
+    evaluate,
+    features,
+    pixels,
+    progress,
+    report,
+    report_html,
+    runfolder,
+    scan,
+)
 from mobiletune import model as model_lib
 from mobiletune.config import Config
 from mobiletune.errors import DataError, UsageError
@@ -153,7 +166,6 @@ def class_weights(images: data.ImageSet, config: Config) -> dict[int, float] | N
     """With data.class_weight "auto": scikit-learn's 'balanced' weights from the training split."""
     if config.data.class_weight == "none":
         return None
-    import numpy as np
     from sklearn.utils.class_weight import compute_class_weight
 
     y = images.labels[images.indices("train")]
@@ -210,6 +222,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     counts = images.counts()
     say(f"images: {counts} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} skipped"
         + (" (see skipped.csv)" if images.skipped else ""))
+    audited = _audit(images, feats, config, out, say)
     head_steps = _steps(images, config) * config.phase1.epochs
     if 0 < head_steps < FEW_HEAD_STEPS:
         say(f"note: phase 1 is only {head_steps} optimizer steps ({counts['train']} training images, batch "
@@ -263,6 +276,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         "classes": images.classes,
         "n_images": counts,
         "n_skipped": len(images.skipped),
+        "audit": _audit_metrics(audited, images, probs_before, probs_after),
         "base_layers": len(base.layers),
         "fine_tune_at": config.phase2.fine_tune_at,
         "class_weight": {images.classes[c]: w for c, w in (class_weights(images, config) or {}).items()},
@@ -304,19 +318,60 @@ def _features_or_checked_images(model: keras.Model, images: data.ImageSet, confi
     if not config.features.cache:
         with progress.bar(console, "checking images") as update:
             return None, data.check_decodable(images, config.data.image_size, config.data.batch_size, update)
+    plain = config.data.audit != "none"  # the audit compares every image unaugmented
     with progress.bar(console, "features") as update:
         feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
-                                          file_index=index)
+                                          file_index=index, plain=plain)
         if feats.failed:  # now known to the index: scan again, so the split is the one any later run (--resume) makes
-            images = data.load_images(images.root, config.data, index)
+            images = _scan(images.root, config, index, None)
             feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
-                                              file_index=index)
+                                              file_index=index, plain=plain)
+        if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
+            groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, feats.pooled_plain))
+            regrouped = _scan(images.root, config, index, None, groups) if groups else feats.images
+            if list(regrouped.splits) != list(feats.images.splits):
+                first = feats
+                feats = features.compute_features(model, regrouped, config, fine_tune_ats=feature_cuts,
+                                                  progress=update, file_index=index, plain=plain)
+                # this run's work is both passes; what the first pass made counts as computed, not cached
+                feats.computed, feats.cached = feats.computed + first.computed, max(0, feats.cached - first.computed)
     if console is not None:
         console.print(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
                       + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
                       + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} "
                       f"MB of cache, {time.perf_counter() - clock:.1f} s)")
     return feats, feats.images
+
+
+def _audit(images: data.ImageSet, feats: features.Features | None, config: Config, out: Path, say
+           ) -> dict[str, Any] | None:
+    """Duplicates and cross-split copies (and with data.audit=full, label errors and outliers): audit.csv and
+    a line on the console. Needs the unaugmented features, so not with --no-cache."""
+    if feats is None or feats.pooled_plain is None:
+        return None
+    clock = time.perf_counter()
+    findings = audit.run_audit(images, feats.pooled_plain, full=config.data.audit == "full")
+    audit.write_csv(findings, out / "audit.csv")
+    found = audit.summary(images, findings)
+    parts = [f"{found[i]} {i.replace('_', ' ')}(s)" for i in audit.ISSUES if found[i] or i in audit.ISSUES[:2]]
+    say(f"audit: {', '.join(parts)}; {found['leaks']} cross train and validation/test" + (
+        " (leaks: the test accuracy without them is reported too)" if found["leaks"] else "")
+        + f" ({time.perf_counter() - clock:.1f} s; audit.csv)")
+    return found
+
+
+def _audit_metrics(found: dict[str, Any] | None, images: data.ImageSet, before, after) -> dict[str, Any] | None:
+    """The audit's counts and, where test images have a copy in train, accuracy on the test images without one."""
+    if found is None:
+        return None
+    test = images.indices("test")
+    clean = np.array([images.paths[i] not in set(found["leaked_held_out"]) for i in test])
+    labels = images.labels[test]
+    return {**{k: v for k, v in found.items() if k != "leaked_held_out"},
+            "leaked_test_images": sorted(p for p in found["leaked_held_out"] if p in {images.paths[i] for i in test}),
+            "test_without_leaks": {"images": int(clean.sum()),
+                                   **{stage: float((probs[clean].argmax(1) == labels[clean]).mean()) if clean.any()
+                                      else None for stage, probs in (("before", before), ("after", after))}}}
 
 
 def _file_index(config: Config) -> scan.FileIndex:
@@ -327,9 +382,11 @@ def _file_index(config: Config) -> scan.FileIndex:
     return scan.FileIndex(root / scan.INDEX_NAME)
 
 
-def _scan(data_dir: str | Path, config: Config, index: scan.FileIndex, console) -> data.ImageSet:
+def _scan(data_dir: str | Path, config: Config, index: scan.FileIndex, console,
+          groups: dict[str, str] | None = None) -> data.ImageSet:
+    exclude = audit.read_exclusions(Path(config.data.exclude)) if config.data.exclude else None
     with progress.bar(console, "hashing new files") as update:
-        images = data.load_images(data_dir, config.data, index, update)
+        images = data.load_images(data_dir, config.data, index, update, exclude, groups)
     if console is not None:
         console.print(f"scanned {len(images.paths) + len(images.skipped):,} files: {images.files_read:,} new or "
                       "changed (hashed), the rest known")
