@@ -80,3 +80,34 @@ def tiny_run(tmp_path_factory):
     copy_images(CATS_DOGS / "validation", data / "validation", 5)
     config = load_config(overrides=TINY)
     return train_and_evaluate(config, data, root / "run")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="needs Debian's chromium (apt-get install chromium; CI installs it)")
+
+
+def render_in_chromium(page_path: Path, widths=(390, 1280)) -> tuple[dict[int, list], dict[int, int], list[str]]:
+    """Open a page in Debian's Chromium (headless, Playwright) at a phone's and a desktop's width.
+
+    Returns each width's images as [alt, loaded, natural width], how far the page overflows the
+    screen sideways, and every console or page error.
+    """
+    from playwright.sync_api import sync_playwright
+
+    images, overflow, problems = {}, {}, []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        for width in widths:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(page_path.as_uri())
+            page.wait_for_load_state("load")
+            images[width] = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+            overflow[width] = page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        browser.close()
+    return images, overflow, problems

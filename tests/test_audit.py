@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import CATS_DOGS, FLOWERS, TINY
+from conftest import CATS_DOGS, CHROMIUM, FLOWERS, TINY, render_in_chromium
 from mobiletune import audit, data, features, runfolder
 from mobiletune import model as model_lib
 from mobiletune.cli import app
@@ -93,6 +93,10 @@ def test_audit_command_writes_csv_and_page(cats_dogs_tiny, tmp_path):
     assert list(rows[0]) == audit.COLUMNS if rows else (out / "audit.csv").read_text().startswith("path,split")
     assert all(r["issue"] in audit.ISSUES for r in rows)
     assert "<h1>Data audit of" in (out / "audit.html").read_text()
+    if CHROMIUM:  # the page as a person sees it, on a phone and a desktop
+        images, overflow, problems = render_in_chromium(out / "audit.html")
+        assert problems == [] and all(v <= 1 for v in overflow.values())
+        assert all(done and w > 0 for shown in images.values() for _, done, w in shown)
     again = runner.invoke(app, ["audit", str(cats_dogs_tiny), "--out", str(out), *sets])
     assert again.exit_code == 2 and "--overwrite" in again.output  # nothing a user made is overwritten
     missing = runner.invoke(app, ["audit", str(tmp_path / "nope"), "--out", str(tmp_path / "a2")])

@@ -2,41 +2,24 @@
 
 import shutil
 
-import pytest
-
+from conftest import needs_chromium, render_in_chromium
 from mobiletune.report_html import build_report
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; CI installs it)")
+@needs_chromium
 def test_report_renders_without_errors(tiny_run, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     run = tmp_path / "run"
     shutil.copytree(tiny_run.workdir, run)
     (run / "report.html").unlink()
     page_path = build_report(run)  # rebuilt from the folder alone
     html = page_path.read_text()
-    assert "src=\"http" not in html and "McNemar" in html  # self-contained
+    assert "src=\"http" not in html and "McNemar" in html and "<h3>Audit</h3>" in html  # self-contained
 
-    problems = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        for width in (390, 1280):  # a phone and a desktop
-            page = browser.new_page(viewport={"width": width, "height": 900})
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.goto(page_path.as_uri())
-            page.wait_for_load_state("load")
-            images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
-            assert len(images) >= 6  # curves x2, confusion x2, ROC, reliability (+ thumbnails)
-            assert all(done and width_px > 0 for _, done, width_px in images), images
-            overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-            assert overflow <= 1, f"page wider than a {width}px screen by {overflow}px"
-        browser.close()
+    images, overflow, problems = render_in_chromium(page_path)
+    for width in images:
+        assert len(images[width]) >= 6  # curves x2, confusion x2, ROC, reliability (+ thumbnails)
+        assert all(done and width_px > 0 for _, done, width_px in images[width]), images[width]
+        assert overflow[width] <= 1, f"page wider than a {width}px screen by {overflow[width]}px"
     assert problems == []
 
 

@@ -15,7 +15,8 @@ from mobiletune.report_html import CSS, thumbnail
 from mobiletune.runfolder import write_text
 
 # one finding (a pair, or a single suspect) per box; boxes flow across the page
-EXTRA_CSS = ".findings{display:flex;flex-wrap:wrap;gap:18px}.findings .grid{border:1px solid #ddd;padding:6px}"
+EXTRA_CSS = (".findings{display:flex;flex-wrap:wrap;gap:18px}.findings .grid{border:1px solid #ddd;padding:6px}"
+             "h1,p{overflow-wrap:anywhere}")  # long folder names wrap on a phone
 LIMIT = 60  # rows per issue on the page: enough to act on, small enough to load on a phone
 TITLES = {
     "exact_duplicate": "Exact duplicates (identical files)",
