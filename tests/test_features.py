@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from mobiletune import data, features, store
+from mobiletune import cache, data, features, store
 from mobiletune import model as model_lib
 from mobiletune.config import load_config
 
@@ -126,15 +126,15 @@ def test_cache_hits_and_reuse(built, cats_dogs_tiny, tmp_path):
     assert first.cache_bytes() > 0
     other = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2", "phase2.fine_tune_at=120"])
     assert features.compute_features(model, images, other, tmp_path).computed == 34  # new boundary, new store
-    stores, used = features.list_cache(tmp_path)
+    stores, used = cache.list_cache(tmp_path)
     assert sorted(s.items for s in stores) == [34, 34] and len(used) == 2
     assert used[0]["images"] == 22 and str(cats_dogs_tiny.resolve()) == used[0]["data_dir"]
-    assert len(features.list_extractors(tmp_path)) == 2  # one exported extractor per boundary set
-    removed, megabytes = features.clear_cache(tmp_path, older_than=3600)
-    assert removed == 0 and len(features.list_cache(tmp_path)[0]) == 2  # all used just now: kept
-    removed, megabytes = features.clear_cache(tmp_path)
-    assert removed >= 6 and megabytes > 0 and features.list_cache(tmp_path) == ([], [])
-    assert features.list_extractors(tmp_path) == []
+    assert len(cache.list_extractors(tmp_path)) == 2  # one exported extractor per boundary set
+    removed, megabytes = cache.clear_cache(tmp_path, older_than=3600)
+    assert removed == 0 and len(cache.list_cache(tmp_path)[0]) == 2  # all used just now: kept
+    removed, megabytes = cache.clear_cache(tmp_path)
+    assert removed >= 6 and megabytes > 0 and cache.list_cache(tmp_path) == ([], [])
+    assert cache.list_extractors(tmp_path) == []
 
 
 def test_new_images_subsets_and_resplits_compute_only_what_is_missing(built, flowers_tiny, tmp_path):
@@ -237,7 +237,7 @@ def test_a_full_disk_while_caching_is_one_clear_error(built, cats_dogs_tiny, tmp
     images = data.load_images(cats_dogs_tiny, config.data)
     with pytest.raises(MobiletuneError, match="cannot write the feature cache .No space left on device.; free space"):
         features.compute_features(built[1], images, config, tmp_path)
-    assert features.list_cache(tmp_path)[0][0].items == 0 and not list((tmp_path / "features").glob("*/shards/.*"))
+    assert cache.list_cache(tmp_path)[0][0].items == 0 and not list((tmp_path / "features").glob("*/shards/.*"))
 
 
 def test_two_training_processes_share_one_cache(cats_dogs_tiny, tmp_path):
@@ -258,5 +258,5 @@ def test_two_training_processes_share_one_cache(cats_dogs_tiny, tmp_path):
     # 12 training images x (2 views + the plain one the audit compares) + 8 validation + 2 test = 46 items
     assert sum(c["images_computed"] for c in counts) == 46 and all(c["images_cached"] + c["images_computed"] == 46
                                                                    for c in counts)
-    stores, _ = features.list_cache(tmp_path / "cache")
+    stores, _ = cache.list_cache(tmp_path / "cache")
     assert [s.items for s in stores] == [46]

@@ -93,7 +93,7 @@ def test_an_image_broken_past_its_header_is_skipped_and_the_split_is_what_a_reru
                                                                                          tmp_path):
     """The scan's header probe passes a truncated JPEG; the feature pass finds it. The run leaves it out,
     lists it in skipped.csv, and splits the rest exactly as a later scan (a --resume) will."""
-    from mobiletune import features, runfolder, scan
+    from mobiletune import cache, runfolder, scan
 
     victim = sorted((flowers_tiny / "roses").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:2000])
@@ -101,7 +101,7 @@ def test_an_image_broken_past_its_header_is_skipped_and_the_split_is_what_a_reru
     skipped = runfolder.read_csv(tmp_path / "run" / "skipped.csv")
     assert [r["path"] for r in skipped] == [f"roses/{victim.name}"] and "cannot decode" in skipped[0]["reason"]
     manifest = data.read_manifest(tmp_path / "run" / "split.csv")
-    index = scan.FileIndex(features.cache_root(tiny_config) / scan.INDEX_NAME)
+    index = scan.FileIndex(cache.cache_root(tiny_config) / scan.INDEX_NAME)
     again = data.load_images(flowers_tiny, tiny_config.data, index)
     assert [(r["path"], r["split"]) for r in manifest] == list(zip(again.paths, again.splits, strict=True))
     assert again.skipped[0].reason == skipped[0]["reason"]

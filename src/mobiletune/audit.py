@@ -181,13 +181,13 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     The features come from the feature store (computed once, shared with `train`), so an audit
     after a run, or a run after an audit, costs only the checks.
     """
-    from mobiletune import data, features, progress, runfolder, scan
+    from mobiletune import cache, data, features, progress, runfolder, scan
     from mobiletune import model as model_lib
     from mobiletune.audit_html import build_audit_page
 
     runfolder.check_out(out, overwrite=overwrite)
-    runfolder.make_folder(features.cache_root(config), "features.cache_dir")
-    index = scan.FileIndex(features.cache_root(config) / scan.INDEX_NAME)
+    runfolder.make_folder(cache.cache_root(config), "features.cache_dir")
+    index = scan.FileIndex(cache.cache_root(config) / scan.INDEX_NAME)
     exclude = read_exclusions(Path(config.data.exclude)) if config.data.exclude else None
     with progress.bar(console, "hashing new files") as update:
         images = data.load_images(data_dir, config.data, index, update, exclude)

@@ -343,7 +343,7 @@ def cache_ls(cache_dir: CacheDirOption = None) -> None:
 
     from rich.table import Table
 
-    from mobiletune.features import default_cache_dir, list_cache, list_extractors
+    from mobiletune.cache import default_cache_dir, list_cache, list_extractors
 
     def when(t: float) -> str:
         return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
@@ -393,7 +393,7 @@ def cache_clear(
 ) -> None:
     """Delete cached features and exported extractors (all, or those unused for --older-than); they are made
     again when needed."""
-    from mobiletune.features import clear_cache
+    from mobiletune.cache import clear_cache
 
     age = None if older_than is None else _age_seconds(older_than)
     removed, megabytes = clear_cache(cache_dir, age)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import yaml
 
-from mobiletune import data, features, runfolder, scan
+from mobiletune import cache, data, features, runfolder, scan
 from mobiletune import model as model_lib
 from mobiletune.config import Config, _all_keys, from_flat
 from mobiletune.errors import ConfigError, UsageError
@@ -215,7 +215,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     started = time.perf_counter()
     out = Path(out)
     space = load_space(space_path)
-    runfolder.make_folder(features.cache_root(base), "features.cache_dir")  # before minutes of work
+    runfolder.make_folder(cache.cache_root(base), "features.cache_dir")  # before minutes of work
     baseline_metrics = None if baseline is None else _read_baseline(Path(baseline))  # checked before the search
     if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
         raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")
@@ -225,7 +225,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     say = console.print if console is not None else (lambda *a, **k: None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    index = scan.FileIndex(features.cache_root(base) / scan.INDEX_NAME)
+    index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
     images = data.load_images(data_dir, base.data, index)
     _seed_everything(base.data.seed)
     extractor_model = model_lib.build_model(base, len(images.classes))

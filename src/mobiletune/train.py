@@ -18,6 +18,7 @@ import numpy as np
 
 from mobiletune import (
     audit,
+    cache,
     checkpoint,
     data,
     evaluate,
@@ -194,7 +195,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     else:
         runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
     if config.features.cache:
-        runfolder.make_folder(features.cache_root(config), "features.cache_dir")  # likewise
+        runfolder.make_folder(cache.cache_root(config), "features.cache_dir")  # likewise
     say = console.print if console is not None else (lambda *a, **k: None)
 
     index = _file_index(config)
@@ -378,7 +379,7 @@ def _file_index(config: Config) -> scan.FileIndex:
     """The digests index in the cache folder; with --no-cache nothing is written there, so in memory."""
     if not config.features.cache:
         return scan.FileIndex(None)
-    root = features.cache_root(config)
+    root = cache.cache_root(config)
     return scan.FileIndex(root / scan.INDEX_NAME)
 
 
