@@ -227,3 +227,11 @@ def test_damaged_model_in_a_run_folder(tiny_run, tmp_path):
         result = runner.invoke(app, command)
         assert result.exit_code == 1, (command, result.output)
         assert "not a loadable .keras model" in result.output and "Traceback" not in result.output
+
+
+def test_run_files_get_the_usual_mode(tmp_path):
+    """Written whole (temp file, then rename), but readable as any new file is: mkstemp alone gives 0600."""
+    from mobiletune import runfolder
+
+    runfolder.write_text(tmp_path / "report.html", "<p>hi</p>")
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == runfolder.FILE_MODE == 0o666 & ~runfolder._umask()
