@@ -171,3 +171,21 @@ def test_the_split_does_not_depend_on_file_names_or_order(flowers_tiny):
         f.rename(f.with_name("renamed_" + f.name))
     b = data.load_images(flowers_tiny, CFG)
     assert dict(zip(a.hashes, a.splits, strict=True)) == dict(zip(b.hashes, b.splits, strict=True))
+
+
+def test_a_runs_test_images_are_checked_against_the_manifest(cats_dogs_tiny, tmp_path):
+    """Evaluating a run on its own test split: a file edited since the run is an error that says what to do;
+    the others are read, not decoded, to check them."""
+    from mobiletune import runfolder
+
+    images = data.load_images(cats_dogs_tiny, CFG)
+    run = tmp_path / "run"
+    run.mkdir()
+    runfolder.write_json(run / "metrics.json", {"classes": images.classes, "data_dir": str(cats_dogs_tiny)})
+    data.write_manifest(images, run / "split.csv")
+    test = data.load_test_images(run, None, CFG)
+    assert test.paths == [images.paths[i] for i in images.indices("test")]
+    victim = cats_dogs_tiny / test.paths[0]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="changed since the run .sha256 differs.; evaluate on --data DIR instead"):
+        data.load_test_images(run, None, CFG)

@@ -287,9 +287,10 @@ def check_decodable(images: ImageSet, size: int, batch: int,
 def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataConfig) -> ImageSet:
     """The images to evaluate a finished run on.
 
-    Without `data_dir`: the run's own test split, from its manifest; each file is checked against
-    its recorded sha256 when decoded. With `data_dir`: every image under it (class folders, any
-    layout) is test. Files that cannot be used are skipped with a reason.
+    Without `data_dir`: the run's own test split, from its manifest, each file checked against
+    its recorded sha256 (read, not decoded: those files decoded when the run made them). With
+    `data_dir`: every image under it (class folders, any layout) is test, each decoded once up
+    front so that one that cannot be used is skipped with a reason instead of failing mid-way.
     """
     from mobiletune.runfolder import read_json
 
@@ -305,13 +306,19 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
         rows = [(str(p.relative_to(root)), c, h.sha256, h.reason) for (p, c, _), h in zip(files, hashed, strict=True)]
     else:
         root = Path(metrics["data_dir"])
-        rows = [(r["path"], r["class"], r["sha256"], None) for r in read_manifest(run_dir / "split.csv")
-                if r["split"] == "test"]
+        manifest = [r for r in read_manifest(run_dir / "split.csv") if r["split"] == "test"]
+        hashed, _ = hash_files([root / r["path"] for r in manifest], FileIndex(None))
+        for r, h in zip(manifest, hashed, strict=True):
+            if h.sha256 is not None and h.sha256 != r["sha256"]:
+                raise DataError(f"{root / r['path']}: changed since the run (sha256 differs); evaluate on --data "
+                                "DIR instead")
+        rows = [(r["path"], r["class"], r["sha256"], h.reason) for r, h in zip(manifest, hashed, strict=True)]
     images = ImageSet(root=root, classes=classes, paths=[r[0] for r in rows if not r[3]],
                       labels=np.array([classes.index(r[1]) for r in rows if not r[3]], np.int32),
                       splits=np.array(["test"] * sum(not r[3] for r in rows)), hashes=[r[2] for r in rows if not r[3]],
                       skipped=[Skipped(_display(r[0]), r[3]) for r in rows if r[3]])
-    images = check_decodable(images, config.image_size, config.batch_size)
+    if data_dir is not None:
+        images = check_decodable(images, config.image_size, config.batch_size)
     if not images.paths:
         raise DataError(f"no usable test images under {root}" + (" (see the skipped files)" if images.skipped else ""))
     return images
