@@ -209,7 +209,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
 
     clock = time.perf_counter()
-    feats, images = _features_or_checked_images(model, images, config, index, console, feature_cuts)
+    feats, images, near = _features_or_checked_images(model, images, config, index, console, feature_cuts)
     seconds["features"] = time.perf_counter() - clock
     if resume:
         _check_same_data(out, images)
@@ -223,7 +223,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     counts = images.counts()
     say(f"images: {counts} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} skipped"
         + (" (see skipped.csv)" if images.skipped else ""))
-    audited = _audit(images, feats, config, out, say)
+    audited = _audit(images, feats, near, config, out, say)
     head_steps = _steps(images, config) * config.phase1.epochs
     if 0 < head_steps < FEW_HEAD_STEPS:
         say(f"note: phase 1 is only {head_steps} optimizer steps ({counts['train']} training images, batch "
@@ -312,13 +312,15 @@ def resume_run(run: str | Path, console=None) -> RunResult:
 
 def _features_or_checked_images(model: keras.Model, images: data.ImageSet, config: Config, index: scan.FileIndex,
                                 console, feature_cuts: list[int] | None
-                                ) -> tuple[features.Features | None, data.ImageSet]:
-    """The cached features (computing what is missing) and the images that decoded; with --no-cache,
+                                ) -> tuple[features.Features | None, data.ImageSet, tuple | None]:
+    """The cached features (computing what is missing), the images that decoded, and each image's nearest
+    neighbours when data.dedupe looked for them (`audit.nearest`, for the audit to reuse); with --no-cache,
     no features, and every image decoded once up front so none fails mid-epoch."""
     clock = time.perf_counter()
+    near = None
     if not config.features.cache:
         with progress.bar(console, "checking images") as update:
-            return None, data.check_decodable(images, config.data.image_size, config.data.batch_size, update)
+            return None, data.check_decodable(images, config.data.image_size, config.data.batch_size, update), None
     plain = config.data.audit != "none"  # the audit compares every image unaugmented
     with progress.bar(console, "features") as update:
         feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
@@ -328,7 +330,8 @@ def _features_or_checked_images(model: keras.Model, images: data.ImageSet, confi
             feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
                                               file_index=index, plain=plain)
         if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
-            groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, feats.pooled_plain))
+            near, near_paths = audit.nearest(feats.pooled_plain), feats.images.paths
+            groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near))
             regrouped = _scan(images.root, config, index, None, groups) if groups else feats.images
             if list(regrouped.splits) != list(feats.images.splits):
                 first = feats
@@ -336,22 +339,24 @@ def _features_or_checked_images(model: keras.Model, images: data.ImageSet, confi
                                                   progress=update, file_index=index, plain=plain)
                 # this run's work is both passes; what the first pass made counts as computed, not cached
                 feats.computed, feats.cached = feats.computed + first.computed, max(0, feats.cached - first.computed)
+            if feats.images.paths != near_paths:  # a file went or came mid-run: `near` no longer lines up
+                near = None
     if console is not None:
         console.print(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
                       + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
                       + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} "
                       f"MB of cache, {time.perf_counter() - clock:.1f} s)")
-    return feats, feats.images
+    return feats, feats.images, near
 
 
-def _audit(images: data.ImageSet, feats: features.Features | None, config: Config, out: Path, say
-           ) -> dict[str, Any] | None:
+def _audit(images: data.ImageSet, feats: features.Features | None, near: tuple | None, config: Config, out: Path,
+           say) -> dict[str, Any] | None:
     """Duplicates and cross-split copies (and with data.audit=full, label errors and outliers): audit.csv and
     a line on the console. Needs the unaugmented features, so not with --no-cache."""
     if feats is None or feats.pooled_plain is None:
         return None
     clock = time.perf_counter()
-    findings = audit.run_audit(images, feats.pooled_plain, full=config.data.audit == "full")
+    findings = audit.run_audit(images, feats.pooled_plain, full=config.data.audit == "full", near=near)
     audit.write_csv(findings, out / "audit.csv")
     found = audit.summary(images, findings)
     parts = [f"{found[i]} {i.replace('_', ' ')}(s)" for i in audit.ISSUES if found[i] or i in audit.ISSUES[:2]]
@@ -366,10 +371,11 @@ def _audit_metrics(found: dict[str, Any] | None, images: data.ImageSet, before, 
     if found is None:
         return None
     test = images.indices("test")
-    clean = np.array([images.paths[i] not in set(found["leaked_held_out"]) for i in test])
+    leaked, test_paths = set(found["leaked_held_out"]), {images.paths[i] for i in test}
+    clean = np.array([images.paths[i] not in leaked for i in test])
     labels = images.labels[test]
     return {**{k: v for k, v in found.items() if k != "leaked_held_out"},
-            "leaked_test_images": sorted(p for p in found["leaked_held_out"] if p in {images.paths[i] for i in test}),
+            "leaked_test_images": sorted(leaked & test_paths),
             "test_without_leaks": {"images": int(clean.sum()),
                                    **{stage: float((probs[clean].argmax(1) == labels[clean]).mean()) if clean.any()
                                       else None for stage, probs in (("before", before), ("after", after))}}}
