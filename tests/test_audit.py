@@ -164,3 +164,16 @@ def test_near_copies_stay_in_one_split_when_mobiletune_splits(flowers_tiny, tmp_
         train_and_evaluate(config, flowers_tiny, tmp_path / "again")  # a rerun (or --resume) splits the same way
         assert data.read_manifest(tmp_path / "again" / "split.csv") == data.read_manifest(
             tmp_path / "run" / "split.csv")
+
+
+def test_a_pair_is_found_from_either_side_of_the_neighbour_lists():
+    """k-nearest neighbours are not symmetric: image 0 lists image 1 while image 1's list is full of others."""
+    import numpy as np
+
+    from mobiletune.data import ImageSet
+
+    images = ImageSet(root=Path("."), classes=["a"], paths=["p0", "p1", "p2"], labels=np.zeros(3, np.int32),
+                      splits=np.array(["train", "test", "train"]), hashes=["h0", "h1", "h2"])
+    near = (np.array([[1.0, 0.95], [1.0, 0.99], [1.0, 0.99]]), np.array([[0, 1], [1, 2], [2, 1]]))
+    found = audit.duplicates(images, near)
+    assert {(f.path, f.other_path) for f in found} == {("p1", "p0"), ("p2", "p1")}

@@ -74,13 +74,13 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray],
         else:
             first[digest] = i
     similarities, neighbours = near
+    pairs: dict[tuple[int, int], float] = {}  # from either side: a's neighbours may hold b while b's do not hold a
     for i in range(len(neighbours)):
         for similarity, j in zip(similarities[i], neighbours[i], strict=True):
             a, b = min(i, int(j)), max(i, int(j))
-            if a == b or similarity < threshold or images.hashes[a] == images.hashes[b]:
-                continue  # itself, too far, or an exact copy (reported above)
-            if i == b:  # report each pair once, on the later image
-                found.append(_finding(images, b, "near_duplicate", float(similarity), other_path=images.paths[a]))
+            if a != b and similarity >= threshold and images.hashes[a] != images.hashes[b]:  # exact: reported above
+                pairs[(a, b)] = float(similarity)
+    found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()]
     return found
 
 
