@@ -94,12 +94,17 @@ def test_an_image_broken_past_its_header_is_skipped_and_the_split_is_what_a_reru
     """The scan's header probe passes a truncated JPEG; the feature pass finds it. The run leaves it out,
     lists it in skipped.csv, and splits the rest exactly as a later scan (a --resume) will."""
     from mobiletune import cache, runfolder, scan
+    from mobiletune.config import from_flat
 
+    tiny_config = from_flat({**tiny_config.flat(), "features.cache_dir": str(tmp_path / "cache")})  # a cold cache
     victim = sorted((flowers_tiny / "roses").iterdir())[0]
-    victim.write_bytes(victim.read_bytes()[:2000])
-    train_and_evaluate(tiny_config, flowers_tiny, tmp_path / "run")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # the header parses; the pixels end
+    metrics = train_and_evaluate(tiny_config, flowers_tiny, tmp_path / "run").metrics
+    # the feature pass ran again after the scan learnt of the broken file: its first pass's work is "computed"
+    assert metrics["features"]["images_cached"] == 0 and metrics["features"]["images_computed"] > 0
     skipped = runfolder.read_csv(tmp_path / "run" / "skipped.csv")
     assert [r["path"] for r in skipped] == [f"roses/{victim.name}"] and "cannot decode" in skipped[0]["reason"]
+    assert "truncated" in skipped[0]["reason"]  # found by decoding it, in the feature pass, not by the header probe
     manifest = data.read_manifest(tmp_path / "run" / "split.csv")
     index = scan.FileIndex(cache.cache_root(tiny_config) / scan.INDEX_NAME)
     again = data.load_images(flowers_tiny, tiny_config.data, index)

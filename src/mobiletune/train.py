@@ -322,25 +322,28 @@ def _features_or_checked_images(model: keras.Model, images: data.ImageSet, confi
         with progress.bar(console, "checking images") as update:
             return None, data.check_decodable(images, config.data.image_size, config.data.batch_size, update), None
     plain = config.data.audit != "none"  # the audit compares every image unaugmented
-    with progress.bar(console, "features") as update:
+    computed = 0  # over every pass below: a later pass finds an earlier one's work cached
+
+    def compute(images: data.ImageSet) -> features.Features:
+        nonlocal computed
         feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
                                           file_index=index, plain=plain)
+        computed += feats.computed
+        return feats
+
+    with progress.bar(console, "features") as update:
+        feats = compute(images)
         if feats.failed:  # now known to the index: scan again, so the split is the one any later run (--resume) makes
-            images = _scan(images.root, config, index, None)
-            feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
-                                              file_index=index, plain=plain)
+            feats = compute(_scan(images.root, config, index, None))
         if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
             near, near_paths = audit.nearest(feats.pooled_plain), feats.images.paths
             groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near))
             regrouped = _scan(images.root, config, index, None, groups) if groups else feats.images
             if list(regrouped.splits) != list(feats.images.splits):
-                first = feats
-                feats = features.compute_features(model, regrouped, config, fine_tune_ats=feature_cuts,
-                                                  progress=update, file_index=index, plain=plain)
-                # this run's work is both passes; what the first pass made counts as computed, not cached
-                feats.computed, feats.cached = feats.computed + first.computed, max(0, feats.cached - first.computed)
+                feats = compute(regrouped)
             if feats.images.paths != near_paths:  # a file went or came mid-run: `near` no longer lines up
                 near = None
+    feats.cached, feats.computed = max(0, feats.cached - (computed - feats.computed)), computed
     if console is not None:
         console.print(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
                       + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
