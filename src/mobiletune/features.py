@@ -244,10 +244,8 @@ def compute_features(model: keras.Model, images: ImageSet, config: Config, cache
         used.update(keys)
     feats = Features(kept, readers, views, where, computed=computed, cached=0, failed=len(failed))
     if plain:
-        keys = [store_lib.item_key(h, view_tag(config, None)) for h in kept.hashes]
-        every = store.reader(keys)
-        feats.pooled_plain = every.read(np.arange(len(every)), [0], dtype="float32")[0]
-        used.update(keys)
+        feats.pooled_plain = _pooled_plain(store, kept, config)
+        used.update(store_lib.item_key(h, view_tag(config, None)) for h in kept.hashes)
     feats.cached = len(used) - computed
     try:
         cache.record_use(store.folder.parent.parent, kept, feats.cache_bytes(), store.folder.name)
@@ -263,8 +261,13 @@ def plain_pooled(model: keras.Model, images: ImageSet, config: Config, cache_dir
     store, _, _, failed = _fill(model, images, config, [(i, None) for i in range(len(images.paths))], cache_dir,
                                 None, progress, file_index)
     kept = images.without(failed)
-    reader = store.reader([store_lib.item_key(h, view_tag(config, None)) for h in kept.hashes])
-    return reader.read(np.arange(len(reader)), [0], dtype="float32")[0], kept
+    return _pooled_plain(store, kept, config), kept
+
+
+def _pooled_plain(store: store_lib.FeatureStore, images: ImageSet, config: Config) -> np.ndarray:
+    """The pooled output (output 0) of every image's plain view, in image order, as float32."""
+    reader = store.reader([store_lib.item_key(h, view_tag(config, None)) for h in images.hashes])
+    return reader.read(np.arange(len(reader)), [0], dtype="float32")[0]
 
 
 def _fill(model: keras.Model, images: ImageSet, config: Config, items: list[tuple[int, int | None]],
