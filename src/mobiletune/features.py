@@ -24,7 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from mobiletune import cache
+from mobiletune import cache, kernels
 from mobiletune import model as model_lib
 from mobiletune import pixels as pixels_lib
 from mobiletune import store as store_lib
@@ -81,14 +81,17 @@ def head_model(model: keras.Model) -> keras.Model:
     return keras.Model(pooled, logits, name="head")
 
 
-def top_model(model: keras.Model, fine_tune_at: int) -> keras.Model:
-    """Boundary activations -> logits through base layers >= fine_tune_at and the head (phase 2)."""
+def top_model(model: keras.Model, fine_tune_at: int, *, fast: bool = True) -> keras.Model:
+    """Boundary activations -> logits through base layers >= fine_tune_at and the head (phase 2): the
+    classifier's own layers and weights, computed by faster kernels (`kernels.fast_clone`; `fast=False`
+    runs Keras' own layers, for benchmarks/phase2.py to compare)."""
     base = model_lib.base_of(model)
     cut = boundary_tensors(base, fine_tune_at)
     inputs = [keras.Input(t.shape[1:], name=f"boundary_{i}") for i, t in enumerate(cut)]
     if len(cut) == 1:  # Keras wants a lone tensor, not a list of one
         cut, inputs = cut[0], inputs[0]
-    x = keras.Model(cut, base.output, name="upper_base")(inputs)
+    upper = keras.Model(cut, base.output, name="upper_base")
+    x = (kernels.fast_clone(upper) if fast else upper)(inputs)
     for name in ("pool", "dropout", "logits"):
         x = model.get_layer(name)(x)
     return keras.Model(inputs, x, name="top")
@@ -402,13 +405,17 @@ def feature_dataset(reader: RowReader, outputs: list[int], labels: np.ndarray, v
         batches = tf.data.Dataset.from_tensor_slices(
             (tf.range(n, dtype=tf.int64), tf.zeros(n, tf.int64))).batch(batch_size)
     def read(rows, view):
-        # float16 boundary activations widen here, in NumPy: a float16 tensor in TensorFlow makes oneDNN
-        # log "supports DT_HALF only on ..." to the console on every run
-        return reader.read(view * n + rows, outputs, dtype="float32")
+        return reader.read(view * n + rows, outputs)
+
+    stored = [tf.as_dtype(reader.dtypes[k]) for k in outputs]
 
     def load(rows, view):
-        xs = tf.numpy_function(read, [rows, view], [tf.float32] * len(outputs), stateful=False)
-        xs = tuple(tf.ensure_shape(x, [None, *reader.shapes[k]]) for x, k in zip(xs, outputs, strict=True))
+        xs = tf.numpy_function(read, [rows, view], stored, stateful=False)
+        # float16 activations widen here, in the tf.data graph: 7x faster than NumPy's astype, which cost
+        # ~8% of a 2-core phase-2 epoch. Cast first: any other op on a float16 tensor (ensure_shape
+        # included) makes oneDNN log "supports DT_HALF only on ..." to the console
+        xs = tuple(tf.ensure_shape(tf.cast(x, tf.float32), [None, *reader.shapes[k]])
+                   for x, k in zip(xs, outputs, strict=True))
         return (xs if len(xs) > 1 else xs[0]), tf.gather(y, rows)
 
-    return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return pixels_lib.prefetched(batches, load)
