@@ -38,7 +38,8 @@ def test_fast_trainee_computes_the_same_layers_with_the_same_variables(fine_tune
     model = _phase2_model(fine_tune_at=fine_tune_at)
     fast, plain = (features.top_model(model, fine_tune_at, fast=f) for f in (True, False))
     assert [id(v) for v in fast.trainable_variables] == [id(v) for v in plain.trainable_variables]
-    assert any(isinstance(layer, kernels.FoldedConv) for layer in fast.get_layer("upper_base").layers)
+    folded = [layer for layer in fast.get_layer("upper_base").layers if isinstance(layer, kernels.FoldedConv)]
+    assert folded and all(layer.bn is not None for layer in folded)  # every conv above the cut takes its BN in
     cut = _cut(model, fine_tune_at)
     (loss_fast, grads_fast), (loss_plain, grads_plain) = _loss_and_grads(fast, cut), _loss_and_grads(plain, cut)
     assert np.isclose(float(loss_fast), float(loss_plain), rtol=1e-4)
