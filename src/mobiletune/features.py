@@ -123,9 +123,6 @@ def export_onnx(model: keras.Model, path: Path) -> None:
         model.export(str(path), format="onnx", verbose=False)
 
 
-ORT_CHUNK = 4  # images per ONNX Runtime call: 1, 2 and 8 were 5-11% slower (benchmarks/ort_threads.py)
-
-
 class _OnnxRunner:
     """The extractor exported to ONNX and run by ONNX Runtime: about 1.9x TensorFlow's speed on
     this CPU for MobileNetV2's forward pass, the same numbers to ~1e-5 (benchmarks/).
@@ -162,15 +159,15 @@ class _OnnxRunner:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        # A few images per call, one call per core at a time, each on one thread: small chunks keep
-        # the activations in the core's caches, and no call waits on another core. Measured on the
-        # 2-core box: 946 img/s in chunks of 4, vs 531 img/s one image per call on 2 ORT threads.
+        # One image per call (its activations stay in the core's caches), one call per core side by
+        # side, each on one thread, so no call waits on another core. The 7,000 image views of the
+        # cats-vs-dogs feature pass on the 2-core box, alternating in one process: 13.2-14.3 s vs
+        # 16.8 s for one call at a time on 2 ORT threads (benchmarks/ort_threads.py: the calls alone).
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            parts = list(pool.map(lambda i: self.session.run(None, {self.input: x[i : i + ORT_CHUNK]}),
-                                  range(0, len(x), ORT_CHUNK)))
-        return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+            per_image = list(pool.map(lambda i: self.session.run(None, {self.input: x[i : i + 1]}), range(len(x))))
+        return [np.concatenate(outputs) for outputs in zip(*per_image, strict=True)]
 
 
 def _runner(extract: keras.Model, engine: str, onnx_path: Path):
