@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling import host_line  # noqa: E402
+
 GFLOP_FORWARD = 0.306  # MobileNetV2 forward at 160 px, per image
 
 
@@ -41,8 +44,7 @@ def main() -> None:
     import numpy as np
     import onnxruntime as ort
 
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(f"{'AVX-512' if 'avx512f' in flags else 'AVX2'} host, {os.cpu_count()} cores, onnxruntime {ort.__version__}")
+    print(f"{host_line()}; onnxruntime {ort.__version__}")
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "extractor.onnx"

@@ -26,7 +26,6 @@ import collections
 import glob
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,15 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "cats_and_dogs_filtered"
 sys.path.insert(0, str(HERE))
+from scaling import host_line  # noqa: E402
 from tutorial_vs_mobiletune import gemm_peak_gflops  # noqa: E402
-
-
-def host() -> str:
-    """The ISA in one phrase: what lscpu reports, and what oneDNN is limited to."""
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{isa} host, {os.cpu_count()} cores" + (f", ONEDNN_MAX_CPU_ISA={limit}" if limit else "")
 
 
 def forward_gflop(base, fine_tune_at: int) -> float:
@@ -179,7 +171,7 @@ def main() -> None:
 
     from mobiletune import model as model_lib
 
-    print(f"{host()}; ", end="", flush=True)
+    print(f"{host_line()}; ", end="", flush=True)
     peak = gemm_peak_gflops()
     print(f"fp32 GEMM ceiling {peak:.0f} GFLOP/s (best 4096x4096 tf.linalg.matmul)")
     if args.kernels:

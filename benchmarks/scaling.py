@@ -209,6 +209,15 @@ def host_info() -> dict:
     return {"model": model, "simd": simd, "cpus": os.cpu_count()}
 
 
+def host_line() -> str:
+    """The host in one phrase for a benchmark's first line: CPU, widest SIMD, cores, and any oneDNN ISA limit
+    (ONEDNN_MAX_CPU_ISA=AVX2 stands in for an AVX2 host, docs/benchmarks.md)."""
+    host = host_info()
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"{host['model']}, {host['simd']}, {host['cpus']} cores"
+            + (f", ONEDNN_MAX_CPU_ISA={limit}" if limit else ""))
+
+
 def fmt(value, spec: str = ".0f") -> str:
     """A number formatted, or '-' where the metrics did not have it."""
     return "-" if value is None else format(value, spec)

@@ -190,7 +190,9 @@ def main() -> None:
 
 def report(runs: list[dict], counts: dict, epochs: tuple[int, int], peak: float) -> None:
     n_train, n_val = counts["train"], counts["validation"]
-    print(f"\nfp32 GEMM ceiling: {peak:.0f} GFLOP/s on {os.cpu_count()} cores; "
+    from scaling import host_line  # benchmarks/ is on sys.path when this runs as a script
+
+    print(f"\n{host_line()}; fp32 GEMM ceiling: {peak:.0f} GFLOP/s; "
           f"images: {counts}; epochs {epochs[0]} + {epochs[1]}\n")
     print("| run | seed | wall s | peak RSS MB | test acc before | loss before | test acc after | loss after |")
     print("|---|---|---|---|---|---|---|---|")
