@@ -7,6 +7,7 @@ input: RGB pixels 0-255 at the trained size. The augmentation layers are inactiv
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import keras
@@ -24,9 +25,13 @@ def build_base(config: Config) -> keras.Model:
     size, m = config.data.image_size, config.model
     weights = {"imagenet": "imagenet", "none": None}.get(m.weights)
     try:
-        base = keras.applications.MobileNetV2(
-            input_shape=(size, size, 3), include_top=False, weights=weights, alpha=m.alpha, name=BASE_NAME
-        )
+        with warnings.catch_warnings():
+            # At a size Keras has no file for (not 96-224 in steps of 32) it warns that it loads the 224 weights;
+            # without the top, its convolution weights serve any size: nothing for the user to act on
+            warnings.filterwarnings("ignore", "`input_shape` is undefined or non-square", UserWarning)
+            base = keras.applications.MobileNetV2(
+                input_shape=(size, size, 3), include_top=False, weights=weights, alpha=m.alpha, name=BASE_NAME
+            )
         if weights is None and m.weights != "none":
             base.load_weights(m.weights)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a failed download or load
