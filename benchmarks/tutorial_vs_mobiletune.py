@@ -1,12 +1,15 @@
 """Side by side, in one invocation: the recipe as the TensorFlow tutorial writes it vs `mobiletune train`.
 
-    .venv/bin/python benchmarks/tutorial_vs_mobiletune.py [DATA_DIR] [--seeds 0 1 2] [--also-views 4] [--quick]
+    .venv/bin/python benchmarks/tutorial_vs_mobiletune.py [DATA_DIR] [--seeds 0 1 2] [--quick]
+        [--also-set features.views=4 ...]
 
 Both arms use the same train/validation/test files (mobiletune's seeded split; the tutorial's own
 take()/skip() on a reshuffled dataset would leak validation images into test). Each arm runs in
 its own process so its peak RSS is its own. mobiletune runs twice: with a cold feature cache
 and again with the cache warm. Prints wall time, peak RSS, test accuracy/loss before and after
-fine-tuning, per-phase images/s against the measured fp32 GEMM ceiling, and the ratio.
+fine-tuning, per-phase images/s against the measured fp32 GEMM ceiling, and the ratio. Each
+--also-set KEY=VALUE adds one more cold mobiletune arm with that config override, to measure what
+one setting buys in the same run.
 
 With several --seeds, each seed gets its own split and training seed, shared by both arms, and
 the summary gives median wall times, their ratio, and mean test accuracies: on a 200-image test
@@ -115,12 +118,12 @@ def tutorial_arm(roots: dict[str, str], epochs: tuple[int, int], seed: int) -> d
             "seconds": {"phase1": t1 - t0, "phase2": t3 - t2, "total": time.perf_counter() - started}}
 
 
-def mobiletune_arm(data_dir: str, out: str, cache: str, epochs: tuple[int, int], views: int, seed: int) -> dict:
+def mobiletune_arm(data_dir: str, out: str, cache: str, epochs: tuple[int, int], also: list[str], seed: int) -> dict:
     from mobiletune.config import load_config
     from mobiletune.train import train_and_evaluate
 
     config = load_config(overrides=[f"features.cache_dir={cache}", f"phase1.epochs={epochs[0]}",
-                                    f"phase2.epochs={epochs[1]}", f"features.views={views}", f"data.seed={seed}"])
+                                    f"phase2.epochs={epochs[1]}", f"data.seed={seed}", *also])
     started = time.perf_counter()
     m = train_and_evaluate(config, data_dir, out, overwrite=True).metrics
     seconds = dict(m["seconds"], total=time.perf_counter() - started)
@@ -144,8 +147,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 + 2 epochs instead of 10 + 10")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one split and training seed per value, shared by both arms")
-    parser.add_argument("--also-views", type=int, nargs="*", default=[],
-                        help="also run cold with these features.views, to see what the view count buys")
+    parser.add_argument("--also-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="one more cold mobiletune arm per override, e.g. features.views=4")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--payload", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,17 +157,16 @@ def main() -> None:
     if args.arm:  # child process
         payload = json.loads(args.payload)
         result = tutorial_arm(payload["roots"], epochs, payload["seed"]) if args.arm == "tutorial" else \
-            mobiletune_arm(args.data_dir, payload["out"], payload["cache"], epochs, payload["views"], payload["seed"])
+            mobiletune_arm(args.data_dir, payload["out"], payload["cache"], epochs, payload["also"], payload["seed"])
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
 
     from mobiletune import data
-    from mobiletune.config import Config, DataConfig
+    from mobiletune.config import DataConfig
 
     peak = gemm_peak_gflops()
     flag = ["--quick"] if args.quick else []
-    default_views = Config().features.views
     runs: list[dict] = []  # one row per (seed, arm)
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="mt-bench-") as tmp:
@@ -176,12 +178,11 @@ def main() -> None:
                 ["--arm", kind, args.data_dir, *flag, "--payload", json.dumps({**payload, "seed": seed})])
             runs.append({"name": "tutorial-style", "seed": seed,
                          **arm("tutorial", {"roots": {k: str(v) for k, v in roots.items()}})})
-            arms = [("mobiletune, cold cache", "cache", default_views),
-                    ("mobiletune, warm cache", "cache", default_views)]
-            arms += [(f"mobiletune, views={v}, cold cache", f"cache-{v}", v) for v in args.also_views]
-            for name, cache, views in arms:
+            arms = [("mobiletune, cold cache", "cache", []), ("mobiletune, warm cache", "cache", [])]
+            arms += [(f"mobiletune, {item}, cold cache", f"cache-{i}", [item]) for i, item in enumerate(args.also_set)]
+            for name, cache, also in arms:
                 runs.append({"name": name, "seed": seed, **arm(
-                    "mobiletune", {"out": str(tmp / "run"), "cache": str(tmp / cache), "views": views})})
+                    "mobiletune", {"out": str(tmp / "run"), "cache": str(tmp / cache), "also": also})})
             print(f"seed {seed}: " + "; ".join(f"{r['name']} {r['wall']:.0f} s, after "
                                                f"{r['after']['accuracy']:.2%}" for r in runs if r["seed"] == seed),
                   flush=True)
