@@ -1,16 +1,14 @@
 """Phase 2 against the hardware: a fine-tuning epoch's FLOPs, its time, and where the time goes.
 
-    .venv/bin/python benchmarks/phase2.py [DATA_DIR] [--rounds 5] [--replicas 2] [--profile] [--kernels]
+    .venv/bin/python benchmarks/phase2.py [DATA_DIR] [--rounds 5] [--profile] [--kernels]
     ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/phase2.py ...   # oneDNN limited to AVX2
 
-Measures the fp32 GEMM ceiling (best 4096x4096 `tf.linalg.matmul`, in a child process with
-TensorFlow's default threads), computes the default recipe's features (the cache makes that free
-after the first time), then trains phase-2 epochs on them exactly as `mobiletune train` does
-(the default config: fine_tune_at 100, batch 32, RMSprop, validation every epoch, the threads
-and replicas a run sets up), alternating the trainee as it ships (folded BatchNorm, 1x1
-convolutions as matrix products: `mobiletune.kernels`) with the plain Keras layers, one epoch
-each per round, and prints each one's median epoch and its share of the ceiling. The thread
-setting is process-wide: to compare replica counts, alternate processes with --replicas 1 and 2.
+One process: measures the fp32 GEMM ceiling (best 4096x4096 `tf.linalg.matmul`), computes the
+default recipe's features (the cache makes that free after the first time), then trains phase-2
+epochs on them exactly as `mobiletune train` does (the default config: fine_tune_at 100,
+batch 32, RMSprop, validation every epoch), alternating the trainee as it ships (1x1
+convolutions as matrix products, `mobiletune.pointwise`) with the plain Keras layers, one epoch
+each per round, and prints each one's median epoch and its share of the ceiling.
 
 FLOPs, as issue #12 counts them: the forward FLOPs of the convolutions from `fine_tune_at` on,
 counted from the model's own layers, 3x per training image (forward, input and weight
@@ -28,7 +26,6 @@ import collections
 import glob
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +36,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "cats_and_dogs_filtered"
 sys.path.insert(0, str(HERE))
 from scaling import host_line  # noqa: E402
-
-CEILING = "from tutorial_vs_mobiletune import gemm_peak_gflops; print(gemm_peak_gflops())"
-
-
-def ceiling_gflops() -> float:
-    """The fp32 GEMM ceiling with TensorFlow's default threads (one 4096x4096 matmul on every core):
-    measured in a child, since this process runs phase 2's threads."""
-    out = subprocess.run([sys.executable, "-c", CEILING], cwd=HERE, capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+from tutorial_vs_mobiletune import gemm_peak_gflops  # noqa: E402
 
 
 def forward_gflop(base, fine_tune_at: int) -> float:
@@ -88,15 +77,14 @@ def prepare(data_dir: str):
     return model, config, train_data, val_data, counts
 
 
-def trainees(model, config, replicas: int) -> dict:
-    """The trainee as shipped and with Keras' own layers, each on `replicas` slices of the batch and
-    compiled as train_phase does."""
+def trainees(model, config) -> dict:
+    """The trainee as shipped and with Keras' own 1x1 convolutions, each compiled as train_phase does."""
     from mobiletune import features
     from mobiletune import model as model_lib
 
     out = {}
     for name, fast in (("fast kernels (shipped)", True), ("Keras layers", False)):
-        trainee = features.top_model(model, config.phase2.fine_tune_at, fast=fast, replicas=replicas)
+        trainee = features.top_model(model, config.phase2.fine_tune_at, fast=fast)
         loss, metric = model_lib.loss_and_metric(model_lib.is_binary(model))
         trainee.compile(optimizer=model_lib.make_optimizer(config.phase2.optimizer, 1e-5), loss=loss,
                         metrics=[metric])
@@ -138,7 +126,7 @@ def profile_epoch(trainee, train_data, val_data, steps: int) -> None:
         print(f"  {seconds:7.3f} s {seconds / total:6.1%} {counts[op]:6d} calls  {op}")
 
 
-def pointwise_kernels() -> None:
+def kernels() -> None:
     """MobileNetV2's top 1x1 convolutions at 160 px, batch 32: Conv2D vs MatMul, forward + both gradients."""
     import numpy as np
     import tensorflow as tf
@@ -177,30 +165,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", nargs="?", default=str(DEFAULT_DATA))
     parser.add_argument("--rounds", type=int, default=5, help="timed epochs of each trainee, alternating")
-    parser.add_argument("--replicas", type=int, default=None,
-                        help="slices of each batch side by side (default: the config's phase2.replicas)")
     parser.add_argument("--profile", action="store_true", help="one more epoch of each under the profiler")
     parser.add_argument("--kernels", action="store_true", help="also time the 1x1 convolutions alone")
     args = parser.parse_args()
 
-    from mobiletune import kernels
     from mobiletune import model as model_lib
-    from mobiletune.config import Config
 
     print(f"{host_line()}; ", end="", flush=True)
-    peak = ceiling_gflops()
+    peak = gemm_peak_gflops()
     print(f"fp32 GEMM ceiling {peak:.0f} GFLOP/s (best 4096x4096 tf.linalg.matmul)")
-    replicas = kernels.replica_threads(Config().phase2.replicas if args.replicas is None else args.replicas)
-    print(f"phase 2 on {replicas} slice(s) of each batch side by side")
     if args.kernels:
-        pointwise_kernels()
+        kernels()
     model, config, train_data, val_data, counts = prepare(args.data_dir)
     per_image = forward_gflop(model_lib.base_of(model), config.phase2.fine_tune_at)
     gflop = 3 * per_image * counts["train"] + per_image * counts["validation"]
     print(f"phase 2 from layer {config.phase2.fine_tune_at}: {per_image:.4f} GFLOP per image forward; an epoch of "
           f"{counts['train']} training + {counts['validation']} validation images = {gflop:.0f} GFLOP")
     steps = -(-counts["train"] // config.data.batch_size)
-    runs = trainees(model, config, replicas)
+    runs = trainees(model, config)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for trainee in runs.values():
         epoch(trainee, train_data, val_data, steps)  # tracing and first-touch: not timed

@@ -45,7 +45,6 @@ def test_int_accepted_for_float():
         ("phase1.lr=0", "phase1.lr=0"),
         ("phase2.fine_tune_at=500", "MobileNetV2 has 154 layers"),
         ("phase2.fine_tune_at=-1", "phase2.fine_tune_at=-1"),
-        ("phase2.replicas=0", "1 to data.batch_size (32) slices"),
         ("data.image_size=16", "32 to 1024"),
         ("phase1.epochs=ten", "expected int, got str"),
         ("phase1.epochs=2.5", "expected int, got float"),

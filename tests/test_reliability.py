@@ -63,12 +63,9 @@ def test_kill_9_then_resume_equals_an_unbroken_run(cats_dogs_small, tmp_path, ki
     victim.wait()
     assert not (tmp_path / "killed" / "metrics.json").exists()  # it really died before the end
 
-    # As a user resumes: a fresh process, so TensorFlow's threads are set up as in the first run
-    # (kernels.replica_threads); an in-process resume would differ in float rounding.
-    result = subprocess.run([sys.executable, "-m", "mobiletune", "train", "--resume", str(tmp_path / "killed")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "resuming after epoch" in result.stdout
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "killed")])
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch" in result.output
     a = json.loads((tmp_path / "unbroken" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     for stage in ("before_fine_tuning", "after_fine_tuning"):

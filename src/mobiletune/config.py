@@ -72,9 +72,6 @@ class Phase2Config:
     fine_tune_at: int = 100  # base layers from this index on train; those below stay frozen
     lr_ratio: float = 0.1  # phase-2 lr = phase1.lr * lr_ratio: small steps keep ImageNet features
     optimizer: str = "rmsprop"  # recompiled with a fresh optimizer, as the tutorial
-    replicas: int = 2  # with cached features, each batch runs as this many slices side by side, each op on
-    # cores/replicas threads: 1.19x per epoch on 2 cores, where one op cannot fill both (docs/benchmarks.md). The
-    # threads are process-wide: where TensorFlow started before the run (a used notebook kernel) it runs 1
 
 
 @dataclass(frozen=True)
@@ -250,8 +247,6 @@ def validate(config: Config) -> None:
     _check(0 < p1.lr <= 1, "phase1.lr", p1.lr, "a learning rate in (0, 1], e.g. 1e-4")
     _check(0 < p2.lr_ratio <= 10, "phase2.lr_ratio", p2.lr_ratio,
            "a ratio in (0, 10]; phase-2 lr = phase1.lr * lr_ratio, e.g. 0.1")
-    _check(1 <= p2.replicas <= d.batch_size, "phase2.replicas", p2.replicas,
-           f"1 to data.batch_size ({d.batch_size}) slices of each batch side by side; 1 runs the batch whole")
     _check(1 <= config.features.views <= 64, "features.views", config.features.views,
            "1 to 64 augmented views per training image")
     _check(config.features.engine in ENGINES, "features.engine", config.features.engine,

@@ -81,19 +81,17 @@ def head_model(model: keras.Model) -> keras.Model:
     return keras.Model(pooled, logits, name="head")
 
 
-def top_model(model: keras.Model, fine_tune_at: int, *, fast: bool = True, replicas: int = 1) -> keras.Model:
+def top_model(model: keras.Model, fine_tune_at: int, *, fast: bool = True) -> keras.Model:
     """Boundary activations -> logits through base layers >= fine_tune_at and the head (phase 2): the
     classifier's own layers and weights, computed by faster kernels (`kernels.fast_clone`; `fast=False`
-    runs Keras' own layers, for benchmarks/phase2.py to compare), on `replicas` slices of each batch
-    side by side (`kernels.Replicated`) before the head."""
+    runs Keras' own layers, for benchmarks/phase2.py to compare)."""
     base = model_lib.base_of(model)
     cut = boundary_tensors(base, fine_tune_at)
     inputs = [keras.Input(t.shape[1:], name=f"boundary_{i}") for i, t in enumerate(cut)]
     if len(cut) == 1:  # Keras wants a lone tensor, not a list of one
         cut, inputs = cut[0], inputs[0]
     upper = keras.Model(cut, base.output, name="upper_base")
-    body = kernels.fast_clone(upper) if fast else upper
-    x = (kernels.Replicated(body, replicas) if replicas > 1 else body)(inputs)
+    x = (kernels.fast_clone(upper) if fast else upper)(inputs)
     for name in ("pool", "dropout", "logits"):
         x = model.get_layer(name)(x)
     return keras.Model(inputs, x, name="top")

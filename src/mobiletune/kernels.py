@@ -11,23 +11,13 @@ Two rewrites, each exact up to float rounding (~1e-6), measured in benchmarks/ph
 
 Only the trainee (`features.top_model`) is rewritten; it holds the classifier's own variables,
 so training it trains the classifier, and the saved model stays a plain Keras MobileNetV2.
-
-On 10x10 and 5x5 maps one op cannot keep two cores busy (each GEMM split across both, the
-forward chain has no parallelism of its own). `Replicated` runs the trainee's convolutions on
-slices of the batch with no dependency between them, and `replica_threads` gives each op one
-core's share, so TensorFlow's executor runs the slices side by side: a phase-2 epoch 1.19x as
-fast on 2 cores (docs/benchmarks.md). The math is the batch's: same weights, outputs
-concatenated before the head, so dropout and the loss see the whole batch.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-
 import keras
 
-__all__ = ["FoldedConv", "Replicated", "fast_clone", "replica_threads"]
+__all__ = ["FoldedConv", "fast_clone"]
 
 
 def is_pointwise(layer: keras.layers.Layer) -> bool:
@@ -119,48 +109,3 @@ def fast_clone(model: keras.Model) -> keras.Model:
         return layer
 
     return keras.models.clone_model(model, clone_function=clone)
-
-
-class Replicated(keras.layers.Layer):
-    """`body` applied to `replicas` consecutive slices of the batch, outputs concatenated in order:
-    the batch's own result, computed as independent ops that can run side by side."""
-
-    def __init__(self, body: keras.Model, replicas: int, **kwargs):
-        assert replicas >= 2, replicas
-        super().__init__(name=f"{body.name}_x{replicas}", **kwargs)
-        self.body, self.replicas = body, replicas
-
-    def call(self, inputs, training=None):
-        ops, many = keras.ops, isinstance(inputs, (list, tuple))
-        tensors = list(inputs) if many else [inputs]
-        size = ops.shape(tensors[0])[0]
-        ends = [size * i // self.replicas for i in range(self.replicas + 1)]
-        outputs = []
-        for start, stop in itertools.pairwise(ends):
-            part = [t[start:stop] for t in tensors]
-            outputs.append(self.body(part if many else part[0], training=training))
-        return ops.concatenate(outputs, axis=0)
-
-    def compute_output_shape(self, input_shape):
-        return self.body.compute_output_shape(input_shape)
-
-
-def replica_threads(replicas: int) -> int:
-    """Set TensorFlow's thread pools for `replicas` slices side by side: each op on cores/replicas
-    threads, `replicas` ops at a time. Process-wide, so possible only before TensorFlow's runtime
-    starts (the CLI; a fresh notebook kernel). Returns the replicas to use: `replicas`, or 1 when
-    the pools are fixed otherwise or there are fewer cores than replicas."""
-    import tensorflow as tf
-
-    cores, threading = os.cpu_count() or 1, tf.config.threading
-    if replicas < 2 or cores < replicas:
-        return 1
-    wanted = (cores // replicas, replicas)
-    if (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()) == wanted:
-        return replicas
-    try:
-        threading.set_intra_op_parallelism_threads(wanted[0])
-        threading.set_inter_op_parallelism_threads(wanted[1])
-    except RuntimeError:  # the runtime has started: its pools are fixed for the process
-        return 1
-    return replicas

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import yaml
 
-from mobiletune import cache, data, features, kernels, runfolder, scan
+from mobiletune import cache, data, features, runfolder, scan
 from mobiletune import model as model_lib
 from mobiletune.config import Config, _all_keys, from_flat
 from mobiletune.errors import ConfigError, UsageError
@@ -213,7 +213,6 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     if grace_period < 2:
         raise UsageError(f"--grace-period {grace_period}: give at least 2 seconds")
     started = time.perf_counter()
-    kernels.replica_threads(base.phase2.replicas)  # before TensorFlow's runtime starts, or never
     out = Path(out)
     space = load_space(space_path)
     runfolder.make_folder(cache.cache_root(base), "features.cache_dir")  # before minutes of work

@@ -23,7 +23,6 @@ from mobiletune import (
     data,
     evaluate,
     features,
-    kernels,
     pixels,
     progress,
     report,
@@ -189,7 +188,6 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     holds (a sweep's, to reuse its cache).
     """
     started = time.perf_counter()
-    kernels.replica_threads(config.phase2.replicas)  # before TensorFlow's runtime starts, or never
     if resume:
         out = Path(workdir)
         if (out / "metrics.json").exists():
@@ -453,9 +451,8 @@ def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: fe
     if phase == 1:
         trainee, outputs = features.head_model(model), [0]
     else:
-        at = config.phase2.fine_tune_at
-        trainee = features.top_model(model, at, replicas=kernels.replica_threads(config.phase2.replicas))
-        outputs = feats.boundaries[at]
+        trainee, outputs = features.top_model(model, config.phase2.fine_tune_at), feats.boundaries[
+            config.phase2.fine_tune_at]
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
     return (trainee,
             features.feature_dataset(feats.readers["train"], outputs, labels["train"], feats.views["train"], batch,
