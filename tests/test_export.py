@@ -33,6 +33,8 @@ def test_every_format_loads_in_its_runtime_and_agrees(exported):
     assert "| tflite-int8 |" in (run / "export" / "report.md").read_text()
     assert checks["tflite-int8"]["megabytes"] < checks["tflite"]["megabytes"] / 2  # int8 is smaller
     assert "Exports (Keras accuracy" in (run / "report.html").read_text()  # the table joins the report
+    card = (run / "export" / "model_card.md").read_text()  # the run's card travels with the exports
+    assert "## Exports, re-tested on the test set" in card and "| tflite-int8 |" in card and "## Known limits" in card
 
 
 def test_exports_take_pixels_and_return_probabilities(exported):

@@ -41,7 +41,7 @@ def test_predict_cli_formats(tiny_run, tmp_path):
     assert len(lines) == 4 and "error" in lines[0] and lines[1]["top"][0]["class"] in ("cats", "dogs")
     glob = runner.invoke(app, ["predict", str(tiny_run.workdir), str(folder / "*.jpg"), "--format", "csv",
                                "--top-k", "2"])
-    assert glob.stdout.splitlines()[0] == "path,class1,p1,class2,p2,error"
+    assert glob.stdout.splitlines()[0] == "path,unknown,unknown_score,class1,p1,class2,p2,error"  # a run folder scores
     assert len(glob.stdout.splitlines()) == 4  # header + broken + two cats
 
 

@@ -11,7 +11,7 @@ from mobiletune.train import train_and_evaluate
 
 RUN_FILES = {"config.yaml", "split.csv", "audit.csv", "skipped.csv", "history.csv", "metrics.json",
              "before_fine_tuning.png", "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",
-             "test_predictions.csv", "report.html", "run.json"}
+             "test_predictions.csv", "report.html", "run.json", "unknown.npz", "model_card.md"}
 
 
 def _history(run):
@@ -43,6 +43,10 @@ def test_end_to_end_run_folder(tiny_run, tiny_config):
     assert len({r["path"] for r in manifest}) == len(manifest) == 22  # no file in two splits
     summary = (run / "summary.md").read_text()
     assert "| before fine-tuning |" in summary and "`phase2.fine_tune_at` | 100" in summary
+    card = (run / "model_card.md").read_text()
+    for section in ("## Intended use", "## Data", "## Test results", "## Unknown inputs", "## Known limits",
+                    "## Provenance", metrics["environment"]["base_weights_sha256"], "| cats | 6 |"):
+        assert section in card, section
 
     # model.keras reloads and gives the trained model's own test predictions (recorded before saving)
     images = data.load_test_images(run, None, tiny_config.data)  # the run's own test split, from its manifest

@@ -284,8 +284,13 @@ def predict_command(
         "table"),
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 1,
     batch: Annotated[int, typer.Option("--batch", "-b", help="Images decoded and predicted at a time.")] = 32,
+    unknown: Annotated[bool, typer.Option(
+        "--unknown/--no-unknown", help="With a run folder: call images unlike the training images 'unknown'.")] = True,
 ) -> None:
-    """Classify images with any exported model; bad files are reported on their own line."""
+    """Classify images with any exported model; bad files are reported on their own line.
+
+    Given a run folder, each image also gets the run's unknown-input score, and is called
+    "unknown" beyond its threshold (metrics.json["unknown"]); --no-unknown turns that off."""
     import csv as csv_lib
     import json
 
@@ -295,19 +300,27 @@ def predict_command(
     if format_ not in ("table", "csv", "json"):
         raise UsageError(f"--format {format_!r}: choose table, csv or json")
     predictor = load_predictor(model)
+    scoring = unknown and predictor.detector is not None
     writer = csv_lib.writer(sys.stdout, lineterminator="\n")
     if format_ == "csv":
-        writer.writerow(["path", *[f"{k}{i + 1}" for i in range(top_k) for k in ("class", "p")], "error"])
+        writer.writerow(["path", *(["unknown", "unknown_score"] if scoring else []),
+                         *[f"{k}{i + 1}" for i in range(top_k) for k in ("class", "p")], "error"])
     errors = 0
-    for p in predict_paths(predictor, paths, batch=batch, top_k=top_k):
+    for p in predict_paths(predictor, paths, batch=batch, top_k=top_k, unknown=unknown):
         errors += bool(p.error)
+        score = [] if p.unknown_score is None else [p.unknown, f"{p.unknown_score:.6f}"]
         if format_ == "json":
             print(json.dumps({"path": p.path, "top": [{"class": c, "p": round(v, 6)} for c, v in p.top],
+                              **({"unknown": p.unknown, "unknown_score": round(p.unknown_score, 6)}
+                                 if p.unknown_score is not None else {}),
                               **({"error": p.error} if p.error else {})}), flush=True)
         elif format_ == "csv":
-            writer.writerow([p.path, *[x for c, v in p.top for x in (c, f"{v:.6f}")], p.error])
+            writer.writerow([p.path, *(score or ([""] * 2 if scoring else [])),
+                             *[x for c, v in p.top for x in (c, f"{v:.6f}")], p.error])
         else:
             shown = "  ".join(f"{c} {v:.3f}" for c, v in p.top) if p.top else f"error: {p.error}"
+            if p.unknown:
+                shown = f"unknown (score {p.unknown_score:.3f} > {predictor.detector.threshold:.3f}; nearest: {shown})"
             print(f"{p.path}\t{shown}", flush=True)
     if errors:
         err_console.print(f"{errors} file(s) could not be read", markup=False)

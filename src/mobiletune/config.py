@@ -26,6 +26,7 @@ FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 BN_MODES = ("inference", "train")
 ENGINES = ("onnxruntime", "tensorflow")
 CLASS_WEIGHTS = ("none", "auto")
+UNKNOWN_SCORES = ("knn", "energy", "msp")
 AUDITS = ("none", "duplicates", "full")
 
 
@@ -84,6 +85,16 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    keep: float = 0.95  # share of in-distribution validation images the unknown-input threshold accepts; the
+    # rest of the scale is the share of real images a user sees called "unknown"
+    unknown_score: str = "knn"  # how unlike the training images an input is: "knn" (distance to the k-th nearest
+    # training image's features) separated unseen kinds of images best here (docs/unknown-inputs.md); or
+    # "energy", "msp" (1 - top probability), which need only the logits
+    knn_k: int = 5  # the k-th nearest training image: small k follows small data sets (40 images a class)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -91,6 +102,7 @@ class Config:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -247,6 +259,11 @@ def validate(config: Config) -> None:
     _check(0 < p1.lr <= 1, "phase1.lr", p1.lr, "a learning rate in (0, 1], e.g. 1e-4")
     _check(0 < p2.lr_ratio <= 10, "phase2.lr_ratio", p2.lr_ratio,
            "a ratio in (0, 10]; phase-2 lr = phase1.lr * lr_ratio, e.g. 0.1")
+    pr = config.predict
+    _check(0.5 <= pr.keep < 1, "predict.keep", pr.keep, "a share of validation images to accept in [0.5, 1), e.g. 0.95")
+    _check(pr.unknown_score in UNKNOWN_SCORES, "predict.unknown_score", pr.unknown_score,
+           f"one of {', '.join(UNKNOWN_SCORES)}")
+    _check(1 <= pr.knn_k <= 1000, "predict.knn_k", pr.knn_k, "1 to 1000 neighbours")
     _check(1 <= config.features.views <= 64, "features.views", config.features.views,
            "1 to 64 augmented views per training image")
     _check(config.features.engine in ENGINES, "features.engine", config.features.engine,

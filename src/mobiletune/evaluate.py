@@ -141,14 +141,18 @@ def compare_stages(before: np.ndarray, after: np.ndarray, labels: np.ndarray, cl
 
 
 def write_predictions(path, paths: list[str], labels: np.ndarray, classes: list[str], before: np.ndarray,
-                      after: np.ndarray) -> None:
-    """test_predictions.csv: each test image, its class and both models' probabilities."""
+                      after: np.ndarray, unknown_scores: np.ndarray | None = None) -> None:
+    """test_predictions.csv: each test image, its class, both models' probabilities and, given, the
+    final model's unknown-input score."""
     from mobiletune.runfolder import write_csv
 
     header = ["path", "true", "predicted_before", "predicted_after",
               *[f"p_before_{c}" for c in classes], *[f"p_after_{c}" for c in classes]]
     rows = [[p, classes[y], classes[b.argmax()], classes[a.argmax()], *np.round(b, 6), *np.round(a, 6)]
             for p, y, b, a in zip(paths, labels, before, after, strict=True)]
+    if unknown_scores is not None:
+        header.append("unknown_score")
+        rows = [[*row, round(float(s), 6)] for row, s in zip(rows, unknown_scores, strict=True)]
     write_csv(path, header, rows)
 
 
@@ -160,23 +164,30 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     """
     from pathlib import Path
 
-    from mobiletune import data, pixels, report_html, runfolder
+    from mobiletune import data, pixels, report_html, runfolder, unknown
     from mobiletune.config import load_config
     from mobiletune.model import load_model
+    from mobiletune.model_card import write_model_card
 
     run = Path(run)
     metrics = runfolder.read_json(run / "metrics.json")  # first: a clear error for a folder that is no run
     config = load_config(run / "config.yaml")
     images = data.load_test_images(run, data_dir, config.data)
-    before, after = (probabilities(predict_logits(load_model(run / name),
-                                                  pixels.eval_batches(images, config.data.image_size,
-                                                                    config.data.batch_size))[0])
-                     for name in ("before_fine_tuning.keras", "model.keras"))
+    models = [load_model(run / name) for name in ("before_fine_tuning.keras", "model.keras")]
+    before, after = (probabilities(predict_logits(m, pixels.eval_batches(images, config.data.image_size,
+                                                                        config.data.batch_size))[0])
+                     for m in models)
     block = compare_stages(before, after, images.labels, images.classes)
     if data_dir is not None:
         metrics.update(data_dir=str(Path(data_dir).resolve()), n_images={"test": len(images.labels)})
     metrics.update(block)
-    write_predictions(run / "test_predictions.csv", images.paths, images.labels, images.classes, before, after)
+    detector, scores = unknown.load(run / unknown.FILE_NAME), None
+    if detector is not None:
+        scores = detector.scores(*unknown.embed(models[1], images, "test", config))
+        metrics["unknown"] = {**detector.summary(), "test_kept": float(np.mean(scores <= detector.threshold))}
+    write_predictions(run / "test_predictions.csv", images.paths, images.labels, images.classes, before, after,
+                      scores)
     runfolder.write_json(run / "metrics.json", metrics)
+    write_model_card(run)
     report_html.build_report(run)
     return block

@@ -25,6 +25,7 @@ from mobiletune import model as model_lib
 from mobiletune.config import load_config
 from mobiletune.errors import MobiletuneError, UsageError
 from mobiletune.features import export_onnx
+from mobiletune.model_card import write_model_card
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")
 FILE_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
@@ -36,11 +37,12 @@ class ExportError(MobiletuneError):
     """An export that converted but lost too much accuracy, or could not be converted."""
 
 
-def serving_model(model: keras.Model) -> keras.Model:
+def serving_model(model: keras.Model, scoring: bool = False) -> keras.Model:
     """Pixels 0-255 -> probabilities, from the trained layers: no augmentation, no dropout.
 
     A binary model's single logit z becomes Dense(2) with logits [0, z], whose softmax is exactly
-    [1 - sigmoid(z), sigmoid(z)]: every export has the same [n, classes] output.
+    [1 - sigmoid(z), sigmoid(z)]: every export has the same [n, classes] output. `scoring`: also
+    the logits and pooled features, for the unknown-input score (`unknown`).
     """
     logits_layer = model.get_layer("logits")
     kernel, bias = logits_layer.get_weights()
@@ -52,10 +54,10 @@ def serving_model(model: keras.Model) -> keras.Model:
     for name in ("scale_to_unit", model_lib.BASE_NAME, "pool"):
         x = model.get_layer(name)(x)
     dense = keras.layers.Dense(kernel.shape[1], name="logits")
-    x = dense(x)
+    logits = dense(x)
     dense.set_weights([kernel, bias])
-    outputs = keras.layers.Softmax(name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="mobiletune_serving")
+    outputs = keras.layers.Softmax(name="probabilities")(logits)
+    return keras.Model(inputs, [outputs, logits, x] if scoring else outputs, name="mobiletune_serving")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +218,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
     result = {"out": str(out), "keras_accuracy": keras_accuracy, "checks": [c.__dict__ for c in checks]}
     runfolder.write_json(out / "export.json", result)
+    write_model_card(run, out, result)
     if (run / "report.html").exists():
         from mobiletune.report_html import build_report
 

@@ -170,10 +170,11 @@ def prefetched(batches, load):
     return batches.map(load, num_parallel_calls=os.cpu_count() or 2).prefetch(2).with_options(options)
 
 
-def eval_batches(images: ImageSet, size: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(float32 pixels, labels) of the test split in order, for `evaluate.predict_logits`. A file
+def eval_batches(images: ImageSet, size: int, batch: int, split: str = "test"
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(float32 pixels, labels) of `split` in order, unaugmented, for `evaluate.predict_logits`. A file
     that changed or broke since it was scanned is an error: a test set must not shrink unseen."""
-    for rows, pixels, failed in iter_pixels(images, images.indices("test"), size, batch):
+    for rows, pixels, failed in iter_pixels(images, images.indices(split), size, batch):
         if failed:
             i, reason = next(iter(failed.items()))
             raise DataError(f"{images.root / images.paths[i]}: {reason}; run again")

@@ -20,29 +20,46 @@ import numpy as np
 from mobiletune.errors import ModelError, UsageError
 from mobiletune.pixels import BadImage, decode_image
 from mobiletune.scan import IMAGE_EXTENSIONS
+from mobiletune.unknown import FILE_NAME as UNKNOWN_FILE
+from mobiletune.unknown import UnknownDetector
+from mobiletune.unknown import load as load_detector
 
 
 class Predictor:
-    """Base: `classes`, `size` and `predict(pixels) -> probabilities`."""
+    """Base: `classes`, `size`, `predict(pixels) -> probabilities` and, where the model has an
+    unknown-input detector (a run folder's), `scored(pixels) -> (probabilities, scores)`."""
 
     classes: list[str]
     size: int
+    detector: UnknownDetector | None = None
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def scored(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.predict(pixels), None
+
 
 class KerasPredictor(Predictor):
-    def __init__(self, model, classes: list[str]):
+    def __init__(self, model, classes: list[str], detector: UnknownDetector | None = None):
         from mobiletune.export import serving_model
 
         # a training model (run folder) outputs logits: serve probabilities like every export
-        self.model = model if model.output_shape[-1] == len(classes) and model.layers[-1].name == "probabilities" \
-            else serving_model(model)
+        served = model.output_shape[-1] == len(classes) and model.layers[-1].name == "probabilities"
+        self.model = model if served else serving_model(model)
         self.classes, self.size = classes, model.input_shape[1]
+        self.detector = None if served else detector  # a served export has no features output
+        if self.detector is not None:  # one pass also gives what the detector scores
+            self.scoring = serving_model(model, scoring=True)
 
     def predict(self, pixels):
         return np.asarray(self.model.predict_on_batch(pixels.astype(np.float32)))
+
+    def scored(self, pixels):
+        if self.detector is None:
+            return self.predict(pixels), None
+        probs, logits, pooled = (np.asarray(t) for t in self.scoring.predict_on_batch(pixels.astype(np.float32)))
+        return probs, self.detector.scores(pooled, logits)
 
 
 class SavedModelPredictor(Predictor):
@@ -134,7 +151,7 @@ def load_predictor(path: str | Path) -> Predictor:
         if suffix == ".keras":
             from mobiletune.model import load_model
 
-            return KerasPredictor(load_model(path), classes)
+            return KerasPredictor(load_model(path), classes, load_detector(path.parent / UNKNOWN_FILE))
         if suffix == ".tflite":
             return TFLitePredictor(path, classes)
         if suffix == ".onnx":
@@ -176,28 +193,38 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (class, probability), most likely first; empty on error
     error: str = ""
+    unknown_score: float | None = None  # with a detector: how unlike the training images (higher: less)
+    unknown: bool = False  # the score is beyond the detector's threshold: none of the classes
 
 
 def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32,
-                  top_k: int = 1) -> Iterator[Prediction]:
-    """Predictions in input order, one batch decoded at a time."""
+                  top_k: int = 1, unknown: bool = True) -> Iterator[Prediction]:
+    """Predictions in input order, one batch decoded at a time; with `unknown` and a predictor that
+    has a detector, each scored and flagged unknown beyond its threshold."""
     if batch < 1 or top_k < 1:
         raise UsageError(f"--batch {batch} --top-k {top_k}: both must be at least 1")
     top_k = min(top_k, len(predictor.classes))
     pending: list[tuple[Path, np.ndarray | None, str]] = []
 
     def flush() -> Iterator[Prediction]:
-        good = [p for p in pending if p[1] is not None]
-        probs = predictor.predict(np.stack([p[1] for p in good])) if good else np.empty((0, 0))
-        rows = iter(probs)
+        good = np.stack([p[1] for p in pending if p[1] is not None]) if any(p[1] is not None for p in pending) \
+            else None
+        probs, scores = (None, None) if good is None else \
+            predictor.scored(good) if unknown else (predictor.predict(good), None)
+        row = 0
         for path, pixels, error in pending:
+            name = os.fsencode(path).decode("utf-8", "backslashreplace")
             if pixels is None:
-                yield Prediction(os.fsencode(path).decode("utf-8", "backslashreplace"), [], error)
+                yield Prediction(name, [], error)
+                continue
+            p = probs[row]
+            top = [(predictor.classes[i], float(p[i])) for i in np.argsort(-p)[:top_k]]
+            if scores is None:
+                yield Prediction(name, top)
             else:
-                p = next(rows)
-                order = np.argsort(-p)[:top_k]
-                yield Prediction(os.fsencode(path).decode("utf-8", "backslashreplace"),
-                                 [(predictor.classes[i], float(p[i])) for i in order])
+                yield Prediction(name, top, unknown_score=float(scores[row]),
+                                 unknown=bool(scores[row] > predictor.detector.threshold))
+            row += 1
         pending.clear()
 
     for path in expand_paths(items):

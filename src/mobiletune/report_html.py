@@ -128,6 +128,9 @@ def build_report(run: str | Path) -> Path:
     config = yaml.safe_load((run / "config.yaml").read_text())
     classes = metrics["classes"]
     parts = [f"<h1>mobiletune run: {html.escape(run.resolve().name)}</h1>"]
+    if (run / "model_card.md").is_file():
+        parts.append('<p>Intended use, data, results and limits on one page: '
+                     '<a href="model_card.md">model_card.md</a>.</p>')
 
     rows = []
     for stage, label in STAGES:
@@ -164,6 +167,7 @@ def build_report(run: str | Path) -> Path:
     parts.append(_img(_png(reliability_figure(metrics)), "reliability diagram"))
     parts.append("</div>")
 
+    parts.append(_unknown_inputs(run, metrics))
     parts.append(_misclassified(run, metrics, classes))
     parts.append(_exports(run))
     parts.append(_data_summary(run, metrics))
@@ -179,6 +183,39 @@ def build_report(run: str | Path) -> Path:
     path = run / "report.html"
     write_text(path, page)
     return path
+
+
+def unknown_figure(scores: np.ndarray, correct: np.ndarray, threshold: float, name: str):
+    """Test scores with the threshold, and accuracy among the images kept as the threshold moves."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.hist(scores, bins=30, color="#4c72b0")
+    left.axvline(threshold, color="#c44e52", label=f"threshold {threshold:.3g}")
+    left.set_xlabel(f"unknown-input score ({name}); higher: less like training")
+    left.set_ylabel("test images")
+    left.legend(fontsize=8)
+    order = np.argsort(scores, kind="stable")
+    kept = np.arange(1, len(order) + 1)
+    right.plot(kept / len(order), np.cumsum(correct[order]) / kept)
+    right.axvline(np.mean(scores <= threshold), color="#c44e52", label="at the threshold")
+    right.set_xlabel("coverage (share of test images kept)")
+    right.set_ylabel("accuracy on the kept images")
+    right.legend(fontsize=8)
+    return fig
+
+
+def _unknown_inputs(run: Path, metrics: dict[str, Any]) -> str:
+    found = metrics.get("unknown")
+    rows = [r for r in _read_csv(run / "test_predictions.csv") if r.get("unknown_score")]
+    if not found or not rows:
+        return ""
+    scores = np.array([float(r["unknown_score"]) for r in rows])
+    correct = np.array([r["true"] == r["predicted_after"] for r in rows], dtype=float)
+    return ("<h2>Unknown inputs</h2>"
+            f"<p><code>mobiletune predict</code> calls an image <em>unknown</em> when its {found['score']} score "
+            f"is above {found['threshold']:.4g}: the threshold that keeps {found['validation_kept']:.1%} of the "
+            f"validation images (<code>predict.keep</code>). It keeps {found['test_kept']:.1%} of the test images.</p>"
+            + _img(_png(unknown_figure(scores, correct, found["threshold"], found["score"])),
+                   "unknown-input scores and accuracy against coverage"))
 
 
 def _misclassified(run: Path, metrics: dict[str, Any], classes: list[str], limit: int = 60) -> str:

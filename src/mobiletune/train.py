@@ -23,12 +23,14 @@ from mobiletune import (
     data,
     evaluate,
     features,
+    model_card,
     pixels,
     progress,
     report,
     report_html,
     runfolder,
     scan,
+    unknown,
 )
 from mobiletune import model as model_lib
 from mobiletune.config import Config
@@ -267,11 +269,15 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     if "test_probs_2" not in extra:  # killed after the last epoch's checkpoint, before its evaluation
         after_phase(2, history)
     runfolder.save_model(out / "model.keras", model)
+    clock = time.perf_counter()
+    detector, unknown_scores = unknown.fit_run(model, images, config, feats)
+    detector.save(out / unknown.FILE_NAME)
+    seconds["unknown"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     test = images.indices("test")
     probs_before, probs_after = extra["test_probs_1"], extra["test_probs_2"]
     evaluate.write_predictions(out / "test_predictions.csv", [images.paths[i] for i in test], images.labels[test],
-                               images.classes, probs_before, probs_after)
+                               images.classes, probs_before, probs_after, unknown_scores)
     metrics = {
         **evaluate.compare_stages(probs_before, probs_after, images.labels[test], images.classes),
         "classes": images.classes,
@@ -280,6 +286,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         "audit": _audit_metrics(audited, images, probs_before, probs_after),
         "base_layers": len(base.layers),
         "fine_tune_at": config.phase2.fine_tune_at,
+        "unknown": {**detector.summary(), "test_kept": float(np.mean(unknown_scores <= detector.threshold))},
         "class_weight": {images.classes[c]: w for c, w in (class_weights(images, config) or {}).items()},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "resumed": saved is not None,
@@ -292,6 +299,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     }
     runfolder.write_json(out / "metrics.json", metrics)
     report.write_summary(out / "summary.md", config, metrics)
+    model_card.write_model_card(out)
     report_html.build_report(out)
     (out / checkpoint.FILE_NAME).unlink(missing_ok=True)  # the run is complete: model.keras is what counts
     if console is not None:

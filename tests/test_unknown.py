@@ -1,0 +1,73 @@
+"""The unknown-input scores and detector: synthetic features where the answer is known, then a real run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CATS_DOGS
+from mobiletune import unknown
+from mobiletune.cli import app
+
+runner = CliRunner()
+
+
+def test_confident_logits_score_lower_than_flat_ones_and_binary_is_the_pair_0_z():
+    confident, flat = np.array([[8.0, -3.0, -2.0]]), np.array([[0.1, 0.0, 0.05]])
+    for name in ("msp", "energy"):
+        assert unknown.scores(name, None, confident) < unknown.scores(name, None, flat)
+    z = np.array([[2.5], [-1.0]])
+    pair = np.concatenate([np.zeros_like(z), z], axis=1)
+    for name in ("msp", "energy"):
+        assert np.allclose(unknown.scores(name, None, z), unknown.scores(name, None, pair))
+
+
+def test_knn_is_cosine_distance_to_the_kth_nearest_training_image():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(50, 8)) + 5  # one cluster away from the origin
+    reference = unknown.fit("knn", train, train[:5], np.zeros((5, 1)), keep=0.9, k=1).reference
+    assert unknown.knn(train[:3] * 7.0, reference, 1) == pytest.approx(0, abs=1e-3)  # scale does not matter
+    far = -train[:3]  # pointing the other way: cosine distance near 2
+    assert (unknown.knn(far, reference, 1) > 1.5).all()
+    k3 = unknown.knn(train[:3], reference, 3)
+    assert (k3 >= unknown.knn(train[:3], reference, 1)).all()
+
+
+def test_threshold_keeps_the_asked_share_of_validation_and_survives_a_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    train, val = rng.normal(size=(200, 16)), rng.normal(size=(97, 16))
+    logits = rng.normal(size=(97, 3))
+    for name in ("knn", "energy", "msp"):
+        detector = unknown.fit(name, train, val, logits, keep=0.9, k=5)
+        kept = np.mean(detector.scores(val, logits) <= detector.threshold)
+        assert kept == pytest.approx(detector.validation_kept) and 0.9 <= kept < 0.92
+        detector.save(tmp_path / f"{name}.npz")
+        again = unknown.load(tmp_path / f"{name}.npz")
+        assert again.summary() == detector.summary()
+        assert np.allclose(again.scores(val, logits), detector.scores(val, logits))
+    assert unknown.load(tmp_path / "none.npz") is None
+
+
+def test_a_run_carries_its_detector_and_predict_says_unknown(tiny_run, tmp_path):
+    run = tiny_run.workdir
+    found = json.loads((run / "metrics.json").read_text())["unknown"]
+    assert found["score"] == "knn" and found["validation_kept"] >= 0.95 and 0 <= found["test_kept"] <= 1
+    image = CATS_DOGS / "train" / "cats" / "cat.10.jpg"
+    scored = json.loads(runner.invoke(app, ["predict", str(run), str(image), "--format", "json"]).stdout)
+    assert scored["unknown_score"] >= 0 and scored["unknown"] == (scored["unknown_score"] > found["threshold"])
+    plain = json.loads(runner.invoke(app, ["predict", str(run), str(image), "--format", "json",
+                                           "--no-unknown"]).stdout)
+    assert "unknown" not in plain and plain["top"] == scored["top"]
+
+    # with a threshold nothing passes, every image is unknown, with its score and nearest class
+    strict = tmp_path / "run"
+    shutil.copytree(run, strict)
+    detector = unknown.load(strict / unknown.FILE_NAME)
+    unknown.UnknownDetector(detector.score, -1.0, 0.0, detector.k, detector.reference).save(strict / unknown.FILE_NAME)
+    table = runner.invoke(app, ["predict", str(strict), str(image)])
+    assert table.exit_code == 0 and "\tunknown (score " in table.stdout
+    assert "> -1.000; nearest: cats" in table.stdout or "> -1.000; nearest: dogs" in table.stdout
+    csv = runner.invoke(app, ["predict", str(strict), str(image), "--format", "csv"]).stdout.splitlines()
+    assert csv[0].startswith("path,unknown,unknown_score,class1") and csv[1].split(",")[1] == "True"
