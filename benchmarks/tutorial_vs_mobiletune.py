@@ -120,7 +120,7 @@ def tutorial_arm(roots: dict[str, str], epochs: tuple[int, int], seed: int) -> d
 
 def mobiletune_arm(data_dir: str, out: str, cache: str, epochs: tuple[int, int], also: list[str], seed: int) -> dict:
     from mobiletune.config import load_config
-    from mobiletune.train import train_and_evaluate
+    from mobiletune.recipe import train_and_evaluate
 
     config = load_config(overrides=[f"features.cache_dir={cache}", f"phase1.epochs={epochs[0]}",
                                     f"phase2.epochs={epochs[1]}", f"data.seed={seed}", *also])

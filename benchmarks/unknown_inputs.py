@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mobiletune.config import load_config
-    from mobiletune.train import train_and_evaluate
+    from mobiletune.recipe import train_and_evaluate
 
     print(host_line(), flush=True)
     rows = []

@@ -72,7 +72,7 @@ def tiny_config():
 def tiny_run(tmp_path_factory):
     """One finished tiny run (train/ 6+6, validation/ 5+5 real photos), shared by read-only tests."""
     from mobiletune.config import load_config
-    from mobiletune.train import train_and_evaluate
+    from mobiletune.recipe import train_and_evaluate
 
     root = tmp_path_factory.mktemp("tiny_run")
     data = root / "data"

@@ -126,7 +126,7 @@ def test_exclude_leaves_files_out_and_lists_them(cats_dogs_tiny, tmp_path):
 
 @pytest.mark.parametrize("level", ["none", "duplicates", "full"])
 def test_every_run_reports_its_audit(cats_dogs_tiny, tmp_path, level):
-    from mobiletune.train import train_and_evaluate
+    from mobiletune.recipe import train_and_evaluate
 
     config = load_config(overrides=[*TINY, f"data.audit={level}"])
     metrics = train_and_evaluate(config, cats_dogs_tiny, tmp_path / "run").metrics
@@ -142,7 +142,7 @@ def test_every_run_reports_its_audit(cats_dogs_tiny, tmp_path, level):
 def test_near_copies_stay_in_one_split_when_mobiletune_splits(flowers_tiny, tmp_path, dedupe):
     """80%-size copies of flowers: with data.dedupe each lands in its original's split; the manifest and the
     audit agree (no leak left), and a rerun (--resume scans the same way) makes the same split."""
-    from mobiletune.train import train_and_evaluate
+    from mobiletune.recipe import train_and_evaluate
 
     originals = [sorted((flowers_tiny / c).iterdir())[i] for i, c in enumerate(["daisy", "roses", "tulips"])]
     for f in originals:

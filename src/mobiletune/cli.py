@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-# TensorFlow's C++ log lines (start-up chatter, a harmless float16 fallback notice); its real
-# errors still reach us as Python exceptions.
+# TensorFlow's C++ log lines (start-up chatter, a harmless float16 fallback notice), before any
+# module imports it; its real errors still reach us as Python exceptions.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import typer  # noqa: E402
@@ -22,6 +22,7 @@ from rich.console import Console  # noqa: E402
 
 from mobiletune import __version__  # noqa: E402
 from mobiletune.errors import MobiletuneError  # noqa: E402
+from mobiletune.quiet import import_tensorflow  # noqa: E402
 
 app = typer.Typer(
     name="mobiletune",
@@ -40,7 +41,7 @@ def _one_line_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            _import_tensorflow_quietly()
+            import_tensorflow()  # its C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
             return command(*args, **kwargs)
         except MobiletuneError as exc:
             err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
@@ -54,18 +55,6 @@ def _one_line_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with stderr muted: its C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL."""
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _version(value: bool) -> None:
@@ -122,28 +111,14 @@ def train(
     ] = None,
 ) -> None:
     """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
-    from mobiletune.config import load_config
-    from mobiletune.errors import UsageError
-    from mobiletune.train import resume_run, train_and_evaluate
+    from mobiletune import api
 
-    shown = None if quiet else console
-    if resume is not None:
-        if data_dir is not None or config is not None or set_ or full_audit or exclude:
-            raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
-                             "--audit and --exclude")
-        result = resume_run(resume, console=shown)
-    else:
-        if data_dir is None:
-            raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
-        overrides = list(set_ or []) + (["data.strict=true"] if strict else []) + (
-            ["features.cache=false"] if no_cache else []) + (["data.audit=full"] if full_audit else []) + (
-            [f"data.exclude={exclude.resolve()}"] if exclude else [])
-        cfg = load_config(config, overrides)
-        result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=shown)
+    run = api.train(data_dir, out, config=config, overrides=set_, overwrite=overwrite, strict=strict,
+                    cache=not no_cache, audit=full_audit, exclude=exclude, resume=resume, verbose=not quiet)
     if quiet:
         from mobiletune.report import print_results
 
-        print_results(console, result.metrics)
+        print_results(console, run.metrics)
 
 
 RunArgument = Annotated[Path, typer.Argument(help="A run folder made by `mobiletune train`.")]
@@ -232,13 +207,11 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")] = False,
 ) -> None:
     """Tune the recipe with Optuna: pruned trials on cached features, then retrain the best config."""
-    from mobiletune.config import load_config
-    from mobiletune.sweep import run_sweep
+    from mobiletune import api
 
-    cfg = load_config(config, list(set_ or []))
-    results = run_sweep(cfg, data_dir, out, n_trials=trials, space_path=space, storage=storage, study_name=study,
-                        timeout=timeout, grace_period=grace_period, baseline=baseline,
-                        console=None if quiet else console)
+    results = api.sweep(data_dir, out, trials=trials, space=space, storage=storage, study=study, timeout=timeout,
+                        grace_period=grace_period, baseline=baseline, config=config, overrides=set_,
+                        verbose=not quiet)
     after = results["best"]["after_fine_tuning"]["test"]
     default = results["default"]["after_fine_tuning"]["test"]
     console.print(f"best config (trial {results['best_trial']}): test accuracy {after['accuracy']:.2%} after "

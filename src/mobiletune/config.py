@@ -149,7 +149,7 @@ def from_flat(values: dict[str, Any]) -> Config:
     for key, value in values.items():
         section, _, name = key.partition(".")
         if section not in sections or name not in _field_types(section):
-            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(_all_keys())}")
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(all_keys())}")
         by_section[section][name] = _coerce(key, _field_types(section)[name], value)
     config = Config(**{s: _section_class(s)(**kw) for s, kw in by_section.items()})
     validate(config)
@@ -192,7 +192,7 @@ def _field_types(section: str) -> dict[str, str]:
     return {f.name: f.type for f in dataclasses.fields(_section_class(section))}  # type: ignore[misc]
 
 
-def _all_keys() -> list[str]:
+def all_keys() -> list[str]:
     return list(Config().flat())
 
 

@@ -29,3 +29,7 @@ class DataError(MobiletuneError):
 
 class ModelError(MobiletuneError):
     """A model file or weights file that cannot be loaded or used."""
+
+
+class ExportError(MobiletuneError):
+    """An export that converted but lost too much accuracy, or could not be converted."""

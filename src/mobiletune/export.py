@@ -20,44 +20,18 @@ from typing import Any
 import keras
 import numpy as np
 
-from mobiletune import data, pixels, runfolder
+from mobiletune import data, pixels, quiet, runfolder
 from mobiletune import model as model_lib
 from mobiletune.config import load_config
-from mobiletune.errors import MobiletuneError, UsageError
+from mobiletune.errors import ExportError, UsageError
 from mobiletune.features import export_onnx
 from mobiletune.model_card import write_model_card
+from mobiletune.predict import KerasPredictor, load_predictor, predict_all
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")
 FILE_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
               "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite", "onnx": "model.onnx"}
 REPRESENTATIVE_IMAGES = 200  # int8 calibration: enough training images to pin activation ranges
-
-
-class ExportError(MobiletuneError):
-    """An export that converted but lost too much accuracy, or could not be converted."""
-
-
-def serving_model(model: keras.Model, scoring: bool = False) -> keras.Model:
-    """Pixels 0-255 -> probabilities, from the trained layers: no augmentation, no dropout.
-
-    A binary model's single logit z becomes Dense(2) with logits [0, z], whose softmax is exactly
-    [1 - sigmoid(z), sigmoid(z)]: every export has the same [n, classes] output. `scoring`: also
-    the logits and pooled features, for the unknown-input score (`unknown`).
-    """
-    logits_layer = model.get_layer("logits")
-    kernel, bias = logits_layer.get_weights()
-    if kernel.shape[1] == 1:
-        kernel = np.concatenate([np.zeros_like(kernel), kernel], axis=1)
-        bias = np.concatenate([np.zeros_like(bias), bias])
-    inputs = keras.Input(model.input_shape[1:], name="pixels")
-    x = inputs
-    for name in ("scale_to_unit", model_lib.BASE_NAME, "pool"):
-        x = model.get_layer(name)(x)
-    dense = keras.layers.Dense(kernel.shape[1], name="logits")
-    logits = dense(x)
-    dense.set_weights([kernel, bias])
-    outputs = keras.layers.Softmax(name="probabilities")(logits)
-    return keras.Model(inputs, [outputs, logits, x] if scoring else outputs, name="mobiletune_serving")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +67,13 @@ def _onnx_with_labels(serving: keras.Model, path: Path, classes: list[str]) -> N
 def export_formats(model: keras.Model, formats: list[str], out: Path, classes: list[str],
                    representative: np.ndarray | None, int8_io: bool = False) -> dict[str, Path]:
     """Write each format into `out`; returns format -> path."""
-    serving = serving_model(model)
+    with quiet.native_output_muted(), quiet.tensorflow_info_muted():  # the converters' log lines
+        return _export_formats(model, formats, out, classes, representative, int8_io)
+
+
+def _export_formats(model: keras.Model, formats: list[str], out: Path, classes: list[str],
+                    representative: np.ndarray | None, int8_io: bool) -> dict[str, Path]:
+    serving = model_lib.serving_model(model)
     serving(np.zeros((1, *serving.input_shape[1:]), np.float32))  # exports need a model that has run
     paths: dict[str, Path] = {}
     scratch = Path(tempfile.mkdtemp(prefix="mobiletune-export-"))
@@ -149,16 +129,9 @@ def _latency_ms(predictor, image: np.ndarray, repeats: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
-def predict_all(predictor, images: data.ImageSet, batch: int = 32) -> np.ndarray:
-    """Probabilities for every test image, decoded and predicted `batch` at a time."""
-    return np.concatenate([predictor.predict(x) for x, _ in pixels.eval_batches(images, predictor.size, batch)])
-
-
 def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.ndarray,
                   batch: int = 32) -> list[Check]:
     """Load each export in its own runtime and score it against the labels and the Keras model."""
-    from mobiletune.predict import load_predictor
-
     checks = []
     for fmt, path in paths.items():
         predictor = load_predictor(path)
@@ -208,8 +181,6 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     images = data.load_test_images(run, None, config.data)
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None
     paths = export_formats(model, formats, out, metrics["classes"], train, int8_io)
-
-    from mobiletune.predict import KerasPredictor
 
     reference = predict_all(KerasPredictor(model, metrics["classes"]), images)
     keras_accuracy = float((reference.argmax(1) == images.labels).mean())

@@ -24,7 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from mobiletune import cache, kernels
+from mobiletune import cache, kernels, quiet
 from mobiletune import model as model_lib
 from mobiletune import pixels as pixels_lib
 from mobiletune import store as store_lib
@@ -115,10 +115,11 @@ def _key(**parts: Any) -> str:
 
 
 def export_onnx(model: keras.Model, path: Path) -> None:
-    """Keras' own ONNX export, without the FutureWarning its bundled tf2onnx shim prints."""
+    """Keras' own ONNX export, without the FutureWarning its bundled tf2onnx shim prints, nor grappler's
+    C++ log lines."""
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet.native_output_muted(), quiet.tensorflow_info_muted():
         warnings.filterwarnings("ignore", "In the future `np.object`", FutureWarning)
         model.export(str(path), format="onnx", verbose=False)
 

@@ -15,6 +15,9 @@ import numpy as np
 
 from mobiletune.config import BASE_LAYERS, Config
 from mobiletune.errors import ModelError
+from mobiletune.quiet import drop_retracing_warnings
+
+drop_retracing_warnings()  # every module that runs a model imports this one
 
 BASE_NAME = "mobilenetv2"
 INPUT_NAME = "pixels"
@@ -182,3 +185,26 @@ def load_model(path: str | Path) -> keras.Model:
             raise ModelError(f"{path}: holds a Lambda layer (arbitrary code); mobiletune refuses to load it") from None
         reason = text.splitlines()[0] if text else exc.__class__.__name__
         raise ModelError(f"{path}: not a loadable .keras model ({reason[:200]})") from None
+
+
+def serving_model(model: keras.Model, scoring: bool = False) -> keras.Model:
+    """Pixels 0-255 -> probabilities, from the trained layers: no augmentation, no dropout.
+
+    A binary model's single logit z becomes Dense(2) with logits [0, z], whose softmax is exactly
+    [1 - sigmoid(z), sigmoid(z)]: every export has the same [n, classes] output. `scoring`: also
+    the logits and pooled features, for the unknown-input score (`unknown`).
+    """
+    logits_layer = model.get_layer("logits")
+    kernel, bias = logits_layer.get_weights()
+    if kernel.shape[1] == 1:
+        kernel = np.concatenate([np.zeros_like(kernel), kernel], axis=1)
+        bias = np.concatenate([np.zeros_like(bias), bias])
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    x = inputs
+    for name in ("scale_to_unit", BASE_NAME, "pool"):
+        x = model.get_layer(name)(x)
+    dense = keras.layers.Dense(kernel.shape[1], name="logits")
+    logits = dense(x)
+    dense.set_weights([kernel, bias])
+    outputs = keras.layers.Softmax(name="probabilities")(logits)
+    return keras.Model(inputs, [outputs, logits, x] if scoring else outputs, name="mobiletune_serving")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mobiletune.data import ImageSet
 from mobiletune.errors import ModelError, UsageError
-from mobiletune.pixels import BadImage, decode_image
+from mobiletune.pixels import BadImage, decode_image, eval_batches
 from mobiletune.scan import IMAGE_EXTENSIONS
 from mobiletune.unknown import FILE_NAME as UNKNOWN_FILE
 from mobiletune.unknown import UnknownDetector
@@ -42,7 +43,7 @@ class Predictor:
 
 class KerasPredictor(Predictor):
     def __init__(self, model, classes: list[str], detector: UnknownDetector | None = None):
-        from mobiletune.export import serving_model
+        from mobiletune.model import serving_model
 
         # a training model (run folder) outputs logits: serve probabilities like every export
         served = model.output_shape[-1] == len(classes) and model.layers[-1].name == "probabilities"
@@ -90,8 +91,11 @@ class TFLitePredictor(Predictor):
     def predict(self, pixels):
         n = len(pixels)
         if n != self._batch:  # resize once per batch size, not per call
-            self.interpreter.resize_tensor_input(self.input["index"], [n, self.size, self.size, 3])
-            self.interpreter.allocate_tensors()
+            from mobiletune.quiet import native_output_muted
+
+            with native_output_muted():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                self.interpreter.resize_tensor_input(self.input["index"], [n, self.size, self.size, 3])
+                self.interpreter.allocate_tensors()
             self._batch = n
         x = pixels.astype(np.float32)
         if self.input["dtype"] != np.float32:  # integer input: quantize with the model's own scale
@@ -207,24 +211,11 @@ def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32
     pending: list[tuple[Path, np.ndarray | None, str]] = []
 
     def flush() -> Iterator[Prediction]:
-        good = np.stack([p[1] for p in pending if p[1] is not None]) if any(p[1] is not None for p in pending) \
-            else None
-        probs, scores = (None, None) if good is None else \
-            predictor.scored(good) if unknown else (predictor.predict(good), None)
-        row = 0
+        good = [p[1] for p in pending if p[1] is not None]
+        rows = iter(_predict_batch(predictor, np.stack(good), top_k, unknown) if good else [])
         for path, pixels, error in pending:
             name = os.fsencode(path).decode("utf-8", "backslashreplace")
-            if pixels is None:
-                yield Prediction(name, [], error)
-                continue
-            p = probs[row]
-            top = [(predictor.classes[i], float(p[i])) for i in np.argsort(-p)[:top_k]]
-            if scores is None:
-                yield Prediction(name, top)
-            else:
-                yield Prediction(name, top, unknown_score=float(scores[row]),
-                                 unknown=bool(scores[row] > predictor.detector.threshold))
-            row += 1
+            yield Prediction(name, [], error) if pixels is None else Prediction(name, *next(rows))
         pending.clear()
 
     for path in expand_paths(items):
@@ -237,3 +228,44 @@ def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32
         if len(pending) >= batch:
             yield from flush()
     yield from flush()
+
+
+def _predict_batch(predictor: Predictor, pixels: np.ndarray, top_k: int, unknown: bool) -> list[tuple]:
+    """(top classes, unknown score, unknown?) per image; the score only with a detector and `unknown`."""
+    probs, scores = predictor.scored(pixels) if unknown else (predictor.predict(pixels), None)
+    rows = []
+    for i, p in enumerate(probs):
+        top = [(predictor.classes[c], float(p[c])) for c in np.argsort(-p)[:top_k]]
+        score = None if scores is None else float(scores[i])
+        rows.append((top, "", score, score is not None and score > predictor.detector.threshold))
+    return rows
+
+
+def predict_array(predictor: Predictor, images: np.ndarray, *, batch: int = 32, top_k: int = 1,
+                  unknown: bool = True) -> list[Prediction]:
+    """Predictions for RGB images as an array [n, height, width, 3] (or one [height, width, 3]), values
+    0-255; images of another size are resized as files are (bilinear)."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UsageError(f"images of shape {images.shape}: give [n, height, width, 3] RGB pixels 0-255")
+    if batch < 1 or top_k < 1:
+        raise UsageError(f"batch={batch} top_k={top_k}: both must be at least 1")
+    size = predictor.size
+    if images.shape[1:3] != (size, size):
+        images = np.stack([np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).resize(
+            (size, size), Image.Resampling.BILINEAR)) for x in images])
+    top_k = min(top_k, len(predictor.classes))
+    out = []
+    for start in range(0, len(images), batch):
+        rows = _predict_batch(predictor, images[start:start + batch], top_k, unknown)
+        out += [Prediction(f"array[{start + i}]", *row) for i, row in enumerate(rows)]
+    return out
+
+
+def predict_all(predictor, images: ImageSet, batch: int = 32) -> np.ndarray:
+    """Probabilities for every test image, decoded and predicted `batch` at a time."""
+    return np.concatenate([predictor.predict(x) for x, _ in eval_batches(images, predictor.size, batch)])

@@ -120,7 +120,7 @@ class RunResult:
     history: list[dict[str, Any]]
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
@@ -203,7 +203,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     index = _file_index(config)
     images = _scan(data_dir, config, index, console)
     seconds = {"load_images": time.perf_counter() - started}
-    _seed_everything(config.data.seed)
+    seed_everything(config.data.seed)
     model = model_lib.build_model(config, len(images.classes))
     base = model_lib.base_of(model)
     weights_sha256 = features.weights_digest(base)  # of the weights as loaded, before any training

@@ -24,9 +24,9 @@ import yaml
 
 from mobiletune import cache, data, features, runfolder, scan
 from mobiletune import model as model_lib
-from mobiletune.config import Config, _all_keys, from_flat
+from mobiletune.config import Config, all_keys, from_flat
 from mobiletune.errors import ConfigError, UsageError
-from mobiletune.train import _seed_everything, fit_recipe, train_and_evaluate
+from mobiletune.recipe import fit_recipe, seed_everything, train_and_evaluate
 
 # Sensible MobileNetV2 ranges; the seed's recipe (trial 0) lies inside every one of them.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -60,7 +60,7 @@ def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
                           "{type: float, low: 1e-5, high: 1e-3, log: true}'")
     space = {}
     for key, spec in raw.items():
-        if key not in _all_keys():
+        if key not in all_keys():
             raise ConfigError(f"--space {path}: unknown config key {key!r}")
         if isinstance(spec, list):
             spec = {"type": "categorical", "choices": spec}
@@ -148,7 +148,7 @@ def _objective(shared: _Shared, base: Config, space: dict[str, dict[str, Any]]):
         config = from_flat({**base.flat(), **params})
         feats = _features_for(shared, config)
         keras.backend.clear_session()
-        _seed_everything(config.data.seed)
+        seed_everything(config.data.seed)
         model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}),
                                       len(shared.images.classes))
         model_lib.base_of(model).set_weights(shared.base_weights)  # no reload from disk per trial
@@ -204,7 +204,11 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
               timeout: float | None = None, grace_period: int = 60, baseline: str | Path | None = None,
               console=None) -> dict[str, Any]:
     """Run (or join) a study until it holds `n_trials` finished trials; then report and retrain the best."""
-    import optuna
+    import warnings
+
+    with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in a notebook without ipywidgets
+        warnings.filterwarnings("ignore", "IProgress not found")
+        import optuna
 
     from mobiletune import report
 
@@ -227,7 +231,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
 
     index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
     images = data.load_images(data_dir, base.data, index)
-    _seed_everything(base.data.seed)
+    seed_everything(base.data.seed)
     extractor_model = model_lib.build_model(base, len(images.classes))
     cuts = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
     shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, cuts, {}, index)

@@ -7,7 +7,7 @@ import yaml
 
 from mobiletune import data, pixels
 from mobiletune import model as model_lib
-from mobiletune.train import train_and_evaluate
+from mobiletune.recipe import train_and_evaluate
 
 RUN_FILES = {"config.yaml", "split.csv", "audit.csv", "skipped.csv", "history.csv", "metrics.json",
              "before_fine_tuning.png", "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",

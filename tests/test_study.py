@@ -12,7 +12,7 @@ import yaml
 from conftest import TINY
 from mobiletune.config import load_config
 from mobiletune.errors import ConfigError, UsageError
-from mobiletune.sweep import DEFAULT_SPACE, _ReportToTrial, load_space, run_sweep
+from mobiletune.study import DEFAULT_SPACE, _ReportToTrial, load_space, run_sweep
 
 # Small and quick: two boundaries, short phases.
 SPACE = {

@@ -1,0 +1,243 @@
+"""The Python API: what the `mobiletune` commands do, for notebooks and scripts.
+
+    import mobiletune as mt
+    run = mt.train("data/", out="runs/a", overrides={"phase1.epochs": 5})
+    run.metrics["after_fine_tuning"]["test"]["accuracy"]
+    run = mt.load("runs/a")                  # any finished run folder
+    preds = run.predict(["x.jpg", "dir/"])   # or an array of images
+    run.evaluate("other_labelled_images/")
+    run.export("tflite")
+    study = mt.sweep("data/", out="runs/s", trials=16)
+
+Each function takes the arguments of the command of the same name and gives the same results;
+the CLI is a thin layer over them. Problems raise `MobiletuneError` subclasses with a one-line
+message (the CLI prints it and exits); progress and results print through rich, which renders
+in Jupyter as well as on a terminal (`verbose=False` for silence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobiletune.config import Config, load_config
+from mobiletune.errors import UsageError
+
+__all__ = ["Run", "load", "make_config", "sweep", "train"]
+
+Overrides = Mapping[str, Any] | Iterable[str] | None
+
+
+def _console(verbose: bool):
+    from mobiletune.quiet import import_tensorflow
+
+    import_tensorflow()  # first, so that its start-up lines stay off the notebook too
+    if not verbose:
+        return None
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def make_config(config: str | Path | Config | None = None, overrides: Overrides = None) -> Config:
+    """The defaults, then `config` (a YAML path, or a Config), then `overrides` ({"phase1.epochs": 5} or
+    ["phase1.epochs=5"], as `--set` takes them); validated, like the CLI's."""
+    from mobiletune.config import from_flat, parse_override
+
+    values = (config if isinstance(config, Config) else load_config(config)).flat()
+    if isinstance(overrides, str):
+        raise UsageError(f"overrides={overrides!r}: give a dict like {{'phase1.epochs': 5}} or a list of 'key=value'")
+    if isinstance(overrides, Mapping):
+        values.update(overrides)
+    else:
+        values.update(parse_override(item) for item in overrides or [])
+    return from_flat(values)
+
+
+@dataclass
+class Run:
+    """A finished run folder: its metrics, config and history, and what can be done with its model."""
+
+    workdir: Path
+    metrics: dict[str, Any] = field(repr=False)
+    config: Config = field(repr=False)
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _predictor: Any = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        after = self.metrics["after_fine_tuning"]["test"]
+        return (f"Run({str(self.workdir)!r}, classes={self.metrics['classes']}, "
+                f"test accuracy after fine-tuning {after['accuracy']:.2%})")
+
+    def predict(self, images: str | Path | Iterable[str | Path] | np.ndarray, *, top_k: int = 1, batch: int = 32,
+                unknown: bool = True) -> list:
+        """Classify images with the run's model, as `mobiletune predict RUN` does.
+
+        Args:
+            images: image files, folders (walked) or globs; or RGB pixels 0-255 as an array
+                [n, height, width, 3] (resized to the model's size if needed).
+            top_k: classes to return per image, most likely first.
+            batch: images decoded and predicted at a time.
+            unknown: score each image and flag those unlike the training images (docs/unknown-inputs.md).
+
+        Returns:
+            One `Prediction` per image, in input order: `.top` [(class, probability)], `.unknown`,
+            `.unknown_score`, and `.error` for a file that could not be read.
+        """
+        from mobiletune.predict import load_predictor, predict_array, predict_paths
+        from mobiletune.quiet import import_tensorflow
+
+        if self._predictor is None:
+            import_tensorflow()
+            self._predictor = load_predictor(self.workdir)
+        if isinstance(images, np.ndarray):
+            return predict_array(self._predictor, images, batch=batch, top_k=top_k, unknown=unknown)
+        items = [images] if isinstance(images, (str, Path)) else list(images)
+        return list(predict_paths(self._predictor, [str(i) for i in items], batch=batch, top_k=top_k,
+                                  unknown=unknown))
+
+    def evaluate(self, data_dir: str | Path | None = None) -> dict[str, Any]:
+        """Re-evaluate both models (before and after fine-tuning), as `mobiletune evaluate`.
+
+        Args:
+            data_dir: class folders of other labelled images; None re-evaluates the run's own test split.
+
+        Returns:
+            The before/after block of metrics.json (also written there, with report.html rebuilt).
+        """
+        from mobiletune.evaluate import evaluate_run
+        from mobiletune.quiet import import_tensorflow
+
+        import_tensorflow()
+        block = evaluate_run(self.workdir, data_dir)
+        self.metrics = _read_metrics(self.workdir)
+        return block
+
+    def export(self, formats: str | Iterable[str] = "all", out: str | Path | None = None, *, max_drop: float = 1.0,
+               int8_io: bool = False) -> dict[str, Any]:
+        """Export the model and re-test every format with its own runtime, as `mobiletune export`.
+
+        Args:
+            formats: "keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx" or "all", or a list.
+            out: folder for the files; default RUN/export.
+            max_drop: fail (ExportError) when a format's accuracy is more than this many points below Keras'.
+            int8_io: tflite-int8 with uint8 input and output, for integer-only devices.
+
+        Returns:
+            export.json: the folder, the Keras accuracy and one check per format.
+        """
+        from mobiletune.quiet import import_tensorflow
+
+        import_tensorflow()  # before export imports it
+        from mobiletune.export import export_run
+
+        return export_run(self.workdir, [formats] if isinstance(formats, str) else list(formats), out,
+                          max_drop=max_drop, int8_io=int8_io)
+
+    def report(self) -> Path:
+        """Rebuild report.html from the folder; returns its path."""
+        from mobiletune.report_html import build_report
+
+        return build_report(self.workdir)
+
+
+def _read_metrics(workdir: Path) -> dict[str, Any]:
+    from mobiletune.runfolder import read_json
+
+    return read_json(workdir / "metrics.json")
+
+
+def load(run: str | Path) -> Run:
+    """Open a finished run folder (one `train` made).
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        A `Run`. A folder that is not a finished run raises UsageError.
+    """
+    from mobiletune.runfolder import read_csv
+
+    workdir = Path(run)
+    metrics = _read_metrics(workdir)  # first: one clear error for a folder that is no finished run
+    if not (workdir / "model.keras").is_file():
+        raise UsageError(f"{workdir}: not a finished mobiletune run folder (no model.keras)")
+    rows = read_csv(workdir / "history.csv") if (workdir / "history.csv").is_file() else []
+    history = [{k: int(v) if k in ("epoch", "phase") else float(v) for k, v in row.items()} for row in rows]
+    return Run(workdir, metrics, load_config(workdir / "config.yaml"), history)
+
+
+def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *,
+          config: str | Path | Config | None = None, overrides: Overrides = None, overwrite: bool = False,
+          strict: bool = False, cache: bool = True, audit: bool = False, exclude: str | Path | None = None,
+          resume: str | Path | None = None, verbose: bool = True) -> Run:
+    """Run the recipe on a folder of images, as `mobiletune train`: a frozen-base head, fine-tuning,
+    evaluation before and after; a complete run folder in `out`.
+
+    Args:
+        data_dir: class folders, or train/ validation/ [test/] of class folders.
+        out: the run folder to create.
+        config: a YAML recipe path, or a Config; its keys override the defaults.
+        overrides: keys on top, e.g. {"phase2.fine_tune_at": 80} (or ["phase2.fine_tune_at=80"]).
+        overwrite: reuse a non-empty `out`.
+        strict: stop on an unreadable image instead of skipping it.
+        cache: train on cached frozen features (False: the plain recipe, every epoch through the network).
+        audit: also look for likely label errors and off-topic images.
+        exclude: an audit.csv or list of paths to leave out.
+        resume: continue this run folder after a crash or interrupt (give nothing else).
+        verbose: print progress and results (rich: a terminal or Jupyter).
+
+    Returns:
+        The finished `Run`.
+    """
+    console = _console(verbose)  # first: it imports TensorFlow quietly
+    from mobiletune.recipe import resume_run, train_and_evaluate
+
+    if resume is not None:
+        if data_dir is not None or config is not None or overrides or audit or exclude:
+            raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
+                             "--audit and --exclude")
+        result = resume_run(resume, console=console)
+    else:
+        if data_dir is None:
+            raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
+        options = {**({"data.strict": True} if strict else {}), **({} if cache else {"features.cache": False}),
+                   **({"data.audit": "full"} if audit else {}),
+                   **({"data.exclude": str(Path(exclude).resolve())} if exclude else {})}
+        cfg = make_config(make_config(config, overrides), options)
+        result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=console)
+    return load(result.workdir)
+
+
+def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int = 16, space: str | Path | None = None,
+          storage: str | None = None, study: str = "mobiletune", timeout: float | None = None,
+          grace_period: int = 60, baseline: str | Path | None = None, config: str | Path | Config | None = None,
+          overrides: Overrides = None, verbose: bool = True) -> dict[str, Any]:
+    """Tune the recipe with Optuna, then retrain the best config and test it once, as `mobiletune sweep`.
+
+    Args:
+        data_dir: the same folder as for `train`.
+        out: the sweep folder; run again (or share it) to continue the study.
+        trials: finished trials the study should hold.
+        space: a YAML search space (default: learning rates, epochs, fine_tune_at, dropout, ...).
+        storage: an Optuna RDB URL shared by workers, e.g. postgresql://user@host/db (default: SQLite in `out`).
+        study: the study's name in `storage`.
+        timeout: stop starting trials after this many seconds.
+        grace_period: seconds without a heartbeat before a killed worker's trial is failed.
+        baseline: a run folder of the default recipe to compare with, instead of training one.
+        config, overrides: the base recipe, as for `train`.
+        verbose: print progress and results.
+
+    Returns:
+        The sweep's results (sweep.json): "best" and "default" metrics, "best_trial", "best_params", timings.
+    """
+    console = _console(verbose)  # first: it imports TensorFlow quietly
+    from mobiletune.study import run_sweep
+
+    return run_sweep(make_config(config, overrides), data_dir, out, n_trials=trials, space_path=space,
+                     storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,
+                     baseline=baseline, console=console)

@@ -1,0 +1,74 @@
+"""The Python API (`import mobiletune as mt`): the CLI's results, from a notebook or script."""
+
+import inspect
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import mobiletune as mt
+from conftest import CATS_DOGS, TINY, copy_images
+from mobiletune.cli import app
+from mobiletune.pixels import decode_image
+
+
+def test_the_public_surface_is_named_and_documented():
+    import mobiletune.recipe  # noqa: F401 - a submodule named like a function would replace it on the package
+    import mobiletune.study  # noqa: F401
+
+    for name in mt.__all__:
+        assert hasattr(mt, name), name
+    for fn in (mt.train, mt.sweep, mt.load, mt.Run.predict, mt.Run.evaluate, mt.Run.export):
+        assert "Args:" in inspect.getdoc(fn) and "Returns:" in inspect.getdoc(fn), fn.__qualname__
+
+
+def test_overrides_as_a_dict_or_as_cli_strings_make_the_same_config():
+    as_dict = mt.make_config(overrides={"phase1.epochs": 3, "augment.flip": "none", "phase1.lr": 3e-4})
+    as_strings = mt.make_config(overrides=["phase1.epochs=3", "augment.flip=none", "phase1.lr=3e-4"])
+    assert as_dict == as_strings and as_dict.phase1.epochs == 3
+    assert mt.make_config(as_dict, {"phase1.epochs": 4}).augment.flip == "none"  # a Config as the base
+    with pytest.raises(mt.ConfigError, match="unknown config key 'phase1.speed'"):
+        mt.make_config(overrides={"phase1.speed": 9})
+    with pytest.raises(mt.UsageError, match="give a dict"):
+        mt.make_config(overrides="phase1.epochs=3")
+
+
+def test_train_gives_what_the_cli_gives(tmp_path):
+    data = tmp_path / "data"
+    copy_images(CATS_DOGS / "train", data / "train", 6)
+    copy_images(CATS_DOGS / "validation", data / "validation", 5)
+    run = mt.train(data, tmp_path / "api", overrides=TINY, verbose=False)
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "cli"), *sets, "-q"]).exit_code == 0
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    for stage in ("before_fine_tuning", "after_fine_tuning"):
+        assert run.metrics[stage]["test"]["accuracy"] == cli[stage]["test"]["accuracy"]
+        assert run.metrics[stage]["test"]["loss"] == pytest.approx(cli[stage]["test"]["loss"], rel=1e-6)
+    assert [r["val_loss"] for r in run.history] == [
+        r["val_loss"] for r in mt.load(tmp_path / "cli").history]
+
+
+def test_a_loaded_run_predicts_paths_and_arrays_alike_and_evaluates(tiny_run, tmp_path):
+    shutil.copytree(tiny_run.workdir, tmp_path / "run")  # evaluate rewrites the folder: not the shared one
+    run = mt.load(tmp_path / "run")
+    assert run.metrics == tiny_run.metrics and "test accuracy after fine-tuning" in repr(run)
+    image = CATS_DOGS / "validation" / "dogs" / "dog.2000.jpg"
+    from_path = run.predict(image, top_k=2)
+    from_array = run.predict(decode_image(image.read_bytes(), run.config.data.image_size)[None], top_k=2)
+    assert len(from_path) == len(from_array) == 1 and from_array[0].path == "array[0]"
+    assert [c for c, _ in from_path[0].top] == [c for c, _ in from_array[0].top]
+    assert np.allclose([p for _, p in from_path[0].top], [p for _, p in from_array[0].top], atol=1e-6)
+    assert from_path[0].unknown_score == pytest.approx(from_array[0].unknown_score, abs=1e-6)
+    big = np.zeros((2, 50, 70, 3), np.uint8)  # other sizes are resized like files
+    assert len(run.predict(big)) == 2
+    with pytest.raises(mt.UsageError, match=r"shape \(50, 70\)"):
+        run.predict(np.zeros((50, 70)))
+    block = run.evaluate()
+    assert block["after_fine_tuning"]["test"]["n"] == tiny_run.metrics["after_fine_tuning"]["test"]["n"]
+
+
+def test_load_refuses_what_is_not_a_finished_run(tmp_path):
+    with pytest.raises(mt.UsageError, match="not a finished mobiletune run folder"):
+        mt.load(tmp_path)
