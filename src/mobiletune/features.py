@@ -45,13 +45,11 @@ def boundary_tensors(base: keras.Model, fine_tune_at: int) -> list:
 
     Usually one tensor, two where the cut falls inside a residual block (the skip path).
     """
-    index = {id(layer): i for i, layer in enumerate(base.layers)}
+    made_by = model_lib.producers(base)
     found: dict[int, Any] = {}
     for layer in base.layers[max(fine_tune_at, 1):]:
-        # Node 0 is the base's own graph; later nodes come from sub-models built over it.
-        for tensor in layer._inbound_nodes[0].arguments.keras_tensors:
-            producer = tensor._keras_history.operation
-            if index[id(producer)] < fine_tune_at:
+        for tensor in model_lib.inputs_of(layer):
+            if made_by[id(tensor)] < fine_tune_at:
                 found.setdefault(id(tensor), tensor)
     return list(found.values()) or list(base.inputs)
 

@@ -32,12 +32,11 @@ def is_depthwise(layer: keras.layers.Layer) -> bool:
             and layer.activation is keras.activations.linear)
 
 
-def _frozen_bn_after(conv: keras.layers.Layer) -> keras.layers.BatchNormalization | None:
-    """The BatchNormalization that alone reads `conv`'s output, if it is frozen (always inference).
-    Every model built over the base's graph (the cut, a sweep's trainees) adds a reader node: all
-    of them must be that one layer."""
-    readers = {id(node.operation): node.operation for node in conv._outbound_nodes}
-    bn = next(iter(readers.values())) if len(readers) == 1 else None
+def _frozen_bn_after(conv: keras.layers.Layer, layers: list) -> keras.layers.BatchNormalization | None:
+    """The BatchNormalization that alone (among `layers`, the model's) reads `conv`'s output, if it is
+    frozen (always inference)."""
+    readers = [layer for layer in layers if any(t is conv.output for t in keras.tree.flatten(layer.input))]
+    bn = readers[0] if len(readers) == 1 else None
     if isinstance(bn, keras.layers.BatchNormalization) and not bn.trainable and bn.axis in (-1, 3):
         return bn
     return None
@@ -98,7 +97,7 @@ def fast_clone(model: keras.Model) -> keras.Model:
     folded = {}
     for layer in model.layers:
         if is_pointwise(layer) or is_depthwise(layer):
-            folded[id(layer)] = _frozen_bn_after(layer)
+            folded[id(layer)] = _frozen_bn_after(layer, model.layers)
     absorbed = {id(bn) for bn in folded.values() if bn is not None}
 
     def clone(layer):

@@ -135,6 +135,17 @@ def base_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BASE_NAME)
 
 
+def producers(base: keras.Model) -> dict[int, int]:
+    """id(tensor) -> index in `base.layers` of the layer that makes it, in the base's own graph: public
+    `Layer.output` only, so a Keras upgrade cannot break the cut (`features.boundary_tensors`) quietly."""
+    return {id(t): i for i, layer in enumerate(base.layers) for t in keras.tree.flatten(layer.output)}
+
+
+def inputs_of(layer: keras.layers.Layer) -> list:
+    """The tensors `layer` reads in the graph it was built in (its first call)."""
+    return keras.tree.flatten(layer.input)
+
+
 def set_trainable(model: keras.Model, phase: int, config: Config) -> None:
     """Phase 1: the whole base frozen. Phase 2: base layers from `fine_tune_at` on train.
 
