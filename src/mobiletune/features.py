@@ -286,13 +286,13 @@ def _fill(model: keras.Model, images: ImageSet, config: Config, items: list[tupl
     {position: reason} of the images that failed to decode.
     """
     cache_dir = Path(cache_dir or cache.cache_root(config))
-    cuts = sorted(set(fine_tune_ats or [config.phase2.fine_tune_at]))
-    extract, where = extractor(model, cuts)
+    fine_tune_ats = sorted(set(fine_tune_ats or [config.phase2.fine_tune_at]))
+    extract, where = extractor(model, fine_tune_ats)
     common = {
         "weights": weights_digest(model_lib.base_of(model)),
         "image_size": config.data.image_size,
         "alpha": config.model.alpha,
-        "fine_tune_at": cuts,
+        "fine_tune_at": fine_tune_ats,
         "engine": config.features.engine,  # engines agree to ~1e-5, not bit for bit
     }
     outputs = [(tuple(o.shape[1:]), _store_dtype(k)) for k, o in enumerate(extract.outputs)]

@@ -182,24 +182,63 @@ def _steps(images: data.ImageSet, config: Config) -> int:
 
 
 def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path, *, overwrite: bool = False,
-                       console=None, feature_cuts: list[int] | None = None, resume: bool = False) -> RunResult:
+                       console=None, fine_tune_ats: list[int] | None = None) -> RunResult:
     """Run the whole recipe on DATA_DIR and leave a complete run folder in `workdir`.
 
-    `resume`: continue the run in `workdir` from its last checkpoint (the caller passes the
-    run's own config and data folder). `feature_cuts`: the boundaries the feature cache entry
-    holds (a sweep's, to reuse its cache).
+    `fine_tune_ats`: the fine_tune_at values whose boundary activations the feature pass provides
+    (a sweep's, to reuse its cache).
     """
-    started = time.perf_counter()
-    if resume:
-        out = Path(workdir)
-        if (out / "metrics.json").exists():
-            raise UsageError(f"--resume {out}: this run is already complete")
-    else:
-        runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
-    if config.features.cache:
-        runfolder.make_folder(cache.cache_root(config), "features.cache_dir")  # likewise
-    say = console.print if console is not None else (lambda *a, **k: None)
+    runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
+    return _run(config, data_dir, Path(workdir), resuming=False, overwrite=overwrite, console=console,
+                fine_tune_ats=fine_tune_ats)
 
+
+def resume_run(run: str | Path, console=None) -> RunResult:
+    """Continue an interrupted or killed run from its folder alone (its own config and data folder)."""
+    from mobiletune.config import load_config
+
+    run = Path(run)
+    info = runfolder.read_json(run / "run.json")
+    if (run / "metrics.json").exists():
+        raise UsageError(f"--resume {run}: this run is already complete")
+    return _run(load_config(run / "config.yaml"), info["data_dir"], run, resuming=True, console=console)
+
+
+class _PhaseEnd:
+    """What follows each phase: the full model on the test pixels (the real numbers), the history
+    and curves, and after phase 1 the model before fine-tuning. `test_probs[phase]` travels in the
+    checkpoints, so a resumed run does not evaluate a finished phase again."""
+
+    def __init__(self, model: keras.Model, images: data.ImageSet, config: Config, out: Path,
+                 seconds: dict[str, float], test_probs: dict[str, Any]):
+        self.model, self.images, self.config, self.out = model, images, config, out
+        self.seconds, self.test_probs, self.clock = seconds, test_probs, time.perf_counter()
+
+    def done(self, phase: int) -> bool:
+        return f"test_probs_{phase}" in self.test_probs
+
+    def __call__(self, phase: int, history: list[dict[str, Any]]) -> None:
+        config, out = self.config, self.out
+        test = pixels.eval_batches(self.images, config.data.image_size, config.data.batch_size)
+        self.test_probs[f"test_probs_{phase}"] = evaluate.probabilities(evaluate.predict_logits(self.model, test)[0])
+        self.seconds[f"phase{phase}"] = time.perf_counter() - self.clock
+        _write_history(out, history)
+        if phase == 1:
+            runfolder.save_model(out / "before_fine_tuning.keras", self.model)  # for `evaluate` on new data
+            report.plot_curves(history, out / "before_fine_tuning.png", "Before fine-tuning (phase 1)")
+        else:
+            report.plot_curves(history, out / "after_fine_tuning.png", "After fine-tuning (phases 1 and 2)",
+                               fine_tune_from=config.phase1.epochs + 1)
+        self.clock = time.perf_counter()
+
+
+def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, overwrite: bool = False, console=None,
+         fine_tune_ats: list[int] | None = None) -> RunResult:
+    """train_and_evaluate and resume_run: data, model and features; both phases; the run folder."""
+    started = time.perf_counter()
+    if config.features.cache:
+        runfolder.make_folder(cache.cache_root(config), "features.cache_dir")  # before minutes of decoding
+    say = console.print if console is not None else (lambda *a, **k: None)
     index = _file_index(config)
     images = _scan(data_dir, config, index, console)
     seconds = {"load_images": time.perf_counter() - started}
@@ -209,87 +248,98 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     weights_sha256 = features.weights_digest(base)  # of the weights as loaded, before any training
     say(f"number of layers in the base model: {len(base.layers)}; fine-tuning from layer "
         f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
-
     clock = time.perf_counter()
-    feats, images, near = _features_or_checked_images(model, images, config, index, console, feature_cuts)
+    feats, images, near = _features_or_checked_images(model, images, config, index, console, fine_tune_ats)
     seconds["features"] = time.perf_counter() - clock
-    if resume:
+    if resuming:
         _check_same_data(out, images)
     else:
-        out = runfolder.prepare(workdir, overwrite=overwrite)
-        (out / checkpoint.FILE_NAME).unlink(missing_ok=True)
-        runfolder.write_text(out / "config.yaml", config.to_yaml())
-        runfolder.write_json(out / "run.json", {"data_dir": str(Path(data_dir).resolve())})
-        data.write_manifest(images, out / "split.csv")
-        data.write_skipped(images, out / "skipped.csv")
+        out = _start_folder(out, overwrite, config, data_dir, images)
     counts = images.counts()
     say(f"images: {counts} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} skipped"
         + (" (see skipped.csv)" if images.skipped else ""))
     audited = _audit(images, feats, near, config, out, say)
-    head_steps = _steps(images, config) * config.phase1.epochs
-    if 0 < head_steps < FEW_HEAD_STEPS:
-        say(f"note: phase 1 is only {head_steps} optimizer steps ({counts['train']} training images, batch "
-            f"{config.data.batch_size}, {config.phase1.epochs} epochs); the new head may underfit: raise "
-            "phase1.epochs or phase1.lr, or let `mobiletune sweep` choose")
-    clock = time.perf_counter()
+    _note_few_head_steps(images, config, say)
 
-    saved = checkpoint.load(out) if resume else None
-    extra: dict[str, Any] = dict(saved.extra) if saved else {}
+    saved = checkpoint.load(out) if resuming else None
+    phase_end = _PhaseEnd(model, images, config, out, seconds, dict(saved.extra) if saved else {})
     if saved is not None:
         checkpoint.restore_model(model, saved.model_variables)
         say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
-
-    def after_phase(phase: int, history: list[dict[str, Any]]) -> None:
-        nonlocal clock
-        test = pixels.eval_batches(images, config.data.image_size, config.data.batch_size)
-        logits, _ = evaluate.predict_logits(model, test)  # the full model on test pixels: the real numbers
-        extra[f"test_probs_{phase}"] = evaluate.probabilities(logits)
-        seconds[f"phase{phase}"] = time.perf_counter() - clock
-        _write_history(out, history)
-        if phase == 1:
-            runfolder.save_model(out / "before_fine_tuning.keras", model)  # for `evaluate` on new data
-            report.plot_curves(history, out / "before_fine_tuning.png", "Before fine-tuning (phase 1)")
-        else:
-            report.plot_curves(history, out / "after_fine_tuning.png", "After fine-tuning (phases 1 and 2)",
-                               fine_tune_from=config.phase1.epochs + 1)
-        clock = time.perf_counter()
-
-    if saved is not None and saved.epoch >= config.phase1.epochs and "test_probs_1" not in extra:
-        after_phase(1, list(saved.history))  # killed between phase 1's last checkpoint and its evaluation
-    interrupt = checkpoint.Interrupt()
-    with interrupt.handling():
-        try:
-            history = fit_recipe(model, images, feats, config, console=console, after_phase=after_phase,
-                                 resume=saved, save_to=out, interrupt=interrupt, extra=extra)
-        except checkpoint.Interrupted:
-            last = checkpoint.load(out)
-            saved_what = "no epoch had finished" if last is None else f"the checkpoint of epoch {last.epoch} is saved"
-            raise checkpoint.Interrupted(
-                f"interrupted: {saved_what}; continue with: mobiletune train --resume {out}") from None
-    if "test_probs_2" not in extra:  # killed after the last epoch's checkpoint, before its evaluation
-        after_phase(2, history)
+        if saved.epoch >= config.phase1.epochs and not phase_end.done(1):
+            phase_end(1, list(saved.history))  # killed between phase 1's last checkpoint and its evaluation
+    history = _fit_interruptibly(model, images, feats, config, console, phase_end, saved, out)
+    if not phase_end.done(2):  # killed after the last epoch's checkpoint, before its evaluation
+        phase_end(2, history)
     runfolder.save_model(out / "model.keras", model)
     clock = time.perf_counter()
     detector, unknown_scores = unknown.fit_run(model, images, config, feats)
     detector.save(out / unknown.FILE_NAME)
     seconds["unknown"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
+    probs = phase_end.test_probs
+    metrics = _final_metrics(config, images, feats, audited, probs["test_probs_1"], probs["test_probs_2"],
+                             (detector, unknown_scores), seconds, base, weights_sha256, data_dir, saved is not None)
+    _finish_folder(out, config, images, metrics, probs["test_probs_1"], probs["test_probs_2"], unknown_scores)
+    if console is not None:
+        report.print_results(console, metrics)
+        say(f"run folder: {out}")
+    return RunResult(out, metrics, history)
+
+
+def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str | Path,
+                  images: data.ImageSet) -> Path:
+    """A fresh run folder: the config, where the data is, the split and what was skipped."""
+    out = runfolder.prepare(workdir, overwrite=overwrite)
+    (out / checkpoint.FILE_NAME).unlink(missing_ok=True)
+    runfolder.write_text(out / "config.yaml", config.to_yaml())
+    runfolder.write_json(out / "run.json", {"data_dir": str(Path(data_dir).resolve())})
+    data.write_manifest(images, out / "split.csv")
+    data.write_skipped(images, out / "skipped.csv")
+    return out
+
+
+def _note_few_head_steps(images: data.ImageSet, config: Config, say) -> None:
+    head_steps = _steps(images, config) * config.phase1.epochs
+    if 0 < head_steps < FEW_HEAD_STEPS:
+        say(f"note: phase 1 is only {head_steps} optimizer steps ({images.counts()['train']} training images, "
+            f"batch {config.data.batch_size}, {config.phase1.epochs} epochs); the new head may underfit: raise "
+            "phase1.epochs or phase1.lr, or let `mobiletune sweep` choose")
+
+
+def _fit_interruptibly(model, images, feats, config: Config, console, phase_end: _PhaseEnd,
+                       saved: checkpoint.Checkpoint | None, out: Path) -> list[dict[str, Any]]:
+    """fit_recipe with a checkpoint every epoch; Ctrl-C stops after the batch and says how to resume."""
+    interrupt = checkpoint.Interrupt()
+    with interrupt.handling():
+        try:
+            return fit_recipe(model, images, feats, config, console=console, after_phase=phase_end, resume=saved,
+                              save_to=out, interrupt=interrupt, extra=phase_end.test_probs)
+        except checkpoint.Interrupted:
+            last = checkpoint.load(out)
+            saved_what = "no epoch had finished" if last is None else f"the checkpoint of epoch {last.epoch} is saved"
+            raise checkpoint.Interrupted(
+                f"interrupted: {saved_what}; continue with: mobiletune train --resume {out}") from None
+
+
+def _final_metrics(config: Config, images: data.ImageSet, feats, audited, probs_before: np.ndarray,
+                   probs_after: np.ndarray, unknown_fit: tuple, seconds: dict[str, float], base: keras.Model,
+                   weights_sha256: str, data_dir: str | Path, resumed: bool) -> dict[str, Any]:
+    """metrics.json."""
     test = images.indices("test")
-    probs_before, probs_after = extra["test_probs_1"], extra["test_probs_2"]
-    evaluate.write_predictions(out / "test_predictions.csv", [images.paths[i] for i in test], images.labels[test],
-                               images.classes, probs_before, probs_after, unknown_scores)
-    metrics = {
+    detector, scores = unknown_fit
+    return {
         **evaluate.compare_stages(probs_before, probs_after, images.labels[test], images.classes),
         "classes": images.classes,
-        "n_images": counts,
+        "n_images": images.counts(),
         "n_skipped": len(images.skipped),
         "audit": _audit_metrics(audited, images, probs_before, probs_after),
         "base_layers": len(base.layers),
         "fine_tune_at": config.phase2.fine_tune_at,
-        "unknown": {**detector.summary(), "test_kept": float(np.mean(unknown_scores <= detector.threshold))},
+        "unknown": {**detector.summary(), "test_kept": float(np.mean(scores <= detector.threshold))},
         "class_weight": {images.classes[c]: w for c, w in (class_weights(images, config) or {}).items()},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "resumed": saved is not None,
+        "resumed": resumed,
         "features": None if feats is None else {"images_cached": feats.cached, "images_computed": feats.computed,
                                                 "cache_bytes": feats.cache_bytes()},
         "files_hashed": images.files_read,
@@ -297,29 +347,23 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
         "data_dir": str(Path(data_dir).resolve()),
         "environment": environment(weights_sha256),
     }
+
+
+def _finish_folder(out: Path, config: Config, images: data.ImageSet, metrics: dict[str, Any],
+                   probs_before: np.ndarray, probs_after: np.ndarray, unknown_scores: np.ndarray) -> None:
+    """Predictions, metrics, summary, model card and report; then the checkpoint goes: the run is complete."""
+    test = images.indices("test")
+    evaluate.write_predictions(out / "test_predictions.csv", [images.paths[i] for i in test], images.labels[test],
+                               images.classes, probs_before, probs_after, unknown_scores)
     runfolder.write_json(out / "metrics.json", metrics)
     report.write_summary(out / "summary.md", config, metrics)
     model_card.write_model_card(out)
     report_html.build_report(out)
-    (out / checkpoint.FILE_NAME).unlink(missing_ok=True)  # the run is complete: model.keras is what counts
-    if console is not None:
-        report.print_results(console, metrics)
-        say(f"run folder: {out}")
-    return RunResult(out, metrics, history)
-
-
-def resume_run(run: str | Path, console=None) -> RunResult:
-    """Continue an interrupted or killed run from its folder alone."""
-    from mobiletune.config import load_config
-
-    run = Path(run)
-    info = runfolder.read_json(run / "run.json")
-    return train_and_evaluate(load_config(run / "config.yaml"), info["data_dir"], run, console=console,
-                              resume=True)
+    (out / checkpoint.FILE_NAME).unlink(missing_ok=True)  # model.keras is what counts now
 
 
 def _features_or_checked_images(model: keras.Model, images: data.ImageSet, config: Config, index: scan.FileIndex,
-                                console, feature_cuts: list[int] | None
+                                console, fine_tune_ats: list[int] | None
                                 ) -> tuple[features.Features | None, data.ImageSet, tuple | None]:
     """The cached features (computing what is missing), the images that decoded, and each image's nearest
     neighbours when data.dedupe looked for them (`audit.nearest`, for the audit to reuse); with --no-cache,
@@ -334,7 +378,7 @@ def _features_or_checked_images(model: keras.Model, images: data.ImageSet, confi
 
     def compute(images: data.ImageSet) -> features.Features:
         nonlocal computed
-        feats = features.compute_features(model, images, config, fine_tune_ats=feature_cuts, progress=update,
+        feats = features.compute_features(model, images, config, fine_tune_ats=fine_tune_ats, progress=update,
                                           file_index=index, plain=plain)
         computed += feats.computed
         return feats

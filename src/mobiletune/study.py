@@ -128,7 +128,7 @@ class _Shared:
     images: data.ImageSet
     base_weights: list[np.ndarray]
     extractor_model: keras.Model
-    cuts: list[int]
+    fine_tune_ats: list[int]
     feature_sets: dict[tuple, features.Features]
     index: scan.FileIndex
 
@@ -136,8 +136,8 @@ class _Shared:
 def _features_for(shared: _Shared, config: Config) -> features.Features:
     key = (config.augment.flip, config.augment.rotation)
     if key not in shared.feature_sets:
-        shared.feature_sets[key] = features.compute_features(shared.extractor_model, shared.images, config,
-                                                             fine_tune_ats=shared.cuts, file_index=shared.index)
+        shared.feature_sets[key] = features.compute_features(
+            shared.extractor_model, shared.images, config, fine_tune_ats=shared.fine_tune_ats, file_index=shared.index)
     return shared.feature_sets[key]
 
 
@@ -233,8 +233,9 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     images = data.load_images(data_dir, base.data, index)
     seed_everything(base.data.seed)
     extractor_model = model_lib.build_model(base, len(images.classes))
-    cuts = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
-    shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, cuts, {}, index)
+    fine_tune_ats = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
+    shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, fine_tune_ats, {},
+                     index)
     study, created = open_study(out, storage, study_name, base.data.seed, grace_period)
     defaults = {k: base.flat()[k] for k in space}
     if created and all(_in_space(defaults[k], space[k]) for k in space):
@@ -268,13 +269,13 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     results = {"search_seconds": round(search_seconds, 1), "counts": _counts(study), "best_trial": best.number,
                "best_value": best.value, "best_params": best.params}
     say(f"best: trial {best.number}, validation accuracy {best.value:.4f}; retraining it into {out / 'best'}")
-    best_run = _run_once(best_config, data_dir, out / "best", cuts, console)
+    best_run = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console)
     results["best"] = best_run
     if baseline_metrics is None and best_config == base:
         baseline_metrics = best_run
     elif baseline_metrics is None:
         say(f"training the base recipe into {out / 'default'} for comparison")
-        baseline_metrics = _run_once(base, data_dir, out / "default", cuts, console)
+        baseline_metrics = _run_once(base, data_dir, out / "default", fine_tune_ats, console)
     results["default"] = baseline_metrics
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     runfolder.write_json(out / "sweep.json", results)
@@ -282,11 +283,11 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     return results
 
 
-def _run_once(config: Config, data_dir, out: Path, cuts: list[int], console) -> dict[str, Any]:
+def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], console) -> dict[str, Any]:
     """A full run folder for `config`, unless one is already there (a second worker, a rerun)."""
     if (out / "metrics.json").exists():
         return _read_metrics(out)
-    return train_and_evaluate(config, data_dir, out, overwrite=True, feature_cuts=cuts).metrics
+    return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats).metrics
 
 
 def _read_baseline(run: Path) -> dict[str, Any]:
