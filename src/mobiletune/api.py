@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mobiletune import runfolder
 from mobiletune.config import Config, load_config
 from mobiletune.errors import UsageError
 
@@ -146,9 +147,8 @@ class Run:
 
 
 def _read_metrics(workdir: Path) -> dict[str, Any]:
-    from mobiletune.runfolder import read_json
 
-    return read_json(workdir / "metrics.json")
+    return runfolder.read_metrics(workdir)
 
 
 def load(run: str | Path) -> Run:
@@ -164,11 +164,11 @@ def load(run: str | Path) -> Run:
 
     workdir = Path(run)
     metrics = _read_metrics(workdir)  # first: one clear error for a folder that is no finished run
-    if not (workdir / "model.keras").is_file():
+    if not (workdir / runfolder.MODEL).is_file():
         raise UsageError(f"{workdir}: not a finished mobiletune run folder (no model.keras)")
-    rows = read_csv(workdir / "history.csv") if (workdir / "history.csv").is_file() else []
+    rows = read_csv(workdir / runfolder.HISTORY) if (workdir / runfolder.HISTORY).is_file() else []
     history = [{k: int(v) if k in ("epoch", "phase") else float(v) for k, v in row.items()} for row in rows]
-    return Run(workdir, metrics, load_config(workdir / "config.yaml"), history)
+    return Run(workdir, metrics, load_config(workdir / runfolder.CONFIG), history)
 
 
 def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *,

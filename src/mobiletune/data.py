@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mobiletune import runfolder
 from mobiletune.config import DataConfig
 from mobiletune.errors import DataError
 from mobiletune.pixels import iter_pixels, probe_image
@@ -292,9 +293,8 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
     `data_dir`: every image under it (class folders, any layout) is test, each decoded once up
     front so that one that cannot be used is skipped with a reason instead of failing mid-way.
     """
-    from mobiletune.runfolder import read_json
 
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = runfolder.read_metrics(run_dir)
     classes = metrics["classes"]
     if data_dir is not None:
         found, files = discover(Path(data_dir))
@@ -306,7 +306,7 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
         rows = [(str(p.relative_to(root)), c, h.sha256, h.reason) for (p, c, _), h in zip(files, hashed, strict=True)]
     else:
         root = Path(metrics["data_dir"])
-        manifest = [r for r in read_manifest(run_dir / "split.csv") if r["split"] == "test"]
+        manifest = [r for r in read_manifest(run_dir / runfolder.SPLIT) if r["split"] == "test"]
         hashed, _ = hash_files([root / r["path"] for r in manifest], FileIndex(None))
         for r, h in zip(manifest, hashed, strict=True):
             if h.sha256 is not None and h.sha256 != r["sha256"]:

@@ -170,10 +170,10 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     from mobiletune.model_card import write_model_card
 
     run = Path(run)
-    metrics = runfolder.read_json(run / "metrics.json")  # first: a clear error for a folder that is no run
-    config = load_config(run / "config.yaml")
+    metrics = runfolder.read_metrics(run)  # first: a clear error for a folder that is no run
+    config = load_config(run / runfolder.CONFIG)
     images = data.load_test_images(run, data_dir, config.data)
-    models = [load_model(run / name) for name in ("before_fine_tuning.keras", "model.keras")]
+    models = [load_model(run / name) for name in (runfolder.MODEL_BEFORE, runfolder.MODEL)]
     before, after = (probabilities(predict_logits(m, pixels.eval_batches(images, config.data.image_size,
                                                                         config.data.batch_size))[0])
                      for m in models)
@@ -185,9 +185,9 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     if detector is not None:
         scores = detector.scores(*unknown.embed(models[1], images, "test", config))
         metrics["unknown"] = {**detector.summary(), "test_kept": float(np.mean(scores <= detector.threshold))}
-    write_predictions(run / "test_predictions.csv", images.paths, images.labels, images.classes, before, after,
+    write_predictions(run / runfolder.PREDICTIONS, images.paths, images.labels, images.classes, before, after,
                       scores)
-    runfolder.write_json(run / "metrics.json", metrics)
+    runfolder.write_json(run / runfolder.METRICS, metrics)
     write_model_card(run)
     report_html.build_report(run)
     return block

@@ -174,10 +174,10 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     if unknown:
         raise UsageError(f"--format {', '.join(unknown)}: unknown; choose from {', '.join(FORMATS)} or all")
     formats = list(FORMATS) if "all" in formats else list(dict.fromkeys(formats))
-    metrics = runfolder.read_json(run / "metrics.json")
-    config = load_config(run / "config.yaml")
+    metrics = runfolder.read_metrics(run)
+    config = load_config(run / runfolder.CONFIG)
     out = runfolder.make_folder(Path(out) if out else run / "export")
-    model = model_lib.load_model(run / "model.keras")
+    model = model_lib.load_model(run / runfolder.MODEL)
     images = data.load_test_images(run, None, config.data)
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None
     paths = export_formats(model, formats, out, metrics["classes"], train, int8_io)
@@ -190,7 +190,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     result = {"out": str(out), "keras_accuracy": keras_accuracy, "checks": [c.__dict__ for c in checks]}
     runfolder.write_json(out / "export.json", result)
     write_model_card(run, out, result)
-    if (run / "report.html").exists():
+    if (run / runfolder.REPORT).exists():
         from mobiletune.report_html import build_report
 
         build_report(run)
@@ -204,7 +204,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
 
 def _representative(run: Path, metrics: dict[str, Any], config) -> np.ndarray:
     """Up to REPRESENTATIVE_IMAGES training images, evenly spread over the manifest, for int8 calibration."""
-    rows = [r for r in data.read_manifest(run / "split.csv") if r["split"] == "train"]
+    rows = [r for r in data.read_manifest(run / runfolder.SPLIT) if r["split"] == "train"]
     step = max(1, len(rows) // REPRESENTATIVE_IMAGES)
     root = Path(metrics["data_dir"])
     decoded = []

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from mobiletune.runfolder import read_csv, read_json, write_text
+from mobiletune import runfolder
+from mobiletune.runfolder import read_csv, write_text
 
 __all__ = ["FILE_NAME", "model_card_markdown", "write_model_card"]
 
@@ -23,7 +24,7 @@ def _pct(x: float) -> str:
 
 
 def _data(run: Path, metrics: dict[str, Any]) -> list[str]:
-    manifest = read_csv(run / "split.csv") if (run / "split.csv").is_file() else []
+    manifest = read_csv(run / runfolder.SPLIT) if (run / runfolder.SPLIT).is_file() else []
     splits = ("train", "validation", "test")
     counts: dict[tuple[str, str], int] = {}
     for r in manifest:
@@ -90,8 +91,8 @@ def _limits(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
 
 def model_card_markdown(run: Path, exports: dict[str, Any] | None = None) -> str:
     """The card for the run in `run`; `exports` (export.json) adds the re-test of each exported format."""
-    metrics = read_json(run / "metrics.json")
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    metrics = runfolder.read_metrics(run)
+    config = yaml.safe_load((run / runfolder.CONFIG).read_text())
     env = metrics.get("environment", {})
     classes = metrics["classes"]
     lines = [f"# Model card: {run.resolve().name}", "",

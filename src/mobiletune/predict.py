@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mobiletune import runfolder
 from mobiletune.data import ImageSet
 from mobiletune.errors import ModelError, UsageError
 from mobiletune.pixels import BadImage, decode_image, eval_batches
@@ -134,7 +135,7 @@ def _labels_for(path: Path) -> list[str]:
     for candidate in (path.parent / "labels.txt", path / "labels.txt", path.parent.parent / "labels.txt"):
         if candidate.is_file():
             return [line for line in candidate.read_text(encoding="utf-8").splitlines() if line]
-    for metrics in (path / "metrics.json", path.parent / "metrics.json"):
+    for metrics in (path / runfolder.METRICS, path.parent / runfolder.METRICS):
         if metrics.is_file():
             return json.loads(metrics.read_text())["classes"]
     raise ModelError(f"{path}: no labels.txt beside it and no run folder around it; cannot name the classes")
@@ -145,8 +146,8 @@ def load_predictor(path: str | Path) -> Predictor:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such model or run folder")
-    if path.is_dir() and (path / "model.keras").is_file() and (path / "metrics.json").is_file():
-        path = path / "model.keras"  # a run folder
+    if path.is_dir() and (path / runfolder.MODEL).is_file() and (path / runfolder.METRICS).is_file():
+        path = path / runfolder.MODEL  # a run folder
     classes = _labels_for(path)
     try:
         if path.is_dir() and (path / "saved_model.pb").exists():

@@ -198,10 +198,10 @@ def resume_run(run: str | Path, console=None) -> RunResult:
     from mobiletune.config import load_config
 
     run = Path(run)
-    info = runfolder.read_json(run / "run.json")
-    if (run / "metrics.json").exists():
+    info = runfolder.read_json(run / runfolder.RUN_INFO)
+    if (run / runfolder.METRICS).exists():
         raise UsageError(f"--resume {run}: this run is already complete")
-    return _run(load_config(run / "config.yaml"), info["data_dir"], run, resuming=True, console=console)
+    return _run(load_config(run / runfolder.CONFIG), info["data_dir"], run, resuming=True, console=console)
 
 
 class _PhaseEnd:
@@ -224,7 +224,7 @@ class _PhaseEnd:
         self.seconds[f"phase{phase}"] = time.perf_counter() - self.clock
         _write_history(out, history)
         if phase == 1:
-            runfolder.save_model(out / "before_fine_tuning.keras", self.model)  # for `evaluate` on new data
+            runfolder.save_model(out / runfolder.MODEL_BEFORE, self.model)  # for `evaluate` on new data
             report.plot_curves(history, out / "before_fine_tuning.png", "Before fine-tuning (phase 1)")
         else:
             report.plot_curves(history, out / "after_fine_tuning.png", "After fine-tuning (phases 1 and 2)",
@@ -271,7 +271,7 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
     history = _fit_interruptibly(model, images, feats, config, console, phase_end, saved, out)
     if not phase_end.done(2):  # killed after the last epoch's checkpoint, before its evaluation
         phase_end(2, history)
-    runfolder.save_model(out / "model.keras", model)
+    runfolder.save_model(out / runfolder.MODEL, model)
     clock = time.perf_counter()
     detector, unknown_scores = unknown.fit_run(model, images, config, feats)
     detector.save(out / unknown.FILE_NAME)
@@ -292,10 +292,10 @@ def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str 
     """A fresh run folder: the config, where the data is, the split and what was skipped."""
     out = runfolder.prepare(workdir, overwrite=overwrite)
     (out / checkpoint.FILE_NAME).unlink(missing_ok=True)
-    runfolder.write_text(out / "config.yaml", config.to_yaml())
-    runfolder.write_json(out / "run.json", {"data_dir": str(Path(data_dir).resolve())})
-    data.write_manifest(images, out / "split.csv")
-    data.write_skipped(images, out / "skipped.csv")
+    runfolder.write_text(out / runfolder.CONFIG, config.to_yaml())
+    runfolder.write_json(out / runfolder.RUN_INFO, {"data_dir": str(Path(data_dir).resolve())})
+    data.write_manifest(images, out / runfolder.SPLIT)
+    data.write_skipped(images, out / runfolder.SKIPPED)
     return out
 
 
@@ -353,10 +353,10 @@ def _finish_folder(out: Path, config: Config, images: data.ImageSet, metrics: di
                    probs_before: np.ndarray, probs_after: np.ndarray, unknown_scores: np.ndarray) -> None:
     """Predictions, metrics, summary, model card and report; then the checkpoint goes: the run is complete."""
     test = images.indices("test")
-    evaluate.write_predictions(out / "test_predictions.csv", [images.paths[i] for i in test], images.labels[test],
+    evaluate.write_predictions(out / runfolder.PREDICTIONS, [images.paths[i] for i in test], images.labels[test],
                                images.classes, probs_before, probs_after, unknown_scores)
-    runfolder.write_json(out / "metrics.json", metrics)
-    report.write_summary(out / "summary.md", config, metrics)
+    runfolder.write_json(out / runfolder.METRICS, metrics)
+    report.write_summary(out / runfolder.SUMMARY, config, metrics)
     model_card.write_model_card(out)
     report_html.build_report(out)
     (out / checkpoint.FILE_NAME).unlink(missing_ok=True)  # model.keras is what counts now
@@ -463,7 +463,7 @@ def peak_rss_mb() -> float:
 
 
 def _check_same_data(out: Path, images: data.ImageSet) -> None:
-    saved = data.read_manifest(out / "split.csv")
+    saved = data.read_manifest(out / runfolder.SPLIT)
     now = [{"path": p, "class": images.classes[c], "split": s, "sha256": h}
            for p, c, s, h in zip(images.paths, images.labels, images.splits, images.hashes, strict=True)]
     if saved != now:
@@ -514,4 +514,4 @@ def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: fe
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
-    runfolder.write_csv(out / "history.csv", HISTORY_COLUMNS, [[r[c] for c in HISTORY_COLUMNS] for r in history])
+    runfolder.write_csv(out / runfolder.HISTORY, HISTORY_COLUMNS, [[r[c] for c in HISTORY_COLUMNS] for r in history])

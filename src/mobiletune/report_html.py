@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from mobiletune import runfolder
 from mobiletune.errors import UsageError  # noqa: E402
 from mobiletune.runfolder import read_csv, read_json, write_text  # noqa: E402
 
@@ -122,10 +123,10 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def build_report(run: str | Path) -> Path:
     """Write `report.html` into the run folder from its files; returns its path."""
     run = Path(run)
-    metrics = read_json(run / "metrics.json")
+    metrics = runfolder.read_metrics(run)
     if "mcnemar" not in metrics:
         raise UsageError(f"{run}: made by an older mobiletune; run `mobiletune evaluate {run}` first")
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = yaml.safe_load((run / runfolder.CONFIG).read_text())
     classes = metrics["classes"]
     parts = [f"<h1>mobiletune run: {html.escape(run.resolve().name)}</h1>"]
     if (run / "model_card.md").is_file():
@@ -180,7 +181,7 @@ def build_report(run: str | Path) -> Path:
     page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width,initial-scale=1'>"
             f"<title>mobiletune report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-    path = run / "report.html"
+    path = run / runfolder.REPORT
     write_text(path, page)
     return path
 
@@ -205,7 +206,7 @@ def unknown_figure(scores: np.ndarray, correct: np.ndarray, threshold: float, na
 
 def _unknown_inputs(run: Path, metrics: dict[str, Any]) -> str:
     found = metrics.get("unknown")
-    rows = [r for r in _read_csv(run / "test_predictions.csv") if r.get("unknown_score")]
+    rows = [r for r in _read_csv(run / runfolder.PREDICTIONS) if r.get("unknown_score")]
     if not found or not rows:
         return ""
     scores = np.array([float(r["unknown_score"]) for r in rows])
@@ -219,7 +220,7 @@ def _unknown_inputs(run: Path, metrics: dict[str, Any]) -> str:
 
 
 def _misclassified(run: Path, metrics: dict[str, Any], classes: list[str], limit: int = 60) -> str:
-    rows = [r for r in _read_csv(run / "test_predictions.csv") if r["true"] != r["predicted_after"]]
+    rows = [r for r in _read_csv(run / runfolder.PREDICTIONS) if r["true"] != r["predicted_after"]]
     out = [f"<h2>Misclassified test images after fine-tuning ({len(rows)})</h2>"]
     data_dir = Path(metrics.get("data_dir", ""))
     figures, missing = [], 0
@@ -253,14 +254,14 @@ def _exports(run: Path) -> str:
 
 
 def _data_summary(run: Path, metrics: dict[str, Any]) -> str:
-    manifest = _read_csv(run / "split.csv")
+    manifest = _read_csv(run / runfolder.SPLIT)
     classes = metrics["classes"]
     splits = ("train", "validation", "test")
     counts = {(r["class"], r["split"]): 0 for r in manifest}
     for r in manifest:
         counts[(r["class"], r["split"])] += 1
     rows = [[c, *[counts.get((c, s), 0) for s in splits]] for c in classes]
-    skipped = _read_csv(run / "skipped.csv")
+    skipped = _read_csv(run / runfolder.SKIPPED)
     out = ["<h2>Data</h2>", _table(["class", *splits], rows)]
     out.append(f"<p>{len(skipped)} file(s) skipped.</p>")
     if skipped:

@@ -18,6 +18,19 @@ from typing import Any
 
 from mobiletune.errors import UsageError
 
+# The run folder's files, by name: every module reads and writes them through these.
+CONFIG = "config.yaml"  # the resolved config
+RUN_INFO = "run.json"  # where the data is, for --resume
+SPLIT = "split.csv"  # the manifest: path, class, split, sha256
+SKIPPED = "skipped.csv"  # files left out, and why
+HISTORY = "history.csv"  # one row per epoch of both phases
+METRICS = "metrics.json"  # every number of the run; written last: a run is finished when it exists
+PREDICTIONS = "test_predictions.csv"  # each test image's probabilities before and after, its unknown score
+MODEL = "model.keras"  # the fine-tuned model
+MODEL_BEFORE = "before_fine_tuning.keras"  # the model after phase 1, for `evaluate`
+REPORT = "report.html"
+SUMMARY = "summary.md"  # the hyper-parameter summary
+
 
 def check_out(out: str | Path, *, overwrite: bool) -> Path:
     """Refuse a file, or an existing non-empty folder unless `overwrite`; creates nothing."""
@@ -85,6 +98,11 @@ def read_json(path: Path) -> Any:
         raise UsageError(f"{path.parent}: not a finished mobiletune run folder (no {path.name})") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read it ({exc})") from None
+
+
+def read_metrics(run: Path) -> dict[str, Any]:
+    """A finished run's metrics.json: the one reader of it, with one error for a folder that is no finished run."""
+    return read_json(Path(run) / METRICS)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -279,13 +279,13 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     results["default"] = baseline_metrics
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     runfolder.write_json(out / "sweep.json", results)
-    report.write_sweep_summary(out / "summary.md", study, space, base, best_config, results)
+    report.write_sweep_summary(out / runfolder.SUMMARY, study, space, base, best_config, results)
     return results
 
 
 def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], console) -> dict[str, Any]:
     """A full run folder for `config`, unless one is already there (a second worker, a rerun)."""
-    if (out / "metrics.json").exists():
+    if (out / runfolder.METRICS).exists():
         return _read_metrics(out)
     return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats).metrics
 
@@ -299,7 +299,7 @@ def _read_baseline(run: Path) -> dict[str, Any]:
 
 def _read_metrics(run: Path) -> dict[str, Any]:
     """metrics.json of a run folder (or the file itself); a missing or damaged one is a usage error."""
-    return runfolder.read_json(run / "metrics.json" if run.is_dir() else run)
+    return runfolder.read_json(run / runfolder.METRICS if run.is_dir() else run)
 
 
 def write_trials_csv(study, space: dict[str, Any], path: Path) -> None:
