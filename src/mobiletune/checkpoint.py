@@ -39,16 +39,16 @@ class Checkpoint:
     history: list[dict[str, Any]]
     model_variables: list[np.ndarray]
     optimizer_variables: list[np.ndarray]
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. test probabilities before fine-tuning
+    test_probs: dict[str, np.ndarray] = field(default_factory=dict)  # "test_probs_1": test probabilities after
+    # phase 1, so a resumed run does not evaluate a finished phase again
 
 
 def save(run: Path, checkpoint: Checkpoint) -> None:
     arrays = {f"m{i}": v for i, v in enumerate(checkpoint.model_variables)}
     arrays.update({f"o{i}": v for i, v in enumerate(checkpoint.optimizer_variables)})
     state = {"epoch": checkpoint.epoch, "history": checkpoint.history,
-             "n_model": len(checkpoint.model_variables), "n_optimizer": len(checkpoint.optimizer_variables),
-             "extra": {k: v for k, v in checkpoint.extra.items() if not isinstance(v, np.ndarray)}}
-    arrays.update({f"x_{k}": v for k, v in checkpoint.extra.items() if isinstance(v, np.ndarray)})
+             "n_model": len(checkpoint.model_variables), "n_optimizer": len(checkpoint.optimizer_variables)}
+    arrays.update({f"x_{k}": np.asarray(v) for k, v in checkpoint.test_probs.items()})
     arrays["state"] = np.frombuffer(json.dumps(state).encode(), np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -62,10 +62,9 @@ def load(run: Path) -> Checkpoint | None:
     try:
         with np.load(path) as f:
             state = json.loads(bytes(f["state"]).decode())
-            extra = dict(state["extra"])
-            extra.update({k[2:]: f[k] for k in f.files if k.startswith("x_")})
+            test_probs = {k[2:]: f[k] for k in f.files if k.startswith("x_")}
             return Checkpoint(state["epoch"], state["history"], [f[f"m{i}"] for i in range(state["n_model"])],
-                              [f[f"o{i}"] for i in range(state["n_optimizer"])], extra)
+                              [f[f"o{i}"] for i in range(state["n_optimizer"])], test_probs)
     except (OSError, ValueError, KeyError) as exc:
         raise MobiletuneError(f"{path}: damaged checkpoint ({exc}); delete it to restart the run") from None
 
@@ -121,10 +120,11 @@ class Interrupt:
 class EpochCheckpoint(keras.callbacks.Callback):
     """After every completed epoch: save the model, the trainee's optimizer and the progress."""
 
-    def __init__(self, run: Path, model: keras.Model, rows: list[dict[str, Any]], extra: dict[str, Any],
+    def __init__(self, run: Path, model: keras.Model, rows: list[dict[str, Any]], test_probs: dict[str, np.ndarray],
                  interrupt: Interrupt):
         super().__init__()
-        self.run, self.full_model, self.rows, self.extra, self.interrupt = run, model, rows, extra, interrupt
+        self.run, self.full_model, self.rows, self.interrupt = run, model, rows, interrupt
+        self.test_probs = test_probs
 
     def on_train_batch_end(self, batch, logs=None):
         if self.interrupt.requested:
@@ -137,4 +137,4 @@ class EpochCheckpoint(keras.callbacks.Callback):
             epoch=epoch + 1, history=list(self.rows),
             model_variables=[keras.ops.convert_to_numpy(v) for v in model_variables(self.full_model)],
             optimizer_variables=[keras.ops.convert_to_numpy(v) for v in self.model.optimizer.variables],
-            extra=dict(self.extra)))
+            test_probs=dict(self.test_probs)))

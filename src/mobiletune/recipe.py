@@ -130,14 +130,14 @@ def seed_everything(seed: int) -> None:
 def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Features | None, config: Config, *,
                console=None, callbacks: list[keras.callbacks.Callback] | None = None, after_phase=None,
                resume: checkpoint.Checkpoint | None = None, save_to: Path | None = None,
-               interrupt: checkpoint.Interrupt | None = None, extra: dict[str, Any] | None = None
+               interrupt: checkpoint.Interrupt | None = None, test_probs: dict[str, np.ndarray] | None = None
                ) -> list[dict[str, Any]]:
     """Phase 1 then phase 2 on `model`, through `train_phase`; the history of both.
 
     `feats` None runs the plain recipe on pixels. `after_phase(phase, history)` runs after each
     phase (train evaluates the test set there; the sweep never does). With `save_to`, a
     checkpoint is written after every epoch; `resume` continues from one (weights already
-    restored by the caller). `extra` travels in the checkpoint.
+    restored by the caller). `test_probs` (what `after_phase` evaluated) travels in the checkpoint.
     """
     p1, p2 = config.phase1, config.phase2
     plan = {1: (p1.epochs, 0, p1.optimizer, p1.lr), 2: (p2.epochs, p1.epochs, p2.optimizer, p1.lr * p2.lr_ratio)}
@@ -154,7 +154,7 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
             console.print(f"fine-tuning {sum(layer.trainable for layer in base.layers)} base layers from layer "
                           f"{p2.fine_tune_at} at lr {lr:g}")
         trainee, train_data, val_data = _phase_data(phase, model, images, feats, config, start, first_epoch + epochs)
-        saving = [checkpoint.EpochCheckpoint(save_to, model, history, extra if extra is not None else {},
+        saving = [checkpoint.EpochCheckpoint(save_to, model, history, test_probs if test_probs is not None else {},
                                              interrupt or checkpoint.Interrupt())] if save_to else []
         train_phase(trainee, train_data, val_data, phase=phase, epochs=first_epoch + epochs - start,
                     initial_epoch=start, optimizer=optimizer, lr=lr, steps=_steps(images, config), history=history,
@@ -262,7 +262,7 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
     _note_few_head_steps(images, config, say)
 
     saved = checkpoint.load(out) if resuming else None
-    phase_end = _PhaseEnd(model, images, config, out, seconds, dict(saved.extra) if saved else {})
+    phase_end = _PhaseEnd(model, images, config, out, seconds, dict(saved.test_probs) if saved else {})
     if saved is not None:
         checkpoint.restore_model(model, saved.model_variables)
         say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
@@ -314,7 +314,7 @@ def _fit_interruptibly(model, images, feats, config: Config, console, phase_end:
     with interrupt.handling():
         try:
             return fit_recipe(model, images, feats, config, console=console, after_phase=phase_end, resume=saved,
-                              save_to=out, interrupt=interrupt, extra=phase_end.test_probs)
+                              save_to=out, interrupt=interrupt, test_probs=phase_end.test_probs)
         except checkpoint.Interrupted:
             last = checkpoint.load(out)
             saved_what = "no epoch had finished" if last is None else f"the checkpoint of epoch {last.epoch} is saved"
