@@ -68,3 +68,14 @@ def test_accuracy_drop_fails_with_the_format_named(exported, monkeypatch):
         export_run(run, ["keras"], run / "strict", max_drop=1)
     assert (run / "strict" / "report.md").exists()  # the table is written before failing
     assert json.loads((run / "strict" / "export.json").read_text())["checks"][0]["format"] == "keras"
+
+
+def test_a_later_export_of_one_format_keeps_the_others_listed(exported):
+    """export.json, report.md and the model card describe every file in the folder, not just the last call's."""
+    run, first = exported
+    again = export_run(run, ["keras"], max_drop=100)
+    assert sorted(c["format"] for c in again["checks"]) == sorted(FORMATS)
+    by_format = {c["format"]: c for c in again["checks"]}
+    assert by_format["onnx"] == next(c for c in first["checks"] if c["format"] == "onnx")  # carried over as measured
+    assert "| onnx |" in (run / "export" / "report.md").read_text()
+    assert "| tflite-int8 |" in (run / "export" / "model_card.md").read_text()

@@ -9,6 +9,8 @@ the table in `export/report.md` has been written.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import statistics
 import tempfile
@@ -185,9 +187,12 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     reference = predict_all(KerasPredictor(model, metrics["classes"]), images)
     keras_accuracy = float((reference.argmax(1) == images.labels).mean())
     checks = check_exports(paths, images, reference)
-    runfolder.write_text(out / "report.md", report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
     failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
-    result = {"out": str(out), "keras_accuracy": keras_accuracy, "checks": [c.__dict__ for c in checks]}
+    digest = hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()
+    checks = _earlier_checks(out, digest, exclude=formats) + checks
+    runfolder.write_text(out / "report.md", report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
+    result = {"out": str(out), "keras_accuracy": keras_accuracy, "model_sha256": digest,
+              "checks": [c.__dict__ for c in checks]}
     runfolder.write_json(out / "export.json", result)
     write_model_card(run, out, result)
     if (run / runfolder.REPORT).exists():
@@ -200,6 +205,19 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
                           f"{100 * (keras_accuracy - worst.accuracy):.1f} points below the Keras model's "
                           f"{keras_accuracy:.2%} (allowed: {max_drop:g}); see {out / 'report.md'}")
     return result
+
+
+def _earlier_checks(out: Path, model_sha256: str, exclude: list[str]) -> list[Check]:
+    """The re-tests of formats an earlier `export` of the same model left in `out` (their files still
+    there), so export.json, report.md and the model card list every file in the folder."""
+    try:
+        earlier = json.loads((out / "export.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if earlier.get("model_sha256") != model_sha256:
+        return []  # another model, or an export from before the digest was recorded
+    return [Check(**c) for c in earlier.get("checks", [])
+            if c["format"] not in exclude and (out / FILE_NAMES[c["format"]]).exists()]
 
 
 def _representative(run: Path, metrics: dict[str, Any], config) -> np.ndarray:
