@@ -27,6 +27,7 @@ import numpy as np
 from mobiletune import runfolder
 from mobiletune.config import Config, load_config
 from mobiletune.errors import UsageError
+from mobiletune.quiet import import_tensorflow
 
 __all__ = ["Run", "load", "make_config", "sweep", "train"]
 
@@ -34,9 +35,6 @@ Overrides = Mapping[str, Any] | Iterable[str] | None
 
 
 def _console(verbose: bool):
-    from mobiletune.quiet import import_tensorflow
-
-    import_tensorflow()  # first, so that its start-up lines stay off the notebook too
     if not verbose:
         return None
     from rich.console import Console
@@ -90,10 +88,9 @@ class Run:
             `.unknown_score`, and `.error` for a file that could not be read.
         """
         from mobiletune.predict import load_predictor, predict_array, predict_paths
-        from mobiletune.quiet import import_tensorflow
 
         if self._predictor is None:
-            import_tensorflow()
+            import_tensorflow()  # before anything imports it: its start-up lines stay off the notebook
             self._predictor = load_predictor(self.workdir)
         if isinstance(images, np.ndarray):
             return predict_array(self._predictor, images, batch=batch, top_k=top_k, unknown=unknown)
@@ -111,11 +108,10 @@ class Run:
             The before/after block of metrics.json (also written there, with report.html rebuilt).
         """
         from mobiletune.evaluate import evaluate_run
-        from mobiletune.quiet import import_tensorflow
 
         import_tensorflow()
         block = evaluate_run(self.workdir, data_dir)
-        self.metrics = _read_metrics(self.workdir)
+        self.metrics = runfolder.read_metrics(self.workdir)
         return block
 
     def export(self, formats: str | Iterable[str] = "all", out: str | Path | None = None, *, max_drop: float = 1.0,
@@ -131,9 +127,7 @@ class Run:
         Returns:
             export.json: the folder, the Keras accuracy and one check per format.
         """
-        from mobiletune.quiet import import_tensorflow
-
-        import_tensorflow()  # before export imports it
+        import_tensorflow()
         from mobiletune.export import export_run
 
         return export_run(self.workdir, [formats] if isinstance(formats, str) else list(formats), out,
@@ -146,11 +140,6 @@ class Run:
         return build_report(self.workdir)
 
 
-def _read_metrics(workdir: Path) -> dict[str, Any]:
-
-    return runfolder.read_metrics(workdir)
-
-
 def load(run: str | Path) -> Run:
     """Open a finished run folder (one `train` made).
 
@@ -160,13 +149,11 @@ def load(run: str | Path) -> Run:
     Returns:
         A `Run`. A folder that is not a finished run raises UsageError.
     """
-    from mobiletune.runfolder import read_csv
-
     workdir = Path(run)
-    metrics = _read_metrics(workdir)  # first: one clear error for a folder that is no finished run
+    metrics = runfolder.read_metrics(workdir)  # first: one clear error for a folder that is no finished run
     if not (workdir / runfolder.MODEL).is_file():
         raise UsageError(f"{workdir}: not a finished mobiletune run folder (no model.keras)")
-    rows = read_csv(workdir / runfolder.HISTORY) if (workdir / runfolder.HISTORY).is_file() else []
+    rows = runfolder.read_csv(workdir / runfolder.HISTORY) if (workdir / runfolder.HISTORY).is_file() else []
     history = [{k: int(v) if k in ("epoch", "phase") else float(v) for k, v in row.items()} for row in rows]
     return Run(workdir, metrics, load_config(workdir / runfolder.CONFIG), history)
 
@@ -194,9 +181,10 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
     Returns:
         The finished `Run`.
     """
-    console = _console(verbose)  # first: it imports TensorFlow quietly
+    import_tensorflow()
     from mobiletune.recipe import resume_run, train_and_evaluate
 
+    console = _console(verbose)
     if resume is not None:
         if data_dir is not None or config is not None or overrides or audit or exclude:
             raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
@@ -235,9 +223,9 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
     Returns:
         The sweep's results (sweep.json): "best" and "default" metrics, "best_trial", "best_params", timings.
     """
-    console = _console(verbose)  # first: it imports TensorFlow quietly
+    import_tensorflow()
     from mobiletune.study import run_sweep
 
     return run_sweep(make_config(config, overrides), data_dir, out, n_trials=trials, space_path=space,
                      storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,
-                     baseline=baseline, console=console)
+                     baseline=baseline, console=_console(verbose))

@@ -8,21 +8,16 @@ its exit code (2 usage and config, 1 data and models); so does an `OSError` the 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-# TensorFlow's C++ log lines (start-up chatter, a harmless float16 fallback notice), before any
-# module imports it; its real errors still reach us as Python exceptions.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import typer
+from rich.console import Console
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from mobiletune import __version__  # noqa: E402
-from mobiletune.errors import MobiletuneError  # noqa: E402
-from mobiletune.quiet import import_tensorflow  # noqa: E402
+from mobiletune import __version__
+from mobiletune.errors import MobiletuneError
+from mobiletune.quiet import import_tensorflow
 
 app = typer.Typer(
     name="mobiletune",

@@ -173,17 +173,18 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     metrics = runfolder.read_metrics(run)  # first: a clear error for a folder that is no run
     config = load_config(run / runfolder.CONFIG)
     images = data.load_test_images(run, data_dir, config.data)
-    models = [load_model(run / name) for name in (runfolder.MODEL_BEFORE, runfolder.MODEL)]
-    before, after = (probabilities(predict_logits(m, pixels.eval_batches(images, config.data.image_size,
-                                                                        config.data.batch_size))[0])
-                     for m in models)
+    test = pixels.eval_batches(images, config.data.image_size, config.data.batch_size)
+    before = probabilities(predict_logits(load_model(run / runfolder.MODEL_BEFORE), test)[0])
+    # the fine-tuned model's one pass gives its logits and the pooled features its unknown score reads
+    pooled, logits = unknown.embed(load_model(run / runfolder.MODEL), images, ("test",), config)["test"]
+    after = probabilities(logits)
     block = compare_stages(before, after, images.labels, images.classes)
     if data_dir is not None:
         metrics.update(data_dir=str(Path(data_dir).resolve()), n_images={"test": len(images.labels)})
     metrics.update(block)
     detector, scores = unknown.load(run / unknown.FILE_NAME), None
     if detector is not None:
-        scores = detector.scores(*unknown.embed(models[1], images, "test", config))
+        scores = detector.scores(pooled, logits)
         metrics["unknown"] = {**detector.summary(), "test_kept": float(np.mean(scores <= detector.threshold))}
     write_predictions(run / runfolder.PREDICTIONS, images.paths, images.labels, images.classes, before, after,
                       scores)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import keras
 
+from mobiletune import model as model_lib
+
 __all__ = ["FoldedConv", "fast_clone"]
 
 
@@ -32,11 +34,10 @@ def is_depthwise(layer: keras.layers.Layer) -> bool:
             and layer.activation is keras.activations.linear)
 
 
-def _frozen_bn_after(conv: keras.layers.Layer, layers: list) -> keras.layers.BatchNormalization | None:
-    """The BatchNormalization that alone (among `layers`, the model's) reads `conv`'s output, if it is
-    frozen (always inference)."""
-    readers = [layer for layer in layers if any(t is conv.output for t in keras.tree.flatten(layer.input))]
-    bn = readers[0] if len(readers) == 1 else None
+def _frozen_bn_after(conv: keras.layers.Layer, readers: dict[int, list]) -> keras.layers.BatchNormalization | None:
+    """The BatchNormalization that alone reads `conv`'s output (`readers`: id(tensor) -> the model's layers
+    that read it), if it is frozen (always inference)."""
+    bn = readers[id(conv.output)][0] if len(readers.get(id(conv.output), [])) == 1 else None
     if isinstance(bn, keras.layers.BatchNormalization) and not bn.trainable and bn.axis in (-1, 3):
         return bn
     return None
@@ -94,10 +95,14 @@ class _Folded(keras.layers.Layer):
 def fast_clone(model: keras.Model) -> keras.Model:
     """`model` (functional) with its pointwise and depthwise convolutions as `FoldedConv` (taking in
     the frozen BatchNorm after each); every other layer is the model's own."""
+    readers: dict[int, list] = {}
+    for layer in model.layers:
+        for key in {id(t) for t in model_lib.inputs_of(layer)}:
+            readers.setdefault(key, []).append(layer)
     folded = {}
     for layer in model.layers:
         if is_pointwise(layer) or is_depthwise(layer):
-            folded[id(layer)] = _frozen_bn_after(layer, model.layers)
+            folded[id(layer)] = _frozen_bn_after(layer, readers)
     absorbed = {id(bn) for bn in folded.values() if bn is not None}
 
     def clone(layer):

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from mobiletune import runfolder
-from mobiletune.runfolder import read_csv, write_text
+from mobiletune.runfolder import write_text
 
 __all__ = ["FILE_NAME", "model_card_markdown", "write_model_card"]
 
@@ -24,11 +24,8 @@ def _pct(x: float) -> str:
 
 
 def _data(run: Path, metrics: dict[str, Any]) -> list[str]:
-    manifest = read_csv(run / runfolder.SPLIT) if (run / runfolder.SPLIT).is_file() else []
     splits = ("train", "validation", "test")
-    counts: dict[tuple[str, str], int] = {}
-    for r in manifest:
-        counts[(r["class"], r["split"])] = counts.get((r["class"], r["split"]), 0) + 1
+    counts = runfolder.split_counts(run)
     lines = ["## Data", "", f"From `{metrics.get('data_dir', '?')}`: "
              + ", ".join(f"{k} {v}" for k, v in metrics["n_images"].items())
              + f" images, {metrics.get('n_skipped', 0)} skipped (skipped.csv). The split is in split.csv.", "",

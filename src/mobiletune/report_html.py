@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from mobiletune import runfolder
+from mobiletune import runfolder  # noqa: E402
 from mobiletune.errors import UsageError  # noqa: E402
 from mobiletune.runfolder import read_csv, read_json, write_text  # noqa: E402
 
@@ -254,12 +254,9 @@ def _exports(run: Path) -> str:
 
 
 def _data_summary(run: Path, metrics: dict[str, Any]) -> str:
-    manifest = _read_csv(run / runfolder.SPLIT)
     classes = metrics["classes"]
     splits = ("train", "validation", "test")
-    counts = {(r["class"], r["split"]): 0 for r in manifest}
-    for r in manifest:
-        counts[(r["class"], r["split"])] += 1
+    counts = runfolder.split_counts(run)
     rows = [[c, *[counts.get((c, s), 0) for s in splits]] for c in classes]
     skipped = _read_csv(run / runfolder.SKIPPED)
     out = ["<h2>Data</h2>", _table(["class", *splits], rows)]

@@ -105,6 +105,14 @@ def read_metrics(run: Path) -> dict[str, Any]:
     return read_json(Path(run) / METRICS)
 
 
+def split_counts(run: Path) -> dict[tuple[str, str], int]:
+    """(class, split) -> images in the run's split.csv; empty where the run has none."""
+    from collections import Counter
+
+    path = Path(run) / SPLIT
+    return dict(Counter((r["class"], r["split"]) for r in read_csv(path))) if path.is_file() else {}
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV file written by write_csv; non-UTF-8 file names come back as they went in."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:

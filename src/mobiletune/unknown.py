@@ -132,38 +132,38 @@ def load(path: Path) -> UnknownDetector | None:
 # Fitting a run's detector
 
 
-def embed(model, images, split: str, config, feats=None) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled base output and logits of `split`'s images under the trained `model`, unaugmented: from
-    the cached boundary activations where there are some (the layers below stay frozen, so they
-    still hold: 0.127 of 0.306 GFLOP an image), else from pixels."""
+def embed(model, images, splits: tuple[str, ...], config, feats=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pooled base output and logits of each split's images under the trained `model`, unaugmented:
+    from the cached boundary activations where there are some (the layers below stay frozen, so they
+    still hold: 0.127 of 0.306 GFLOP an image), else from pixels. One two-output model serves all splits."""
     import keras
 
     from mobiletune import features, pixels
 
-    batch = config.data.batch_size
+    batch, at = config.data.batch_size, config.phase2.fine_tune_at
     if feats is not None:
-        at = config.phase2.fine_tune_at
         two = features.top_model(model, at, pooled=True)
-        labels = images.labels[images.indices(split)]
-        # view 0 of the training images (an augmented one: the cache holds no other for them)
-        batches = features.feature_dataset(feats.readers[split], feats.boundaries[at], labels, 1, batch,
-                                           shuffle=False, seed=config.data.seed)
     else:
         two = keras.Model(model.input, [model.get_layer("pool").output, model.output])
-        batches = pixels.eval_batches(images, config.data.image_size, batch, split)
-    pooled, logits = [], []
-    for x, _ in batches:
-        p, z = two.predict_on_batch(x)
-        pooled.append(np.asarray(p))
-        logits.append(np.asarray(z))
-    return np.concatenate(pooled), np.concatenate(logits)
+    out = {}
+    for split in splits:
+        if feats is not None:
+            labels = images.labels[images.indices(split)]
+            # view 0 of the training images (an augmented one: the cache holds no other for them)
+            batches = features.feature_dataset(feats.readers[split], feats.boundaries[at], labels, 1, batch,
+                                               shuffle=False, seed=config.data.seed)
+        else:
+            batches = pixels.eval_batches(images, config.data.image_size, batch, split)
+        pooled, logits = zip(*((np.asarray(p), np.asarray(z)) for p, z in
+                               (two.predict_on_batch(x) for x, _ in batches)), strict=True)
+        out[split] = np.concatenate(pooled), np.concatenate(logits)
+    return out
 
 
 def fit_run(model, images, config, feats=None) -> tuple[UnknownDetector, np.ndarray]:
     """The detector of a trained run (`config.predict`) and its scores of the test images."""
     p = config.predict
-    train_pooled, _ = embed(model, images, "train", config, feats)
-    val_pooled, val_logits = embed(model, images, "validation", config, feats)
-    detector = fit(p.unknown_score, train_pooled, val_pooled, val_logits, keep=p.keep, k=p.knn_k,
+    emb = embed(model, images, ("train", "validation", "test"), config, feats)
+    detector = fit(p.unknown_score, emb["train"][0], *emb["validation"], keep=p.keep, k=p.knn_k,
                    seed=config.data.seed)
-    return detector, detector.scores(*embed(model, images, "test", config, feats))
+    return detector, detector.scores(*emb["test"])
