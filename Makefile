@@ -9,12 +9,14 @@ export KERAS_HOME ?= $(CURDIR)/.keras-home
 DEMO_DATA ?= $(wildcard $(SHARED)/data/cats_and_dogs_filtered)
 RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install weights demo test lint clean
+.PHONY: install weights demo test lint lock dist matrix clean
 
-$(BIN)/.installed: pyproject.toml
+# The exact versions of requirements.lock (tested on Python 3.11, x86-64 Linux), then mobiletune itself.
+$(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed
@@ -30,9 +32,23 @@ test: install weights
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
+# requirements.lock again: the newest releases pyproject.toml's ranges allow (then run make test)
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra mlflow --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --upgrade --no-header --annotation-style line -o requirements.lock.new
+	{ sed -n 1,2p requirements.lock; cat requirements.lock.new; } > requirements.lock && rm requirements.lock.new
+
+# wheel and sdist in dist/
+dist: install
+	$(BIN)/python -m build --outdir dist
+
+# the wheel and sdist on Python 3.10, 3.12 and 3.13, each in a clean venv, with a smoke test
+matrix: install
+	scripts/python-matrix
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .keras-home .pytest_cache
+	rm -rf $(VENV) .keras-home .pytest_cache dist build

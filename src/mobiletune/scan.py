@@ -98,13 +98,21 @@ class FileIndex:
         self.db.close()
 
 
+def _sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks (hashlib.file_digest is Python 3.11+)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _hash_file(path: Path, check: Callable[[Path], str | None] | None) -> tuple[Hashed, Stamp | None]:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return Hashed(None, f"not an image file extension (expected one of {', '.join(IMAGE_EXTENSIONS)})"), None
     try:
         before = stamp(path)
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = _sha256(path)
         if stamp(path) != before:
             return Hashed(None, "changed while it was being read; run again to include it"), None
     except OSError as exc:
