@@ -102,7 +102,8 @@ class Run:
         """Re-evaluate both models (before and after fine-tuning), as `mobiletune evaluate`.
 
         Args:
-            data_dir: class folders of other labelled images; None re-evaluates the run's own test split.
+            data_dir: class folders (or a labels CSV) of other labelled images; None re-evaluates the
+                run's own test split.
 
         Returns:
             The before/after block of metrics.json (also written there, with report.html rebuilt).
@@ -166,7 +167,8 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
     evaluation before and after; a complete run folder in `out`.
 
     Args:
-        data_dir: class folders, or train/ validation/ [test/] of class folders.
+        data_dir: class folders, or train/ validation/ [test/] of class folders, or a CSV with columns
+            path,label[,split] (paths relative to the CSV's folder).
         out: the run folder to create.
         config: a YAML recipe path, or a Config; its keys override the defaults.
         overrides: keys on top, e.g. {"phase2.fine_tune_at": 80} (or ["phase2.fine_tune_at=80"]).

@@ -80,7 +80,8 @@ SetOption = Annotated[
 @_one_line_errors
 def train(
     data_dir: Annotated[
-        Optional[Path], typer.Argument(help="Class folders, or train/ validation/ \\[test/] of class folders.")
+        Optional[Path], typer.Argument(help="Class folders, or train/ validation/ \\[test/] of class folders, or a CSV "
+                                       "with columns path,label\\[,split] (paths relative to the CSV).")
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")] = Path("runs/latest"),
     config: ConfigOption = None,
@@ -124,7 +125,8 @@ RunArgument = Annotated[Path, typer.Argument(help="A run folder made by `mobilet
 def evaluate_command(
     run: RunArgument,
     data: Annotated[
-        Optional[Path], typer.Option("--data", help="Evaluate on every image of these class folders instead.")
+        Optional[Path], typer.Option("--data", help="Evaluate on every image of these class folders (or "
+                                                                  "every row of this labels CSV) instead.")
     ] = None,
 ) -> None:
     """Re-evaluate a run before and after fine-tuning, with intervals and McNemar's test; rebuild report.html."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobiletune import runfolder
+from mobiletune import labels, runfolder
 from mobiletune.config import DataConfig
 from mobiletune.errors import DataError
 from mobiletune.pixels import iter_pixels, probe_image
@@ -49,6 +49,7 @@ class ImageSet:
     hashes: list[str]  # sha256 of each file's bytes
     skipped: list[Skipped] = field(default_factory=list)
     files_read: int = 0  # how many files the scan had to read (new or changed); the rest came from the index
+    source: Path | None = None  # what was given: DATA_DIR or a labels CSV (None: `root`); scanned again from it
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -96,15 +97,35 @@ def _files_under(folder: Path) -> list[Path]:
     return found
 
 
-def discover(data_dir: Path) -> tuple[list[str], list[tuple[Path, str, str | None]]]:
-    """Classes and `(file, class, split or None)` for every file under DATA_DIR.
+@dataclass
+class Listing:
+    """What a DATA_DIR (or labels CSV) lists, before any file is read."""
 
-    `split` is None when DATA_DIR holds class folders directly and the split is ours to make.
+    root: Path  # the paths below are relative to it: DATA_DIR, or the CSV's folder
+    classes: list[str]
+    files: list[tuple[str, str, str | None]]  # (path, class, split), split None where it is ours to make
+    skipped: list[Skipped] = field(default_factory=list)  # CSV rows that name no usable file
+    where: list[str] | None = None  # per file, the CSV line that listed it ("labels.csv line 7"), for messages
+
+
+def image_root(source: str | Path) -> Path:
+    """The folder a run's image paths are relative to: DATA_DIR itself, or a labels CSV's folder."""
+    source = Path(source)
+    return source.parent if labels.is_labels_file(source) else source
+
+
+def discover(data_dir: Path) -> Listing:
+    """Classes and `(path, class, split or None)` for every image file under DATA_DIR or in a labels CSV.
+
+    `split` is None when the folders (or the CSV) give no split and the split is ours to make.
     """
+    if labels.is_labels_file(data_dir):
+        return _discover_csv(data_dir)
     if not data_dir.exists():
         raise DataError(f"DATA_DIR {_display(str(data_dir))}: no such folder")
     if not data_dir.is_dir():
-        raise DataError(f"DATA_DIR {_display(str(data_dir))}: is a file; give the folder that holds the class folders")
+        raise DataError(f"DATA_DIR {_display(str(data_dir))}: is a file; give the folder that holds the class "
+                        "folders, or a .csv with path,label columns")
     top = _list_class_folders(data_dir)
     present = {
         split: next((name for name in names if name in top), None) for split, names in SPLIT_FOLDERS.items()
@@ -128,11 +149,7 @@ def discover(data_dir: Path) -> tuple[list[str], list[tuple[Path, str, str | Non
                 f"class folders differ between splits: {split}/ has {found}, train/ has {classes}; "
                 "every split needs the same class folders"
             )
-    if len(classes) < 2:
-        where = f"{_display(str(data_dir))}" + ("" if None in folders else "/train")
-        raise DataError(
-            f"{where}: found {len(classes)} class folder(s) {classes}; a classifier needs at least 2"
-        )
+    _check_class_count(classes, f"{_display(str(data_dir))}" + ("" if None in folders else "/train"), "class folder")
     files = []
     for split, folder in folders.items():
         for name in classes:
@@ -141,8 +158,30 @@ def discover(data_dir: Path) -> tuple[list[str], list[tuple[Path, str, str | Non
                 raise DataError(
                     f"class folder {_display(str(folder / name))} is empty; add images or remove the folder"
                 )
-            files.extend((p, name, split) for p in members)
-    return classes, files
+            files.extend((str(p.relative_to(data_dir)), name, split) for p in members)
+    return Listing(data_dir, classes, files)
+
+
+def _check_class_count(classes: list[str], where: str, what: str) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{where}: found {len(classes)} {what}(s) {classes}; a classifier needs at least 2")
+
+
+def _discover_csv(path: Path) -> Listing:
+    """A labels CSV as a listing. Rows are put in the order class folders would give (split, class,
+    path), so a CSV lists the same run as the folders it describes, whatever its row order."""
+    rows, skipped = labels.read_labels(path)
+    given = {r.split for r in rows}
+    if given != {None} and not {"train", "validation"} <= given:
+        raise DataError(f"{path}: its split column names {sorted(s for s in given if s)} but a run needs both train "
+                        "and validation rows (test is optional); add them, or drop the split column")
+    classes = sorted({r.label for r in rows})
+    _check_class_count(classes, _display(str(path)), "label")
+    order = {s: i for i, s in enumerate((None, *SPLITS))}
+    rows.sort(key=lambda r: (order[r.split], classes.index(r.label), r.path))
+    return Listing(path.parent, classes, [(r.path, r.label, r.split) for r in rows],
+                   [Skipped(_display(p), reason) for p, reason in skipped],
+                   [f"{path.name} line {r.line}" for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,14 +275,15 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
     reason} of files to leave out (an audit's findings); they are listed as skipped with that reason.
     """
     data_dir = Path(data_dir)
-    classes, files = discover(data_dir)
-    exclude = exclude or {}
-    left_out = [Skipped(_display(str(p.relative_to(data_dir))), exclude[str(p.relative_to(data_dir))])
-                for p, _, _ in files if str(p.relative_to(data_dir)) in exclude]
-    files = [f for f in files if str(f[0].relative_to(data_dir)) not in exclude]
-    hashed, files_read = hash_files([f[0] for f in files], index or FileIndex(None), probe_image, progress)
-    unusable = sorted((Skipped(_display(str(files[i][0].relative_to(data_dir))), h.reason)
-                       for i, h in enumerate(hashed) if h.reason), key=lambda s: s.path)
+    listing = discover(data_dir)
+    root, classes, files, exclude = listing.root, listing.classes, listing.files, exclude or {}
+    left_out = [Skipped(_display(p), exclude[p]) for p, _, _ in files if p in exclude]
+    where = [w for w, (p, _, _) in zip(listing.where or [None] * len(files), files, strict=True) if p not in exclude]
+    files = [f for f in files if f[0] not in exclude]
+    hashed, files_read = hash_files([root / f[0] for f in files], index or FileIndex(None), probe_image, progress)
+    unusable = sorted([*listing.skipped, *(Skipped(_display(files[i][0]), f"{where[i]}: {h.reason}" if where[i]
+                                                   else h.reason) for i, h in enumerate(hashed) if h.reason)],
+                      key=lambda s: s.path)
     if unusable and config.strict:
         first = unusable[0]
         raise DataError(
@@ -252,22 +292,23 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
         )
     skipped = sorted([*unusable, *left_out], key=lambda s: s.path)
     keep = [i for i, h in enumerate(hashed) if not h.reason]
-    labels = np.array([classes.index(files[i][1]) for i in keep], np.int32)
+    labels_ = np.array([classes.index(files[i][1]) for i in keep], np.int32)
     for i, cls in enumerate(classes):
-        if not (labels == i).any():
+        if not (labels_ == i).any():
             raise DataError(f"class {cls!r} has no usable images (all {len(skipped)} skipped files: see skipped.csv)")
     hashes = [hashed[i].sha256 for i in keep]
-    splits = assign_splits(labels, [files[i][2] for i in keep], hashes, config, classes, groups)  # type: ignore[arg-type]
+    splits = assign_splits(labels_, [files[i][2] for i in keep], hashes, config, classes, groups)  # type: ignore[arg-type]
     return ImageSet(
-        root=data_dir,
+        root=root,
         classes=classes,
         # as the OS names them (non-UTF-8 bytes as surrogates): the manifest round-trips to the file
-        paths=[str(files[i][0].relative_to(data_dir)) for i in keep],
-        labels=labels,
+        paths=[files[i][0] for i in keep],
+        labels=labels_,
         splits=splits,
         hashes=hashes,  # type: ignore[arg-type]
         skipped=skipped,
         files_read=files_read,
+        source=data_dir,
     )
 
 
@@ -297,15 +338,16 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
     metrics = runfolder.read_metrics(run_dir)
     classes = metrics["classes"]
     if data_dir is not None:
-        found, files = discover(Path(data_dir))
-        unknown = sorted(set(found) - set(classes))
+        listing = discover(Path(data_dir))
+        unknown = sorted(set(listing.classes) - set(classes))
         if unknown:
             raise DataError(f"--data {data_dir}: classes {unknown} are not the model's {classes}")
-        root = Path(data_dir)
-        hashed, _ = hash_files([p for p, _, _ in files], FileIndex(None), probe_image)
-        rows = [(str(p.relative_to(root)), c, h.sha256, h.reason) for (p, c, _), h in zip(files, hashed, strict=True)]
+        root = listing.root
+        hashed, _ = hash_files([root / p for p, _, _ in listing.files], FileIndex(None), probe_image)
+        rows = [(p, c, h.sha256, h.reason) for (p, c, _), h in zip(listing.files, hashed, strict=True)]
+        rows += [(s.path, None, None, s.reason) for s in listing.skipped]
     else:
-        root = Path(metrics["data_dir"])
+        root = image_root(metrics["data_dir"])
         manifest = [r for r in read_manifest(run_dir / runfolder.SPLIT) if r["split"] == "test"]
         hashed, _ = hash_files([root / r["path"] for r in manifest], FileIndex(None))
         for r, h in zip(manifest, hashed, strict=True):

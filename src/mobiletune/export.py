@@ -224,7 +224,7 @@ def _representative(run: Path, metrics: dict[str, Any], config) -> np.ndarray:
     """Up to REPRESENTATIVE_IMAGES training images, evenly spread over the manifest, for int8 calibration."""
     rows = [r for r in data.read_manifest(run / runfolder.SPLIT) if r["split"] == "train"]
     step = max(1, len(rows) // REPRESENTATIVE_IMAGES)
-    root = Path(metrics["data_dir"])
+    root = data.image_root(metrics["data_dir"])
     decoded = []
     for r in rows[::step][:REPRESENTATIVE_IMAGES]:
         try:

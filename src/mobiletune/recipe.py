@@ -386,11 +386,11 @@ def _features_or_checked_images(model: keras.Model, images: data.ImageSet, confi
     with progress.bar(console, "features") as update:
         feats = compute(images)
         if feats.failed:  # now known to the index: scan again, so the split is the one any later run (--resume) makes
-            feats = compute(_scan(images.root, config, index, None))
+            feats = compute(_scan(images.source or images.root, config, index, None))
         if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
             near, near_paths = audit.nearest(feats.pooled_plain), feats.images.paths
             groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near))
-            regrouped = _scan(images.root, config, index, None, groups) if groups else feats.images
+            regrouped = _scan(images.source or images.root, config, index, None, groups) if groups else feats.images
             if list(regrouped.splits) != list(feats.images.splits):
                 feats = compute(regrouped)
             if feats.images.paths != near_paths:  # a file went or came mid-run: `near` no longer lines up

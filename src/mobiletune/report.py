@@ -153,6 +153,8 @@ def plot_sweep(study, space: dict[str, Any], out: Path) -> list[str]:
 def write_sweep_summary(path: Path, study, space: dict[str, Any], base: Config, best: Config,
                         results: dict[str, Any]) -> None:
     """The seed's hyper-parameter summary, generated from a sweep."""
+    import warnings
+
     import optuna
 
     counts = results["counts"]
@@ -176,7 +178,11 @@ def write_sweep_summary(path: Path, study, space: dict[str, Any], base: Config, 
                  for s in ("before_fine_tuning", "after_fine_tuning")]
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            importances = optuna.importance.get_param_importances(study)
+        if any("too small to compute importances" in str(w.message) for w in caught):
+            importances = {}  # Optuna made them all equal: no information, so none shown
     except (ValueError, RuntimeError, ZeroDivisionError):
         importances = {}
     lines += ["", "## The knobs: what was tried and what it did", "",

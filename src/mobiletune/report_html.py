@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from mobiletune import runfolder  # noqa: E402
+from mobiletune.data import image_root  # noqa: E402
 from mobiletune.errors import UsageError  # noqa: E402
 from mobiletune.runfolder import read_csv, read_json, write_text  # noqa: E402
 
@@ -222,7 +223,7 @@ def _unknown_inputs(run: Path, metrics: dict[str, Any]) -> str:
 def _misclassified(run: Path, metrics: dict[str, Any], classes: list[str], limit: int = 60) -> str:
     rows = [r for r in _read_csv(run / runfolder.PREDICTIONS) if r["true"] != r["predicted_after"]]
     out = [f"<h2>Misclassified test images after fine-tuning ({len(rows)})</h2>"]
-    data_dir = Path(metrics.get("data_dir", ""))
+    data_dir = image_root(metrics.get("data_dir", ""))
     figures, missing = [], 0
     for r in rows[:limit]:
         thumb = thumbnail(data_dir / r["path"]) if metrics.get("data_dir") else None
