@@ -11,7 +11,7 @@ from mobiletune.recipe import train_and_evaluate
 
 RUN_FILES = {"config.yaml", "split.csv", "audit.csv", "skipped.csv", "history.csv", "metrics.json",
              "before_fine_tuning.png", "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",
-             "test_predictions.csv", "report.html", "run.json", "unknown.npz", "model_card.md"}
+             "test_predictions.csv", "report.html", "run.json", "unknown.npz", "model_card.md", "logs"}
 
 
 def _history(run):

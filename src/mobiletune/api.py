@@ -162,7 +162,7 @@ def load(run: str | Path) -> Run:
 def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *,
           config: str | Path | Config | None = None, overrides: Overrides = None, overwrite: bool = False,
           strict: bool = False, cache: bool = True, audit: bool = False, exclude: str | Path | None = None,
-          resume: str | Path | None = None, verbose: bool = True) -> Run:
+          resume: str | Path | None = None, mlflow: str | None = None, verbose: bool = True) -> Run:
     """Run the recipe on a folder of images, as `mobiletune train`: a frozen-base head, fine-tuning,
     evaluation before and after; a complete run folder in `out`.
 
@@ -178,6 +178,8 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         audit: also look for likely label errors and off-topic images.
         exclude: an audit.csv or list of paths to leave out.
         resume: continue this run folder after a crash or interrupt (give nothing else).
+        mlflow: an MLflow tracking URI to log the run to (default: MLFLOW_TRACKING_URI, if set);
+            needs `pip install 'mobiletune[mlflow]'`. TensorBoard files are always written, in `out`/logs.
         verbose: print progress and results (rich: a terminal or Jupyter).
 
     Returns:
@@ -185,13 +187,14 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
     """
     import_tensorflow()
     from mobiletune.recipe import resume_run, train_and_evaluate
+    from mobiletune.tracking import mlflow_target
 
-    console = _console(verbose)
+    console, target = _console(verbose), mlflow_target(mlflow)
     if resume is not None:
         if data_dir is not None or config is not None or overrides or audit or exclude:
             raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
                              "--audit and --exclude")
-        result = resume_run(resume, console=console)
+        result = resume_run(resume, console=console, mlflow=target)
     else:
         if data_dir is None:
             raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
@@ -199,14 +202,14 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
                    **({"data.audit": "full"} if audit else {}),
                    **({"data.exclude": str(Path(exclude).resolve())} if exclude else {})}
         cfg = make_config(make_config(config, overrides), options)
-        result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=console)
+        result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=console, mlflow=target)
     return load(result.workdir)
 
 
 def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int = 16, space: str | Path | None = None,
           storage: str | None = None, study: str = "mobiletune", timeout: float | None = None,
           grace_period: int = 60, baseline: str | Path | None = None, config: str | Path | Config | None = None,
-          overrides: Overrides = None, verbose: bool = True) -> dict[str, Any]:
+          overrides: Overrides = None, mlflow: str | None = None, verbose: bool = True) -> dict[str, Any]:
     """Tune the recipe with Optuna, then retrain the best config and test it once, as `mobiletune sweep`.
 
     Args:
@@ -220,6 +223,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         grace_period: seconds without a heartbeat before a killed worker's trial is failed.
         baseline: a run folder of the default recipe to compare with, instead of training one.
         config, overrides: the base recipe, as for `train`.
+        mlflow: an MLflow tracking URI (default: MLFLOW_TRACKING_URI): a parent run with a nested run per
+            trial and for the retrains.
         verbose: print progress and results.
 
     Returns:
@@ -227,7 +232,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
     """
     import_tensorflow()
     from mobiletune.study import run_sweep
+    from mobiletune.tracking import mlflow_target
 
     return run_sweep(make_config(config, overrides), data_dir, out, n_trials=trials, space_path=space,
                      storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,
-                     baseline=baseline, console=_console(verbose))
+                     baseline=baseline, console=_console(verbose), mlflow=mlflow_target(mlflow))

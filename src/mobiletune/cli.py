@@ -70,6 +70,11 @@ def main(
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML recipe; its keys override the defaults.")
 ]
+MlflowOption = Annotated[
+    Optional[str],
+    typer.Option("--mlflow", help="Log to this MLflow tracking server (URI) [default: $MLFLOW_TRACKING_URI]; "
+                 "needs pip install 'mobiletune\\[mlflow]'.", metavar="URI"),
+]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override one key, e.g. --set phase2.fine_tune_at=80 (repeatable)."),
@@ -105,12 +110,14 @@ def train(
         Optional[Path], typer.Option("--exclude", help="Leave out the files of an audit.csv (or a list of paths "
                                      "relative to DATA_DIR); each is listed in skipped.csv.")
     ] = None,
+    mlflow: MlflowOption = None,
 ) -> None:
     """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
     from mobiletune import api
 
     run = api.train(data_dir, out, config=config, overrides=set_, overwrite=overwrite, strict=strict,
-                    cache=not no_cache, audit=full_audit, exclude=exclude, resume=resume, verbose=not quiet)
+                    cache=not no_cache, audit=full_audit, exclude=exclude, resume=resume, mlflow=mlflow,
+                    verbose=not quiet)
     if quiet:
         from mobiletune.report import print_results
 
@@ -202,13 +209,14 @@ def sweep(
     config: ConfigOption = None,
     set_: SetOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")] = False,
+    mlflow: MlflowOption = None,
 ) -> None:
     """Tune the recipe with Optuna: pruned trials on cached features, then retrain the best config."""
     from mobiletune import api
 
     results = api.sweep(data_dir, out, trials=trials, space=space, storage=storage, study=study, timeout=timeout,
                         grace_period=grace_period, baseline=baseline, config=config, overrides=set_,
-                        verbose=not quiet)
+                        mlflow=mlflow, verbose=not quiet)
     after = results["best"]["after_fine_tuning"]["test"]
     default = results["default"]["after_fine_tuning"]["test"]
     console.print(f"best config (trial {results['best_trial']}): test accuracy {after['accuracy']:.2%} after "

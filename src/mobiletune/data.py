@@ -64,6 +64,12 @@ class ImageSet:
             for s in SPLITS
         }
 
+    def digest(self) -> str:
+        """One sha256 for the run's data: every image's content, class and split, not where it lies."""
+        lines = sorted(f"{h} {self.classes[c]} {s}\n" for h, c, s in zip(self.hashes, self.labels, self.splits,
+                                                                     strict=True))
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
+
     def without(self, failed: dict[int, str]) -> ImageSet:
         """This set less the images at the `failed` positions, each recorded as skipped with its reason."""
         if not failed:

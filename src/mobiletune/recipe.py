@@ -8,6 +8,7 @@ scored after each phase ("before" and "after fine-tuning") and everything lands 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from mobiletune import (
     unknown,
 )
 from mobiletune import model as model_lib
+from mobiletune import tracking as tracking_lib
 from mobiletune.config import Config
 from mobiletune.errors import DataError, UsageError
 
@@ -130,14 +132,15 @@ def seed_everything(seed: int) -> None:
 def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Features | None, config: Config, *,
                console=None, callbacks: list[keras.callbacks.Callback] | None = None, after_phase=None,
                resume: checkpoint.Checkpoint | None = None, save_to: Path | None = None,
-               interrupt: checkpoint.Interrupt | None = None, test_probs: dict[str, np.ndarray] | None = None
-               ) -> list[dict[str, Any]]:
+               interrupt: checkpoint.Interrupt | None = None, test_probs: dict[str, np.ndarray] | None = None,
+               tracking: tracking_lib.Tracking | None = None) -> list[dict[str, Any]]:
     """Phase 1 then phase 2 on `model`, through `train_phase`; the history of both.
 
     `feats` None runs the plain recipe on pixels. `after_phase(phase, history)` runs after each
     phase (train evaluates the test set there; the sweep never does). With `save_to`, a
     checkpoint is written after every epoch; `resume` continues from one (weights already
     restored by the caller). `test_probs` (what `after_phase` evaluated) travels in the checkpoint.
+    `tracking` gets every epoch (TensorBoard, MLflow).
     """
     p1, p2 = config.phase1, config.phase2
     plan = {1: (p1.epochs, 0, p1.optimizer, p1.lr), 2: (p2.epochs, p1.epochs, p2.optimizer, p1.lr * p2.lr_ratio)}
@@ -158,7 +161,10 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
                                              interrupt or checkpoint.Interrupt())] if save_to else []
         train_phase(trainee, train_data, val_data, phase=phase, epochs=first_epoch + epochs - start,
                     initial_epoch=start, optimizer=optimizer, lr=lr, steps=_steps(images, config), history=history,
-                    console=console, callbacks=[*saving, *(callbacks or [])], interrupt=interrupt, class_weight=weights,
+                    # tracking before `callbacks`: a sweep's pruning stops the fit, and the epoch is logged first
+                    console=console, callbacks=[*saving, *(tracking.callbacks(phase) if tracking else []),
+                                                *(callbacks or [])],
+                    interrupt=interrupt, class_weight=weights,
                     optimizer_state=resume.optimizer_variables if resume and first_epoch < start == done else None)
         if after_phase is not None:
             after_phase(phase, history)
@@ -182,18 +188,19 @@ def _steps(images: data.ImageSet, config: Config) -> int:
 
 
 def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path, *, overwrite: bool = False,
-                       console=None, fine_tune_ats: list[int] | None = None) -> RunResult:
+                       console=None, fine_tune_ats: list[int] | None = None,
+                       mlflow: tracking_lib.Mlflow | None = None) -> RunResult:
     """Run the whole recipe on DATA_DIR and leave a complete run folder in `workdir`.
 
     `fine_tune_ats`: the fine_tune_at values whose boundary activations the feature pass provides
-    (a sweep's, to reuse its cache).
+    (a sweep's, to reuse its cache). `mlflow`: also log the run there (TensorBoard files are always written).
     """
     runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
     return _run(config, data_dir, Path(workdir), resuming=False, overwrite=overwrite, console=console,
-                fine_tune_ats=fine_tune_ats)
+                fine_tune_ats=fine_tune_ats, mlflow=mlflow)
 
 
-def resume_run(run: str | Path, console=None) -> RunResult:
+def resume_run(run: str | Path, console=None, mlflow: tracking_lib.Mlflow | None = None) -> RunResult:
     """Continue an interrupted or killed run from its folder alone (its own config and data folder)."""
     from mobiletune.config import load_config
 
@@ -201,7 +208,8 @@ def resume_run(run: str | Path, console=None) -> RunResult:
     info = runfolder.read_json(run / runfolder.RUN_INFO)
     if (run / runfolder.METRICS).exists():
         raise UsageError(f"--resume {run}: this run is already complete")
-    return _run(load_config(run / runfolder.CONFIG), info["data_dir"], run, resuming=True, console=console)
+    return _run(load_config(run / runfolder.CONFIG), info["data_dir"], run, resuming=True, console=console,
+                mlflow=mlflow)
 
 
 class _PhaseEnd:
@@ -233,7 +241,7 @@ class _PhaseEnd:
 
 
 def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, overwrite: bool = False, console=None,
-         fine_tune_ats: list[int] | None = None) -> RunResult:
+         fine_tune_ats: list[int] | None = None, mlflow: tracking_lib.Mlflow | None = None) -> RunResult:
     """train_and_evaluate and resume_run: data, model and features; both phases; the run folder."""
     started = time.perf_counter()
     if config.features.cache:
@@ -262,28 +270,33 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
     _note_few_head_steps(images, config, say)
 
     saved = checkpoint.load(out) if resuming else None
-    phase_end = _PhaseEnd(model, images, config, out, seconds, dict(saved.test_probs) if saved else {})
-    if saved is not None:
-        checkpoint.restore_model(model, saved.model_variables)
-        say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
-        if saved.epoch >= config.phase1.epochs and not phase_end.done(1):
-            phase_end(1, list(saved.history))  # killed between phase 1's last checkpoint and its evaluation
-    history = _fit_interruptibly(model, images, feats, config, console, phase_end, saved, out)
-    if not phase_end.done(2):  # killed after the last epoch's checkpoint, before its evaluation
-        phase_end(2, history)
-    runfolder.save_model(out / runfolder.MODEL, model)
-    clock = time.perf_counter()
-    detector, unknown_scores = unknown.fit_run(model, images, config, feats)
-    detector.save(out / unknown.FILE_NAME)
-    seconds["unknown"] = time.perf_counter() - clock
-    seconds["total"] = time.perf_counter() - started
-    probs = phase_end.test_probs
-    metrics = _final_metrics(config, images, feats, audited, probs["test_probs_1"], probs["test_probs_2"],
-                             (detector, unknown_scores), seconds, base, weights_sha256, data_dir, saved is not None)
-    _finish_folder(out, config, images, metrics, probs["test_probs_1"], probs["test_probs_2"], unknown_scores)
+    tracking = tracking_lib.Tracking.for_run(out, mlflow, config.flat(), {
+        "mobiletune.data_sha256": images.digest(), "mobiletune.base_weights_sha256": weights_sha256,
+        "mobiletune.run_folder": str(out.resolve())}, say, resuming)
+    with tracking.failing():
+        phase_end = _PhaseEnd(model, images, config, out, seconds, dict(saved.test_probs) if saved else {})
+        if saved is not None:
+            checkpoint.restore_model(model, saved.model_variables)
+            say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
+            if saved.epoch >= config.phase1.epochs and not phase_end.done(1):
+                phase_end(1, list(saved.history))  # killed between phase 1's last checkpoint and its evaluation
+        history = _fit_interruptibly(model, images, feats, config, console, phase_end, saved, out, tracking)
+        if not phase_end.done(2):  # killed after the last epoch's checkpoint, before its evaluation
+            phase_end(2, history)
+        runfolder.save_model(out / runfolder.MODEL, model)
+        clock = time.perf_counter()
+        detector, unknown_scores = unknown.fit_run(model, images, config, feats)
+        detector.save(out / unknown.FILE_NAME)
+        seconds["unknown"] = time.perf_counter() - clock
+        seconds["total"] = time.perf_counter() - started
+        probs = phase_end.test_probs
+        metrics = _final_metrics(config, images, feats, audited, probs["test_probs_1"], probs["test_probs_2"],
+                                 (detector, unknown_scores), seconds, base, weights_sha256, data_dir, saved is not None)
+        _finish_folder(out, config, images, metrics, probs["test_probs_1"], probs["test_probs_2"], unknown_scores)
+        tracking.finish(metrics, (config.phase1.epochs, config.phase2.epochs), out)
     if console is not None:
         report.print_results(console, metrics)
-        say(f"run folder: {out}")
+        say(f"run folder: {out}" + (f"; MLflow: {tracking.link}" if tracking.link else ""))
     return RunResult(out, metrics, history)
 
 
@@ -292,6 +305,7 @@ def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str 
     """A fresh run folder: the config, where the data is, the split and what was skipped."""
     out = runfolder.prepare(workdir, overwrite=overwrite)
     (out / checkpoint.FILE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / tracking_lib.LOGS, ignore_errors=True)  # --overwrite: an earlier run's curves would mix in
     runfolder.write_text(out / runfolder.CONFIG, config.to_yaml())
     runfolder.write_json(out / runfolder.RUN_INFO, {"data_dir": str(Path(data_dir).resolve())})
     data.write_manifest(images, out / runfolder.SPLIT)
@@ -308,13 +322,14 @@ def _note_few_head_steps(images: data.ImageSet, config: Config, say) -> None:
 
 
 def _fit_interruptibly(model, images, feats, config: Config, console, phase_end: _PhaseEnd,
-                       saved: checkpoint.Checkpoint | None, out: Path) -> list[dict[str, Any]]:
+                       saved: checkpoint.Checkpoint | None, out: Path,
+                       tracking: tracking_lib.Tracking) -> list[dict[str, Any]]:
     """fit_recipe with a checkpoint every epoch; Ctrl-C stops after the batch and says how to resume."""
     interrupt = checkpoint.Interrupt()
     with interrupt.handling():
         try:
             return fit_recipe(model, images, feats, config, console=console, after_phase=phase_end, resume=saved,
-                              save_to=out, interrupt=interrupt, test_probs=phase_end.test_probs)
+                              save_to=out, interrupt=interrupt, test_probs=phase_end.test_probs, tracking=tracking)
         except checkpoint.Interrupted:
             last = checkpoint.load(out)
             saved_what = "no epoch had finished" if last is None else f"the checkpoint of epoch {last.epoch} is saved"
@@ -345,6 +360,7 @@ def _final_metrics(config: Config, images: data.ImageSet, feats, audited, probs_
         "files_hashed": images.files_read,
         "peak_rss_mb": peak_rss_mb(),
         "data_dir": str(Path(data_dir).resolve()),
+        "data_sha256": images.digest(),
         "environment": environment(weights_sha256),
     }
 

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import yaml
 
-from mobiletune import cache, data, features, runfolder, scan
+from mobiletune import cache, data, features, runfolder, scan, tracking
 from mobiletune import model as model_lib
 from mobiletune.config import Config, all_keys, from_flat
 from mobiletune.errors import ConfigError, UsageError
@@ -123,7 +123,8 @@ class _ReportToTrial(keras.callbacks.Callback):
 
 @dataclass
 class _Shared:
-    """What every trial of this worker reuses: images, base weights, feature sets by augmentation."""
+    """What every trial of this worker reuses: images, base weights, feature sets by augmentation, and
+    where trials are tracked (TensorBoard under `logs`, MLflow runs nested under `mlflow`)."""
 
     images: data.ImageSet
     base_weights: list[np.ndarray]
@@ -131,6 +132,8 @@ class _Shared:
     fine_tune_ats: list[int]
     feature_sets: dict[tuple, features.Features]
     index: scan.FileIndex
+    logs: Path
+    mlflow: tracking.MlflowRun | None = None
 
 
 def _features_for(shared: _Shared, config: Config) -> features.Features:
@@ -143,6 +146,8 @@ def _features_for(shared: _Shared, config: Config) -> features.Features:
 
 def _objective(shared: _Shared, base: Config, space: dict[str, dict[str, Any]]):
     def objective(trial) -> float:
+        import optuna
+
         params = suggest(trial, space)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         config = from_flat({**base.flat(), **params})
@@ -153,10 +158,31 @@ def _objective(shared: _Shared, base: Config, space: dict[str, dict[str, Any]]):
                                       len(shared.images.classes))
         model_lib.base_of(model).set_weights(shared.base_weights)  # no reload from disk per trial
         epochs = config.phase1.epochs + config.phase2.epochs
-        history = fit_recipe(model, feats.images, feats, config, callbacks=[_ReportToTrial(trial, epochs)])
-        return history[-1]["val_accuracy"] if history else 0.0
+        tracked = _trial_tracking(shared, trial.number, config, params)
+        with tracked.failing(stopped=(optuna.TrialPruned,)):
+            history = fit_recipe(model, feats.images, feats, config, callbacks=[_ReportToTrial(trial, epochs)],
+                                 tracking=tracked)
+        value = history[-1]["val_accuracy"] if history else 0.0
+        if tracked.mlflow is not None:
+            tracked.mlflow.log_metrics({"val_accuracy_final": value}, step=epochs)
+            tracked.mlflow.end()
+        return value
 
     return objective
+
+
+def _trial_tracking(shared: _Shared, number: int, config: Config, params: dict[str, Any]) -> tracking.Tracking:
+    """A trial's TensorBoard folder (logs/trial-0007) and, under the sweep's MLflow run, its own nested run."""
+    name = f"trial-{number:04d}"
+    run = None
+    if shared.mlflow is not None and shared.mlflow.active:
+        target = tracking.Mlflow(shared.mlflow.uri, parent_run_id=shared.mlflow.run_id)
+        run = tracking.MlflowRun.start(target, name, shared.mlflow.say, params=config.flat(),
+                                       tags={"mobiletune.trial": str(number),
+                                             **{f"mobiletune.searched.{k}": _fmt(v) for k, v in params.items()}})
+        if not run.active:
+            shared.mlflow.run_id = None  # the server is gone: said once, not once per trial
+    return tracking.Tracking(shared.logs / name, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +228,7 @@ def _counts(study) -> dict[str, int]:
 def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: int = 16,
               space_path: str | Path | None = None, storage: str | None = None, study_name: str = "mobiletune",
               timeout: float | None = None, grace_period: int = 60, baseline: str | Path | None = None,
-              console=None) -> dict[str, Any]:
+              console=None, mlflow: tracking.Mlflow | None = None) -> dict[str, Any]:
     """Run (or join) a study until it holds `n_trials` finished trials; then report and retrain the best."""
     import warnings
 
@@ -234,9 +260,10 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     seed_everything(base.data.seed)
     extractor_model = model_lib.build_model(base, len(images.classes))
     fine_tune_ats = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
-    shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, fine_tune_ats, {},
-                     index)
     study, created = open_study(out, storage, study_name, base.data.seed, grace_period)
+    parent = _sweep_mlflow(mlflow, study, created, out, base, images, say)
+    shared = _Shared(images, model_lib.base_of(extractor_model).get_weights(), extractor_model, fine_tune_ats, {},
+                     index, out / tracking.LOGS, parent)
     defaults = {k: base.flat()[k] for k in space}
     if created and all(_in_space(defaults[k], space[k]) for k in space):
         study.enqueue_trial(defaults, user_attrs={"note": "the base recipe"})
@@ -269,25 +296,49 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     results = {"search_seconds": round(search_seconds, 1), "counts": _counts(study), "best_trial": best.number,
                "best_value": best.value, "best_params": best.params}
     say(f"best: trial {best.number}, validation accuracy {best.value:.4f}; retraining it into {out / 'best'}")
-    best_run = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console)
+    nested = tracking.Mlflow(parent.uri, parent.run_id) if parent is not None and parent.active else None
+    best_run = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console, nested)
     results["best"] = best_run
     if baseline_metrics is None and best_config == base:
         baseline_metrics = best_run
     elif baseline_metrics is None:
         say(f"training the base recipe into {out / 'default'} for comparison")
-        baseline_metrics = _run_once(base, data_dir, out / "default", fine_tune_ats, console)
+        baseline_metrics = _run_once(base, data_dir, out / "default", fine_tune_ats, console, nested)
     results["default"] = baseline_metrics
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     runfolder.write_json(out / "sweep.json", results)
     report.write_sweep_summary(out / runfolder.SUMMARY, study, space, base, best_config, results)
+    if parent is not None:
+        parent.log_metrics({"best_val_accuracy": best.value, "best_trial": best.number,
+                            "test_accuracy_after_best": best_run["after_fine_tuning"]["test"]["accuracy"]})
+        parent.log_files(sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".csv", ".json",
+                                                                                          ".yaml", ".png")))
+        parent.end()
     return results
 
 
-def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], console) -> dict[str, Any]:
+def _sweep_mlflow(target: tracking.Mlflow | None, study, created: bool, out: Path, base: Config,
+                  images: data.ImageSet, say) -> tracking.MlflowRun | None:
+    """The sweep's parent MLflow run. Workers sharing a study share it: its id is kept in the study."""
+    if target is None:
+        return None
+    key = "mlflow_parent_run_id"
+    known = None if created else study.user_attrs.get(key)
+    tags = {"mobiletune.study": study.study_name, "mobiletune.data_sha256": images.digest(),
+            "mobiletune.sweep_folder": str(out.resolve())}
+    parent = tracking.MlflowRun.start(target, out.name, say, params=base.flat(), tags=tags, run_id=known)
+    if parent.active and known is None:
+        study.set_user_attr(key, parent.run_id)
+    return parent
+
+
+def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], console,
+              mlflow: tracking.Mlflow | None = None) -> dict[str, Any]:
     """A full run folder for `config`, unless one is already there (a second worker, a rerun)."""
     if (out / runfolder.METRICS).exists():
         return _read_metrics(out)
-    return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats).metrics
+    return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
+                              mlflow=mlflow).metrics
 
 
 def _read_baseline(run: Path) -> dict[str, Any]:

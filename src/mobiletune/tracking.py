@@ -1,0 +1,277 @@
+"""Where a run's numbers go besides its folder: TensorBoard event files (always) and an MLflow run
+(with `--mlflow URI` or MLFLOW_TRACKING_URI).
+
+TensorBoard: RUN/logs/train and RUN/logs/validation as Keras' own TensorBoard callback writes them
+(per-epoch loss, accuracy, learning rate, and the phase, so the start of fine-tuning shows), plus
+RUN/logs/test with the test loss and accuracy at the last epoch of each phase.
+
+MLflow: one run per mobiletune run (a sweep: a parent run, one nested run per trial, and the best
+and default retrains): the resolved config as params, per-epoch metrics with the epoch of
+history.csv as step, the before/after test metrics, the run folder as artifacts, and the data and
+weights digests as tags. Tracking is never worth a run: if the server cannot be reached, or fails
+mid-run, the run goes on and finishes, and says once that tracking stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from mobiletune.errors import UsageError
+
+LOGS = "logs"  # TensorBoard's folder in a run folder (and in a sweep folder, one subfolder per trial)
+EXPERIMENT = "mobiletune"  # the MLflow experiment when MLFLOW_EXPERIMENT_NAME does not name one
+INSTALL = "pip install 'mobiletune[mlflow]'"
+# A server that is down should cost seconds, not the minutes of MLflow's default retries (7, with
+# backoff) and timeout (120 s); and the run's link is ours to print, once, after the results (MLflow
+# prints one for every run it ends, trials included). A user's own settings win.
+MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+class _TensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, per-epoch scalars only (no graph, no profiling: cheap), with the phase
+    among them, flushed after every epoch: a pruned trial or a killed run keeps the epochs it finished
+    (Keras closes its writers only when a fit ends normally)."""
+
+    def __init__(self, log_dir: Path, phase: int):
+        super().__init__(log_dir=str(log_dir), write_graph=False, profile_batch=0)
+        self.phase = phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, {**(logs or {}), "phase": self.phase})
+        for writer in self._writers.values():
+            writer.flush()
+
+
+def write_test_scalars(log_dir: Path, points: dict[int, dict[str, float]]) -> None:
+    """{epoch index: {"loss": .., "accuracy": ..}} into log_dir/test, beside train/ and validation/, under
+    the same tags, so TensorBoard draws the test points on the training curves."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(log_dir / "test"))
+    with writer.as_default():
+        for step, values in points.items():
+            for name, value in values.items():
+                tf.summary.scalar(f"epoch_{name}", value, step=step)
+    writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+
+@dataclass(frozen=True)
+class Mlflow:
+    """Where to log: a tracking URI, and the parent run for nested runs (a sweep's trials and retrains)."""
+
+    uri: str
+    parent_run_id: str | None = None
+
+
+def mlflow_target(uri: str | None) -> Mlflow | None:
+    """`--mlflow URI`, else MLFLOW_TRACKING_URI, else no MLflow; a usage error when mlflow is missing."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        return None
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise UsageError(f"MLflow tracking ({uri}) needs the mlflow package: {INSTALL}") from None
+    return Mlflow(uri)
+
+
+class MlflowRun:
+    """One MLflow run, logged to as the recipe goes. The first failure switches it off with one line."""
+
+    def __init__(self, client, run_id: str | None, say: Callable[[str], None], uri: str):
+        self.client, self.run_id, self.say, self.uri = client, run_id, say, uri
+        self.link = ""  # where to see the run, once it has started
+
+    @classmethod
+    def start(cls, target: Mlflow, name: str, say: Callable[[str], None], *, params: dict[str, Any] | None = None,
+              tags: dict[str, str] | None = None, run_id: str | None = None) -> MlflowRun:
+        """A new run (nested under `target.parent_run_id`), or `run_id` continued (a resumed run)."""
+        for key, value in MLFLOW_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from mlflow import MlflowClient
+
+        run = cls(MlflowClient(tracking_uri=target.uri), None, say, target.uri)
+        with run._guard():
+            if run_id is not None:
+                run.client.update_run(run_id, status="RUNNING")
+                run.run_id, experiment_id = run_id, run.client.get_run(run_id).info.experiment_id
+            else:
+                experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+                found = run.client.get_experiment_by_name(experiment)
+                experiment_id = found.experiment_id if found else run.client.create_experiment(experiment)
+                nested = {"mlflow.parentRunId": target.parent_run_id} if target.parent_run_id else {}
+                created = run.client.create_run(experiment_id, run_name=name, tags={**(tags or {}), **nested})
+                run.run_id = created.info.run_id
+                run.log_params(params or {})
+            web = target.uri.startswith(("http://", "https://"))
+            run.link = (f"{target.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.run_id}" if web
+                        else f"run {run.run_id} in {target.uri}")
+        return run
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - a tracking server fails in many ways; none may stop a run
+            if self.run_id is not None or self.client is not None:
+                first = _reason(exc)
+                self.say(f"MLflow tracking at {self.uri} stopped ({first}); the run goes on, and everything is in "
+                         "its folder")
+            self.run_id, self.client, self.link = None, None, ""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
+            self._call(lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_folder(self, folder: Path) -> None:
+        self._call(lambda: self.client.log_artifacts(self.run_id, str(folder)))
+
+    def log_files(self, paths: list[Path]) -> None:
+        for path in paths:
+            self._call(lambda path=path: self.client.log_artifact(self.run_id, str(path)))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call(lambda: self.client.set_terminated(self.run_id, status=status))
+        self.run_id = None
+
+    def _call(self, fn: Callable[[], Any]) -> None:
+        if not self.active:
+            return
+        with self._guard():
+            fn()
+
+    def epoch_callback(self, phase: int) -> keras.callbacks.Callback:
+        return _EpochsToMlflow(self, phase)
+
+
+class _EpochsToMlflow(keras.callbacks.Callback):
+    """Each epoch's loss, accuracy, validation figures, learning rate and phase, stepped by the epoch
+    number of history.csv (1-based)."""
+
+    def __init__(self, run: MlflowRun, phase: int):
+        super().__init__()
+        self.run, self.phase = run, phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        values.update(phase=self.phase,
+                      learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+        self.run.log_metrics(values, step=epoch + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run's tracking
+
+
+class Tracking:
+    """A run's tracking: TensorBoard events in `log_dir`, and an MLflow run when one is asked for."""
+
+    def __init__(self, log_dir: Path, mlflow: MlflowRun | None = None):
+        self.log_dir, self.mlflow = log_dir, mlflow
+
+    @classmethod
+    def for_run(cls, out: Path, target: Mlflow | None, params: dict[str, Any], tags: dict[str, str],
+                say: Callable[[str], None], resuming: bool) -> Tracking:
+        """A run folder's tracking. Its MLflow run id is kept in run.json, so `--resume` logs on to the same run."""
+        from mobiletune import runfolder
+
+        info = runfolder.read_json(out / runfolder.RUN_INFO)
+        earlier = info.get("mlflow") or {}
+        if target is None and resuming and earlier.get("uri"):
+            target = mlflow_target(earlier["uri"])  # the interrupted run was tracked: so is the rest of it
+        if target is None:
+            return cls(out / LOGS)
+        same = resuming and earlier.get("uri") == target.uri
+        run = MlflowRun.start(target, out.name, say, params=params, tags=tags,
+                              run_id=earlier.get("run_id") if same else None)
+        if run.active and not same:
+            runfolder.write_json(out / runfolder.RUN_INFO, {**info, "mlflow": {"uri": target.uri,
+                                                                               "run_id": run.run_id}})
+        return cls(out / LOGS, run)
+
+    def callbacks(self, phase: int) -> list[keras.callbacks.Callback]:
+        """What a phase's fit reports to. TensorBoard's callback is made per fit: it closes its writers at the end."""
+        found: list[keras.callbacks.Callback] = [_TensorBoard(self.log_dir, phase)]
+        if self.mlflow is not None and self.mlflow.active:
+            found.append(self.mlflow.epoch_callback(phase))
+        return found
+
+    def finish(self, metrics: dict[str, Any], epochs: tuple[int, int], folder: Path) -> None:
+        """The test metrics before and after fine-tuning (TensorBoard at the last epoch of each phase) and,
+        for MLflow, the run folder as artifacts; then the MLflow run ends."""
+        stages = {"before": metrics["before_fine_tuning"]["test"], "after": metrics["after_fine_tuning"]["test"]}
+        write_test_scalars(self.log_dir, {epochs[0] - 1: _loss_accuracy(stages["before"]),
+                                          sum(epochs) - 1: _loss_accuracy(stages["after"])})
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({f"test_{k}_{stage}": v for stage, m in stages.items()
+                                     for k, v in _loss_accuracy(m).items()})
+            self.mlflow.log_folder(folder)
+            self.mlflow.end()
+
+    @property
+    def link(self) -> str:
+        """Where the MLflow run can be seen ("" without one, or once tracking stopped)."""
+        return self.mlflow.link if self.mlflow is not None else ""
+
+    @contextmanager
+    def failing(self, stopped: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """Around the training: a run that stops with an error ends its MLflow run as FAILED, one stopped on
+        purpose (Ctrl-C, or a `stopped` exception: a pruned trial) as KILLED, instead of RUNNING for ever."""
+        try:
+            yield
+        except BaseException as exc:
+            from mobiletune.checkpoint import Interrupted
+
+            if self.mlflow is not None:
+                on_purpose = isinstance(exc, (KeyboardInterrupt, Interrupted, *stopped))
+                self.mlflow.end("KILLED" if on_purpose else "FAILED")
+            raise
+
+
+def _reason(exc: Exception) -> str:
+    """An MLflow error in a few words: its messages quote whole requests."""
+    text = str(exc).strip()
+    if any(sign in text for sign in ("Max retries exceeded", "Connection refused", "Failed to establish")):
+        return "cannot reach the server"
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _loss_accuracy(test: dict[str, Any]) -> dict[str, float]:
+    return {"loss": float(test["loss"]), "accuracy": float(test["accuracy"])}
