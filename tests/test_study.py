@@ -12,7 +12,9 @@ import yaml
 from conftest import TINY
 from mobiletune.config import load_config
 from mobiletune.errors import ConfigError, UsageError
-from mobiletune.study import DEFAULT_SPACE, _ReportToTrial, load_space, run_sweep
+from mobiletune.space import DEFAULT_SPACE, load_space
+from mobiletune.study import run_sweep
+from mobiletune.trials import _ReportToTrial
 
 # Small and quick: two boundaries, short phases.
 SPACE = {

@@ -209,7 +209,8 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
 def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int = 16, space: str | Path | None = None,
           storage: str | None = None, study: str = "mobiletune", timeout: float | None = None,
           grace_period: int = 60, baseline: str | Path | None = None, config: str | Path | Config | None = None,
-          overrides: Overrides = None, mlflow: str | None = None, verbose: bool = True) -> dict[str, Any]:
+          overrides: Overrides = None, mlflow: str | None = None, objectives: str = "accuracy",
+          max_latency_ms: float | None = None, latency_format: str = "tflite", verbose: bool = True) -> dict[str, Any]:
     """Tune the recipe with Optuna, then retrain the best config and test it once, as `mobiletune sweep`.
 
     Args:
@@ -225,15 +226,22 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         config, overrides: the base recipe, as for `train`.
         mlflow: an MLflow tracking URI (default: MLFLOW_TRACKING_URI): a parent run with a nested run per
             trial and for the retrains.
+        objectives: "accuracy", or "accuracy,latency" for a Pareto front of validation accuracy against the
+            measured batch-1 latency of the exported model on this machine.
+        max_latency_ms: retrain the most accurate trial within this latency (measures latency either way).
+        latency_format: whose latency counts: "tflite" (float) or "tflite-int8".
         verbose: print progress and results.
 
     Returns:
-        The sweep's results (sweep.json): "best" and "default" metrics, "best_trial", "best_params", timings.
+        The sweep's results (sweep.json): "best" and "default" metrics, "best_trial", "best_params", timings;
+        with latency also "host", "front" and "chosen".
     """
     import_tensorflow()
+    from mobiletune import objectives as objectives_lib
     from mobiletune.study import run_sweep
     from mobiletune.tracking import mlflow_target
 
+    wanted = objectives_lib.parse(objectives, latency_format, max_latency_ms)
     return run_sweep(make_config(config, overrides), data_dir, out, n_trials=trials, space_path=space,
                      storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,
-                     baseline=baseline, console=_console(verbose), mlflow=mlflow_target(mlflow))
+                     baseline=baseline, console=_console(verbose), mlflow=mlflow_target(mlflow), objectives=wanted)

@@ -210,13 +210,21 @@ def sweep(
     set_: SetOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")] = False,
     mlflow: MlflowOption = None,
+    objectives: Annotated[str, typer.Option("--objectives", help="accuracy, or accuracy,latency: trade validation "
+                                            "accuracy against the measured latency of the exported model (a Pareto "
+                                            "front).")] = "accuracy",
+    max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Retrain the most accurate "
+                                                             "trial whose latency is within this many ms.")] = None,
+    latency_format: Annotated[str, typer.Option("--format", help="Whose latency counts: tflite (float) or "
+                                                "tflite-int8.")] = "tflite",
 ) -> None:
     """Tune the recipe with Optuna: pruned trials on cached features, then retrain the best config."""
     from mobiletune import api
 
     results = api.sweep(data_dir, out, trials=trials, space=space, storage=storage, study=study, timeout=timeout,
                         grace_period=grace_period, baseline=baseline, config=config, overrides=set_,
-                        mlflow=mlflow, verbose=not quiet)
+                        mlflow=mlflow, objectives=objectives, max_latency_ms=max_latency_ms,
+                        latency_format=latency_format, verbose=not quiet)
     after = results["best"]["after_fine_tuning"]["test"]
     default = results["default"]["after_fine_tuning"]["test"]
     console.print(f"best config (trial {results['best_trial']}): test accuracy {after['accuracy']:.2%} after "

@@ -121,7 +121,8 @@ def _size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 2**20
 
 
-def _latency_ms(predictor, image: np.ndarray, repeats: int = 20) -> float:
+def latency_of(predictor, image: np.ndarray, repeats: int = 20) -> float:
+    """Median milliseconds of `predictor` on one image (batch 1), after a warm-up run."""
     predictor.predict(image[None])
     times = []
     for _ in range(repeats):
@@ -144,7 +145,7 @@ def check_exports(paths: dict[str, Path], images: data.ImageSet, reference: np.n
             agreement=float((probs.argmax(1) == reference.argmax(1)).mean()),
             max_abs_diff=float(np.abs(probs - reference).max()),
             megabytes=_size_mb(path),
-            ms_per_image=_latency_ms(predictor, next(pixels.eval_batches(images, predictor.size, 1))[0][0]),
+            ms_per_image=latency_of(predictor, next(pixels.eval_batches(images, predictor.size, 1))[0][0]),
         ))
     return checks
 

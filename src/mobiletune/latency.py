@@ -1,0 +1,91 @@
+"""How long the shipped model takes per image on this machine: the exported TFLite model (float or
+int8), batch 1, XNNPACK, median over repeated runs.
+
+A sweep trades accuracy against this figure, so it is measured, not estimated from FLOPs: the
+same FLOPs run at different speeds at different sizes and precisions. It depends on the
+architecture, the input size, the number of classes and the format, not on the trained weights,
+so it is measured once per (host, size, classes, format) and kept in the cache folder. The
+figures hold for this host only; `host()` names it wherever they are shown.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune import runfolder
+from mobiletune.config import Config, from_flat
+
+FORMATS = ("tflite", "tflite-int8")
+FILE_NAME = "latency.json"
+REPEATS = 50  # batch-1 runs per measurement, after warm-up; the median of these is reported
+CALIBRATION_IMAGES = 16  # int8 ranges for a timing model: its accuracy is not used, so random pixels do
+
+
+def host() -> str:
+    """The CPU model and its widest vector ISA, e.g. "AMD EPYC 9B14, 2 CPUs, AVX-512"."""
+    import os
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    return f"{model}, {os.cpu_count()} CPUs, {isa}"
+
+
+def _key(config: Config, num_classes: int, fmt: str) -> str:
+    return f"{host()}|{config.data.image_size}px|{num_classes} classes|{fmt}|litert {version('ai-edge-litert')}"
+
+
+def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | None) -> float:
+    """The median batch-1 milliseconds of `config`'s model exported as `fmt`; from the cache when known."""
+    assert fmt in FORMATS, fmt
+    table_path = cache_dir / FILE_NAME if cache_dir is not None else None
+    table = _read(table_path)
+    key = _key(config, num_classes, fmt)
+    if key not in table:
+        table = _read(table_path)  # another worker may have measured it meanwhile
+        table[key] = measure(config, num_classes, fmt)
+        if table_path is not None:
+            runfolder.write_json(table_path, table)
+    return table[key]
+
+
+def _read(path: Path | None) -> dict[str, float]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged cache file is measured again
+
+
+def measure(config: Config, num_classes: int, fmt: str, repeats: int = REPEATS) -> float:
+    """Export an untrained model of `config`'s architecture and size as `fmt` and time it."""
+    from mobiletune import model as model_lib
+    from mobiletune.export import export_formats, latency_of
+    from mobiletune.predict import load_predictor
+
+    size = config.data.image_size
+    model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}), num_classes)
+    rng = np.random.default_rng(0)
+    calibration = rng.uniform(0, 255, (CALIBRATION_IMAGES, size, size, 3)).astype(np.float32)
+    scratch = Path(tempfile.mkdtemp(prefix="mobiletune-latency-"))
+    try:
+        paths = export_formats(model, [fmt], scratch, [str(i) for i in range(num_classes)], calibration)
+        return latency_of(load_predictor(paths[fmt]), calibration[0], repeats)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

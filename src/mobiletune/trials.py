@@ -1,0 +1,133 @@
+"""One sweep trial: its config from the space, its features (computed once per input size and
+augmentation, shared by every trial of the worker), its training through `fit_recipe`, its
+measured latency, and where it is tracked. Trials never see the test set.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from mobiletune import cache, data, features, latency, objectives, scan, tracking
+from mobiletune import model as model_lib
+from mobiletune.config import Config, from_flat
+from mobiletune.recipe import fit_recipe, seed_everything
+from mobiletune.space import suggest
+
+
+class _ReportToTrial(keras.callbacks.Callback):
+    """Validation accuracy to Optuna after every epoch; stop the trial when the pruner says so.
+
+    Never after the trial's last epoch (`epochs`): its work is done by then, and the pruner would
+    compare its final value with other trials' mid-training values at the same step (trials
+    differ in epochs), throwing away a finished result that may be the best. In a multi-objective
+    study the curve is kept on the trial and `objectives.below_same_size_median` decides.
+    """
+
+    def __init__(self, trial, epochs: int, multi: bool = False, size: int = 0):
+        super().__init__()
+        self.trial, self.epochs, self.multi, self.size = trial, epochs, multi, size
+
+    def on_epoch_end(self, epoch, logs=None):
+        import optuna
+
+        value = float((logs or {})["val_accuracy"])
+        last = epoch + 1 >= self.epochs
+        if self.multi:
+            prune = not last and objectives.below_same_size_median(self.trial.study, self.trial, epoch, value,
+                                                                    self.size)
+            self.trial.set_user_attr("val_curve", [*self.trial.user_attrs.get("val_curve", []), value])
+        else:
+            self.trial.report(value, step=epoch)
+            prune = not last and self.trial.should_prune()
+        if prune:
+            self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
+            raise optuna.TrialPruned()
+
+
+@dataclass
+class Shared:
+    """What every trial of this worker reuses: images, one feature extractor (and its base weights) per
+    input size, feature sets by size and augmentation, and where trials are tracked (TensorBoard
+    under `logs`, MLflow runs nested under `mlflow`)."""
+
+    base: Config
+    images: data.ImageSet
+    fine_tune_ats: list[int]
+    index: scan.FileIndex
+    logs: Path
+    objectives: objectives.Objectives
+    mlflow: tracking.MlflowRun | None = None
+    extractors: dict[int, keras.Model] = field(default_factory=dict)
+    base_weights: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    feature_sets: dict[tuple, features.Features] = field(default_factory=dict)
+
+    def extractor(self, size: int) -> keras.Model:
+        """The model at `size` px with the base's ImageNet weights (Keras has a file per size)."""
+        if size not in self.extractors:
+            config = from_flat({**self.base.flat(), "data.image_size": size})
+            self.extractors[size] = model_lib.build_model(config, len(self.images.classes))
+            self.base_weights[size] = model_lib.base_of(self.extractors[size]).get_weights()
+        return self.extractors[size]
+
+    def features_for(self, config: Config) -> features.Features:
+        key = (config.data.image_size, config.augment.flip, config.augment.rotation)
+        if key not in self.feature_sets:
+            self.feature_sets[key] = features.compute_features(
+                self.extractor(config.data.image_size), self.images, config, fine_tune_ats=self.fine_tune_ats,
+                file_index=self.index)
+        return self.feature_sets[key]
+
+
+def objective(shared: Shared, space: dict[str, dict[str, Any]]):
+    """Optuna's objective: validation accuracy after the trial's recipe (and its latency, multi-objective)."""
+
+    def run_trial(trial) -> float | tuple[float, float]:
+        import optuna
+
+        params = suggest(trial, space)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        config = from_flat({**shared.base.flat(), **params})
+        wanted = shared.objectives
+        if wanted.measures_latency:  # before training, so a pruned trial has it too; cached per size
+            for fmt in latency.FORMATS:
+                trial.set_user_attr(objectives.attr(fmt), latency.latency_ms(
+                    config, len(shared.images.classes), fmt, cache.cache_root(config)))
+        feats = shared.features_for(config)
+        keras.backend.clear_session()
+        seed_everything(config.data.seed)
+        model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}),
+                                      len(shared.images.classes))
+        model_lib.base_of(model).set_weights(shared.base_weights[config.data.image_size])  # no reload per trial
+        epochs = config.phase1.epochs + config.phase2.epochs
+        tracked = _trial_tracking(shared, trial.number, config, params)
+        report = _ReportToTrial(trial, epochs, wanted.multi, config.data.image_size)
+        with tracked.failing(stopped=(optuna.TrialPruned,)):
+            history = fit_recipe(model, feats.images, feats, config, callbacks=[report], tracking=tracked)
+        value = history[-1]["val_accuracy"] if history else 0.0
+        if tracked.mlflow is not None:
+            tracked.mlflow.log_metrics({"val_accuracy_final": value}, step=epochs)
+            tracked.mlflow.end()
+        return (value, trial.user_attrs[objectives.attr(wanted.latency_format)]) if wanted.multi else value
+
+    return run_trial
+
+
+def _trial_tracking(shared: Shared, number: int, config: Config, params: dict[str, Any]) -> tracking.Tracking:
+    """A trial's TensorBoard folder (logs/trial-0007) and, under the sweep's MLflow run, its own nested run."""
+    name = f"trial-{number:04d}"
+    run = None
+    if shared.mlflow is not None and shared.mlflow.active:
+        target = tracking.Mlflow(shared.mlflow.uri, parent_run_id=shared.mlflow.run_id)
+        run = tracking.MlflowRun.start(target, name, shared.mlflow.say, params=config.flat(),
+                                       tags={"mobiletune.trial": str(number),
+                                             **{f"mobiletune.searched.{k}": str(v) for k, v in params.items()}})
+        if not run.active:
+            shared.mlflow.run_id = None  # the server is gone: said once, not once per trial
+    return tracking.Tracking(shared.logs / name, run)
