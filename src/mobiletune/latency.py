@@ -60,7 +60,11 @@ def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | Non
         table = _read(table_path)  # another worker may have measured it meanwhile
         table[key] = measure(config, num_classes, fmt)
         if table_path is not None:
-            runfolder.write_json(table_path, table)
+            try:
+                table_path.parent.mkdir(parents=True, exist_ok=True)
+                runfolder.write_json(table_path, table)
+            except OSError:
+                pass  # only a cache: measured again next time
     return table[key]
 
 
