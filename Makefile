@@ -36,7 +36,8 @@ test: install weights
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra mlflow --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --upgrade --no-header --annotation-style line -o requirements.lock.new
-	{ sed -n 1,2p requirements.lock; cat requirements.lock.new; } > requirements.lock && rm requirements.lock.new
+	{ sed -n 1,2p requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm requirements.lock.new
 
 # wheel and sdist in dist/
 dist: install

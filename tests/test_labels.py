@@ -12,6 +12,7 @@ from mobiletune import data, runfolder
 from mobiletune.cli import app
 from mobiletune.config import DataConfig, load_config
 from mobiletune.errors import DataError
+from mobiletune.labels import read_labels
 from mobiletune.recipe import train_and_evaluate
 
 CFG = DataConfig(image_size=32)
@@ -37,6 +38,9 @@ def _manifest(images: data.ImageSet) -> list[tuple]:
 @pytest.mark.parametrize("with_split", [True, False])
 def test_a_csv_lists_the_same_images_and_split_as_its_folders(cats_dogs_tiny, flowers_tiny, with_split):
     root = cats_dogs_tiny if with_split else flowers_tiny  # given splits, and splits drawn by mobiletune
+    class_dir = next(p for p in sorted((root / "train" if with_split else root).iterdir()) if p.is_dir())
+    (class_dir / "sub").mkdir()  # a nested folder: walked after its parent's files, and a CSV lists it so too
+    shutil.copy(next(class_dir.glob("*.jpg")), class_dir / "sub" / "a.jpg")
     header = ("path", "label", "split") if with_split else ("path", "label")
     labels = _write_csv(root / "labels.csv", _rows_of_folders(root, with_split), header)
     from_folders, from_csv = data.load_images(root, CFG), data.load_images(labels, CFG)
@@ -142,3 +146,23 @@ def test_cli_sweep_on_a_csv(cats_dogs_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     best = runfolder.read_metrics(tmp_path / "sweep" / "best")
     assert best["data_dir"] == str(labels.resolve()) and best["n_images"]["train"] == 12
+
+
+def test_line_numbers_count_rows_that_span_lines_and_empty_files_are_named(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text('path,label\n"a.jpg","cat\nwith a newline"\nb.jpg,\n', encoding="utf-8")
+    _, skipped = read_labels(path)
+    assert skipped == [("b.jpg", "labels.csv line 4: empty label")]  # the quoted label took lines 2 and 3
+    path.write_text("path,label\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"labels.csv: no usable rows \(0 skipped"):
+        data.load_images(path, CFG)
+
+
+def test_evaluate_takes_a_csv_of_test_rows_only(tiny_run, cats_dogs_tiny, tmp_path):
+    rows = [[f"{cats_dogs_tiny.name}/{p}", c, "test"] for p, c, _ in data.discover(cats_dogs_tiny).files]
+    labels = _write_csv(tmp_path / "test.csv", rows)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.workdir, run)
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(labels)])
+    assert result.exit_code == 0, result.output
+    assert runfolder.read_metrics(run)["n_images"] == {"test": 22}

@@ -213,3 +213,15 @@ def test_the_data_digest_follows_content_not_place(cats_dogs_tiny, tmp_path):
     assert data.load_images(moved, cfg).digest() == before
     next((moved / "train" / "cats").iterdir()).unlink()
     assert data.load_images(moved, cfg).digest() != before
+
+
+def test_a_uri_mlflow_cannot_open_is_one_line_too():
+    from mobiletune.tracking import MlflowRun
+
+    said = []
+    run = MlflowRun.start(Mlflow("localhost:5000"), "run", said.append, params={"a": 1})
+    assert not run.active and run.failed and run.link == ""
+    assert len(said) == 1 and said[0].startswith("MLflow tracking at localhost:5000 stopped (")
+    run.log_metrics({"loss": 1.0}, step=1)  # switched off: nothing more is tried, nor said
+    run.end()
+    assert len(said) == 1

@@ -1,7 +1,8 @@
 """Find the images, split them by content, and decode them as they are needed.
 
 A DATA_DIR holds class folders directly, or `train/` and `validation/` (and optionally `test/`),
-each with the same class folders: the `image_dataset_from_directory` convention. Each file is
+each with the same class folders: the `image_dataset_from_directory` convention. A labels CSV
+(`labels.py`) may stand in for the folders. Each file is
 named by the sha256 of its bytes (hashed once, `scan`); a file that cannot be used is skipped
 with a reason (or, with `data.strict`, is an error). The split is drawn from each image's hash,
 seeded and stratified, so adding images does not move the others, and saved as a manifest so
@@ -26,13 +27,13 @@ from mobiletune.pixels import iter_pixels, probe_image
 from mobiletune.scan import FileIndex, hash_files
 
 SPLITS = ("train", "validation", "test")
-# Accepted folder names for each split; the first is the canonical one.
-SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+# Accepted folder (and labels CSV split column) names for each split; the first is the canonical one.
+SPLIT_FOLDERS = labels.SPLIT_NAMES
 
 
 @dataclass(frozen=True)
 class Skipped:
-    path: str  # relative to DATA_DIR, as users see it
+    path: str  # relative to DATA_DIR (or a labels CSV's folder), as users see it
     reason: str
 
 
@@ -41,7 +42,7 @@ class ImageSet:
     """The images of one run: where they are, their labels, split and content digests. No pixels:
     those are decoded when needed (`iter_pixels`, `pixel_dataset`), so memory does not grow with N."""
 
-    root: Path  # DATA_DIR; `paths` are relative to it
+    root: Path  # DATA_DIR, or a labels CSV's folder; `paths` are relative to it
     classes: list[str]
     paths: list[str]  # relative to root
     labels: np.ndarray  # int32 class index per image
@@ -168,6 +169,12 @@ def discover(data_dir: Path) -> Listing:
     return Listing(data_dir, classes, files)
 
 
+def _walk_order(path: str) -> tuple:
+    """A sort key that lists paths as `_files_under` walks folders: a folder's files, then its subfolders."""
+    *folders, name = Path(path).parts
+    return (*((1, f) for f in folders), (0, name))
+
+
 def _check_class_count(classes: list[str], where: str, what: str) -> None:
     if len(classes) < 2:
         raise DataError(f"{where}: found {len(classes)} {what}(s) {classes}; a classifier needs at least 2")
@@ -177,14 +184,12 @@ def _discover_csv(path: Path) -> Listing:
     """A labels CSV as a listing. Rows are put in the order class folders would give (split, class,
     path), so a CSV lists the same run as the folders it describes, whatever its row order."""
     rows, skipped = labels.read_labels(path)
-    given = {r.split for r in rows}
-    if given != {None} and not {"train", "validation"} <= given:
-        raise DataError(f"{path}: its split column names {sorted(s for s in given if s)} but a run needs both train "
-                        "and validation rows (test is optional); add them, or drop the split column")
+    if not rows:
+        raise DataError(f"{path}: no usable rows ({len(skipped)} skipped: empty paths or labels, repeats)")
     classes = sorted({r.label for r in rows})
     _check_class_count(classes, _display(str(path)), "label")
     order = {s: i for i, s in enumerate((None, *SPLITS))}
-    rows.sort(key=lambda r: (order[r.split], classes.index(r.label), r.path))
+    rows.sort(key=lambda r: (order[r.split], classes.index(r.label), _walk_order(r.path)))
     return Listing(path.parent, classes, [(r.path, r.label, r.split) for r in rows],
                    [Skipped(_display(p), reason) for p, reason in skipped],
                    [f"{path.name} line {r.line}" for r in rows])
@@ -261,7 +266,7 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
             if len(members) < 2:
                 raise DataError(
                     f"class {classes[cls]!r} has {len(members)} usable image(s) in validation/; at least 2 "
-                    "are needed to hold some out as test (or add a test/ folder)"
+                    "are needed to hold some out as test (or add a test/ folder, or test rows)"
                 )
             splits[_held_out(members, digests, config.seed, config.test_fraction, 1)[0]] = "test"
     return splits.astype(str)
@@ -283,6 +288,10 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
     data_dir = Path(data_dir)
     listing = discover(data_dir)
     root, classes, files, exclude = listing.root, listing.classes, listing.files, exclude or {}
+    given = {split for _, _, split in files}
+    if given != {None} and not {"train", "validation"} <= given:  # folders are checked in discover(); a CSV here
+        raise DataError(f"{data_dir}: its split column names {sorted(s for s in given if s)} but a run needs both "
+                        "train and validation rows (test is optional); add them, or drop the split column")
     left_out = [Skipped(_display(p), exclude[p]) for p, _, _ in files if p in exclude]
     where = [w for w, (p, _, _) in zip(listing.where or [None] * len(files), files, strict=True) if p not in exclude]
     files = [f for f in files if f[0] not in exclude]
@@ -337,7 +346,8 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
 
     Without `data_dir`: the run's own test split, from its manifest, each file checked against
     its recorded sha256 (read, not decoded: those files decoded when the run made them). With
-    `data_dir`: every image under it (class folders, any layout) is test, each decoded once up
+    `data_dir`: every image under it (class folders in any layout, or every row of a labels CSV) is test,
+    each decoded once up
     front so that one that cannot be used is skipped with a reason instead of failing mid-way.
     """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from mobiletune.errors import DataError
 
 REQUIRED = ("path", "label")
-# The split column's accepted names for each split; the first is the canonical one.
+# The split column's accepted names for each split: the split folder names a DATA_DIR accepts.
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 
 
@@ -55,8 +55,9 @@ def _parse(path: Path, reader) -> tuple[list[Row], list[tuple[str, str]]]:
     splits = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
     rows: dict[str, Row] = {}
     skipped: list[tuple[str, str]] = []
+    end = reader.line_num  # the last physical line read so far: a quoted field may span several
     for fields in reader:
-        line = reader.line_num
+        line, end = end + 1, reader.line_num  # where this row starts
         if not any(f.strip() for f in fields):
             continue  # a blank line
         value = {name: fields[i].strip() if i < len(fields) else "" for name, i in col.items()}

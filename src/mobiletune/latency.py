@@ -57,8 +57,8 @@ def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | Non
     table = _read(table_path)
     key = _key(config, num_classes, fmt)
     if key not in table:
-        table = _read(table_path)  # another worker may have measured it meanwhile
-        table[key] = measure(config, num_classes, fmt)
+        ms = measure(config, num_classes, fmt)
+        table = {**_read(table_path), key: ms}  # as it is now: another worker may have added to it meanwhile
         if table_path is not None:
             try:
                 table_path.parent.mkdir(parents=True, exist_ok=True)

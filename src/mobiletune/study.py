@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ def open_study(out: Path, storage: str | None, study_name: str, seed: int, grace
     sampler_seed = seed if storage is None else (seed * 1_000_003 + os.getpid()) % 2**31
     settings = {
         "sampler": optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=4, constant_liar=True),
-        "pruner": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+        "pruner": optuna.pruners.MedianPruner(n_startup_trials=objectives_lib.PRUNE_AFTER_TRIALS,
+                                              n_warmup_steps=objectives_lib.PRUNE_AFTER_STEP),
     }
     # Creating a study is atomic in the storage: exactly one of the workers starting together
     # creates it, and only that one enqueues the base recipe.
@@ -91,25 +93,14 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
         warnings.filterwarnings("ignore", "IProgress not found")
         import optuna
 
-    from mobiletune import sweep_report
-
     if n_trials < 1:
         raise UsageError(f"--trials {n_trials}: give at least 1")
     if grace_period < 2:
         raise UsageError(f"--grace-period {grace_period}: give at least 2 seconds")
     started = time.perf_counter()
     wanted = objectives or objectives_lib.Objectives()
-    out = Path(out)
-    space = load_space(space_path)
-    runfolder.make_folder(cache.cache_root(base), "features.cache_dir")  # before minutes of work
-    baseline_metrics = None if baseline is None else _read_baseline(Path(baseline))  # checked before the search
-    if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
-        raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")
-    runfolder.make_folder(out)
-    runfolder.write_text(out / "sweep.yaml", yaml.safe_dump(
-        {"base_config": base.to_dict(), "space": space, "trials": n_trials, "study": study_name,
-         "objectives": list(wanted.names), "latency_format": wanted.latency_format,
-         "max_latency_ms": wanted.max_latency_ms}, sort_keys=False))
+    out, space = Path(out), load_space(space_path)
+    baseline_metrics = _prepare_folder(out, base, space, n_trials, study_name, wanted, baseline)
     say = console.print if console is not None else (lambda *a, **k: None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -118,48 +109,101 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     seed_everything(base.data.seed)
     fine_tune_ats = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
     study, created = open_study(out, storage, study_name, base.data.seed, grace_period, wanted.directions)
+    _check_objectives(study, created, wanted)
     parent = _sweep_mlflow(mlflow, study, created, out, base, images, say)
-    shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted, parent)
-    defaults = {k: base.flat()[k] for k in space}
+    with parent.failing() if parent is not None else nullcontext():
+        shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted, parent)
+        _search(study, created, shared, space, n_trials, timeout, say)
+        results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
+                                      parent, wanted, (started, time.perf_counter() - started))
+    return results
+
+
+def _prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,
+                    wanted: objectives_lib.Objectives, baseline: str | Path | None) -> dict[str, Any] | None:
+    """Check what can be checked before minutes of work, and record what the sweep was asked for."""
+    runfolder.make_folder(cache.cache_root(base), "features.cache_dir")
+    baseline_metrics = None if baseline is None else _read_baseline(Path(baseline))
+    if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
+        raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")
+    runfolder.make_folder(out)
+    runfolder.write_text(out / "sweep.yaml", yaml.safe_dump(
+        {"base_config": base.to_dict(), "space": space, "trials": n_trials, "study": study_name,
+         "objectives": list(wanted.names), "latency_format": wanted.latency_format,
+         "max_latency_ms": wanted.max_latency_ms}, sort_keys=False))
+    return baseline_metrics
+
+
+def _check_objectives(study, created: bool, wanted: objectives_lib.Objectives) -> None:
+    """A study keeps what it optimises: its latency figures are of one format, or none were measured."""
+    made = {"names": list(wanted.names), "latency_format": wanted.latency_format,
+            "measures_latency": wanted.measures_latency}
+    if created:
+        study.set_user_attr("objectives", made)
+        return
+    earlier = study.user_attrs.get("objectives")
+    if earlier is None:
+        return  # a study from before mobiletune recorded this
+    if wanted.multi and earlier["latency_format"] != wanted.latency_format:
+        raise UsageError(f"--format {wanted.latency_format}: study {study.study_name!r} trades accuracy against "
+                         f"{earlier['latency_format']} latency; give a new --out (or --study) to change it")
+    if wanted.measures_latency and not earlier["measures_latency"]:
+        raise UsageError(f"--max-latency-ms: study {study.study_name!r} measured no latency; give a new --out "
+                         "(or --study) with --objectives accuracy,latency or --max-latency-ms from the start")
+
+
+def _search(study, created: bool, shared: Shared, space: dict[str, Any], n_trials: int, timeout: float | None,
+            say) -> None:
+    """Trials until the study holds `n_trials` finished ones; the base recipe first, when it is in the space."""
+    import optuna
+
+    defaults = {k: shared.base.flat()[k] for k in space}
     if created and all(in_space(defaults[k], space[k]) for k in space):
         study.enqueue_trial(defaults, user_attrs={"note": "the base recipe"})
-    say(f"study {study_name!r}: {len(study.trials)} trials so far; running until {n_trials} have finished")
-
+    say(f"study {study.study_name!r}: {len(study.trials)} trials so far; running until {n_trials} have finished")
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     if sum(t.state in finished for t in study.trials) < n_trials:
         study.optimize(objective(shared, space), timeout=timeout, gc_after_trial=True,
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished),
-                                  lambda study, trial: say(_trial_line(study, trial, wanted))])
+                                  lambda study, trial: say(_trial_line(study, trial, shared.objectives))])
     optuna.storages.fail_stale_trials(study)
-    search_seconds = time.perf_counter() - started
+
+
+def _choose_and_retrain(study, space: dict[str, Any], base: Config, data_dir, out: Path, fine_tune_ats: list[int],
+                        baseline_metrics: dict[str, Any] | None, console, parent: tracking.MlflowRun | None,
+                        wanted: objectives_lib.Objectives, clock: tuple[float, float]) -> dict[str, Any]:
+    """The plots and trials.csv; the chosen trial retrained into best/ (and the base recipe into default/),
+    each tested once; sweep.json and the summary; the parent MLflow run finished. `clock`: when the sweep
+    started, and the seconds its search took."""
+    from mobiletune import sweep_report
+
+    say = console.print if console is not None else (lambda *a, **k: None)
     write_trials_csv(study, space, out / "trials.csv")
     sweep_report.plot_sweep(study, space, out, wanted)
     if not any(t.state.name == "COMPLETE" for t in study.trials):
-        raise UsageError(f"study {study_name!r}: no trial completed; see {out / 'trials.csv'}")
-
+        raise UsageError(f"study {study.study_name!r}: no trial completed; see {out / 'trials.csv'}")
     best = objectives_lib.choose(study, wanted)
     best_config = from_flat({**base.flat(), **best.params})
-    results = {"search_seconds": round(search_seconds, 1), "counts": _counts(study), "best_trial": best.number,
+    results = {"search_seconds": round(clock[1], 1), "counts": _counts(study), "best_trial": best.number,
                "best_value": objectives_lib.accuracy(best), "best_params": best.params,
                "objectives": list(wanted.names), **_latency_results(study, wanted, best)}
     within = f" within {wanted.max_latency_ms:g} ms" if wanted.max_latency_ms is not None else ""
     say(f"best{within}: trial {best.number}, validation accuracy {objectives_lib.accuracy(best):.4f}; retraining it "
         f"into {out / 'best'}")
     nested = tracking.Mlflow(parent.uri, parent.run_id) if parent is not None and parent.active else None
-    best_run = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console, nested)
-    results["best"] = best_run
+    results["best"] = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console, nested)
     if baseline_metrics is None and best_config == base:
-        baseline_metrics = best_run
+        baseline_metrics = results["best"]
     elif baseline_metrics is None:
         say(f"training the base recipe into {out / 'default'} for comparison")
         baseline_metrics = _run_once(base, data_dir, out / "default", fine_tune_ats, console, nested)
     results["default"] = baseline_metrics
-    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    results["total_seconds"] = round(time.perf_counter() - clock[0], 1)
     runfolder.write_json(out / "sweep.json", results)
     sweep_report.write_sweep_summary(out / runfolder.SUMMARY, study, space, base, best_config, results, wanted, best)
     if parent is not None:
         parent.log_metrics({"best_val_accuracy": objectives_lib.accuracy(best), "best_trial": best.number,
-                            "test_accuracy_after_best": best_run["after_fine_tuning"]["test"]["accuracy"]})
+                            "test_accuracy_after_best": results["best"]["after_fine_tuning"]["test"]["accuracy"]})
         parent.log_files(sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".csv", ".json",
                                                                                           ".yaml", ".png")))
         parent.end()
@@ -195,16 +239,18 @@ def _latency_results(study, wanted: objectives_lib.Objectives, best) -> dict[str
 
 def _sweep_mlflow(target: tracking.Mlflow | None, study, created: bool, out: Path, base: Config,
                   images: data.ImageSet, say) -> tracking.MlflowRun | None:
-    """The sweep's parent MLflow run. Workers sharing a study share it: its id is kept in the study."""
+    """The sweep's parent MLflow run. Workers sharing a study share it: its server and id are kept in the
+    study (the first worker to make one wins), and a rerun against another server starts a new one there."""
     if target is None:
         return None
-    key = "mlflow_parent_run_id"
-    known = None if created else study.user_attrs.get(key)
+    key = "mlflow_parent"
+    earlier = study.user_attrs.get(key) or {}
+    known = earlier.get("run_id") if earlier.get("uri") == target.uri else None
     tags = {"mobiletune.study": study.study_name, "mobiletune.data_sha256": images.digest(),
             "mobiletune.sweep_folder": str(out.resolve())}
     parent = tracking.MlflowRun.start(target, out.name, say, params=base.flat(), tags=tags, run_id=known)
-    if parent.active and known is None:
-        study.set_user_attr(key, parent.run_id)
+    if parent.active and known is None and (study.user_attrs.get(key) or {}).get("uri") != target.uri:
+        study.set_user_attr(key, {"uri": target.uri, "run_id": parent.run_id})
     return parent
 
 

@@ -92,15 +92,15 @@ def plot_front(study, wanted: objectives_lib.Objectives, path: Path) -> bool:
 
 def front_table(study, wanted: objectives_lib.Objectives, space: dict[str, Any], chosen) -> list[str]:
     """The summary's accuracy-against-latency section: the host, the budget, the front's points and knobs."""
-    from mobiletune.latency import FORMATS, host
+    from mobiletune.latency import FORMATS, REPEATS, host
 
     if not wanted.measures_latency:
         return []
     front = objectives_lib.front(study, wanted) or [chosen]
     knobs = [k for k in space if k != "data.image_size"]
     lines = ["", "## Accuracy against latency", "",
-             f"Latency: the exported model, batch 1, XNNPACK, median of 50 runs, measured on **{host()}**; it holds "
-             "for that host only. " + (f"Budget: {wanted.max_latency_ms:g} ms ({wanted.latency_format}). "
+             f"Latency: the exported model, batch 1, XNNPACK, median of {REPEATS} runs, measured on **{host()}**; "
+             "it holds for that host only. " + (f"Budget: {wanted.max_latency_ms:g} ms ({wanted.latency_format}). "
                                        if wanted.max_latency_ms is not None else ""),
              "", "| trial | image size | val accuracy | " + " | ".join(f"ms {f}" for f in FORMATS) + " | "
              + " | ".join(f"`{k}`" for k in knobs) + " |",
@@ -131,8 +131,9 @@ def write_sweep_summary(path: Path, study, space: dict[str, Any], base: Config, 
         + f". Search {results['search_seconds']:.0f} s; everything, retrains included, "
         f"{results['total_seconds']:.0f} s.",
         "",
-        "Selection used validation accuracy only. The test set was touched once per config shown below: by "
-        "the final retrain of the best config and by the run of the default recipe, never by a trial.",
+        "Selection used validation accuracy only (within the latency budget, when one was given). The test set "
+        "was touched once per config shown below: by the final retrain of the best config and by the run of the "
+        "default recipe, never by a trial.",
         "",
         "## Test set: default recipe vs best config",
         "",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,7 @@ class MlflowRun:
     def __init__(self, client, run_id: str | None, say: Callable[[str], None], uri: str):
         self.client, self.run_id, self.say, self.uri = client, run_id, say, uri
         self.link = ""  # where to see the run, once it has started
+        self.failed = False  # tracking stopped on an error (said once); the run itself went on
 
     @classmethod
     def start(cls, target: Mlflow, name: str, say: Callable[[str], None], *, params: dict[str, Any] | None = None,
@@ -106,22 +107,22 @@ class MlflowRun:
             os.environ.setdefault(key, value)
         from mlflow import MlflowClient
 
-        run = cls(MlflowClient(tracking_uri=target.uri), None, say, target.uri)
+        run = cls(None, None, say, target.uri)
         with run._guard():
+            run.client = MlflowClient(tracking_uri=target.uri)  # opens the store: a bad URI fails here
             if run_id is not None:
                 run.client.update_run(run_id, status="RUNNING")
                 run.run_id, experiment_id = run_id, run.client.get_run(run_id).info.experiment_id
             else:
-                experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
-                found = run.client.get_experiment_by_name(experiment)
-                experiment_id = found.experiment_id if found else run.client.create_experiment(experiment)
+                experiment_id = _experiment_id(run.client, os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
                 nested = {"mlflow.parentRunId": target.parent_run_id} if target.parent_run_id else {}
                 created = run.client.create_run(experiment_id, run_name=name, tags={**(tags or {}), **nested})
                 run.run_id = created.info.run_id
                 run.log_params(params or {})
             web = target.uri.startswith(("http://", "https://"))
-            run.link = (f"{target.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.run_id}" if web
-                        else f"run {run.run_id} in {target.uri}")
+            if run.active:  # log_params may have switched it off
+                run.link = (f"{target.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.run_id}" if web
+                            else f"run {run.run_id} in {target.uri}")
         return run
 
     @property
@@ -133,11 +134,11 @@ class MlflowRun:
         try:
             yield
         except Exception as exc:  # noqa: BLE001 - a tracking server fails in many ways; none may stop a run
-            if self.run_id is not None or self.client is not None:
+            if not self.failed:
                 first = _reason(exc)
                 self.say(f"MLflow tracking at {self.uri} stopped ({first}); the run goes on, and everything is in "
                          "its folder")
-            self.run_id, self.client, self.link = None, None, ""
+            self.run_id, self.client, self.link, self.failed = None, None, "", True
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -177,8 +178,33 @@ class MlflowRun:
         with self._guard():
             fn()
 
+    @contextmanager
+    def failing(self, stopped: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """Around work that is tracked: an error ends the run as FAILED, a stop on purpose (Ctrl-C, or a
+        `stopped` exception: a pruned trial) as KILLED, instead of leaving it RUNNING for ever."""
+        try:
+            yield
+        except BaseException as exc:
+            from mobiletune.checkpoint import Interrupted
+
+            self.end("KILLED" if isinstance(exc, (KeyboardInterrupt, Interrupted, *stopped)) else "FAILED")
+            raise
+
     def epoch_callback(self, phase: int) -> keras.callbacks.Callback:
         return _EpochsToMlflow(self, phase)
+
+
+def _experiment_id(client, name: str) -> str:
+    """The experiment's id, made if missing; another process making it at the same moment is no error."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
 
 
 class _EpochsToMlflow(keras.callbacks.Callback):
@@ -237,8 +263,8 @@ class Tracking:
         """The test metrics before and after fine-tuning (TensorBoard at the last epoch of each phase) and,
         for MLflow, the run folder as artifacts; then the MLflow run ends."""
         stages = {"before": metrics["before_fine_tuning"]["test"], "after": metrics["after_fine_tuning"]["test"]}
-        write_test_scalars(self.log_dir, {epochs[0] - 1: _loss_accuracy(stages["before"]),
-                                          sum(epochs) - 1: _loss_accuracy(stages["after"])})
+        points = {epochs[0] - 1: _loss_accuracy(stages["before"]), sum(epochs) - 1: _loss_accuracy(stages["after"])}
+        write_test_scalars(self.log_dir, {step: p for step, p in points.items() if step >= 0})
         if self.mlflow is not None:
             self.mlflow.log_metrics({f"test_{k}_{stage}": v for stage, m in stages.items()
                                      for k, v in _loss_accuracy(m).items()})
@@ -250,19 +276,9 @@ class Tracking:
         """Where the MLflow run can be seen ("" without one, or once tracking stopped)."""
         return self.mlflow.link if self.mlflow is not None else ""
 
-    @contextmanager
-    def failing(self, stopped: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-        """Around the training: a run that stops with an error ends its MLflow run as FAILED, one stopped on
-        purpose (Ctrl-C, or a `stopped` exception: a pruned trial) as KILLED, instead of RUNNING for ever."""
-        try:
-            yield
-        except BaseException as exc:
-            from mobiletune.checkpoint import Interrupted
-
-            if self.mlflow is not None:
-                on_purpose = isinstance(exc, (KeyboardInterrupt, Interrupted, *stopped))
-                self.mlflow.end("KILLED" if on_purpose else "FAILED")
-            raise
+    def failing(self, stopped: tuple[type[BaseException], ...] = ()):
+        """Around the training: `MlflowRun.failing` for the MLflow run, if there is one."""
+        return self.mlflow.failing(stopped) if self.mlflow is not None else nullcontext()
 
 
 def _reason(exc: Exception) -> str:

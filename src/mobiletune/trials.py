@@ -96,9 +96,7 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
         config = from_flat({**shared.base.flat(), **params})
         wanted = shared.objectives
         if wanted.measures_latency:  # before training, so a pruned trial has it too; cached per size
-            for fmt in latency.FORMATS:
-                trial.set_user_attr(objectives.attr(fmt), latency.latency_ms(
-                    config, len(shared.images.classes), fmt, cache.cache_root(config)))
+            _measure_latency(trial, config, len(shared.images.classes), wanted.latency_format)
         feats = shared.features_for(config)
         keras.backend.clear_session()
         seed_everything(config.data.seed)
@@ -114,9 +112,27 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
         if tracked.mlflow is not None:
             tracked.mlflow.log_metrics({"val_accuracy_final": value}, step=epochs)
             tracked.mlflow.end()
+            if tracked.mlflow.failed and shared.mlflow is not None:
+                shared.mlflow.run_id = None  # the server is gone: said once, not again for every trial
         return (value, trial.user_attrs[objectives.attr(wanted.latency_format)]) if wanted.multi else value
 
     return run_trial
+
+
+def _measure_latency(trial, config: Config, num_classes: int, counted: str) -> None:
+    """Both formats' latency on the trial, and the host they hold for (workers may differ). Only the
+    counted format may fail the trial: the other one is shown when it can be had."""
+    from mobiletune.errors import ExportError
+
+    trial.set_user_attr("latency_host", latency.host())
+    for fmt in latency.FORMATS:
+        try:
+            ms = latency.latency_ms(config, num_classes, fmt, cache.cache_root(config))
+        except ExportError:
+            if fmt == counted:
+                raise
+            continue
+        trial.set_user_attr(objectives.attr(fmt), ms)
 
 
 def _trial_tracking(shared: Shared, number: int, config: Config, params: dict[str, Any]) -> tracking.Tracking:
