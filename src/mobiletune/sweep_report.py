@@ -92,14 +92,15 @@ def plot_front(study, wanted: objectives_lib.Objectives, path: Path) -> bool:
 
 def front_table(study, wanted: objectives_lib.Objectives, space: dict[str, Any], chosen) -> list[str]:
     """The summary's accuracy-against-latency section: the host, the budget, the front's points and knobs."""
-    from mobiletune.latency import FORMATS, REPEATS, host
+    from mobiletune.latency import BLOCKS, FORMATS, REPEATS, host
 
     if not wanted.measures_latency:
         return []
     front = objectives_lib.front(study, wanted) or [chosen]
     knobs = [k for k in space if k != "data.image_size"]
     lines = ["", "## Accuracy against latency", "",
-             f"Latency: the exported model, batch 1, XNNPACK, median of {REPEATS} runs, measured on **{host()}**; "
+             f"Latency: the exported model, batch 1, XNNPACK, the fastest of {BLOCKS} medians of {REPEATS} runs, "
+             f"measured on **{host()}**; "
              "it holds for that host only. " + (f"Budget: {wanted.max_latency_ms:g} ms ({wanted.latency_format}). "
                                        if wanted.max_latency_ms is not None else ""),
              "", "| trial | image size | val accuracy | " + " | ".join(f"ms {f}" for f in FORMATS) + " | "
