@@ -28,7 +28,7 @@ from mobiletune.config import Config, from_flat
 from mobiletune.errors import UsageError
 from mobiletune.recipe import seed_everything, train_and_evaluate
 from mobiletune.space import in_space, load_space
-from mobiletune.trials import Shared, objective
+from mobiletune.trials import Shared, measure_sizes, objective
 
 # ---------------------------------------------------------------------------------------------
 # The study
@@ -113,6 +113,8 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     parent = _sweep_mlflow(mlflow, study, created, out, base, images, say)
     with parent.failing() if parent is not None else nullcontext():
         shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted, parent)
+        if wanted.measures_latency:
+            measure_sizes(shared, space, say)
         _search(study, created, shared, space, n_trials, timeout, say)
         results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
                                       parent, wanted, (started, time.perf_counter() - started))

@@ -119,6 +119,22 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
     return run_trial
 
 
+def measure_sizes(shared: Shared, space: dict[str, dict[str, Any]], say) -> None:
+    """Every input size the space offers, timed before any trial trains: a quiet machine gives steadier
+    figures than the start of a trial, with the last one's data pipeline threads still winding down.
+    A size range (not a list of choices) is timed per trial instead."""
+    spec = space.get("data.image_size")
+    sizes = spec["choices"] if spec and spec["type"] == "categorical" else [shared.base.data.image_size]
+    say(f"timing the exported model at {', '.join(f'{s} px' for s in sizes)} ({latency.host()})")
+    for size in sizes:
+        config = from_flat({**shared.base.flat(), "data.image_size": size})
+        for fmt in latency.FORMATS:
+            try:
+                latency.latency_ms(config, len(shared.images.classes), fmt, cache.cache_root(config))
+            except Exception:  # noqa: BLE001 - the trial that needs it measures again and says why
+                continue
+
+
 def _measure_latency(trial, config: Config, num_classes: int, counted: str) -> None:
     """Both formats' latency on the trial, and the host they hold for (workers may differ). Only the
     counted format may fail the trial: the other one is shown when it can be had."""
