@@ -56,7 +56,7 @@ def _key(config: Config, num_classes: int, fmt: str) -> str:
 
 
 def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | None) -> float:
-    """The median batch-1 milliseconds of `config`'s model exported as `fmt`; from the cache when known."""
+    """Batch-1 milliseconds of `config`'s model exported as `fmt` (`measure`); from the cache when known."""
     assert fmt in FORMATS, fmt
     table_path = cache_dir / FILE_NAME if cache_dir is not None else None
     table = _read(table_path)
