@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,35 @@ REPRESENTATIVE_IMAGES = 200  # int8 calibration: enough training images to pin a
 def _tflite(savedmodel: Path, variant: str, representative: np.ndarray | None, int8_io: bool) -> bytes:
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(savedmodel))
+    return _convert(tf.lite.TFLiteConverter.from_saved_model(str(savedmodel)), variant, representative, int8_io)
+
+
+def tflite_for_timing(model: keras.Model, variant: str, representative: np.ndarray | None) -> bytes:
+    """The TFLite model `export_formats` writes for `variant`, op for op, without its signature: converted
+    from the serving model's graph frozen in memory rather than from a SavedModel written to disk and
+    read back, which takes a quarter of the time (docs/benchmarks.md) and is paid for each input size a
+    sweep times. Timing depends on the ops alone (tests compare both models' ops); shipped files keep
+    the SavedModel path, whose `serving_default` signature LiteRT's signature runners look up."""
+    import tensorflow as tf
+
+    serving = model_lib.serving_model(model)
+    function = tf.function(serving).get_concrete_function(
+        tf.TensorSpec([None, *serving.input_shape[1:]], tf.float32, name="pixels"))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "providing without the trackable_obj argument is deprecated": on purpose
+    try:
+        with warnings.catch_warnings(), quiet.native_output_muted():
+            warnings.simplefilter("ignore")  # "statistics for quantized inputs were expected": calibrated instead
+            return _convert(tf.lite.TFLiteConverter.from_concrete_functions([function]), variant, representative,
+                            int8_io=False)
+    finally:
+        absl.setLevel(level)
+
+
+def _convert(converter, variant: str, representative: np.ndarray | None, int8_io: bool) -> bytes:
+    import tensorflow as tf
+
     if variant == "tflite-fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]

@@ -1,5 +1,5 @@
 """How long the shipped model takes per image on this machine: the exported TFLite model (float or
-int8), batch 1, XNNPACK, median over repeated runs.
+int8), batch 1, XNNPACK, the fastest of several medians of repeated runs.
 
 A sweep trades accuracy against this figure, so it is measured, not estimated from FLOPs: the
 same FLOPs run at different speeds at different sizes and precisions. It depends on the
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import tempfile
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from mobiletune import runfolder
 from mobiletune.config import Config, from_flat
+from mobiletune.errors import ExportError
 
 FORMATS = ("tflite", "tflite-int8")
 FILE_NAME = "latency.json"
@@ -56,21 +57,25 @@ def _key(config: Config, num_classes: int, fmt: str) -> str:
 
 
 def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | None) -> float:
-    """Batch-1 milliseconds of `config`'s model exported as `fmt` (`measure`); from the cache when known."""
+    """Batch-1 milliseconds of `config`'s model exported as `fmt` (`measure`); from the cache when known.
+    Formats not yet known for this size are measured together, since they share the model's conversion."""
     assert fmt in FORMATS, fmt
     table_path = cache_dir / FILE_NAME if cache_dir is not None else None
     table = _read(table_path)
-    key = _key(config, num_classes, fmt)
-    if key not in table:
-        ms = measure(config, num_classes, fmt)
-        table = {**_read(table_path), key: ms}  # as it is now: another worker may have added to it meanwhile
-        if table_path is not None:
+    if _key(config, num_classes, fmt) not in table:
+        missing = [f for f in FORMATS if _key(config, num_classes, f) not in table]
+        measured, failed = measure(config, num_classes, missing)
+        # as it is now: another worker may have added to it meanwhile
+        table = {**_read(table_path), **{_key(config, num_classes, f): ms for f, ms in measured.items()}}
+        if table_path is not None and measured:
             try:
                 table_path.parent.mkdir(parents=True, exist_ok=True)
                 runfolder.write_json(table_path, table)
             except OSError:
                 pass  # only a cache: measured again next time
-    return table[key]
+        if fmt in failed:
+            raise failed[fmt]
+    return table[_key(config, num_classes, fmt)]
 
 
 def _read(path: Path | None) -> dict[str, float]:
@@ -82,21 +87,28 @@ def _read(path: Path | None) -> dict[str, float]:
         return {}  # a damaged cache file is measured again
 
 
-def measure(config: Config, num_classes: int, fmt: str, repeats: int = REPEATS, blocks: int = BLOCKS) -> float:
-    """Export an untrained model of `config`'s architecture and size as `fmt` and time it: the fastest of
-    `blocks` medians of `repeats` batch-1 runs."""
+def measure(config: Config, num_classes: int, formats: Sequence[str] = FORMATS, repeats: int = REPEATS,
+            blocks: int = BLOCKS) -> tuple[dict[str, float], dict[str, ExportError]]:
+    """Convert an untrained model of `config`'s architecture and size to each of `formats` (the ops
+    `export` would ship) and time it: the fastest of `blocks` medians of `repeats` batch-1 runs.
+    Returns the milliseconds of the formats that converted and the error of those that did not."""
     from mobiletune import model as model_lib
-    from mobiletune.export import export_formats, latency_of
-    from mobiletune.predict import load_predictor
+    from mobiletune.export import latency_of, tflite_for_timing
+    from mobiletune.predict import TFLitePredictor
 
     size = config.data.image_size
     model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}), num_classes)
     rng = np.random.default_rng(0)
     calibration = rng.uniform(0, 255, (CALIBRATION_IMAGES, size, size, 3)).astype(np.float32)
-    scratch = Path(tempfile.mkdtemp(prefix="mobiletune-latency-"))
-    try:
-        paths = export_formats(model, [fmt], scratch, [str(i) for i in range(num_classes)], calibration)
-        predictor = load_predictor(paths[fmt])
-        return min(latency_of(predictor, calibration[0], repeats) for _ in range(blocks))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    measured, failed = {}, {}
+    with tempfile.TemporaryDirectory(prefix="mobiletune-latency-") as scratch:
+        for fmt in formats:
+            path = Path(scratch) / f"{fmt}.tflite"
+            try:
+                path.write_bytes(tflite_for_timing(model, fmt, calibration))
+            except Exception as exc:  # noqa: BLE001 - converters raise anything; name the format
+                failed[fmt] = ExportError(f"export {fmt}: conversion failed ({str(exc).splitlines()[0][:300]})")
+                continue
+            predictor = TFLitePredictor(path, [str(i) for i in range(num_classes)])
+            measured[fmt] = min(latency_of(predictor, calibration[0], repeats) for _ in range(blocks))
+    return measured, failed

@@ -1,0 +1,70 @@
+"""Latency: the model timed is the shipped export op for op, both formats are measured and cached
+together, and a format that fails to convert is that format's error only."""
+
+import numpy as np
+import pytest
+
+from mobiletune import latency
+from mobiletune import model as model_lib
+from mobiletune.config import load_config
+from mobiletune.errors import ExportError
+from mobiletune.export import export_formats, tflite_for_timing
+
+SIZE = 32  # the smallest input Keras' MobileNetV2 takes: ops and shapes are what is compared
+
+
+def _ops(blob_or_path) -> list[tuple]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    source = blob_or_path
+    interpreter = Interpreter(model_content=source) if isinstance(source, bytes) else Interpreter(str(source))
+    tensors = {t["index"]: (tuple(t["shape"]), np.dtype(t["dtype"]).name) for t in interpreter.get_tensor_details()}
+    return [(op["op_name"], [tensors[i] for i in op["inputs"] if i >= 0]) for op in interpreter._get_ops_details()]
+
+
+@pytest.mark.parametrize("fmt", latency.FORMATS)
+def test_the_timed_model_has_the_shipped_exports_ops(fmt, tmp_path):
+    config = load_config(overrides=[f"data.image_size={SIZE}", "model.weights=none"])
+    model = model_lib.build_model(config, 3)
+    calibration = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+    shipped = export_formats(model, [fmt], tmp_path, ["a", "b", "c"], calibration)[fmt]
+    timed = tflite_for_timing(model, fmt, calibration)
+    assert _ops(timed) == _ops(shipped)
+    assert len(_ops(timed)) > 60  # the whole network, not an empty or partial graph
+
+
+def test_both_formats_are_measured_once_and_cached(tmp_path, monkeypatch, capfd):
+    config = load_config(overrides=[f"data.image_size={SIZE}"])
+    calls = []
+    real = latency.measure
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, repeats=2, blocks=1)
+
+    monkeypatch.setattr(latency, "measure", counted)
+    float_ms = latency.latency_ms(config, 2, "tflite", tmp_path)
+    int8_ms = latency.latency_ms(config, 2, "tflite-int8", tmp_path)
+    assert calls == [list(latency.FORMATS)] and float_ms > 0 and int8_ms > 0
+    assert latency.latency_ms(config, 2, "tflite", tmp_path) == float_ms and len(calls) == 1  # from the file
+    assert len((tmp_path / latency.FILE_NAME).read_text().splitlines()) >= 2
+    out, err = capfd.readouterr()
+    assert out + err == ""  # the converters' warnings and log lines stay off the console
+
+
+def test_a_format_that_fails_is_its_own_error(tmp_path, monkeypatch):
+    import mobiletune.export as export
+
+    real = export.tflite_for_timing
+
+    def int8_breaks(model, variant, representative):
+        if variant == "tflite-int8":
+            raise RuntimeError("quantizer fell over\nsecond line")
+        return real(model, variant, representative)
+
+    monkeypatch.setattr(export, "tflite_for_timing", int8_breaks)
+    config = load_config(overrides=[f"data.image_size={SIZE}"])
+    with pytest.raises(ExportError, match=r"^export tflite-int8: conversion failed \(quantizer fell over\)$"):
+        latency.latency_ms(config, 2, "tflite-int8", tmp_path)
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("float was cached with the failure"))
+    assert latency.latency_ms(config, 2, "tflite", tmp_path) > 0
