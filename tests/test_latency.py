@@ -1,6 +1,9 @@
 """Latency: the model timed is the shipped export op for op, both formats are measured and cached
 together, and a format that fails to convert is that format's error only."""
 
+import json
+import logging
+
 import numpy as np
 import pytest
 
@@ -8,7 +11,7 @@ from mobiletune import latency
 from mobiletune import model as model_lib
 from mobiletune.config import load_config
 from mobiletune.errors import ExportError
-from mobiletune.export import export_formats, tflite_for_timing
+from mobiletune.export import export_formats, serving_function, tflite_for_timing
 
 SIZE = 32  # the smallest input Keras' MobileNetV2 takes: ops and shapes are what is compared
 
@@ -22,18 +25,18 @@ def _ops(blob_or_path) -> list[tuple]:
     return [(op["op_name"], [tensors[i] for i in op["inputs"] if i >= 0]) for op in interpreter._get_ops_details()]
 
 
-@pytest.mark.parametrize("fmt", latency.FORMATS)
+@pytest.mark.parametrize("fmt", latency.FORMATS)  # fp16 differs: one constant folded to a scalar
 def test_the_timed_model_has_the_shipped_exports_ops(fmt, tmp_path):
     config = load_config(overrides=[f"data.image_size={SIZE}", "model.weights=none"])
     model = model_lib.build_model(config, 3)
     calibration = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
     shipped = export_formats(model, [fmt], tmp_path, ["a", "b", "c"], calibration)[fmt]
-    timed = tflite_for_timing(model, fmt, calibration)
+    timed = tflite_for_timing(serving_function(model), fmt, calibration)
     assert _ops(timed) == _ops(shipped)
     assert len(_ops(timed)) > 60  # the whole network, not an empty or partial graph
 
 
-def test_both_formats_are_measured_once_and_cached(tmp_path, monkeypatch, capfd):
+def test_both_formats_are_measured_once_and_cached(tmp_path, monkeypatch, capfd, caplog, recwarn):
     config = load_config(overrides=[f"data.image_size={SIZE}"])
     calls = []
     real = latency.measure
@@ -47,9 +50,22 @@ def test_both_formats_are_measured_once_and_cached(tmp_path, monkeypatch, capfd)
     int8_ms = latency.latency_ms(config, 2, "tflite-int8", tmp_path)
     assert calls == [list(latency.FORMATS)] and float_ms > 0 and int8_ms > 0
     assert latency.latency_ms(config, 2, "tflite", tmp_path) == float_ms and len(calls) == 1  # from the file
-    assert len((tmp_path / latency.FILE_NAME).read_text().splitlines()) >= 2
+    assert len(json.loads((tmp_path / latency.FILE_NAME).read_text())) == 2
     out, err = capfd.readouterr()
     assert out + err == ""  # the converters' warnings and log lines stay off the console
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_only_the_formats_not_yet_known_are_measured(tmp_path, monkeypatch):
+    config = load_config(overrides=[f"data.image_size={SIZE}"])
+    (tmp_path / latency.FILE_NAME).write_text(json.dumps({latency._key(config, 2, "tflite"): 1.25}))
+    calls = []
+    monkeypatch.setattr(latency, "measure", lambda c, n, formats: (calls.append(formats) or ({"tflite-int8": 0.5}, {})))
+    assert latency.latency_ms(config, 2, "tflite-int8", tmp_path) == 0.5 and calls == [["tflite-int8"]]
+    assert latency.latency_ms(config, 2, "tflite", tmp_path) == 1.25 and len(calls) == 1
+    monkeypatch.setattr(latency, "measure", lambda c, n, formats: (calls.append(formats) or ({"tflite": 2.0}, {})))
+    assert latency.latency_ms(config, 2, "tflite", None) == 2.0 and calls[-1] == ["tflite"]  # only what is asked
 
 
 def test_a_format_that_fails_is_its_own_error(tmp_path, monkeypatch):
@@ -57,14 +73,17 @@ def test_a_format_that_fails_is_its_own_error(tmp_path, monkeypatch):
 
     real = export.tflite_for_timing
 
-    def int8_breaks(model, variant, representative):
+    def int8_breaks(function, variant, representative):
         if variant == "tflite-int8":
             raise RuntimeError("quantizer fell over\nsecond line")
-        return real(model, variant, representative)
+        return real(function, variant, representative)
 
     monkeypatch.setattr(export, "tflite_for_timing", int8_breaks)
+    monkeypatch.setattr(latency, "_FAILED", {})
     config = load_config(overrides=[f"data.image_size={SIZE}"])
     with pytest.raises(ExportError, match=r"^export tflite-int8: conversion failed \(quantizer fell over\)$"):
         latency.latency_ms(config, 2, "tflite-int8", tmp_path)
-    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("float was cached with the failure"))
-    assert latency.latency_ms(config, 2, "tflite", tmp_path) > 0
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert latency.latency_ms(config, 2, "tflite", tmp_path) > 0  # cached with the failure
+    with pytest.raises(ExportError, match="quantizer fell over"):  # the failure is remembered, not retried
+        latency.latency_ms(config, 2, "tflite-int8", tmp_path)

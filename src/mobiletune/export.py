@@ -48,17 +48,24 @@ def _tflite(savedmodel: Path, variant: str, representative: np.ndarray | None, i
     return _convert(tf.lite.TFLiteConverter.from_saved_model(str(savedmodel)), variant, representative, int8_io)
 
 
-def tflite_for_timing(model: keras.Model, variant: str, representative: np.ndarray | None) -> bytes:
-    """The TFLite model `export_formats` writes for `variant`, op for op, without its signature: converted
-    from the serving model's graph frozen in memory rather than from a SavedModel written to disk and
-    read back, which takes a quarter of the time (docs/benchmarks.md) and is paid for each input size a
-    sweep times. Timing depends on the ops alone (tests compare both models' ops); shipped files keep
-    the SavedModel path, whose `serving_default` signature LiteRT's signature runners look up."""
+def serving_function(model: keras.Model):
+    """The serving model (`model.serving_model`) traced for any batch size, for `tflite_for_timing`."""
     import tensorflow as tf
 
     serving = model_lib.serving_model(model)
-    function = tf.function(serving).get_concrete_function(
+    return tf.function(serving).get_concrete_function(
         tf.TensorSpec([None, *serving.input_shape[1:]], tf.float32, name="pixels"))
+
+
+def tflite_for_timing(function, variant: str, representative: np.ndarray | None) -> bytes:
+    """The TFLite model `export_formats` writes for `variant` ("tflite" or "tflite-int8", without
+    `int8_io`), op for op, without its signature: converted from `serving_function`'s graph frozen in
+    memory, not from a SavedModel written to disk and read back: float 1.1 s and int8 1.6 s at 160 px
+    against ~13 s for both the old way (docs/benchmarks.md), paid for each input size a sweep times.
+    Timing depends on the ops alone (tests compare both models' ops); shipped files keep the SavedModel
+    path, whose `serving_default` signature LiteRT's signature runners look up."""
+    import tensorflow as tf
+
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # "providing without the trackable_obj argument is deprecated": on purpose
@@ -69,6 +76,11 @@ def tflite_for_timing(model: keras.Model, variant: str, representative: np.ndarr
                             int8_io=False)
     finally:
         absl.setLevel(level)
+
+
+def first_line(exc: BaseException) -> str:
+    """A converter's error in one line: its message's first line, or its type when it has none."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _convert(converter, variant: str, representative: np.ndarray | None, int8_io: bool) -> bytes:
@@ -124,7 +136,7 @@ def _export_formats(model: keras.Model, formats: list[str], out: Path, classes: 
                 elif fmt == "onnx":
                     _onnx_with_labels(serving, path, classes)
             except Exception as exc:  # noqa: BLE001 - converters raise anything; name the format
-                raise ExportError(f"export {fmt}: conversion failed ({str(exc).splitlines()[0][:300]})") from None
+                raise ExportError(f"export {fmt}: conversion failed ({first_line(exc)})") from None
             paths[fmt] = path
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

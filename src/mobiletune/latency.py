@@ -1,5 +1,5 @@
-"""How long the shipped model takes per image on this machine: the exported TFLite model (float or
-int8), batch 1, XNNPACK, the fastest of several medians of repeated runs.
+"""How long the shipped model takes per image on this machine: its TFLite model (float or int8, the
+ops `export` ships), batch 1, XNNPACK, the fastest of several medians of repeated runs.
 
 A sweep trades accuracy against this figure, so it is measured, not estimated from FLOPs: the
 same FLOPs run at different speeds at different sizes and precisions. It depends on the
@@ -10,6 +10,7 @@ figures hold for this host only; `host()` names it wherever they are shown.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import tempfile
@@ -33,6 +34,7 @@ BLOCKS = 5
 CALIBRATION_IMAGES = 16  # int8 ranges for a timing model: its accuracy is not used, so random pixels do
 
 
+@functools.cache
 def host() -> str:
     """The CPU model and its widest vector ISA, e.g. "AMD EPYC 9B14, 2 CPUs, AVX-512"."""
     import os
@@ -57,14 +59,18 @@ def _key(config: Config, num_classes: int, fmt: str) -> str:
 
 
 def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | None) -> float:
-    """Batch-1 milliseconds of `config`'s model exported as `fmt` (`measure`); from the cache when known.
-    Formats not yet known for this size are measured together, since they share the model's conversion."""
+    """Batch-1 milliseconds of `config`'s model as `fmt` (`measure`); from the cache when known. The
+    formats not yet known for this size are measured together: they share the model and its trace."""
     assert fmt in FORMATS, fmt
+    key = _key(config, num_classes, fmt)
+    if key in _FAILED:
+        raise _FAILED[key]  # once per process, not again for every trial
     table_path = cache_dir / FILE_NAME if cache_dir is not None else None
     table = _read(table_path)
-    if _key(config, num_classes, fmt) not in table:
-        missing = [f for f in FORMATS if _key(config, num_classes, f) not in table]
-        measured, failed = measure(config, num_classes, missing)
+    if key not in table:
+        wanted = [f for f in FORMATS if _key(config, num_classes, f) not in table] if table_path else [fmt]
+        measured, failed = measure(config, num_classes, wanted)
+        _FAILED.update({_key(config, num_classes, f): error for f, error in failed.items()})
         # as it is now: another worker may have added to it meanwhile
         table = {**_read(table_path), **{_key(config, num_classes, f): ms for f, ms in measured.items()}}
         if table_path is not None and measured:
@@ -75,7 +81,10 @@ def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | Non
                 pass  # only a cache: measured again next time
         if fmt in failed:
             raise failed[fmt]
-    return table[_key(config, num_classes, fmt)]
+    return table[key]
+
+
+_FAILED: dict[str, ExportError] = {}  # formats that failed to convert, by cache key, in this process
 
 
 def _read(path: Path | None) -> dict[str, float]:
@@ -91,24 +100,24 @@ def measure(config: Config, num_classes: int, formats: Sequence[str] = FORMATS, 
             blocks: int = BLOCKS) -> tuple[dict[str, float], dict[str, ExportError]]:
     """Convert an untrained model of `config`'s architecture and size to each of `formats` (the ops
     `export` would ship) and time it: the fastest of `blocks` medians of `repeats` batch-1 runs.
-    Returns the milliseconds of the formats that converted and the error of those that did not."""
+    Returns the milliseconds of the formats that converted and ran, and the error of those that did not."""
     from mobiletune import model as model_lib
-    from mobiletune.export import latency_of, tflite_for_timing
+    from mobiletune.export import first_line, latency_of, serving_function, tflite_for_timing
     from mobiletune.predict import TFLitePredictor
 
     size = config.data.image_size
     model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}), num_classes)
+    function = serving_function(model)
     rng = np.random.default_rng(0)
     calibration = rng.uniform(0, 255, (CALIBRATION_IMAGES, size, size, 3)).astype(np.float32)
     measured, failed = {}, {}
-    with tempfile.TemporaryDirectory(prefix="mobiletune-latency-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="mobiletune-latency-", ignore_cleanup_errors=True) as scratch:
         for fmt in formats:
             path = Path(scratch) / f"{fmt}.tflite"
             try:
-                path.write_bytes(tflite_for_timing(model, fmt, calibration))
-            except Exception as exc:  # noqa: BLE001 - converters raise anything; name the format
-                failed[fmt] = ExportError(f"export {fmt}: conversion failed ({str(exc).splitlines()[0][:300]})")
-                continue
-            predictor = TFLitePredictor(path, [str(i) for i in range(num_classes)])
-            measured[fmt] = min(latency_of(predictor, calibration[0], repeats) for _ in range(blocks))
+                path.write_bytes(tflite_for_timing(function, fmt, calibration))
+                predictor = TFLitePredictor(path, [str(i) for i in range(num_classes)])
+                measured[fmt] = min(latency_of(predictor, calibration[0], repeats) for _ in range(blocks))
+            except Exception as exc:  # noqa: BLE001 - converters and runtimes raise anything; name the format
+                failed[fmt] = ExportError(f"export {fmt}: conversion failed ({first_line(exc)})")
     return measured, failed
