@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY
-from mobiletune import objectives
+from mobiletune import latency, objectives
 from mobiletune.cli import app
 from mobiletune.errors import UsageError
 
@@ -69,7 +69,7 @@ def test_same_size_median_pruning():
     assert not objectives.below_same_size_median(study, trial, 2, 0.7, 160)
 
 
-def test_multi_objective_sweep_end_to_end(flowers_tiny, tmp_path):
+def test_multi_objective_sweep_end_to_end(flowers_tiny, tmp_path, monkeypatch):
     space = tmp_path / "space.yaml"
     space.write_text("data.image_size: [32, 48]\nphase1.lr: {type: float, low: 0.0001, high: 0.01, log: true}\n")
     out = tmp_path / "sweep"
@@ -95,6 +95,21 @@ def test_multi_objective_sweep_end_to_end(flowers_tiny, tmp_path):
     result = CliRunner().invoke(app, [*args, "--max-latency-ms", f"{fastest / 10:.4f}"])
     assert result.exit_code == 2
     assert "no finished trial is within it (tflite)" in result.output and "raise the budget" in result.output
+    # a worker on another machine continues the study with its figures: nothing timed there, one host named
+    monkeypatch.setattr(latency, "host", lambda: "Other CPU, 64 CPUs, AVX2")
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("the study's figures were measured again"))
+    more = [*args[:5], "4", *args[6:]]
+    result = CliRunner().invoke(app, more)
+    assert result.exit_code == 0, result.output
+    assert f"latency figures from the study, measured on {results['host']}" in result.output
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["host"] == results["host"] and results["host"] in (out / "summary.md").read_text()
+    study = optuna.load_study(study_name="mobiletune", storage=f"sqlite:///{out / 'study.db'}")
+    newest = study.trials[-1]
+    assert newest.number == 3 and newest.user_attrs["latency_host"] == results["host"]
+    size = newest.params["data.image_size"]
+    assert newest.user_attrs["latency_ms_tflite"] == study.user_attrs[f"latency:{size}px:tflite"]["ms"]
+    monkeypatch.undo()
     # and a study made with one objective cannot be continued with two
     single = tmp_path / "single"
     assert CliRunner().invoke(app, [*args[:3], str(single), *args[4:-2]]).exit_code == 0

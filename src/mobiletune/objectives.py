@@ -6,6 +6,10 @@ its result is a Pareto front: no point on it is both slower and less accurate th
 Optuna cannot prune multi-objective trials (`Trial.report` is single-objective only), so they
 are pruned here by the same rule as Optuna's MedianPruner, applied among trials of the same
 input size: those share one latency, so the one that is less accurate is simply worse.
+
+A study's latency figures are measured once per input size and format, by the first worker that
+needs them, and kept in the study: workers on other machines use them too, so every trial of a
+shared study is compared on one host, the one every report names.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from mobiletune import latency as latency_lib
 from mobiletune.errors import UsageError
 from mobiletune.latency import FORMATS
 
@@ -69,6 +74,19 @@ def latency(trial, fmt: str) -> float | None:
 def attr(fmt: str) -> str:
     """The trial attribute that holds its latency in `fmt`."""
     return f"latency_ms_{fmt.replace('-', '_')}"
+
+
+def study_key(size: int, fmt: str) -> str:
+    """The study attribute that holds the latency of `size` px in `fmt`: {"ms": ..., "host": ...}."""
+    return f"latency:{size}px:{fmt}"
+
+
+def hosts(study) -> str:
+    """The host(s) the study's latency figures were measured on, for every place that shows them."""
+    found = sorted({v["host"] for k, v in study.user_attrs.items() if k.startswith("latency:")})
+    found = found or sorted({t.user_attrs["latency_host"] for t in study.get_trials(deepcopy=False)
+                             if "latency_host" in t.user_attrs})  # a study from before figures were shared
+    return " and ".join(found) if found else latency_lib.host()
 
 
 def front(study, objectives: Objectives) -> list:

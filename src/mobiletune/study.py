@@ -114,7 +114,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     with parent.failing() if parent is not None else nullcontext():
         shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted, parent)
         if wanted.measures_latency:
-            measure_sizes(shared, space, say)
+            measure_sizes(study, shared, space, say)
         _search(study, created, shared, space, n_trials, timeout, say)
         results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
                                       parent, wanted, (started, time.perf_counter() - started))
@@ -235,7 +235,7 @@ def _latency_results(study, wanted: objectives_lib.Objectives, best) -> dict[str
     if not wanted.measures_latency:
         return {}
     return {"latency_format": wanted.latency_format, "max_latency_ms": wanted.max_latency_ms,
-            "host": latency.host(), "chosen": objectives_lib.summary(best, wanted),
+            "host": objectives_lib.hosts(study), "chosen": objectives_lib.summary(best, wanted),
             "front": [objectives_lib.summary(t, wanted) for t in objectives_lib.front(study, wanted)]}
 
 

@@ -57,8 +57,6 @@ def plot_sweep(study, space: dict[str, Any], out: Path, wanted: objectives_lib.O
 def plot_front(study, wanted: objectives_lib.Objectives, path: Path) -> bool:
     """Validation accuracy against ms per image: every finished trial a point (coloured by input size),
     the front joined, the base recipe ringed, the budget a line. False when no trial has both."""
-    from mobiletune.latency import host
-
     fmt = wanted.latency_format
     done = [t for t in study.get_trials(deepcopy=False)
             if t.state.name == "COMPLETE" and objectives_lib.latency(t, fmt) is not None]
@@ -80,9 +78,9 @@ def plot_front(study, wanted: objectives_lib.Objectives, path: Path) -> bool:
                    facecolors="none", edgecolors="red", lw=1.5, label="the base recipe")
     if wanted.max_latency_ms is not None:
         ax.axvline(wanted.max_latency_ms, color="gray", ls="--", label=f"budget {wanted.max_latency_ms:g} ms")
-    ax.set_xlabel(f"ms per image ({fmt}, batch 1, XNNPACK, median)")
+    ax.set_xlabel(f"ms per image ({fmt}, batch 1, XNNPACK)")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(f"Accuracy against latency on {host()}", fontsize=9)
+    ax.set_title(f"Accuracy against latency on {objectives_lib.hosts(study)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     save_figure(path, fig)
@@ -92,7 +90,7 @@ def plot_front(study, wanted: objectives_lib.Objectives, path: Path) -> bool:
 
 def front_table(study, wanted: objectives_lib.Objectives, space: dict[str, Any], chosen) -> list[str]:
     """The summary's accuracy-against-latency section: the host, the budget, the front's points and knobs."""
-    from mobiletune.latency import BLOCKS, FORMATS, REPEATS, host
+    from mobiletune.latency import BLOCKS, FORMATS, REPEATS
 
     if not wanted.measures_latency:
         return []
@@ -100,7 +98,7 @@ def front_table(study, wanted: objectives_lib.Objectives, space: dict[str, Any],
     knobs = [k for k in space if k != "data.image_size"]
     lines = ["", "## Accuracy against latency", "",
              f"Latency: the exported model, batch 1, XNNPACK, the fastest of {BLOCKS} medians of {REPEATS} runs, "
-             f"measured on **{host()}**; "
+             f"measured on **{objectives_lib.hosts(study)}**; "
              "it holds for that host only. " + (f"Budget: {wanted.max_latency_ms:g} ms ({wanted.latency_format}). "
                                        if wanted.max_latency_ms is not None else ""),
              "", "| trial | image size | val accuracy | " + " | ".join(f"ms {f}" for f in FORMATS) + " | "

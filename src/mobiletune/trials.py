@@ -121,36 +121,52 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
     return run_trial
 
 
-def measure_sizes(shared: Shared, space: dict[str, dict[str, Any]], say) -> None:
-    """Every input size the space offers, timed before any trial trains: a quiet machine gives steadier
-    figures than the start of a trial, with the last one's data pipeline threads still winding down.
-    A size range (not a list of choices) is timed per trial instead."""
+def measure_sizes(study, shared: Shared, space: dict[str, dict[str, Any]], say) -> None:
+    """Every input size the space offers, timed before any trial trains (unless the study has its figures
+    from an earlier worker): a quiet machine gives steadier figures than the start of a trial, with the
+    last one's data pipeline threads still winding down. A size range (not a list of choices) is timed
+    per trial instead."""
     spec = space.get("data.image_size")
     sizes = spec["choices"] if spec and spec["type"] == "categorical" else [shared.base.data.image_size]
-    say(f"timing the exported model at {', '.join(f'{s} px' for s in sizes)} ({latency.host()})")
-    for size in sizes:
+    missing = [s for s in sizes if any(objectives.study_key(s, f) not in study.user_attrs for f in latency.FORMATS)]
+    if not missing:
+        say(f"latency figures from the study, measured on {objectives.hosts(study)}")
+        return
+    say(f"timing the exported model at {', '.join(f'{s} px' for s in missing)} ({latency.host()})")
+    for size in missing:
         config = from_flat({**shared.base.flat(), "data.image_size": size})
         for fmt in latency.FORMATS:
             try:
-                latency.latency_ms(config, len(shared.images.classes), fmt, cache.cache_root(config))
+                study_latency(study, config, len(shared.images.classes), fmt)
             except Exception:  # noqa: BLE001 - the trial that needs it measures again and says why
                 continue
 
 
+def study_latency(study, config: Config, num_classes: int, fmt: str) -> tuple[float, str]:
+    """The study's latency for `config`'s input size in `fmt`, and the host it holds for: recorded by the
+    first worker that measures it (`latency.latency_ms`), then used by every worker of the study."""
+    key = objectives.study_key(config.data.image_size, fmt)
+    if key not in study.user_attrs:
+        ms = latency.latency_ms(config, num_classes, fmt, cache.cache_root(config))
+        study.set_user_attr(key, {"ms": ms, "host": latency.host()})
+    stored = study.user_attrs[key]  # read back: with workers racing, the last one written counts for all
+    return stored["ms"], stored["host"]
+
+
 def _measure_latency(trial, config: Config, num_classes: int, counted: str) -> None:
-    """Both formats' latency on the trial, and the host they hold for (workers may differ). Only the
-    counted format may fail the trial: the other one is shown when it can be had."""
+    """Both formats' latency on the trial, and the host they hold for. Only the counted format may fail
+    the trial: the other one is shown when it can be had."""
     from mobiletune.errors import ExportError
 
-    trial.set_user_attr("latency_host", latency.host())
     for fmt in latency.FORMATS:
         try:
-            ms = latency.latency_ms(config, num_classes, fmt, cache.cache_root(config))
+            ms, host = study_latency(trial.study, config, num_classes, fmt)
         except ExportError:
             if fmt == counted:
                 raise
             continue
         trial.set_user_attr(objectives.attr(fmt), ms)
+        trial.set_user_attr("latency_host", host)
 
 
 def _trial_tracking(shared: Shared, number: int, config: Config, params: dict[str, Any]) -> tracking.Tracking:
