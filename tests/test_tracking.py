@@ -21,7 +21,7 @@ from mobiletune.cli import app
 from mobiletune.config import load_config
 from mobiletune.recipe import train_and_evaluate
 from mobiletune.study import run_sweep
-from mobiletune.tracking import Mlflow
+from mobiletune.tracking import MLFLOW_DEFAULTS, Mlflow
 
 SETS = [a for kv in TINY for a in ("--set", kv)]
 
@@ -96,9 +96,11 @@ def test_a_run_writes_tensorboard_curves_for_both_phases(cats_dogs_tiny, tmp_pat
 def test_mlflow_server_gets_params_epochs_test_metrics_artifacts_and_digests(cats_dogs_tiny, tmp_path, mlflow_server):
     from mlflow import MlflowClient
 
+    users = {k for k in MLFLOW_DEFAULTS if k in os.environ}
     result = CliRunner().invoke(app, ["train", str(cats_dogs_tiny), "--out", str(tmp_path / "run"), *SETS,
                                       "--mlflow", mlflow_server])
     assert result.exit_code == 0, result.output
+    assert {k for k in MLFLOW_DEFAULTS if k in os.environ} == users  # our settings held for our calls only
     assert f"MLflow: {mlflow_server}/#/experiments/" in result.output
     assert "View run" not in result.output  # MLflow's own link, one per run it ends, is ours to print once
     metrics = runfolder.read_metrics(tmp_path / "run")
@@ -219,7 +221,12 @@ def test_a_uri_mlflow_cannot_open_is_one_line_too():
     from mobiletune.tracking import MlflowRun
 
     said = []
-    run = MlflowRun.start(Mlflow("localhost:5000"), "run", said.append, params={"a": 1})
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "7"  # a user's own setting
+    try:
+        run = MlflowRun.start(Mlflow("localhost:5000"), "run", said.append, params={"a": 1})
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]
     assert not run.active and run.failed and run.link == ""
     assert len(said) == 1 and said[0].startswith("MLflow tracking at localhost:5000 stopped (")
     run.log_metrics({"loss": 1.0}, step=1)  # switched off: nothing more is tried, nor said

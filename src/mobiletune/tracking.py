@@ -30,7 +30,8 @@ EXPERIMENT = "mobiletune"  # the MLflow experiment when MLFLOW_EXPERIMENT_NAME d
 INSTALL = "pip install 'mobiletune[mlflow]'"
 # A server that is down should cost seconds, not the minutes of MLflow's default retries (7, with
 # backoff) and timeout (120 s); and the run's link is ours to print, once, after the results (MLflow
-# prints one for every run it ends, trials included). A user's own settings win.
+# prints one for every run it ends, trials included). A user's own settings win, and these hold only
+# during our own calls (`_our_settings`): a notebook's other MLflow code keeps MLflow's defaults.
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
@@ -103,8 +104,6 @@ class MlflowRun:
     def start(cls, target: Mlflow, name: str, say: Callable[[str], None], *, params: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None, run_id: str | None = None) -> MlflowRun:
         """A new run (nested under `target.parent_run_id`), or `run_id` continued (a resumed run)."""
-        for key, value in MLFLOW_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         from mlflow import MlflowClient
 
         run = cls(None, None, say, target.uri)
@@ -132,7 +131,8 @@ class MlflowRun:
     @contextmanager
     def _guard(self) -> Iterator[None]:
         try:
-            yield
+            with _our_settings():
+                yield
         except Exception as exc:  # noqa: BLE001 - a tracking server fails in many ways; none may stop a run
             if not self.failed:
                 first = _reason(exc)
@@ -192,6 +192,18 @@ class MlflowRun:
 
     def epoch_callback(self, phase: int) -> keras.callbacks.Callback:
         return _EpochsToMlflow(self, phase)
+
+
+@contextmanager
+def _our_settings() -> Iterator[None]:
+    """MLFLOW_DEFAULTS in the environment, where the user set none, for the duration of one of our calls."""
+    added = [key for key in MLFLOW_DEFAULTS if key not in os.environ]
+    os.environ.update({key: MLFLOW_DEFAULTS[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _experiment_id(client, name: str) -> str:
