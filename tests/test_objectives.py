@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from conftest import TINY
 from mobiletune import latency, objectives
 from mobiletune.cli import app
+from mobiletune.config import load_config
 from mobiletune.errors import UsageError
 
 
@@ -69,6 +70,14 @@ def test_same_size_median_pruning():
     assert not objectives.below_same_size_median(study, trial, 2, 0.7, 160)
 
 
+def test_the_hosts_named_are_the_studys_and_its_trials():
+    study = _study([(0.9, 1.0, 160)])
+    study.add_trial(optuna.trial.create_trial(values=[0.8, 2.0], user_attrs={"latency_host": "Old CPU, 4 CPUs, AVX2"}))
+    assert objectives.hosts(study) == "Old CPU, 4 CPUs, AVX2"
+    study.set_user_attr(objectives.study_key(load_config(), "tflite"), {"ms": 0.9, "host": "New CPU, 8 CPUs, AVX-512"})
+    assert objectives.hosts(study) == "New CPU, 8 CPUs, AVX-512 and Old CPU, 4 CPUs, AVX2"  # mixed: both said
+
+
 def test_multi_objective_sweep_end_to_end(flowers_tiny, tmp_path, monkeypatch):
     space = tmp_path / "space.yaml"
     space.write_text("data.image_size: [32, 48]\nphase1.lr: {type: float, low: 0.0001, high: 0.01, log: true}\n")
@@ -108,7 +117,10 @@ def test_multi_objective_sweep_end_to_end(flowers_tiny, tmp_path, monkeypatch):
     newest = study.trials[-1]
     assert newest.number == 3 and newest.user_attrs["latency_host"] == results["host"]
     size = newest.params["data.image_size"]
-    assert newest.user_attrs["latency_ms_tflite"] == study.user_attrs[f"latency:{size}px:tflite"]["ms"]
+    assert newest.user_attrs["latency_ms_tflite"] == study.user_attrs[f"latency:{size}px:alpha 1:tflite"]["ms"]
+    assert again["best"] == json.loads((out / "best" / "metrics.json").read_text())  # best/ is the chosen config's
+    trained = load_config(out / "best" / "config.yaml").flat()
+    assert all(trained[k] == v for k, v in again["best_params"].items())
     monkeypatch.undo()
     # and a study made with one objective cannot be continued with two
     single = tmp_path / "single"

@@ -166,3 +166,24 @@ def test_two_workers_on_postgres_survive_a_kill(cats_dogs_tiny, tmp_path):
     assert all(t.user_attrs.get("worker") for t in trials)  # each trial ran in exactly one named worker
     with open(tmp_path / "b" / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == len(trials)
+
+
+def test_a_rerun_that_found_a_better_config_retrains_best(tmp_path, monkeypatch):
+    import json
+
+    from mobiletune import study
+
+    made = load_config(overrides=["phase1.lr=0.001"])
+    best = tmp_path / "best"
+    best.mkdir()
+    (best / "config.yaml").write_text(made.to_yaml())
+    (best / "metrics.json").write_text(json.dumps({"from": "the earlier best"}))
+    trained = []
+
+    class Finished:
+        metrics = {"from": "a retrain"}
+
+    monkeypatch.setattr(study, "train_and_evaluate", lambda config, *a, **k: trained.append(config) or Finished)
+    assert study._run_once(made, "data", best, [100], None) == {"from": "the earlier best"} and not trained
+    better = load_config(overrides=["phase1.lr=0.0005"])
+    assert study._run_once(better, "data", best, [100], None) == {"from": "a retrain"} and trained == [better]

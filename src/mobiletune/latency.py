@@ -5,7 +5,7 @@ A sweep trades accuracy against this figure, so it is measured, not estimated fr
 same FLOPs run at different speeds at different sizes and precisions. It depends on the
 architecture, the input size, the number of classes and the format, not on the trained weights,
 so it is measured once per (host, size, classes, format) and kept in the cache folder. The
-figures hold for this host only; `host()` names it wherever they are shown.
+figures hold for this host only; a sweep names it (`objectives.hosts`) wherever they are shown.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def host() -> str:
 
 
 def _key(config: Config, num_classes: int, fmt: str) -> str:
-    return (f"{host()}|{config.data.image_size}px|{num_classes} classes|{fmt}|litert {version('ai-edge-litert')}"
+    return (f"{host()}|{config.data.image_size}px|alpha {config.model.alpha:g}|{num_classes} classes|{fmt}"
+            f"|litert {version('ai-edge-litert')}"
             f"|best of {BLOCKS} medians of {REPEATS}")
 
 

@@ -76,17 +76,18 @@ def attr(fmt: str) -> str:
     return f"latency_ms_{fmt.replace('-', '_')}"
 
 
-def study_key(size: int, fmt: str) -> str:
-    """The study attribute that holds the latency of `size` px in `fmt`: {"ms": ..., "host": ...}."""
-    return f"latency:{size}px:{fmt}"
+def study_key(config, fmt: str) -> str:
+    """The study attribute that holds the latency of `config`'s model (input size, width) in `fmt`:
+    {"ms": ..., "host": ...}."""
+    return f"latency:{config.data.image_size}px:alpha {config.model.alpha:g}:{fmt}"
 
 
 def hosts(study) -> str:
-    """The host(s) the study's latency figures were measured on, for every place that shows them."""
-    found = sorted({v["host"] for k, v in study.user_attrs.items() if k.startswith("latency:")})
-    found = found or sorted({t.user_attrs["latency_host"] for t in study.get_trials(deepcopy=False)
-                             if "latency_host" in t.user_attrs})  # a study from before figures were shared
-    return " and ".join(found) if found else latency_lib.host()
+    """The host(s) the study's latency figures were measured on, for every place that shows them: the
+    study's figures, and its trials' own (a study begun before figures were kept in it)."""
+    found = {v["host"] for k, v in study.user_attrs.items() if k.startswith("latency:")}
+    found |= {t.user_attrs["latency_host"] for t in study.get_trials(deepcopy=False) if "latency_host" in t.user_attrs}
+    return " and ".join(sorted(found)) if found else latency_lib.host()
 
 
 def front(study, objectives: Objectives) -> list:

@@ -24,8 +24,8 @@ import yaml
 
 from mobiletune import cache, data, latency, runfolder, scan, tracking
 from mobiletune import objectives as objectives_lib
-from mobiletune.config import Config, from_flat
-from mobiletune.errors import UsageError
+from mobiletune.config import Config, from_flat, load_config
+from mobiletune.errors import MobiletuneError, UsageError
 from mobiletune.recipe import seed_everything, train_and_evaluate
 from mobiletune.space import in_space, load_space
 from mobiletune.trials import Shared, measure_sizes, objective
@@ -258,11 +258,19 @@ def _sweep_mlflow(target: tracking.Mlflow | None, study, created: bool, out: Pat
 
 def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], console,
               mlflow: tracking.Mlflow | None = None) -> dict[str, Any]:
-    """A full run folder for `config`, unless one is already there (a second worker, a rerun)."""
-    if (out / runfolder.METRICS).exists():
+    """A full run folder for `config`, unless one of the same config is already there (a second worker, a
+    rerun). A rerun whose trials found a better config retrains the folder for it."""
+    if (out / runfolder.METRICS).exists() and _same_config(out, config):
         return _read_metrics(out)
     return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
                               mlflow=mlflow).metrics
+
+
+def _same_config(run: Path, config: Config) -> bool:
+    try:
+        return load_config(run / runfolder.CONFIG).flat() == config.flat()
+    except (OSError, MobiletuneError):
+        return False  # unreadable: made again
 
 
 def _read_baseline(run: Path) -> dict[str, Any]:

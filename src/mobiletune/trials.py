@@ -128,13 +128,15 @@ def measure_sizes(study, shared: Shared, space: dict[str, dict[str, Any]], say) 
     per trial instead."""
     spec = space.get("data.image_size")
     sizes = spec["choices"] if spec and spec["type"] == "categorical" else [shared.base.data.image_size]
-    missing = [s for s in sizes if any(objectives.study_key(s, f) not in study.user_attrs for f in latency.FORMATS)]
+    configs = {size: from_flat({**shared.base.flat(), "data.image_size": size}) for size in sizes}
+    attrs = study.user_attrs
+    missing = [s for s in sizes if any(objectives.study_key(configs[s], f) not in attrs for f in latency.FORMATS)]
     if not missing:
         say(f"latency figures from the study, measured on {objectives.hosts(study)}")
         return
     say(f"timing the exported model at {', '.join(f'{s} px' for s in missing)} ({latency.host()})")
     for size in missing:
-        config = from_flat({**shared.base.flat(), "data.image_size": size})
+        config = configs[size]
         for fmt in latency.FORMATS:
             try:
                 study_latency(study, config, len(shared.images.classes), fmt)
@@ -145,11 +147,12 @@ def measure_sizes(study, shared: Shared, space: dict[str, dict[str, Any]], say) 
 def study_latency(study, config: Config, num_classes: int, fmt: str) -> tuple[float, str]:
     """The study's latency for `config`'s input size in `fmt`, and the host it holds for: recorded by the
     first worker that measures it (`latency.latency_ms`), then used by every worker of the study."""
-    key = objectives.study_key(config.data.image_size, fmt)
+    key = objectives.study_key(config, fmt)
     if key not in study.user_attrs:
         ms = latency.latency_ms(config, num_classes, fmt, cache.cache_root(config))
-        study.set_user_attr(key, {"ms": ms, "host": latency.host()})
-    stored = study.user_attrs[key]  # read back: with workers racing, the last one written counts for all
+        if key not in study.user_attrs:  # workers that measured at the same time: the first to finish counts
+            study.set_user_attr(key, {"ms": ms, "host": latency.host()})
+    stored = study.user_attrs[key]
     return stored["ms"], stored["host"]
 
 
@@ -166,7 +169,8 @@ def _measure_latency(trial, config: Config, num_classes: int, counted: str) -> N
                 raise
             continue
         trial.set_user_attr(objectives.attr(fmt), ms)
-        trial.set_user_attr("latency_host", host)
+        if fmt == counted:
+            trial.set_user_attr("latency_host", host)
 
 
 def _trial_tracking(shared: Shared, number: int, config: Config, params: dict[str, Any]) -> tracking.Tracking:
