@@ -140,15 +140,17 @@ class MlflowRun:
                          "its folder")
             self.run_id, self.client, self.link, self.failed = None, None, "", True
 
-    # Every log_batch is synchronous, even with MLflow's async logging on (a notebook's setting): its errors
-    # then reach `_guard`, and our retry settings (`_our_settings`) hold while it talks to the server.
+    def _log_batch(self, **batch) -> None:
+        # synchronous even with MLflow's async logging on (a notebook's setting): its errors then reach
+        # `_guard`, and our retry settings (`_our_settings`) hold while it talks to the server
+        self._call(lambda: self.client.log_batch(self.run_id, synchronous=True, **batch))
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
-            self._call(lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk,
-                                                                            synchronous=True))
+            self._log_batch(params=items[i:i + 100])
 
     def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
         import time
@@ -157,13 +159,12 @@ class MlflowRun:
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
-        self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics, synchronous=True))
+        self._log_batch(metrics=metrics)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._call(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
-                                                         synchronous=True))
+        self._log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_folder(self, folder: Path) -> None:
         self._call(lambda: self.client.log_artifacts(self.run_id, str(folder)))

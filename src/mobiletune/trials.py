@@ -140,7 +140,7 @@ def measure_sizes(study, shared: Shared, space: dict[str, dict[str, Any]], say) 
         for fmt in latency.FORMATS:
             try:
                 study_latency(study, config, len(shared.images.classes), fmt)
-            except Exception:  # noqa: BLE001 - the trial that needs it measures again and says why
+            except Exception:  # noqa: BLE001 - remembered (`latency`): the trial that needs it says why
                 continue
 
 
@@ -148,11 +148,13 @@ def study_latency(study, config: Config, num_classes: int, fmt: str) -> tuple[fl
     """The study's latency for `config`'s input size in `fmt`, and the host it holds for: recorded by the
     first worker that measures it (`latency.latency_ms`), then used by every worker of the study."""
     key = objectives.study_key(config, fmt)
-    if key not in study.user_attrs:
+    stored = study.user_attrs.get(key)  # one storage read when the figure is known
+    if stored is None:
         ms = latency.latency_ms(config, num_classes, fmt, cache.cache_root(config))
-        if key not in study.user_attrs:  # workers that measured at the same time: the first to finish counts
-            study.set_user_attr(key, {"ms": ms, "host": latency.host()})
-    stored = study.user_attrs[key]
+        stored = study.user_attrs.get(key)  # workers that measured at the same time: the first to finish counts
+        if stored is None:
+            stored = {"ms": ms, "host": latency.host()}
+            study.set_user_attr(key, stored)
     return stored["ms"], stored["host"]
 
 
