@@ -68,6 +68,28 @@ def test_only_the_formats_not_yet_known_are_measured(tmp_path, monkeypatch):
     assert latency.latency_ms(config, 2, "tflite", None) == 2.0 and calls[-1] == ["tflite"]  # only what is asked
 
 
+def test_a_worker_waits_for_another_ones_timing_and_uses_its_figures(tmp_path, monkeypatch):
+    """Two timings at once slow each other down, so a second worker sharing the cache waits for the first
+    (here: the lock held by the test, as another process would) and then takes its figures."""
+    import threading
+
+    from mobiletune import runfolder
+
+    config = load_config(overrides=[f"data.image_size={SIZE}"])
+    calls = []
+    monkeypatch.setattr(latency, "measure", lambda c, n, formats: (calls.append(formats) or ({"tflite": 9.0}, {})))
+    got = []
+    with runfolder.exclusive(tmp_path / ".latency.lock"):
+        worker = threading.Thread(target=lambda: got.append(latency.latency_ms(config, 2, "tflite", tmp_path)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not calls  # waiting, not timing alongside
+        figures = {latency._key(config, 2, f): 1.5 for f in latency.FORMATS}
+        (tmp_path / latency.FILE_NAME).write_text(json.dumps(figures))
+    worker.join(timeout=10)
+    assert got == [1.5] and not calls  # the other worker's figure, not a second measurement
+
+
 def test_a_format_that_fails_is_its_own_error(tmp_path, monkeypatch):
     import mobiletune.export as export
 

@@ -187,3 +187,26 @@ def test_a_rerun_that_found_a_better_config_retrains_best(tmp_path, monkeypatch)
     assert study._run_once(made, "data", best, [100], None) == {"from": "the earlier best"} and not trained
     better = load_config(overrides=["phase1.lr=0.0005"])
     assert study._run_once(better, "data", best, [100], None) == {"from": "a retrain"} and trained == [better]
+
+
+def test_workers_sharing_a_sweep_folder_take_turns_to_retrain(tmp_path, monkeypatch):
+    """Two workers that finish together both retrain best/: the second waits for the first (here: the
+    lock held by the test, as that worker would) and reuses its folder instead of writing into it at once."""
+    import json
+    import threading
+
+    from mobiletune import runfolder, study
+
+    config, best = load_config(), tmp_path / "best"
+    trained, got = [], []
+    monkeypatch.setattr(study, "train_and_evaluate", lambda c, *a, **k: trained.append(c))
+    with runfolder.exclusive(tmp_path / ".best.lock"):
+        worker = threading.Thread(target=lambda: got.append(study._run_once(config, "data", best, [100], None)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not trained  # waiting, not training into the same folder
+        best.mkdir()
+        (best / "config.yaml").write_text(config.to_yaml())
+        (best / "metrics.json").write_text(json.dumps({"from": "the other worker"}))
+    worker.join(timeout=10)
+    assert got == [{"from": "the other worker"}] and not trained

@@ -27,11 +27,12 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mobiletune import runfolder
 
 SHARD_BYTES = 64 * 2**20  # items per shard: ~64 MB of features, so 10^6 images make ~10^3 files, not 10^6
 CLAIM_STALE_SECONDS = 300  # a claim not refreshed for this long belongs to a dead process
@@ -193,16 +194,8 @@ class FeatureStore:
         finally:
             remove_tree(tmp)
 
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        import fcntl
-
-        with open(self.folder / "claims" / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _lock(self):
+        return runfolder.exclusive(self.folder / "claims" / ".lock")
 
     def _claim(self, chunk: list[bytes]) -> Path:
         path = self.folder / "claims" / f"{time.time_ns():020d}-{self.owner}-{uuid.uuid4().hex[:8]}.json"

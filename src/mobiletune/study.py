@@ -259,11 +259,17 @@ def _sweep_mlflow(target: tracking.Mlflow | None, study, created: bool, out: Pat
 def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], console,
               mlflow: tracking.Mlflow | None = None) -> dict[str, Any]:
     """A full run folder for `config`, unless one of the same config is already there (a second worker, a
-    rerun). A rerun whose trials found a better config retrains the folder for it."""
-    if (out / runfolder.METRICS).exists() and _same_config(out, config):
-        return _read_metrics(out)
-    return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
-                              mlflow=mlflow).metrics
+    rerun). A rerun whose trials found a better config retrains the folder for it. Workers sharing the
+    sweep folder take turns: one trains, the next waits and then finds its folder."""
+    def waiting() -> None:
+        if console is not None:
+            console.print(f"another worker is training {out}; waiting for it")
+
+    with runfolder.exclusive(out.parent / f".{out.name}.lock", waiting):
+        if (out / runfolder.METRICS).exists() and _same_config(out, config):
+            return _read_metrics(out)
+        return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
+                                  mlflow=mlflow).metrics
 
 
 def _same_config(run: Path, config: Config) -> bool:
