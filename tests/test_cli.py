@@ -55,6 +55,29 @@ def test_bad_input_is_one_line(tmp_path):
         assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
 
 
+def test_bad_input_is_refused_before_tensorflow_starts(tmp_path):
+    """A typo costs a fraction of a second, not TensorFlow's start-up: every check that needs no model runs
+    first. A fresh interpreter, since this one has long imported TensorFlow."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from typer.testing import CliRunner
+from mobiletune.cli import app
+cases = [["train", "{tmp_path}/nope"], ["train", "{tmp_path}", "--set", "phase9.x=1"], ["sweep", "{tmp_path}/nope"],
+         ["sweep", "{tmp_path}", "--objectives", "speed"], ["audit", "{tmp_path}/nope.csv"],
+         ["evaluate", "{tmp_path}"], ["export", "{tmp_path}"], ["predict", "{tmp_path}/m.keras", "x.jpg"]]
+for args in cases:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and result.output.startswith("error: "), (args, result.output)
+print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "tensorflow imported: False"
+
+
 def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "run"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mobiletune import runfolder
+from mobiletune import data, runfolder
 from mobiletune.config import Config, load_config
 from mobiletune.errors import UsageError
 from mobiletune.quiet import import_tensorflow
@@ -185,16 +185,10 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
     Returns:
         The finished `Run`.
     """
-    import_tensorflow()
-    from mobiletune.recipe import resume_run, train_and_evaluate
-    from mobiletune.tracking import mlflow_target
-
-    console, target = _console(verbose), mlflow_target(mlflow)
     if resume is not None:
         if data_dir is not None or config is not None or overrides or audit or exclude:
             raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
                              "--audit and --exclude")
-        result = resume_run(resume, console=console, mlflow=target)
     else:
         if data_dir is None:
             raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
@@ -202,6 +196,15 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
                    **({"data.audit": "full"} if audit else {}),
                    **({"data.exclude": str(Path(exclude).resolve())} if exclude else {})}
         cfg = make_config(make_config(config, overrides), options)
+        data.check_source(data_dir)
+    import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
+    from mobiletune.recipe import resume_run, train_and_evaluate
+    from mobiletune.tracking import mlflow_target
+
+    console, target = _console(verbose), mlflow_target(mlflow)
+    if resume is not None:
+        result = resume_run(resume, console=console, mlflow=target)
+    else:
         result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=console, mlflow=target)
     return load(result.workdir)
 
@@ -236,12 +239,15 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         The sweep's results (sweep.json): "best" and "default" metrics, "best_trial", "best_params", timings;
         with latency also "host", "front" and "chosen".
     """
-    import_tensorflow()
     from mobiletune import objectives as objectives_lib
+
+    wanted = objectives_lib.parse(objectives, latency_format, max_latency_ms)
+    base = make_config(config, overrides)
+    data.check_source(data_dir)
+    import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
     from mobiletune.study import run_sweep
     from mobiletune.tracking import mlflow_target
 
-    wanted = objectives_lib.parse(objectives, latency_format, max_latency_ms)
-    return run_sweep(make_config(config, overrides), data_dir, out, n_trials=trials, space_path=space,
+    return run_sweep(base, data_dir, out, n_trials=trials, space_path=space,
                      storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,
                      baseline=baseline, console=_console(verbose), mlflow=mlflow_target(mlflow), objectives=wanted)

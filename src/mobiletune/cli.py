@@ -36,7 +36,6 @@ def _one_line_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            import_tensorflow()  # its C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL
             return command(*args, **kwargs)
         except MobiletuneError as exc:
             err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
@@ -137,9 +136,12 @@ def evaluate_command(
     ] = None,
 ) -> None:
     """Re-evaluate a run before and after fine-tuning, with intervals and McNemar's test; rebuild report.html."""
+    from mobiletune import runfolder
     from mobiletune.evaluate import evaluate_run
     from mobiletune.report import print_results
 
+    runfolder.read_metrics(run)  # a folder that is no finished run is refused before TensorFlow starts
+    import_tensorflow()
     block = evaluate_run(run, data)
     print_results(console, block, title="Test set" if data is None else f"Images in {data}")
     mc = block["mcnemar"]
@@ -171,8 +173,12 @@ def audit_command(
 
     from mobiletune.audit import ISSUES, audit_folder
     from mobiletune.config import load_config
+    from mobiletune.data import check_source
 
-    found = audit_folder(load_config(config, list(set_ or [])), data_dir, out, overwrite=overwrite, console=console)
+    recipe = load_config(config, list(set_ or []))
+    check_source(data_dir)
+    import_tensorflow()
+    found = audit_folder(recipe, data_dir, out, overwrite=overwrite, console=console)
     table = Table(title=f"audit of {found['images']:,} images ({found['skipped']} skipped)")
     table.add_column("issue")
     table.add_column("images", justify="right")
@@ -249,6 +255,10 @@ def export_command(
     """Export the run's model; re-test each format with its own runtime on the test set."""
     from rich.table import Table
 
+    from mobiletune import runfolder
+
+    runfolder.read_metrics(run)  # a folder that is no finished run is refused before TensorFlow starts
+    import_tensorflow()
     from mobiletune.export import export_run
 
     result = export_run(run, format_, out, max_drop=max_drop, int8_io=int8_io)
@@ -281,10 +291,12 @@ def predict_command(
     import json
 
     from mobiletune.errors import UsageError
-    from mobiletune.predict import load_predictor, predict_paths
+    from mobiletune.predict import load_predictor, model_path, predict_paths
 
     if format_ not in ("table", "csv", "json"):
         raise UsageError(f"--format {format_!r}: choose table, csv or json")
+    model_path(model)  # a missing model is refused before TensorFlow starts
+    import_tensorflow()
     predictor = load_predictor(model)
     scoring = unknown and predictor.detector is not None
     writer = csv_lib.writer(sys.stdout, lineterminator="\n")
@@ -324,6 +336,7 @@ def fetch(
 
     if name != "cats-and-dogs":
         raise UsageError(f"fetch {name!r}: unknown data set; available: cats-and-dogs")
+    import_tensorflow()
     print(fetch_cats_and_dogs())
 
 

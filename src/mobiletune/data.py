@@ -121,6 +121,20 @@ def image_root(source: str | Path) -> Path:
     return source.parent if labels.is_labels_file(source) else source
 
 
+def check_source(data_dir: str | Path) -> None:
+    """A DATA_DIR that cannot be one (missing, a plain file) is refused at once, before minutes of start-up."""
+    data_dir = Path(data_dir)
+    if labels.is_labels_file(data_dir):
+        if not data_dir.is_file():
+            raise DataError(f"{data_dir}: no such file")
+        return
+    if not data_dir.exists():
+        raise DataError(f"DATA_DIR {_display(str(data_dir))}: no such folder")
+    if not data_dir.is_dir():
+        raise DataError(f"DATA_DIR {_display(str(data_dir))}: is a file; give the folder that holds the class "
+                        "folders, or a .csv with path,label columns")
+
+
 def discover(data_dir: Path) -> Listing:
     """Classes and `(path, class, split or None)` for every image file under DATA_DIR or in a labels CSV.
 
@@ -128,11 +142,7 @@ def discover(data_dir: Path) -> Listing:
     """
     if labels.is_labels_file(data_dir):
         return _discover_csv(data_dir)
-    if not data_dir.exists():
-        raise DataError(f"DATA_DIR {_display(str(data_dir))}: no such folder")
-    if not data_dir.is_dir():
-        raise DataError(f"DATA_DIR {_display(str(data_dir))}: is a file; give the folder that holds the class "
-                        "folders, or a .csv with path,label columns")
+    check_source(data_dir)
     top = _list_class_folders(data_dir)
     present = {
         split: next((name for name in names if name in top), None) for split, names in SPLIT_FOLDERS.items()

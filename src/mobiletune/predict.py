@@ -141,13 +141,19 @@ def _labels_for(path: Path) -> list[str]:
     raise ModelError(f"{path}: no labels.txt beside it and no run folder around it; cannot name the classes")
 
 
-def load_predictor(path: str | Path) -> Predictor:
-    """A run folder, .keras, SavedModel folder, .tflite or .onnx file."""
+def model_path(path: str | Path) -> Path:
+    """The model file a path names (a run folder names its model.keras); a missing one is a usage error."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such model or run folder")
     if path.is_dir() and (path / runfolder.MODEL).is_file() and (path / runfolder.METRICS).is_file():
-        path = path / runfolder.MODEL  # a run folder
+        return path / runfolder.MODEL  # a run folder
+    return path
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """A run folder, .keras, SavedModel folder, .tflite or .onnx file."""
+    path = model_path(path)
     classes = _labels_for(path)
     try:
         if path.is_dir() and (path / "saved_model.pb").exists():
