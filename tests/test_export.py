@@ -79,3 +79,25 @@ def test_a_later_export_of_one_format_keeps_the_others_listed(exported):
     assert by_format["onnx"] == next(c for c in first["checks"] if c["format"] == "onnx")  # carried over as measured
     assert "| onnx |" in (run / "export" / "report.md").read_text()
     assert "| tflite-int8 |" in (run / "export" / "model_card.md").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_predict_with_a_tflite_or_onnx_file_runs_without_tensorflow(exported, tiny_run, fmt):
+    """Mobile developers' check of a shipped file: its own runtime only, no TensorFlow start-up. A fresh
+    interpreter, since this one has long imported TensorFlow."""
+    import subprocess
+    import sys
+
+    run, images = exported[0], tiny_run.workdir.parent / "data" / "validation"
+    code = f"""
+import sys
+from typer.testing import CliRunner
+from mobiletune.cli import app
+result = CliRunner().invoke(app, ["predict", "{run / "export" / FILE_NAMES[fmt]}", "{images}", "--format", "csv"])
+assert result.exit_code == 0, result.output
+print(len(result.output.splitlines()), "tensorflow" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, tensorflow = done.stdout.split()
+    assert int(rows) > 1 and tensorflow == "False"

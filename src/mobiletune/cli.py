@@ -291,12 +291,12 @@ def predict_command(
     import json
 
     from mobiletune.errors import UsageError
-    from mobiletune.predict import load_predictor, model_path, predict_paths
+    from mobiletune.predict import load_predictor, model_path, needs_tensorflow, predict_paths
 
     if format_ not in ("table", "csv", "json"):
         raise UsageError(f"--format {format_!r}: choose table, csv or json")
-    model_path(model)  # a missing model is refused before TensorFlow starts
-    import_tensorflow()
+    if needs_tensorflow(model_path(model)):  # a missing model is refused before TensorFlow starts
+        import_tensorflow()
     predictor = load_predictor(model)
     scoring = unknown and predictor.detector is not None
     writer = csv_lib.writer(sys.stdout, lineterminator="\n")

@@ -151,6 +151,12 @@ def model_path(path: str | Path) -> Path:
     return path
 
 
+def needs_tensorflow(path: Path) -> bool:
+    """Whether the model at `path` (from `model_path`) runs on TensorFlow: TFLite and ONNX files have their
+    own runtimes, so predicting with them skips TensorFlow's start-up (~4 s)."""
+    return path.suffix.lower() not in (".tflite", ".onnx")
+
+
 def load_predictor(path: str | Path) -> Predictor:
     """A run folder, .keras, SavedModel folder, .tflite or .onnx file."""
     path = model_path(path)
