@@ -112,12 +112,15 @@ class ViewAugmenter:
         return x
 
 
-def build_model(config: Config, num_classes: int) -> keras.Model:
-    """The full classifier; `model.get_layer(BASE_NAME)` is the MobileNetV2 base."""
+def build_model(config: Config, num_classes: int, base: keras.Model | None = None) -> keras.Model:
+    """The full classifier; `model.get_layer(BASE_NAME)` is the MobileNetV2 base: `build_base(config)`, or
+    `base` (one built for this config) reused as it is, weights included."""
     if num_classes < 2:
         raise ModelError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
     size = config.data.image_size
-    base = build_base(config)
+    if base is None:
+        base = build_base(config)
+    assert tuple(base.input_shape[1:]) == (size, size, 3), (base.input_shape, size)
     inputs = keras.Input((size, size, 3), name=INPUT_NAME)
     x = build_augmentation(config)(inputs)
     x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="scale_to_unit")(x)  # MobileNetV2's [-1, 1]
