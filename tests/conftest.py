@@ -5,6 +5,7 @@ Tests read ../shared/data in place and copy only the handful of files a test nee
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -18,14 +19,24 @@ SHARED = Path(os.environ.get("MOBILETUNE_SHARED", ROOT.parent / "shared"))
 CATS_DOGS = SHARED / "data" / "cats_and_dogs_filtered"
 FLOWERS = SHARED / "data" / "flowers_mini"
 
+
+
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when the test session ends: a full run's feature cache is ~400 MB, and
+    left behind it filled the disk after a day of test runs."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 # Keras reads KERAS_HOME when it is imported: install the offline weights before any test does.
 if "KERAS_HOME" not in os.environ and (SHARED / "weights" / "install-into-keras-cache").exists():
-    home = Path(tempfile.mkdtemp(prefix="keras-home-"))
-    subprocess.run([str(SHARED / "weights" / "install-into-keras-cache"), str(home)], check=True, capture_output=True)
-    os.environ["KERAS_HOME"] = str(home)
+    home = _scratch("keras-home-")
+    subprocess.run([str(SHARED / "weights" / "install-into-keras-cache"), home], check=True, capture_output=True)
+    os.environ["KERAS_HOME"] = home
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The feature cache of the tests stays out of the user's ~/.cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mobiletune-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _scratch("mobiletune-test-cache-")
 
 # Small enough to run a whole recipe in seconds, real enough to exercise every code path.
 TINY = [
