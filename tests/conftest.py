@@ -20,7 +20,6 @@ CATS_DOGS = SHARED / "data" / "cats_and_dogs_filtered"
 FLOWERS = SHARED / "data" / "flowers_mini"
 
 
-
 def _scratch(prefix: str) -> str:
     """A temporary folder removed when the test session ends: a full run's feature cache is ~400 MB, and
     left behind it filled the disk after a day of test runs."""

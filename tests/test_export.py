@@ -93,7 +93,8 @@ def test_predict_with_a_tflite_or_onnx_file_runs_without_tensorflow(exported, ti
 import sys
 from typer.testing import CliRunner
 from mobiletune.cli import app
-result = CliRunner().invoke(app, ["predict", "{run / "export" / FILE_NAMES[fmt]}", "{images}", "--format", "csv"])
+model, images = {str(run / "export" / FILE_NAMES[fmt])!r}, {str(images)!r}
+result = CliRunner().invoke(app, ["predict", model, images, "--format", "csv"])
 assert result.exit_code == 0, result.output
 print(len(result.output.splitlines()), "tensorflow" in sys.modules)
 """

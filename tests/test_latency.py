@@ -71,6 +71,7 @@ def test_only_the_formats_not_yet_known_are_measured(tmp_path, monkeypatch):
 def test_a_worker_waits_for_another_ones_timing_and_uses_its_figures(tmp_path, monkeypatch):
     """Two timings at once slow each other down, so a second worker sharing the cache waits for the first
     (here: the lock held by the test, as another process would) and then takes its figures."""
+    import socket
     import threading
 
     from mobiletune import runfolder
@@ -79,7 +80,7 @@ def test_a_worker_waits_for_another_ones_timing_and_uses_its_figures(tmp_path, m
     calls = []
     monkeypatch.setattr(latency, "measure", lambda c, n, formats: (calls.append(formats) or ({"tflite": 9.0}, {})))
     got = []
-    with runfolder.exclusive(tmp_path / ".latency.lock"):
+    with runfolder.exclusive(tmp_path / f".latency-{socket.gethostname()}.lock"):
         worker = threading.Thread(target=lambda: got.append(latency.latency_ms(config, 2, "tflite", tmp_path)))
         worker.start()
         worker.join(timeout=1.0)

@@ -255,10 +255,7 @@ def export_command(
     """Export the run's model; re-test each format with its own runtime on the test set."""
     from rich.table import Table
 
-    from mobiletune import runfolder
-
-    runfolder.read_metrics(run)  # a folder that is no finished run is refused before TensorFlow starts
-    import_tensorflow()
+    import_tensorflow()  # before export's checks: they name a bad --format or --max-drop before the folder
     from mobiletune.export import export_run
 
     result = export_run(run, format_, out, max_drop=max_drop, int8_io=int8_io)

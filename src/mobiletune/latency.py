@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import socket
 import tempfile
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
 
@@ -70,33 +71,24 @@ def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | Non
     table_path = cache_dir / FILE_NAME if cache_dir is not None else None
     table = _read(table_path)
     if key not in table:
-        with _one_at_a_time(cache_dir):
+        # one timing at a time among this machine's processes sharing the cache: two at once slow each other
+        # down (two sweep workers started together timed the 224-px model at 3.98 ms instead of 1.66)
+        lock = cache_dir / f".latency-{socket.gethostname()}.lock" if cache_dir is not None else None
+        with runfolder.exclusive_where_possible(lock) if lock is not None else nullcontext():
             table = _read(table_path)  # as it is now: another worker may have measured it while this one waited
             if key not in table:
-                table = _measure_into(table_path, config, num_classes, fmt)
+                table = _measure_into(table, table_path, config, num_classes, fmt)
     return table[key]
 
 
-def _one_at_a_time(cache_dir: Path | None):
-    """One timing at a time among the processes sharing `cache_dir`: two at once slow each other down
-    (measured: two sweep workers started together timed the 224-px model at 3.98 ms instead of 1.66)."""
-    held = ExitStack()
-    if cache_dir is not None:
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(runfolder.exclusive(cache_dir / ".latency.lock"))
-        except OSError:
-            pass  # a read-only cache: timed unguarded, as without one
-    return held
-
-
-def _measure_into(table_path: Path | None, config: Config, num_classes: int, fmt: str) -> dict[str, float]:
-    """Measure the formats of this size the table lacks (only `fmt` without a table), add them to it
-    and return it; raise `fmt`'s error if it failed."""
-    wanted = [f for f in FORMATS if _key(config, num_classes, f) not in _read(table_path)] if table_path else [fmt]
+def _measure_into(table: dict[str, float], table_path: Path | None, config: Config, num_classes: int,
+                  fmt: str) -> dict[str, float]:
+    """Measure the formats of this size `table` lacks (only `fmt` without a cache file), add them to it,
+    save and return it; raise `fmt`'s error if it failed."""
+    wanted = [f for f in FORMATS if _key(config, num_classes, f) not in table] if table_path else [fmt]
     measured, failed = measure(config, num_classes, wanted)
     _FAILED.update({_key(config, num_classes, f): error for f, error in failed.items()})
-    table = {**_read(table_path), **{_key(config, num_classes, f): ms for f, ms in measured.items()}}
+    table = {**table, **{_key(config, num_classes, f): ms for f, ms in measured.items()}}
     if table_path is not None and measured:
         try:
             runfolder.write_json(table_path, table)

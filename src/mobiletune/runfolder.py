@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 @contextmanager
 def exclusive(lock: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold an flock on the file `lock` (made if absent): one process at a time, on this machine or any
-    that shares the folder. `waiting()` is called once if another process holds it, before blocking."""
+    """Hold an flock on the file `lock` (made if absent): one process at a time on this machine (across
+    machines only where the file system shares flocks, as NFS does). `waiting()` is called once if
+    another process holds it, before blocking."""
     import fcntl
 
     with open(lock, "a") as f:
@@ -99,6 +100,18 @@ def exclusive(lock: Path, waiting: Callable[[], None] | None = None) -> Iterator
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def exclusive_where_possible(lock: Path, waiting: Callable[[], None] | None = None) -> ExitStack:
+    """`exclusive(lock)`, entered now, where the folder allows it; else nothing held. Some cannot (read-only,
+    another user's lock file, NFS mounted without locks), and there the work is worth more than the lock."""
+    held = ExitStack()
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        held.enter_context(exclusive(lock, waiting))
+    except OSError:
+        pass
+    return held
 
 
 def write_text(path: Path, text: str) -> None:

@@ -28,6 +28,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +195,7 @@ class FeatureStore:
         finally:
             remove_tree(tmp)
 
-    def _lock(self):
+    def _lock(self) -> AbstractContextManager[None]:
         return runfolder.exclusive(self.folder / "claims" / ".lock")
 
     def _claim(self, chunk: list[bytes]) -> Path:

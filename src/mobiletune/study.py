@@ -265,7 +265,7 @@ def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], con
         if console is not None:
             console.print(f"another worker is training {out}; waiting for it")
 
-    with runfolder.exclusive(out.parent / f".{out.name}.lock", waiting):
+    with runfolder.exclusive_where_possible(out.parent / f".{out.name}.lock", waiting):
         if (out / runfolder.METRICS).exists() and _same_config(out, config):
             return _read_metrics(out)
         return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,

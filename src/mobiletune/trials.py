@@ -10,7 +10,7 @@ import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -52,6 +52,14 @@ class _ReportToTrial(keras.callbacks.Callback):
             raise optuna.TrialPruned()
 
 
+class TrialBase(NamedTuple):
+    """A worker's MobileNetV2 base for one input size, and Python's `random` state before and after it was built."""
+
+    base: keras.Model
+    random_before: tuple
+    random_after: tuple
+
+
 @dataclass
 class Shared:
     """What every trial of this worker reuses: images, one feature extractor (and its base weights) per
@@ -68,7 +76,7 @@ class Shared:
     extractors: dict[int, keras.Model] = field(default_factory=dict)
     base_weights: dict[int, list[np.ndarray]] = field(default_factory=dict)
     feature_sets: dict[tuple, features.Features] = field(default_factory=dict)
-    trial_bases: dict[int, tuple] = field(default_factory=dict)  # size -> (base, random state before, after)
+    trial_bases: dict[tuple[int, float], TrialBase] = field(default_factory=dict)  # by (size, alpha)
 
     def extractor(self, size: int) -> keras.Model:
         """The model at `size` px with the base's ImageNet weights (Keras has a file per size)."""
@@ -83,15 +91,15 @@ class Shared:
         weights: building MobileNetV2 anew took 0.4 s a trial. Its construction drew from Python's `random`
         (each initializer's seed); a reused base leaves the generator where building it would have, so
         the head starts from the same weights and every trial's result is unchanged."""
-        size, before = config.data.image_size, random.getstate()
-        known = self.trial_bases.get(size)
-        if known is not None and known[1] == before:  # built from this same state before
-            base = known[0]
-            random.setstate(known[2])
+        size, key, before = config.data.image_size, (config.data.image_size, config.model.alpha), random.getstate()
+        self.extractor(size)  # its ImageNet weights
+        known = self.trial_bases.get(key)
+        if known is not None and known.random_before == before:  # built from this same state before
+            random.setstate(known.random_after)
         else:
-            base = model_lib.build_base(from_flat({**config.flat(), "model.weights": "none"}))
-            self.trial_bases[size] = (base, before, random.getstate())
-        model = model_lib.build_model(config, len(self.images.classes), base=base)
+            known = self.trial_bases[key] = TrialBase(
+                model_lib.build_base(from_flat({**config.flat(), "model.weights": "none"})), before, random.getstate())
+        model = model_lib.build_model(config, len(self.images.classes), base=known.base)
         model_lib.base_of(model).set_weights(self.base_weights[size])
         return model
 
