@@ -68,7 +68,7 @@ from mobiletune.cli import app
 here = {str(tmp_path)!r}
 cases = [["train", here + "/nope"], ["train", here, "--set", "phase9.x=1"], ["sweep", here + "/nope"],
          ["sweep", here, "--objectives", "speed"], ["audit", here + "/nope.csv"],
-         ["evaluate", here], ["predict", here + "/m.keras", "x.jpg"]]
+         ["evaluate", here], ["predict", here + "/m.keras", "x.jpg"], ["train", "--resume", here]]
 for args in cases:
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and result.output.startswith("error: "), (args, result.output)

@@ -187,7 +187,7 @@ def test_bad_input_catalogue_through_the_cli(tmp_path, cats_dogs_small):
         (["train", str(cats_dogs_small), "--set", "phase1.epochs=many"], 2, "expected int"),
         (["train", str(cats_dogs_small), "--set", "phase1.speed=9"], 2, "unknown config key"),
         (["train"], 2, "missing DATA_DIR"),
-        (["train", "--resume", str(tmp_path / "nothing")], 2, "not a finished mobiletune run folder"),
+        (["train", "--resume", str(tmp_path / "nothing")], 2, "nothing: not a mobiletune run folder (no run.json)"),
         (["evaluate", str(tmp_path / "nothing")], 2, "not a finished mobiletune run folder"),
         (["export", str(tmp_path / "nothing")], 2, "not a finished mobiletune run folder"),
         (["export", str(tmp_path / "nothing"), "--max-drop", "-1"], 2, "--max-drop -1: give accuracy points"),

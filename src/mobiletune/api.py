@@ -189,6 +189,7 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         if data_dir is not None or config is not None or overrides or audit or exclude:
             raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
                              "--audit and --exclude")
+        runfolder.read_resumable(Path(resume))
     else:
         if data_dir is None:
             raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")

@@ -36,7 +36,7 @@ from mobiletune import (
 from mobiletune import model as model_lib
 from mobiletune import tracking as tracking_lib
 from mobiletune.config import Config
-from mobiletune.errors import DataError, UsageError
+from mobiletune.errors import DataError
 
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 # The seed's recipe gives the head ~630 steps (2000 images, batch 32, 10 epochs). On 160 images
@@ -209,9 +209,7 @@ def resume_run(run: str | Path, console=None, mlflow: tracking_lib.Mlflow | None
     from mobiletune.config import load_config
 
     run = Path(run)
-    info = runfolder.read_json(run / runfolder.RUN_INFO)
-    if (run / runfolder.METRICS).exists():
-        raise UsageError(f"--resume {run}: this run is already complete")
+    info = runfolder.read_resumable(run)
     return _run(load_config(run / runfolder.CONFIG), info["data_dir"], run, resuming=True, console=console,
                 mlflow=mlflow)
 

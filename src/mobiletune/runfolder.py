@@ -133,6 +133,15 @@ def read_json(path: Path) -> Any:
         raise UsageError(f"{path}: cannot read it ({exc})") from None
 
 
+def read_resumable(run: Path) -> dict[str, Any]:
+    """run.json of a run folder that `--resume` can continue; a finished or foreign folder is a usage error."""
+    if not (run / RUN_INFO).is_file():
+        raise UsageError(f"--resume {run}: not a mobiletune run folder (no {RUN_INFO})")
+    if (run / METRICS).exists():
+        raise UsageError(f"--resume {run}: this run is already complete")
+    return read_json(run / RUN_INFO)
+
+
 def read_metrics(run: Path) -> dict[str, Any]:
     """A finished run's metrics.json: the one reader of it, with one error for a folder that is no finished run."""
     return read_json(Path(run) / METRICS)
