@@ -210,3 +210,19 @@ def test_workers_sharing_a_sweep_folder_take_turns_to_retrain(tmp_path, monkeypa
         (best / "metrics.json").write_text(json.dumps({"from": "the other worker"}))
     worker.join(timeout=10)
     assert got == [{"from": "the other worker"}] and not trained
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize(), for the draws alone
+def test_a_worker_joining_a_study_in_the_folder_draws_its_own_trials(tmp_path):
+    """Two workers sharing a sweep folder (and its SQLite study) once drew the same startup trials: the
+    joining one had the same sampler seed. The lone worker that makes the study keeps the seed itself."""
+    from mobiletune import study
+
+    first, created = study.open_study(tmp_path, None, "s", 0, 60)
+    joined, joined_created = study.open_study(tmp_path, None, "s", 0, 60)
+    assert created and not joined_created
+    drawn = [s.ask().suggest_float("lr", 0.0, 1.0) for s in (first, joined)]
+    (tmp_path / "other").mkdir()
+    again, _ = study.open_study(tmp_path / "other", None, "s", 0, 60)
+    assert drawn[0] != drawn[1]
+    assert again.ask().suggest_float("lr", 0.0, 1.0) == drawn[0]  # a new study from the seed: the same draw

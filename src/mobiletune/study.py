@@ -51,20 +51,23 @@ def open_study(out: Path, storage: str | None, study_name: str, seed: int, grace
                                          engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL or server
         raise UsageError(f"--storage {url}: cannot open ({str(exc).splitlines()[0][:200]})") from None
-    # Workers sharing a study must not draw the same startup points: one seed per worker process.
-    sampler_seed = seed if storage is None else (seed * 1_000_003 + os.getpid()) % 2**31
-    settings = {
-        "sampler": optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=4, constant_liar=True),
-        "pruner": optuna.pruners.MedianPruner(n_startup_trials=objectives_lib.PRUNE_AFTER_TRIALS,
-                                              n_warmup_steps=objectives_lib.PRUNE_AFTER_STEP),
-    }
+    def settings(sampler_seed: int) -> dict:
+        return {"sampler": optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=4, constant_liar=True),
+                "pruner": optuna.pruners.MedianPruner(n_startup_trials=objectives_lib.PRUNE_AFTER_TRIALS,
+                                                      n_warmup_steps=objectives_lib.PRUNE_AFTER_STEP)}
+
+    # Workers sharing a study must not draw the same startup points: one seed per worker process, but the
+    # seed itself for a study a lone worker makes in its own folder, so that it can be reproduced. A worker
+    # joining a study in the folder got the seed too, and drew the first one's trials again (measured).
+    per_process = (seed * 1_000_003 + os.getpid()) % 2**31
     # Creating a study is atomic in the storage: exactly one of the workers starting together
     # creates it, and only that one enqueues the base recipe.
     directions = directions or ["maximize"]
     try:
-        return optuna.create_study(study_name=study_name, storage=rdb, directions=directions, **settings), True
+        return optuna.create_study(study_name=study_name, storage=rdb, directions=directions,
+                                   **settings(seed if storage is None else per_process)), True
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=study_name, storage=rdb, **settings)
+        study = optuna.load_study(study_name=study_name, storage=rdb, **settings(per_process))
     if [d.name.lower() for d in study.directions] != directions:
         raise UsageError(f"study {study_name!r} in {url} was made with {len(study.directions)} objective(s), not "
                          f"{len(directions)}; give a new --out (or --study) to change --objectives")
