@@ -2,6 +2,7 @@
 measurements and retrains included) beside one tutorial-style run of the seed's recipe on the same host.
 
     .venv/bin/python benchmarks/latency_sweep.py [DATA_DIR] [--trials 24] [--no-tutorial] [--sampler nsga2]
+        [--workers 2]
 
 The budget is the 160-px float TFLite latency x 1.5 (measured first, inside the timed part). Prints
 the host, the front (its input sizes), the point chosen within the budget and its test accuracy
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--no-tutorial", action="store_true", help="skip the tutorial-style run")
     parser.add_argument("--out", default=None, help="keep the sweep folder here (default: a temporary one)")
     parser.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (mobiletune sweep --workers)")
     args = parser.parse_args()
     if args.sampler == "nsga2":
         use_nsga2()
@@ -84,7 +86,8 @@ def main() -> None:
         classes = len(data.discover(Path(args.data_dir)).classes)
         budget = BUDGET_FACTOR * latency.latency_ms(config, classes, "tflite", cache)
         results = mt.sweep(args.data_dir, out, trials=args.trials, objectives="accuracy,latency",
-                           max_latency_ms=budget, overrides={"features.cache_dir": str(cache)}, verbose=True)
+                           max_latency_ms=budget, overrides={"features.cache_dir": str(cache)}, workers=args.workers,
+                           verbose=True)
         sweep_seconds = time.perf_counter() - started
         # the largest size's latency: one reference for every sampler's hypervolume
         reference = latency.latency_ms(load_config(overrides=[f"features.cache_dir={cache}", "data.image_size=224"]),

@@ -72,6 +72,25 @@ def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path):
     assert again["counts"] == results["counts"]  # nothing left to run: the study was already complete
 
 
+def test_workers_on_one_machine_share_the_trials(cats_dogs_tiny, tmp_path):
+    """--workers 2: a helper process runs trials of the same study; this worker chooses and retrains once."""
+    import optuna
+
+    config = load_config(overrides=TINY)
+    out = tmp_path / "sweep"
+    results = run_sweep(config, cats_dogs_tiny, out, n_trials=6, space_path=_space_file(tmp_path), workers=2)
+    trials = optuna.load_study(study_name="mobiletune", storage=f"sqlite:///{out / 'study.db'}").trials
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) >= 6 and not [t for t in trials if t.state.name in ("RUNNING", "FAIL")]
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes ran trials
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # no trial drawn twice
+    log = (out / "logs" / "worker-1.log").read_text()
+    assert "COMPLETE" in log and "Traceback" not in log and "[I " not in log  # our trial lines only
+    assert (out / "best" / "model.keras").exists() and results["best_trial"] in {t.number for t in finished}
+    with pytest.raises(UsageError, match="--workers 0: give at least 1"):
+        run_sweep(config, cats_dogs_tiny, tmp_path / "none", n_trials=1, workers=0)
+
+
 def test_a_trial_is_never_pruned_after_its_last_epoch():
     """Its result is complete by then; a trial with fewer epochs must not be judged on others' middles."""
     import optuna

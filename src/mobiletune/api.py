@@ -214,7 +214,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
           storage: str | None = None, study: str = "mobiletune", timeout: float | None = None,
           grace_period: int = 60, baseline: str | Path | None = None, config: str | Path | Config | None = None,
           overrides: Overrides = None, mlflow: str | None = None, objectives: str = "accuracy",
-          max_latency_ms: float | None = None, latency_format: str = "tflite", verbose: bool = True) -> dict[str, Any]:
+          max_latency_ms: float | None = None, latency_format: str = "tflite", workers: int = 1,
+          verbose: bool = True) -> dict[str, Any]:
     """Tune the recipe with Optuna, then retrain the best config and test it once, as `mobiletune sweep`.
 
     Args:
@@ -234,6 +235,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
             measured batch-1 latency of the exported model on this machine.
         max_latency_ms: retrain the most accurate trial within this latency (measures latency either way).
         latency_format: whose latency counts: "tflite" (float) or "tflite-int8".
+        workers: worker processes on this machine sharing the study; more than 1 pays where a trial leaves
+            cores idle (small data sets, many cores).
         verbose: print progress and results.
 
     Returns:
@@ -251,4 +254,5 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
 
     return run_sweep(base, data_dir, out, n_trials=trials, space_path=space,
                      storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,
-                     baseline=baseline, console=_console(verbose), mlflow=mlflow_target(mlflow), objectives=wanted)
+                     baseline=baseline, console=_console(verbose), mlflow=mlflow_target(mlflow), objectives=wanted,
+                     workers=workers)

@@ -13,10 +13,12 @@ folder, and tested once; the summary and, with latency, the Pareto front are wri
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +87,11 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
               space_path: str | Path | None = None, storage: str | None = None, study_name: str = "mobiletune",
               timeout: float | None = None, grace_period: int = 60, baseline: str | Path | None = None,
               console=None, mlflow: tracking.Mlflow | None = None,
-              objectives: objectives_lib.Objectives | None = None) -> dict[str, Any]:
+              objectives: objectives_lib.Objectives | None = None, workers: int = 1) -> dict[str, Any]:
     """Run (or join) a study until it holds `n_trials` finished trials; then report and retrain the chosen one.
 
     `objectives`: accuracy alone (default), or accuracy and latency, and an optional latency budget.
+    `workers`: worker processes on this machine, this one included (`_helpers`).
     """
     import warnings
 
@@ -100,6 +103,10 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
         raise UsageError(f"--trials {n_trials}: give at least 1")
     if grace_period < 2:
         raise UsageError(f"--grace-period {grace_period}: give at least 2 seconds")
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: give at least 1")
+    if workers > 1 and mlflow is not None:
+        raise UsageError(f"--workers {workers} with --mlflow: only one worker per machine logs to MLflow; drop one")
     started = time.perf_counter()
     wanted = objectives or objectives_lib.Objectives()
     out, space = Path(out), load_space(space_path)
@@ -117,11 +124,64 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     with parent.failing() if parent is not None else nullcontext():
         shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted, parent)
         if wanted.measures_latency:
-            measure_sizes(study, shared, space, say)
-        _search(study, created, shared, space, n_trials, timeout, say)
+            measure_sizes(study, shared, space, say)  # before the helpers start: timed on a quiet machine
+        task = {"data_dir": str(data_dir), "out": str(out), "storage": storage, "study": study_name,
+                "trials": n_trials, "timeout": timeout, "grace_period": grace_period, "base": base.flat(),
+                "space": space, "objectives": [list(wanted.names), wanted.latency_format, wanted.max_latency_ms]}
+        with _helpers(workers - 1, task, out, say):
+            _search(study, created, shared, space, n_trials, timeout, say)
         results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
                                       parent, wanted, (started, time.perf_counter() - started))
     return results
+
+
+@contextmanager
+def _helpers(count: int, task: dict[str, Any], out: Path, say) -> Iterator[None]:
+    """`count` more workers on this machine (`mobiletune.worker`), each running trials of the study until it
+    holds its trials; choosing and retraining stay here. A trial on a small data set is mostly Python
+    (tracing, one core busy), so on flowers_mini a second worker sped a 2-core sweep up (docs/benchmarks.md).
+    Their output goes to logs/worker-N.log; they are waited for, and stopped if this worker fails."""
+    import subprocess
+    import sys
+
+    started = []
+    env = {**os.environ, "MOBILETUNE_WORKER": json.dumps(task)}  # the storage URL stays out of `ps`
+    (out / tracking.LOGS).mkdir(parents=True, exist_ok=True)
+    for n in range(1, count + 1):
+        log = out / tracking.LOGS / f"worker-{n}.log"
+        with open(log, "w") as f:
+            started.append((log, subprocess.Popen([sys.executable, "-m", "mobiletune.worker"], stdout=f,
+                                                  stderr=subprocess.STDOUT, env=env)))
+    if started:
+        say(f"{count} more worker(s) on this machine; their output: {out / tracking.LOGS}/worker-N.log")
+    try:
+        yield
+    except BaseException:
+        for _, process in started:
+            process.terminate()
+            process.wait()
+        raise
+    for log, process in started:
+        if process.wait() != 0:  # its trials are failed by heartbeat; the study was finished here regardless
+            say(f"a worker stopped with exit code {process.returncode}; see {log}")
+
+
+def run_helper(task: dict[str, Any], say=print) -> None:
+    """One helper worker (`_helpers`): trials of the study in `task` until it holds its trials."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as the first worker: our own line per trial
+    out, base = Path(task["out"]), from_flat(task["base"])
+    names, latency_format, max_latency_ms = task["objectives"]
+    wanted = objectives_lib.Objectives(tuple(names), latency_format, max_latency_ms)
+    index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
+    images = data.load_images(task["data_dir"], base.data, index)
+    seed_everything(base.data.seed)
+    space = task["space"]
+    fine_tune_ats = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
+    study, _ = open_study(out, task["storage"], task["study"], base.data.seed, task["grace_period"], wanted.directions)
+    shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted)
+    _search(study, False, shared, space, task["trials"], task["timeout"], say)
 
 
 def _prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,

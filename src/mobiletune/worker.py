@@ -1,0 +1,30 @@
+"""A helper worker of `mobiletune sweep --workers N`: more trials of the same study, in a process of its own.
+
+Started by `study._helpers` with its task (JSON) in the environment variable MOBILETUNE_WORKER. It runs
+trials until the study holds its trials, then stops; the worker that started it chooses and retrains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> int:
+    from mobiletune.errors import MobiletuneError
+    from mobiletune.quiet import import_tensorflow
+
+    import_tensorflow()
+    from mobiletune.study import run_helper
+
+    try:
+        run_helper(json.loads(os.environ["MOBILETUNE_WORKER"]), say=lambda *a, **k: print(*a, flush=True))
+    except MobiletuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
