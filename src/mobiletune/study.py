@@ -4,7 +4,8 @@ and augmentation, for validation accuracy alone or for accuracy against measured
 Trials (`trials.py`) train on cached features (one extraction pass per input size serves every
 `fine_tune_at` in the space), report validation accuracy each epoch for pruning, and never see
 the test set. The study lives in any Optuna storage: an SQLite file in the sweep folder by
-default, or a shared RDB URL (PostgreSQL) so workers on many machines share one study. A worker
+default, or a shared RDB URL (PostgreSQL) so workers on many machines share one study; `--workers N` adds
+worker processes on this machine (`mobiletune.worker`). A worker
 killed mid-trial costs only that trial: its heartbeat stops and the trial is failed; the others,
 or a restarted worker, carry on. At the end the chosen config (`objectives.choose`: the most
 accurate, within the latency budget if one is given) is retrained into `best/`, a full run
