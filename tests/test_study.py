@@ -76,19 +76,29 @@ def test_workers_on_one_machine_share_the_trials(cats_dogs_tiny, tmp_path):
     """--workers 2: a helper process runs trials of the same study; this worker chooses and retrains once."""
     import optuna
 
+    from mobiletune import objectives
+
     config = load_config(overrides=TINY)
     out = tmp_path / "sweep"
-    results = run_sweep(config, cats_dogs_tiny, out, n_trials=6, space_path=_space_file(tmp_path), workers=2)
+    results = run_sweep(config, cats_dogs_tiny, out, n_trials=8, space_path=_space_file(tmp_path), workers=2)
     trials = optuna.load_study(study_name="mobiletune", storage=f"sqlite:///{out / 'study.db'}").trials
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) >= 6 and not [t for t in trials if t.state.name in ("RUNNING", "FAIL")]
+    assert len(finished) >= 8 and not [t for t in trials if t.state.name in ("RUNNING", "FAIL")]
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes ran trials
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # no trial drawn twice
     log = (out / "logs" / "worker-1.log").read_text()
     assert "COMPLETE" in log and "Traceback" not in log and "[I " not in log  # our trial lines only
     assert (out / "best" / "model.keras").exists() and results["best_trial"] in {t.number for t in finished}
+    (out / "logs" / "worker-1.log").unlink()
+    run_sweep(config, cats_dogs_tiny, out, n_trials=8, space_path=_space_file(tmp_path), workers=2)
+    assert not (out / "logs" / "worker-1.log").exists()  # a finished study starts no helper
     with pytest.raises(UsageError, match="--workers 0: give at least 1"):
         run_sweep(config, cats_dogs_tiny, tmp_path / "none", n_trials=1, workers=0)
+    ranged = tmp_path / "ranged.yaml"
+    ranged.write_text(yaml.safe_dump({"data.image_size": {"type": "int", "low": 32, "high": 64}}))
+    with pytest.raises(UsageError, match="data.image_size range"):
+        run_sweep(config, cats_dogs_tiny, tmp_path / "none", n_trials=1, space_path=ranged, workers=2,
+                  objectives=objectives.Objectives(("accuracy", "latency")))
 
 
 def test_a_trial_is_never_pruned_after_its_last_epoch():

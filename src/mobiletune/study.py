@@ -107,13 +107,19 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     if workers < 1:
         raise UsageError(f"--workers {workers}: give at least 1")
     if workers > 1 and mlflow is not None:
-        raise UsageError(f"--workers {workers} with --mlflow: only one worker per machine logs to MLflow; drop one")
+        raise UsageError(f"--workers {workers} with MLflow tracking (--mlflow or MLFLOW_TRACKING_URI): only one "
+                         "worker per machine logs to MLflow; give --workers 1, or unset the tracking URI")
     started = time.perf_counter()
     wanted = objectives or objectives_lib.Objectives()
     out, space = Path(out), load_space(space_path)
+    if workers > 1 and wanted.measures_latency and space.get("data.image_size", {}).get("type") == "int":
+        raise UsageError(f"--workers {workers} with a data.image_size range: each size would be timed while the "
+                         "other workers train; give the sizes as a list of choices, or --workers 1")
     baseline_metrics = _prepare_folder(out, base, space, n_trials, study_name, wanted, baseline)
     say = console.print if console is not None else (lambda *a, **k: None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Our own line per trial; Optuna's warning for a failed trial carries a traceback (Ctrl-C printed one),
+    # and the error reaches the user once, as our one-line message
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
     images = data.load_images(data_dir, base.data, index)
@@ -127,9 +133,11 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
         if wanted.measures_latency:
             measure_sizes(study, shared, space, say)  # before the helpers start: timed on a quiet machine
         task = {"data_dir": str(data_dir), "out": str(out), "storage": storage, "study": study_name,
-                "trials": n_trials, "timeout": timeout, "grace_period": grace_period, "base": base.flat(),
-                "space": space, "objectives": [list(wanted.names), wanted.latency_format, wanted.max_latency_ms]}
-        with _helpers(workers - 1, task, out, say):
+                "trials": n_trials, "grace_period": grace_period, "base": base.flat(), "space": space,
+                "objectives": [list(wanted.names), wanted.latency_format, wanted.max_latency_ms],
+                "deadline": None if timeout is None else time.time() + timeout, "parent": os.getpid()}
+        left = n_trials - sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+        with _helpers(min(workers - 1, left - 1), task, out, say):  # none for a study already done
             _search(study, created, shared, space, n_trials, timeout, say)
         results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
                                       parent, wanted, (started, time.perf_counter() - started))
@@ -145,33 +153,41 @@ def _helpers(count: int, task: dict[str, Any], out: Path, say) -> Iterator[None]
     import subprocess
     import sys
 
-    started = []
-    env = {**os.environ, "MOBILETUNE_WORKER": json.dumps(task)}  # the storage URL stays out of `ps`
-    (out / tracking.LOGS).mkdir(parents=True, exist_ok=True)
-    for n in range(1, count + 1):
-        log = out / tracking.LOGS / f"worker-{n}.log"
-        with open(log, "w") as f:
-            started.append((log, subprocess.Popen([sys.executable, "-m", "mobiletune.worker"], stdout=f,
-                                                  stderr=subprocess.STDOUT, env=env)))
-    if started:
-        say(f"{count} more worker(s) on this machine; their output: {out / tracking.LOGS}/worker-N.log")
-    try:
+    import mobiletune
+
+    if count < 1:
         yield
-    except BaseException:
-        for _, process in started:
-            process.terminate()
-            process.wait()
-        raise
-    for log, process in started:
-        if process.wait() != 0:  # its trials are failed by heartbeat; the study was finished here regardless
-            say(f"a worker stopped with exit code {process.returncode}; see {log}")
+        return
+    # the task stays out of `ps` (it may hold a storage URL with a password); the package's folder goes on the
+    # path, for a notebook that found mobiletune by editing sys.path
+    here = str(Path(mobiletune.__file__).resolve().parents[1])
+    env = {**os.environ, "MOBILETUNE_WORKER": json.dumps(task),
+           "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    (out / tracking.LOGS).mkdir(parents=True, exist_ok=True)
+    started = []
+    try:
+        for n in range(1, count + 1):
+            log = out / tracking.LOGS / f"worker-{n}.log"
+            with open(log, "w") as f:
+                started.append((log, subprocess.Popen([sys.executable, "-m", "mobiletune.worker"], stdout=f,
+                                                      stderr=subprocess.STDOUT, env=env)))
+        say(f"{count} more worker(s) on this machine; their output: {out / tracking.LOGS}/worker-N.log")
+        yield
+        for log, process in started:
+            if process.wait() != 0:  # its trials are failed by heartbeat; the study was finished here regardless
+                say(f"a worker stopped with exit code {process.returncode}; see {log}")
+    finally:
+        for _, process in started:  # this worker failed or was interrupted: the others stop too
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
 
 
 def run_helper(task: dict[str, Any], say=print) -> None:
     """One helper worker (`_helpers`): trials of the study in `task` until it holds its trials."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as the first worker: our own line per trial
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # as the first worker (run_sweep)
     out, base = Path(task["out"]), from_flat(task["base"])
     names, latency_format, max_latency_ms = task["objectives"]
     wanted = objectives_lib.Objectives(tuple(names), latency_format, max_latency_ms)
@@ -182,7 +198,13 @@ def run_helper(task: dict[str, Any], say=print) -> None:
     fine_tune_ats = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
     study, _ = open_study(out, task["storage"], task["study"], base.data.seed, task["grace_period"], wanted.directions)
     shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted)
-    _search(study, False, shared, space, task["trials"], task["timeout"], say)
+    timeout = None if task["deadline"] is None else max(0.0, task["deadline"] - time.time())  # the first one's clock
+
+    def orphaned(study, trial) -> None:  # the first worker died without stopping us (SIGKILL, out of memory)
+        if os.getppid() != task["parent"]:
+            study.stop()
+
+    _search(study, False, shared, space, task["trials"], timeout, say, callbacks=(orphaned,))
 
 
 def _prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,
@@ -219,8 +241,9 @@ def _check_objectives(study, created: bool, wanted: objectives_lib.Objectives) -
 
 
 def _search(study, created: bool, shared: Shared, space: dict[str, Any], n_trials: int, timeout: float | None,
-            say) -> None:
-    """Trials until the study holds `n_trials` finished ones; the base recipe first, when it is in the space."""
+            say, callbacks: tuple = ()) -> None:
+    """Trials until the study holds `n_trials` finished ones; the base recipe first, when it is in the space.
+    `callbacks`: Optuna's, after each trial."""
     import optuna
 
     defaults = {k: shared.base.flat()[k] for k in space}
@@ -231,7 +254,7 @@ def _search(study, created: bool, shared: Shared, space: dict[str, Any], n_trial
     if sum(t.state in finished for t in study.trials) < n_trials:
         study.optimize(objective(shared, space), timeout=timeout, gc_after_trial=True,
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished),
-                                  lambda study, trial: say(_trial_line(study, trial, shared.objectives))])
+                                  lambda study, trial: say(_trial_line(study, trial, shared.objectives)), *callbacks])
     optuna.storages.fail_stale_trials(study)
 
 

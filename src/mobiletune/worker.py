@@ -18,11 +18,16 @@ def main() -> int:
     import_tensorflow()
     from mobiletune.study import run_helper
 
+    if "MOBILETUNE_WORKER" not in os.environ:
+        print("error: mobiletune.worker is started by `mobiletune sweep --workers N`, not by hand", file=sys.stderr)
+        return 2
     try:
         run_helper(json.loads(os.environ["MOBILETUNE_WORKER"]), say=lambda *a, **k: print(*a, flush=True))
     except MobiletuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker of the terminal: said once, by the first
+        return 130
     return 0
 
 
