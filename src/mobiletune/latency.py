@@ -73,8 +73,8 @@ def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | Non
     if key not in table:
         # one timing at a time among this machine's processes sharing the cache: two at once slow each other
         # down (two sweep workers started together timed the 224-px model at 3.98 ms instead of 1.66)
-        lock = cache_dir / f".latency-{socket.gethostname()}.lock" if cache_dir is not None else None
-        with runfolder.exclusive_where_possible(lock) if lock is not None else nullcontext():
+        with (runfolder.exclusive_where_possible(cache_dir / f".latency-{socket.gethostname()}.lock")
+              if cache_dir is not None else nullcontext()):
             table = _read(table_path)  # as it is now: another worker may have measured it while this one waited
             if key not in table:
                 table = _measure_into(table, table_path, config, num_classes, fmt)

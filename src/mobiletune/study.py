@@ -121,10 +121,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     # and the error reaches the user once, as our one-line message
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
-    index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
-    images = data.load_images(data_dir, base.data, index)
-    seed_everything(base.data.seed)
-    fine_tune_ats = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
+    index, images, fine_tune_ats = _inputs(base, data_dir, space)
     study, created = open_study(out, storage, study_name, base.data.seed, grace_period, wanted.directions)
     _check_objectives(study, created, wanted)
     parent = _sweep_mlflow(mlflow, study, created, out, base, images, say)
@@ -136,12 +133,22 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
                 "trials": n_trials, "grace_period": grace_period, "base": base.flat(), "space": space,
                 "objectives": [list(wanted.names), wanted.latency_format, wanted.max_latency_ms],
                 "deadline": None if timeout is None else time.time() + timeout, "parent": os.getpid()}
-        left = n_trials - sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+        counts = _counts(study)
+        left = n_trials - counts.get("COMPLETE", 0) - counts.get("PRUNED", 0)
         with _helpers(min(workers - 1, left - 1), task, out, say):  # none for a study already done
             _search(study, created, shared, space, n_trials, timeout, say)
         results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
                                       parent, wanted, (started, time.perf_counter() - started))
     return results
+
+
+def _inputs(base: Config, data_dir, space: dict[str, Any]) -> tuple[scan.FileIndex, data.ImageSet, list[int]]:
+    """What every worker of a sweep starts from: the file index, the images, and the cut points whose
+    boundaries one feature pass provides (the base recipe's and the space's). Seeds everything."""
+    index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
+    images = data.load_images(data_dir, base.data, index)
+    seed_everything(base.data.seed)
+    return index, images, sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
 
 
 @contextmanager
@@ -154,6 +161,7 @@ def _helpers(count: int, task: dict[str, Any], out: Path, say) -> Iterator[None]
     import sys
 
     import mobiletune
+    from mobiletune import worker
 
     if count < 1:
         yield
@@ -161,7 +169,7 @@ def _helpers(count: int, task: dict[str, Any], out: Path, say) -> Iterator[None]
     # the task stays out of `ps` (it may hold a storage URL with a password); the package's folder goes on the
     # path, for a notebook that found mobiletune by editing sys.path
     here = str(Path(mobiletune.__file__).resolve().parents[1])
-    env = {**os.environ, "MOBILETUNE_WORKER": json.dumps(task),
+    env = {**os.environ, worker.TASK: json.dumps(task),
            "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     (out / tracking.LOGS).mkdir(parents=True, exist_ok=True)
     started = []
@@ -191,11 +199,8 @@ def run_helper(task: dict[str, Any], say=print) -> None:
     out, base = Path(task["out"]), from_flat(task["base"])
     names, latency_format, max_latency_ms = task["objectives"]
     wanted = objectives_lib.Objectives(tuple(names), latency_format, max_latency_ms)
-    index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
-    images = data.load_images(task["data_dir"], base.data, index)
-    seed_everything(base.data.seed)
     space = task["space"]
-    fine_tune_ats = sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
+    index, images, fine_tune_ats = _inputs(base, task["data_dir"], space)
     study, _ = open_study(out, task["storage"], task["study"], base.data.seed, task["grace_period"], wanted.directions)
     shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted)
     timeout = None if task["deadline"] is None else max(0.0, task["deadline"] - time.time())  # the first one's clock

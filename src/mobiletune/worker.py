@@ -10,19 +10,21 @@ import json
 import os
 import sys
 
+TASK = "MOBILETUNE_WORKER"  # the environment variable holding the task
+
 
 def main() -> int:
+    if TASK not in os.environ:  # before TensorFlow's start-up: one line at once
+        print("error: mobiletune.worker is started by `mobiletune sweep --workers N`, not by hand", file=sys.stderr)
+        return 2
     from mobiletune.errors import MobiletuneError
     from mobiletune.quiet import import_tensorflow
 
     import_tensorflow()
     from mobiletune.study import run_helper
 
-    if "MOBILETUNE_WORKER" not in os.environ:
-        print("error: mobiletune.worker is started by `mobiletune sweep --workers N`, not by hand", file=sys.stderr)
-        return 2
     try:
-        run_helper(json.loads(os.environ["MOBILETUNE_WORKER"]), say=lambda *a, **k: print(*a, flush=True))
+        run_helper(json.loads(os.environ[TASK]), say=lambda *a, **k: print(*a, flush=True))
     except MobiletuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
