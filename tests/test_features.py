@@ -183,6 +183,46 @@ def test_views_depend_on_the_image_not_its_position(built, cats_dogs_tiny, tmp_p
         assert np.allclose(x, y, atol=1e-5)
 
 
+def _onnx_outputs(path, x):
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(path)).graph
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = ([i.name for i in graph.input], [o.name for o in graph.output])
+    return names, session.run(None, {session.get_inputs()[0].name: x})
+
+
+def test_onnx_export_is_the_file_keras_writes(built, tmp_path):
+    """The quick export (tf2onnx without Keras' resource tracking or the optimizer's copies) gives Keras'
+    own file: same inputs and outputs by name, same numbers to the bit."""
+    _, model = built
+    extract, _ = features.extractor(model, [100, 140])
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
+    extract(x)
+    features.export_onnx(extract, tmp_path / "ours.onnx")
+    extract.export(str(tmp_path / "keras.onnx"), format="onnx", verbose=False)
+    (names, ours), (keras_names, theirs) = _onnx_outputs(tmp_path / "ours.onnx", x), _onnx_outputs(
+        tmp_path / "keras.onnx", x)
+    assert names == keras_names and len(ours) == len(extract.outputs)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_onnx_export_falls_back_to_keras_own(built, tmp_path, monkeypatch):
+    _, model = built
+    extract, _ = features.extractor(model, [140])
+    x = np.zeros((1, 64, 64, 3), "float32")
+    extract(x)
+
+    def fails(*args):
+        raise RuntimeError("a tf2onnx pass failed")
+
+    monkeypatch.setattr(features, "_tf2onnx_export", fails)
+    features.export_onnx(extract, tmp_path / "m.onnx")
+    assert len(_onnx_outputs(tmp_path / "m.onnx", x)[1]) == len(extract.outputs)
+    assert "TF2ONNX_CATCH_ERRORS" not in __import__("os").environ
+
+
 def test_truncated_shards_and_extractors_are_made_again(built, cats_dogs_tiny, tmp_path):
     config = load_config(overrides=[*TINY, "data.image_size=64"])
     _, model = built
