@@ -14,7 +14,7 @@ from mobiletune.config import load_config
 from mobiletune.errors import ConfigError, UsageError
 from mobiletune.space import DEFAULT_SPACE, load_space
 from mobiletune.study import run_sweep
-from mobiletune.trials import _ReportToTrial
+from mobiletune.trials import _ReportToTrial, objective
 
 # Small and quick: two boundaries, short phases.
 SPACE = {
@@ -54,10 +54,22 @@ def test_bad_spaces(tmp_path, text, needle):
         load_space(path)
 
 
-def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path):
+def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypatch):
+    import gc
+
+    from mobiletune import study
+
+    frozen = []  # objects left out of collections while each trial ran: what was alive before the trials
+
+    def watched(*args):
+        run_trial = objective(*args)
+        return lambda trial: (frozen.append(gc.get_freeze_count()), run_trial(trial))[1]
+
+    monkeypatch.setattr(study, "objective", watched)
     config = load_config(overrides=TINY)
     out = tmp_path / "sweep"
     results = run_sweep(config, cats_dogs_tiny, out, n_trials=3, space_path=_space_file(tmp_path))
+    assert len(frozen) == 3 and min(frozen) > 10_000 and gc.get_freeze_count() == 0  # the heap unfrozen after
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
