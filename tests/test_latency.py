@@ -61,10 +61,11 @@ def test_only_the_formats_not_yet_known_are_measured(tmp_path, monkeypatch):
     config = load_config(overrides=[f"data.image_size={SIZE}"])
     (tmp_path / latency.FILE_NAME).write_text(json.dumps({latency._key(config, 2, "tflite"): 1.25}))
     calls = []
-    monkeypatch.setattr(latency, "measure", lambda c, n, formats: (calls.append(formats) or ({"tflite-int8": 0.5}, {})))
+    monkeypatch.setattr(latency, "measure",
+                        lambda c, n, formats, **_: (calls.append(formats) or ({"tflite-int8": 0.5}, {})))
     assert latency.latency_ms(config, 2, "tflite-int8", tmp_path) == 0.5 and calls == [["tflite-int8"]]
     assert latency.latency_ms(config, 2, "tflite", tmp_path) == 1.25 and len(calls) == 1
-    monkeypatch.setattr(latency, "measure", lambda c, n, formats: (calls.append(formats) or ({"tflite": 2.0}, {})))
+    monkeypatch.setattr(latency, "measure", lambda c, n, formats, **_: (calls.append(formats) or ({"tflite": 2.0}, {})))
     assert latency.latency_ms(config, 2, "tflite", None) == 2.0 and calls[-1] == ["tflite"]  # only what is asked
 
 
@@ -78,7 +79,7 @@ def test_a_worker_waits_for_another_ones_timing_and_uses_its_figures(tmp_path, m
 
     config = load_config(overrides=[f"data.image_size={SIZE}"])
     calls = []
-    monkeypatch.setattr(latency, "measure", lambda c, n, formats: (calls.append(formats) or ({"tflite": 9.0}, {})))
+    monkeypatch.setattr(latency, "measure", lambda c, n, formats, **_: (calls.append(formats) or ({"tflite": 9.0}, {})))
     got = []
     with runfolder.exclusive(tmp_path / f".latency-{socket.gethostname()}.lock"):
         worker = threading.Thread(target=lambda: got.append(latency.latency_ms(config, 2, "tflite", tmp_path)))
@@ -110,3 +111,16 @@ def test_a_format_that_fails_is_its_own_error(tmp_path, monkeypatch):
     assert latency.latency_ms(config, 2, "tflite", tmp_path) > 0  # cached with the failure
     with pytest.raises(ExportError, match="quantizer fell over"):  # the failure is remembered, not retried
         latency.latency_ms(config, 2, "tflite-int8", tmp_path)
+
+
+def test_a_given_model_is_timed_without_building_another(monkeypatch):
+    """A sweep passes the classifier it builds for each size's features anyway (0.45 s a size)."""
+    config = load_config(overrides=[f"data.image_size={SIZE}", "model.weights=none"])
+    model = model_lib.build_model(config, 2)
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("built a model")
+
+    monkeypatch.setattr(model_lib, "build_model", no_building)
+    measured, failed = latency.measure(config, 2, ["tflite"], repeats=2, blocks=1, model=model)
+    assert failed == {} and measured["tflite"] > 0

@@ -19,12 +19,16 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mobiletune import runfolder
 from mobiletune.config import Config, from_flat
 from mobiletune.errors import ExportError
+
+if TYPE_CHECKING:
+    import keras
 
 FORMATS = ("tflite", "tflite-int8")
 FILE_NAME = "latency.json"
@@ -61,9 +65,11 @@ def _key(config: Config, num_classes: int, fmt: str) -> str:
             f"|best of {BLOCKS} medians of {REPEATS}")
 
 
-def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | None) -> float:
+def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | None,
+               model: keras.Model | None = None) -> float:
     """Batch-1 milliseconds of `config`'s model as `fmt` (`measure`); from the cache when known. The
-    formats not yet known for this size are measured together: they share the model and its trace."""
+    formats not yet known for this size are measured together: they share the model and its trace.
+    `model`: a classifier of `config`'s architecture and size to convert if a measurement is needed."""
     assert fmt in FORMATS, fmt
     key = _key(config, num_classes, fmt)
     if key in _FAILED:
@@ -77,16 +83,16 @@ def latency_ms(config: Config, num_classes: int, fmt: str, cache_dir: Path | Non
               if cache_dir is not None else nullcontext()):
             table = _read(table_path)  # as it is now: another worker may have measured it while this one waited
             if key not in table:
-                table = _measure_into(table, table_path, config, num_classes, fmt)
+                table = _measure_into(table, table_path, config, num_classes, fmt, model)
     return table[key]
 
 
 def _measure_into(table: dict[str, float], table_path: Path | None, config: Config, num_classes: int,
-                  fmt: str) -> dict[str, float]:
+                  fmt: str, model: keras.Model | None = None) -> dict[str, float]:
     """Measure the formats of this size `table` lacks (only `fmt` without a cache file), add them to it,
     save and return it; raise `fmt`'s error if it failed."""
     wanted = [f for f in FORMATS if _key(config, num_classes, f) not in table] if table_path else [fmt]
-    measured, failed = measure(config, num_classes, wanted)
+    measured, failed = measure(config, num_classes, wanted, model=model)
     _FAILED.update({_key(config, num_classes, f): error for f, error in failed.items()})
     table = {**table, **{_key(config, num_classes, f): ms for f, ms in measured.items()}}
     if table_path is not None and measured:
@@ -112,16 +118,19 @@ def _read(path: Path | None) -> dict[str, float]:
 
 
 def measure(config: Config, num_classes: int, formats: Sequence[str] = FORMATS, repeats: int = REPEATS,
-            blocks: int = BLOCKS) -> tuple[dict[str, float], dict[str, ExportError]]:
-    """Convert an untrained model of `config`'s architecture and size to each of `formats` (the ops
-    `export` would ship) and time it: the fastest of `blocks` medians of `repeats` batch-1 runs.
-    Returns the milliseconds of the formats that converted and ran, and the error of those that did not."""
+            blocks: int = BLOCKS, model: keras.Model | None = None) -> tuple[dict[str, float], dict[str, ExportError]]:
+    """Convert a model of `config`'s architecture and size to each of `formats` (the ops `export` would
+    ship) and time it: the fastest of `blocks` medians of `repeats` batch-1 runs. `model`: that classifier
+    (its weights do not matter to the timing; a sweep passes the extractor it builds anyway, 0.45 s a
+    size), or an untrained one is built. Returns the milliseconds of the formats that converted and ran,
+    and the error of those that did not."""
     from mobiletune import model as model_lib
     from mobiletune.export import first_line, latency_of, serving_function, tflite_for_timing
     from mobiletune.predict import TFLitePredictor
 
     size = config.data.image_size
-    model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}), num_classes)
+    if model is None:
+        model = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}), num_classes)
     function = serving_function(model)
     rng = np.random.default_rng(0)
     calibration = rng.uniform(0, 255, (CALIBRATION_IMAGES, size, size, 3)).astype(np.float32)

@@ -164,18 +164,20 @@ def measure_sizes(study, shared: Shared, space: dict[str, dict[str, Any]], say) 
         config = configs[size]
         for fmt in latency.FORMATS:
             try:
-                study_latency(study, config, len(shared.images.classes), fmt)
+                study_latency(study, config, len(shared.images.classes), fmt, shared.extractor(size))
             except Exception:  # noqa: BLE001 - remembered (`latency`): the trial that needs it says why
                 continue
 
 
-def study_latency(study, config: Config, num_classes: int, fmt: str) -> tuple[float, str]:
+def study_latency(study, config: Config, num_classes: int, fmt: str, model: keras.Model | None = None
+                  ) -> tuple[float, str]:
     """The study's latency for `config`'s input size in `fmt`, and the host it holds for: recorded by the
-    first worker that measures it (`latency.latency_ms`), then used by every worker of the study."""
+    first worker that measures it (`latency.latency_ms`, converting `model` if given), then used by every
+    worker of the study."""
     key = objectives.study_key(config, fmt)
     stored = study.user_attrs.get(key)  # one storage read when the figure is known
     if stored is None:
-        ms = latency.latency_ms(config, num_classes, fmt, cache.cache_root(config))
+        ms = latency.latency_ms(config, num_classes, fmt, cache.cache_root(config), model)
         stored = study.user_attrs.get(key)  # workers that measured at the same time: the first to finish counts
         if stored is None:
             stored = {"ms": ms, "host": latency.host()}
