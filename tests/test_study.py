@@ -84,6 +84,22 @@ def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypa
     assert again["counts"] == results["counts"]  # nothing left to run: the study was already complete
 
 
+def test_a_heap_frozen_before_the_sweep_stays_frozen():
+    """A notebook or a forking server may have frozen its heap itself: the sweep leaves that as it was."""
+    import gc
+
+    from mobiletune.study import _heap_frozen
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _heap_frozen():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_workers_on_one_machine_share_the_trials(cats_dogs_tiny, tmp_path):
     """--workers 2: a helper process runs trials of the same study; this worker chooses and retrains once."""
     import optuna

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,12 @@ def _key(**parts: Any) -> str:
 
 def export_onnx(model: keras.Model, path: Path) -> None:
     """`model` as ONNX, the file Keras' own `model.export(format="onnx")` writes (same graph, same
-    outputs to the bit) in half its time: 1.2 s against 2.4-2.6 s for the 160-px extractor, paid once
-    per input size by a cold run or sweep (docs/benchmarks.md). Keras' export tracks every resource of
-    the model for a SavedModel first (~0.6 s), and tf2onnx copies the whole graph, weights and all,
+    outputs to the bit) in half its time: 1.2-1.5 s against 2.3-2.6 s for the 160-px extractor, paid
+    once per input size by a cold run or sweep (docs/benchmarks.md). Keras' export tracks every resource
+    of the model for a SavedModel first (~0.6 s), and tf2onnx copies the whole graph, weights and all,
     before each of its ~40 optimizer passes so that a failing one can be skipped (~0.7 s). A failing
-    pass then fails the export: it is tried again the careful way. Neither the FutureWarning of
-    Keras' tf2onnx shim nor grappler's C++ log lines reach the console."""
+    pass then fails the export: it is tried again the careful way, Keras' own. Neither the FutureWarning
+    of Keras' tf2onnx shim nor grappler's C++ log lines reach the console."""
     import warnings
 
     with warnings.catch_warnings(), quiet.native_output_muted(), quiet.tensorflow_info_muted():
@@ -139,30 +140,32 @@ def _tf2onnx_export(model: keras.Model, path: Path) -> None:
     from keras.src.export.tf2onnx_lib import patch_tf2onnx  # Keras' NumPy 2 fixes for tf2onnx, as its export
 
     patch_tf2onnx()
-    spec = [tf.TensorSpec(x.shape, x.dtype, name=x.name) for x in model.inputs]
-    forward = tf.function(lambda *x: model(x[0] if len(x) == 1 else list(x), training=False), input_signature=spec)
+    spec = [tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=x.name) for x in model.inputs]
+    forward = tf.function(lambda *x: model(x[0] if len(x) == 1 else list(x), training=False), input_signature=spec,
+                          autograph=False)
     tf2onnx.convert.from_function(forward, input_signature=spec, output_path=str(path))
 
 
 @contextlib.contextmanager
-def _tf2onnx_passes_uncopied():
-    """tf2onnx's own switch (`TF2ONNX_CATCH_ERRORS`) for running its optimizer passes on the graph itself."""
-    saved = os.environ.get("TF2ONNX_CATCH_ERRORS")
-    os.environ["TF2ONNX_CATCH_ERRORS"] = "FALSE"
+def _tf2onnx_passes_uncopied() -> Iterator[None]:
+    """tf2onnx's optimizer passes run on the graph itself, not each on a deep copy (`catch_errors=False`,
+    which tf2onnx offers only through an environment variable that setting from a running process would
+    race with TensorFlow's threads reading the environment)."""
+    from tf2onnx import optimizer
+
+    careful = optimizer.optimize_graph
+    optimizer.optimize_graph = lambda graph, catch_errors=True, optimizers=None: careful(graph, False, optimizers)
     try:
         yield
     finally:
-        if saved is None:
-            del os.environ["TF2ONNX_CATCH_ERRORS"]
-        else:
-            os.environ["TF2ONNX_CATCH_ERRORS"] = saved
+        optimizer.optimize_graph = careful
 
 
 class _OnnxRunner:
     """The extractor exported to ONNX and run by ONNX Runtime: about 1.9x TensorFlow's speed on
     this CPU for MobileNetV2's forward pass, the same numbers to ~1e-5 (benchmarks/).
 
-    The export (~1.2 s) is cached at `path`, so a new data set, augmentation or seed with the same
+    The export (~1.3 s) is cached at `path`, so a new data set, augmentation or seed with the same
     base, size and boundaries reuses it; a damaged file there is exported again.
     """
 

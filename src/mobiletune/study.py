@@ -273,6 +273,9 @@ def _heap_frozen() -> Iterator[None]:
     trial took 0.4-0.5 s, more as the sweep grew (24 s of a 98-s, 48-trial flowers_mini sweep). Without
     those, and with this, the collections Python makes itself cost 3.6 s there, the sweep took 78 s, the
     trials were the same and peak RSS too (1683-1734 MB against 1718-1722)."""
+    if gc.get_freeze_count():  # frozen already (by the caller, a notebook, a nested sweep): left as it is
+        yield
+        return
     gc.collect()
     gc.freeze()
     try:
