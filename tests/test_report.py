@@ -22,3 +22,22 @@ def test_report_renders_without_errors(tiny_run, tmp_path):
         assert all(done and width_px > 0 for _, done, width_px in images[width]), images[width]
         assert overflow[width] <= 1, f"page wider than a {width}px screen by {overflow[width]}px"
     assert problems == []
+
+
+def test_a_fine_tuning_that_made_the_model_worse_says_what_to_do(tiny_run, tmp_path):
+    """On a small folder a high phase-2 learning rate can undo phase 1 (flowers_mini: 80% -> 40%): the
+    console, summary.md and report.html say which model is better and what to change."""
+    import json
+
+    from mobiletune.report import mcnemar_sentence
+
+    worse = {"only_before_right": 10, "only_after_right": 2, "p_value": 0.0386}
+    assert "before_fine_tuning.keras is the better one" in mcnemar_sentence(worse)
+    for not_worse in ({**worse, "p_value": 0.2}, {"only_before_right": 2, "only_after_right": 10, "p_value": 0.0386}):
+        assert "better one" not in mcnemar_sentence(not_worse)
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.workdir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "mcnemar": {**metrics["mcnemar"], **worse}}))
+    assert "phase2.lr_ratio (e.g. 0.01)" in build_report(run).read_text()

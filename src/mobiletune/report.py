@@ -98,9 +98,20 @@ def write_summary(path: Path, config: Config, metrics: dict[str, Any]) -> None:
 
 
 def mcnemar_sentence(mc: dict[str, Any]) -> str:
-    """Whether fine-tuning changed anything beyond chance, in one sentence."""
-    return (f"McNemar's exact test, before vs after on the same images: p = {mc['p_value']:.3g} "
-            f"({mc['only_after_right']} right only after, {mc['only_before_right']} right only before).")
+    """Whether fine-tuning changed anything beyond chance, in one sentence (and `worse_after`'s advice)."""
+    sentence = (f"McNemar's exact test, before vs after on the same images: p = {mc['p_value']:.3g} "
+                f"({mc['only_after_right']} right only after, {mc['only_before_right']} right only before).")
+    return f"{sentence} {worse_after(mc)}".rstrip()
+
+
+def worse_after(mc: dict[str, Any]) -> str:
+    """What to do when fine-tuning made the model worse beyond chance, else "". On a small folder RMSprop's
+    first steps at a high phase-2 learning rate can undo what phase 1 learnt: flowers_mini with phase-2 lr
+    1e-4 went from 80% to 40% on the test set."""
+    if mc["p_value"] < 0.05 and mc["only_before_right"] > mc["only_after_right"]:
+        return ("Fine-tuning made the model worse: before_fine_tuning.keras is the better one. Try a lower "
+                "phase2.lr_ratio (e.g. 0.01) or fewer phase2.epochs, or let `mobiletune sweep` choose.")
+    return ""
 
 
 def print_results(console, metrics: dict[str, Any], title: str = "Test set") -> None:

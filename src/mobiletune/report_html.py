@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from mobiletune import runfolder  # noqa: E402
+from mobiletune import report, runfolder  # noqa: E402
 from mobiletune.data import image_root  # noqa: E402
 from mobiletune.errors import UsageError  # noqa: E402
 from mobiletune.runfolder import read_csv, read_json, write_text  # noqa: E402
@@ -148,7 +148,8 @@ def build_report(run: str | Path) -> Path:
         _table(["stage", "accuracy", "95% interval (Wilson)", "loss", "balanced accuracy", "ROC-AUC", "ECE"], rows),
         f"<p>McNemar's exact test on the same {n} images: p = {mc['p_value']:.3g}. "
         f"{mc['only_after_right']} images right only after fine-tuning, {mc['only_before_right']} right only "
-        f"before. {'The difference is significant at 5%.' if mc['p_value'] < 0.05 else 'At this test-set size the difference is not significant at 5%.'}</p>",  # noqa: E501
+        f"before. {'The difference is significant at 5%.' if mc['p_value'] < 0.05 else 'At this test-set size the difference is not significant at 5%.'}"  # noqa: E501
+        f" {report.worse_after(mc)}</p>",
     ]
 
     parts.append("<h2>Per class (after fine-tuning)</h2>")
