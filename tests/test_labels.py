@@ -165,4 +165,5 @@ def test_evaluate_takes_a_csv_of_test_rows_only(tiny_run, cats_dogs_tiny, tmp_pa
     shutil.copytree(tiny_run.workdir, run)
     result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(labels)])
     assert result.exit_code == 0, result.output
+    assert result.output.count("McNemar") == 1 and f"report: {run / 'report.html'}" in result.output.replace("\n", "")
     assert runfolder.read_metrics(run)["n_images"] == {"test": 22}

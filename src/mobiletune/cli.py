@@ -144,9 +144,7 @@ def evaluate_command(
     import_tensorflow()
     block = evaluate_run(run, data)
     print_results(console, block, title="Test set" if data is None else f"Images in {data}")
-    mc = block["mcnemar"]
-    console.print(f"McNemar exact p = {mc['p_value']:.3g} ({mc['only_after_right']} right only after, "
-                  f"{mc['only_before_right']} only before); report: {run / 'report.html'}")
+    console.print(f"report: {run / 'report.html'}")  # McNemar's test is in print_results' lines
 
 
 @app.command("report")
