@@ -77,6 +77,9 @@ def main() -> None:
     import mobiletune as mt
     from mobiletune import data, latency
     from mobiletune.config import load_config
+    from mobiletune.quiet import import_tensorflow
+
+    import_tensorflow()  # muted, as mobiletune's commands do: the budget's timing below would import it first
 
     with tempfile.TemporaryDirectory(prefix="mt-latency-sweep-") as tmp:
         cache = Path(tmp) / "cache"  # cold: features, ONNX exports and latencies all measured inside the clock
