@@ -54,3 +54,9 @@ def test_predict_bad_model_is_one_line(tmp_path):
                          ([str(tmp_path / "labels.txt"), "x.jpg"], "not a model")):
         result = runner.invoke(app, ["predict", *args])
         assert result.exit_code in (1, 2) and needle in result.output and "Traceback" not in result.output
+
+
+def test_the_unknown_detector_goes_with_the_model_it_was_fitted_to(tiny_run):
+    """The run's detector scores its trained model's outputs; the model before fine-tuning is another model."""
+    assert load_predictor(tiny_run.workdir).detector is not None
+    assert load_predictor(tiny_run.workdir / "before_fine_tuning.keras").detector is None

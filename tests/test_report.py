@@ -29,15 +29,20 @@ def test_a_fine_tuning_that_made_the_model_worse_says_what_to_do(tiny_run, tmp_p
     console, summary.md and report.html say which model is better and what to change."""
     import json
 
+    from mobiletune.model_card import model_card_markdown
     from mobiletune.report import mcnemar_sentence
 
     worse = {"only_before_right": 10, "only_after_right": 2, "p_value": 0.0386}
-    assert "before_fine_tuning.keras is the better one" in mcnemar_sentence(worse)
+    assert "the head alone, before_fine_tuning.keras, did better" in mcnemar_sentence(worse)
     for not_worse in ({**worse, "p_value": 0.2}, {"only_before_right": 2, "only_after_right": 10, "p_value": 0.0386}):
-        assert "better one" not in mcnemar_sentence(not_worse)
+        assert "did better" not in mcnemar_sentence(not_worse)
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run.workdir, run)
     metrics = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**metrics, "mcnemar": {**metrics["mcnemar"], **worse}}))
-    assert "phase2.lr_ratio (e.g. 0.01)" in build_report(run).read_text()
+    assert "a lower phase2.lr_ratio or fewer phase2.epochs.</p>" in build_report(run).read_text()
+    assert "did better" in model_card_markdown(run)
+    (run / "metrics.json").write_text(json.dumps(metrics))  # as trained: fine-tuning did not make it worse
+    page = build_report(run).read_text()
+    assert "did better" not in page and "5%. </p>" not in page and "did better" not in model_card_markdown(run)

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from mobiletune import runfolder
+from mobiletune.report import worse_after
 from mobiletune.runfolder import write_text
 
 __all__ = ["FILE_NAME", "model_card_markdown", "write_model_card"]
@@ -83,7 +84,8 @@ def _limits(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
             f"- Augmentation assumed the classes look the same under flip `{config['augment']['flip']}` and "
             f"rotation up to {config['augment']['rotation']} of a turn.",
             "- Probabilities are the model's own; check the calibration error above before reading them as odds.",
-            "- Not evaluated for fairness across groups of people or for safety-critical use."]
+            "- Not evaluated for fairness across groups of people or for safety-critical use.",
+            *([f"- {worse}"] if (worse := worse_after(metrics.get("mcnemar", {}))) else [])]
 
 
 def model_card_markdown(run: Path, exports: dict[str, Any] | None = None) -> str:

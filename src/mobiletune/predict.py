@@ -168,7 +168,9 @@ def load_predictor(path: str | Path) -> Predictor:
         if suffix == ".keras":
             from mobiletune.model import load_model
 
-            return KerasPredictor(load_model(path), classes, load_detector(path.parent / UNKNOWN_FILE))
+            # the run's detector was fitted to its trained model's outputs: before_fine_tuning.keras has none
+            detector = load_detector(path.parent / UNKNOWN_FILE) if path.name == runfolder.MODEL else None
+            return KerasPredictor(load_model(path), classes, detector)
         if suffix == ".tflite":
             return TFLitePredictor(path, classes)
         if suffix == ".onnx":

@@ -108,9 +108,9 @@ def worse_after(mc: dict[str, Any]) -> str:
     """What to do when fine-tuning made the model worse beyond chance, else "". On a small folder RMSprop's
     first steps at a high phase-2 learning rate can undo what phase 1 learnt: flowers_mini with phase-2 lr
     1e-4 went from 80% to 40% on the test set."""
-    if mc["p_value"] < 0.05 and mc["only_before_right"] > mc["only_after_right"]:
-        return ("Fine-tuning made the model worse: before_fine_tuning.keras is the better one. Try a lower "
-                "phase2.lr_ratio (e.g. 0.01) or fewer phase2.epochs, or let `mobiletune sweep` choose.")
+    if mc and mc["p_value"] < 0.05 and mc["only_before_right"] > mc["only_after_right"]:
+        return ("Fine-tuning made the model worse (the head alone, before_fine_tuning.keras, did better): "
+                "train again with a lower phase2.lr_ratio or fewer phase2.epochs.")
     return ""
 
 

@@ -149,7 +149,7 @@ def build_report(run: str | Path) -> Path:
         f"<p>McNemar's exact test on the same {n} images: p = {mc['p_value']:.3g}. "
         f"{mc['only_after_right']} images right only after fine-tuning, {mc['only_before_right']} right only "
         f"before. {'The difference is significant at 5%.' if mc['p_value'] < 0.05 else 'At this test-set size the difference is not significant at 5%.'}"  # noqa: E501
-        f" {report.worse_after(mc)}</p>",
+        f"{' ' + html.escape(report.worse_after(mc)) if report.worse_after(mc) else ''}</p>",
     ]
 
     parts.append("<h2>Per class (after fine-tuning)</h2>")
