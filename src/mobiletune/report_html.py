@@ -143,13 +143,14 @@ def build_report(run: str | Path) -> Path:
                      f"{t['calibration']['ece']:.3f}"])
     mc = metrics["mcnemar"]
     n = metrics["after_fine_tuning"]["test"]["n"]
+    worse = report.worse_after(mc)
     parts += [
         "<h2>Test set, before and after fine-tuning</h2>",
         _table(["stage", "accuracy", "95% interval (Wilson)", "loss", "balanced accuracy", "ROC-AUC", "ECE"], rows),
         f"<p>McNemar's exact test on the same {n} images: p = {mc['p_value']:.3g}. "
         f"{mc['only_after_right']} images right only after fine-tuning, {mc['only_before_right']} right only "
         f"before. {'The difference is significant at 5%.' if mc['p_value'] < 0.05 else 'At this test-set size the difference is not significant at 5%.'}"  # noqa: E501
-        f"{' ' + html.escape(report.worse_after(mc)) if report.worse_after(mc) else ''}</p>",
+        f"{' ' + html.escape(worse) if worse else ''}</p>",
     ]
 
     parts.append("<h2>Per class (after fine-tuning)</h2>")
