@@ -5,7 +5,7 @@ import random
 import numpy as np
 
 from conftest import TINY
-from mobiletune import data, objectives, scan, trials
+from mobiletune import cache, data, objectives, scan, trials
 from mobiletune import model as model_lib
 from mobiletune.config import from_flat, load_config
 from mobiletune.recipe import seed_everything
@@ -37,3 +37,32 @@ def test_trial_models_share_a_base_and_start_as_a_new_model_would(cats_dogs_tiny
     assert random.getstate() == state_after_reuse  # the generator left where building the base leaves it
     for reused, new in zip(_weights(second), _weights(fresh), strict=True):
         np.testing.assert_array_equal(reused, new)  # ImageNet base again, and the same initial head
+
+
+def test_a_trial_trains_on_the_split_its_run_makes(flowers_tiny, tmp_path):
+    """The sweep's trials see the images a `train` run of their config would: data.exclude left out, and near
+    copies regrouped into one split (data.dedupe). So the trial chosen is retrained on the images it was
+    validated on, and no trial is scored on near copies of its training images."""
+    from PIL import Image
+
+    from mobiletune import study
+    from mobiletune.recipe import train_and_evaluate
+
+    originals = [sorted((flowers_tiny / c).iterdir())[i] for i, c in enumerate(["daisy", "roses", "tulips"])]
+    for f in originals:  # 80%-size copies: near duplicates at 128 px (tests/test_audit.py)
+        image = Image.open(f)
+        image.resize((image.width * 4 // 5, image.height * 4 // 5)).save(f.with_name(f"copy_{f.name}"), quality=75)
+    left_out = sorted((flowers_tiny / "sunflowers").iterdir())[0].relative_to(flowers_tiny).as_posix()
+    (tmp_path / "exclude.txt").write_text(left_out + "\n")
+    config = load_config(overrides=[*TINY, "data.image_size=128", f"data.exclude={tmp_path / 'exclude.txt'}"])
+
+    cache.cache_root(config).mkdir(parents=True, exist_ok=True)  # as run_sweep makes it
+    index, images, cuts = study._inputs(config, flowers_tiny, {})
+    shared = trials.Shared(config, images, cuts, index, tmp_path / "logs", objectives.Objectives())
+    trial = shared.features_for(config).images
+    train_and_evaluate(config, flowers_tiny, tmp_path / "run")
+    run = {r["path"]: r["split"] for r in data.read_manifest(tmp_path / "run" / "split.csv")}
+
+    assert left_out not in run and left_out not in images.paths
+    assert dict(zip(trial.paths, trial.splits, strict=True)) == run
+    assert dict(zip(images.paths, images.splits, strict=True)) != run  # the scan alone splits a pair apart

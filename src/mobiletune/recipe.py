@@ -250,7 +250,7 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
         runfolder.make_folder(cache.cache_root(config), "features.cache_dir")  # before minutes of decoding
     say = console.print if console is not None else (lambda *a, **k: None)
     index = _file_index(config)
-    images = _scan(data_dir, config, index, console)
+    images = scan_images(data_dir, config, index, console)
     seconds = {"load_images": time.perf_counter() - started}
     seed_everything(config.data.seed)
     model = model_lib.build_model(config, len(images.classes))
@@ -383,16 +383,32 @@ def _finish_folder(out: Path, config: Config, images: data.ImageSet, metrics: di
 def _features_or_checked_images(model: keras.Model, images: data.ImageSet, config: Config, index: scan.FileIndex,
                                 console, fine_tune_ats: list[int] | None
                                 ) -> tuple[features.Features | None, data.ImageSet, tuple | None]:
-    """The cached features (computing what is missing), the images that decoded, and each image's nearest
-    neighbours when data.dedupe looked for them (`audit.nearest`, for the audit to reuse); with --no-cache,
-    no features, and every image decoded once up front so none fails mid-epoch."""
+    """The cached features on the run's split (`run_features`), the images that decoded, and each image's nearest
+    neighbours when data.dedupe looked for them; with --no-cache, no features, and every image decoded once up
+    front so none fails mid-epoch."""
     clock = time.perf_counter()
-    near = None
     if not config.features.cache:
         with progress.bar(console, "checking images") as update:
             return None, data.check_decodable(images, config.data.image_size, config.data.batch_size, update), None
+    with progress.bar(console, "features") as update:
+        feats, near = run_features(model, images, config, index, fine_tune_ats, update)
+    if console is not None:
+        console.print(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
+                      + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
+                      + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} "
+                      f"MB of cache, {time.perf_counter() - clock:.1f} s)")
+    return feats, feats.images, near
+
+
+def run_features(model: keras.Model, images: data.ImageSet, config: Config, index: scan.FileIndex,
+                 fine_tune_ats: list[int] | None = None, update=None) -> tuple[features.Features, tuple | None]:
+    """The cached features (computing what is missing) on the split a run of `config` trains on: scanned again
+    without the images that failed to decode, and with data.dedupe, with near copies regrouped into one split.
+    Also each image's nearest neighbours when dedupe looked for them (`audit.nearest`, for the audit to reuse).
+    A sweep's trials come here too, so a trial validates on the split its retrained run will."""
     plain = config.data.audit != "none"  # the audit compares every image unaugmented
     computed = 0  # over every pass below: a later pass finds an earlier one's work cached
+    near = None
 
     def compute(images: data.ImageSet) -> features.Features:
         nonlocal computed
@@ -401,25 +417,19 @@ def _features_or_checked_images(model: keras.Model, images: data.ImageSet, confi
         computed += feats.computed
         return feats
 
-    with progress.bar(console, "features") as update:
-        feats = compute(images)
-        if feats.failed:  # now known to the index: scan again, so the split is the one any later run (--resume) makes
-            feats = compute(_scan(images.source or images.root, config, index, None))
-        if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
-            near, near_paths = audit.nearest(feats.pooled_plain), feats.images.paths
-            groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near))
-            regrouped = _scan(images.source or images.root, config, index, None, groups) if groups else feats.images
-            if list(regrouped.splits) != list(feats.images.splits):
-                feats = compute(regrouped)
-            if feats.images.paths != near_paths:  # a file went or came mid-run: `near` no longer lines up
-                near = None
+    feats = compute(images)
+    if feats.failed:  # now known to the index: scan again, so the split is the one any later run (--resume) makes
+        feats = compute(scan_images(images.source or images.root, config, index))
+    if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
+        near, near_paths = audit.nearest(feats.pooled_plain), feats.images.paths
+        groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near))
+        regrouped = scan_images(images.source or images.root, config, index, groups=groups) if groups else feats.images
+        if list(regrouped.splits) != list(feats.images.splits):
+            feats = compute(regrouped)
+        if feats.images.paths != near_paths:  # a file went or came mid-run: `near` no longer lines up
+            near = None
     feats.cached, feats.computed = max(0, feats.cached - (computed - feats.computed)), computed
-    if console is not None:
-        console.print(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
-                      + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
-                      + f" ({config.features.views} views per training image; {feats.cache_bytes() / 2**20:,.0f} "
-                      f"MB of cache, {time.perf_counter() - clock:.1f} s)")
-    return feats, feats.images, near
+    return feats, near
 
 
 def _audit(images: data.ImageSet, feats: features.Features | None, near: tuple | None, config: Config, out: Path,
@@ -462,8 +472,9 @@ def _file_index(config: Config) -> scan.FileIndex:
     return scan.FileIndex(root / scan.INDEX_NAME)
 
 
-def _scan(data_dir: str | Path, config: Config, index: scan.FileIndex, console,
-          groups: dict[str, str] | None = None) -> data.ImageSet:
+def scan_images(data_dir: str | Path, config: Config, index: scan.FileIndex, console=None,
+                groups: dict[str, str] | None = None) -> data.ImageSet:
+    """DATA_DIR's images as a run of `config` finds them: data.exclude left out, split by `groups` if given."""
     exclude = audit.read_exclusions(Path(config.data.exclude)) if config.data.exclude else None
     with progress.bar(console, "hashing new files") as update:
         images = data.load_images(data_dir, config.data, index, update, exclude, groups)

@@ -30,7 +30,7 @@ from mobiletune import cache, data, latency, runfolder, scan, tracking
 from mobiletune import objectives as objectives_lib
 from mobiletune.config import Config, from_flat, load_config
 from mobiletune.errors import MobiletuneError, UsageError
-from mobiletune.recipe import seed_everything, train_and_evaluate
+from mobiletune.recipe import scan_images, seed_everything, train_and_evaluate
 from mobiletune.space import in_space, load_space
 from mobiletune.trials import Shared, measure_sizes, objective
 
@@ -147,7 +147,7 @@ def _inputs(base: Config, data_dir, space: dict[str, Any]) -> tuple[scan.FileInd
     """What every worker of a sweep starts from: the file index, the images, and the cut points whose
     boundaries one feature pass provides (the base recipe's and the space's). Seeds everything."""
     index = scan.FileIndex(cache.cache_root(base) / scan.INDEX_NAME)
-    images = data.load_images(data_dir, base.data, index)
+    images = scan_images(data_dir, base, index)  # data.exclude left out, as a run does
     seed_everything(base.data.seed)
     return index, images, sorted({base.phase2.fine_tune_at, *space.get("phase2.fine_tune_at", {}).get("choices", [])})
 

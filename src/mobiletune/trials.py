@@ -18,7 +18,7 @@ import numpy as np
 from mobiletune import cache, data, features, latency, objectives, scan, tracking
 from mobiletune import model as model_lib
 from mobiletune.config import Config, from_flat
-from mobiletune.recipe import fit_recipe, seed_everything
+from mobiletune.recipe import fit_recipe, run_features, seed_everything
 from mobiletune.space import suggest
 
 
@@ -104,11 +104,12 @@ class Shared:
         return model
 
     def features_for(self, config: Config) -> features.Features:
+        """`config`'s features on the split its run would train on (`recipe.run_features`: near copies regrouped
+        by their features at its input size), so the trial chosen and retrained is validated on the same images."""
         key = (config.data.image_size, config.augment.flip, config.augment.rotation)
         if key not in self.feature_sets:
-            self.feature_sets[key] = features.compute_features(
-                self.extractor(config.data.image_size), self.images, config, fine_tune_ats=self.fine_tune_ats,
-                file_index=self.index)
+            self.feature_sets[key] = run_features(self.extractor(config.data.image_size), self.images, config,
+                                                  self.index, self.fine_tune_ats)[0]
         return self.feature_sets[key]
 
 
