@@ -72,6 +72,17 @@ def test_same_seed_same_result(cats_dogs_tiny, tiny_config, tmp_path):
     assert np.array_equal(ma.predict(x, verbose=0), mb.predict(x, verbose=0))
 
 
+def test_a_phase_of_zero_epochs_is_still_tested(cats_dogs_tiny, tmp_path):
+    """phase1.epochs=0 (the head as initialised, then fine-tuning): "before" is the untrained head, not a crash."""
+    from conftest import TINY
+    from mobiletune.config import load_config
+
+    result = train_and_evaluate(load_config(overrides=[*TINY, "phase1.epochs=0"]), cats_dogs_tiny, tmp_path / "run")
+    assert [row["phase"] for row in result.history] == [2]
+    assert (tmp_path / "run" / "before_fine_tuning.keras").exists()
+    assert 0 <= result.metrics["before_fine_tuning"]["test"]["accuracy"] <= 1
+
+
 def test_class_weight_auto_balances_an_imbalanced_split(tmp_path):
     from conftest import CATS_DOGS, TINY, copy_images
     from mobiletune.config import load_config

@@ -152,7 +152,7 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
     done = resume.epoch if resume else 0
     weights = class_weights(images, config)
     for phase, (epochs, first_epoch, optimizer, lr) in plan.items():
-        if done >= first_epoch + epochs:
+        if resume is not None and done >= first_epoch + epochs:
             continue  # trained before the checkpoint; the caller sees to its evaluation
         start = max(first_epoch, done)
         model_lib.set_trainable(model, phase=phase, config=config)
