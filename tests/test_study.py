@@ -283,3 +283,36 @@ def test_a_worker_joining_a_study_in_the_folder_draws_its_own_trials(tmp_path):
     again, _ = study.open_study(tmp_path / "other", None, "s", 0, 60)
     assert drawn[0] != drawn[1]
     assert again.ask().suggest_float("lr", 0.0, 1.0) == drawn[0]  # a new study from the seed: the same draw
+
+
+def test_best_and_default_test_their_trials_models_which_training_again_reproduces(flowers_tiny, tmp_path,
+                                                                                      monkeypatch):
+    """best/ and default/ take the weights their trials trained instead of training them again, and those are
+    what training the config again gives: the same history, weights and test predictions."""
+    import numpy as np
+
+    from mobiletune import model as model_lib
+    from mobiletune import recipe, runfolder
+
+    config = load_config(overrides=[*TINY, "data.image_size=64"])
+    trainings = []
+    real_fit = recipe._fit_interruptibly
+    monkeypatch.setattr(recipe, "_fit_interruptibly", lambda *a, **k: trainings.append(a[0]) or real_fit(*a, **k))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"phase1.lr": [0.001, 0.01], "model.dropout": [0.2, 0.5]}))
+    out = tmp_path / "sweep"
+    results = run_sweep(config, flowers_tiny, out, n_trials=2, space_path=space)
+    folders = [out / "best", *([out / "default"] if (out / "default").exists() else [])]
+    assert not trainings and results["best"]["seconds"]["phase2"] < 5  # tested, not trained again
+
+    monkeypatch.setattr(recipe, "_fit_interruptibly", real_fit)
+    for folder in folders:
+        again = recipe.train_and_evaluate(load_config(folder / "config.yaml"), flowers_tiny, tmp_path / folder.name)
+        for name in ("history.csv", "test_predictions.csv", "split.csv"):
+            ours, theirs = (runfolder.read_csv(f / name) for f in (folder, again.workdir))
+            assert [{k: v for k, v in r.items() if k != "seconds"} for r in ours] == [
+                {k: v for k, v in r.items() if k != "seconds"} for r in theirs], (folder.name, name)
+        for name in ("model.keras", "before_fine_tuning.keras"):
+            ours, theirs = (model_lib.load_model(f / name).get_weights() for f in (folder, again.workdir))
+            assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)), (folder.name, name)
+        assert {p.name for p in (folder / "logs").iterdir()} >= {"train", "validation", "test"}

@@ -152,6 +152,13 @@ def test_a_sweep_is_a_parent_run_with_a_nested_run_per_trial(cats_dogs_tiny, tmp
     assert float(trials["trial-0001"].data.params["phase1.lr"]) == pytest.approx(float(searched))
     assert all(r.info.status == "FINISHED" for r in children)
     assert client.get_metric_history(trials["trial-0000"].info.run_id, "val_accuracy")
+    best = next(r for r in children if r.info.run_name == "best")  # its trial's epochs, not trained again
+    assert [(m.step, m.value) for m in client.get_metric_history(best.info.run_id, "val_accuracy")] == [
+        (int(r["epoch"]), pytest.approx(float(r["val_accuracy"]))) for r in runfolder.read_csv(out / "best" /
+                                                                                        "history.csv")]
+    lr = load_config(out / "best" / "config.yaml").phase1.lr
+    assert [m.value for m in client.get_metric_history(best.info.run_id, "learning_rate")] == pytest.approx(
+        [lr, lr * 0.1])
 
 
 def test_a_server_that_cannot_be_reached_costs_one_line(cats_dogs_tiny, tmp_path):

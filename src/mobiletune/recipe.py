@@ -126,6 +126,27 @@ class RunResult:
     history: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A sweep trial's finished model: its weights after phase 1 and at the end, its history and TensorBoard
+    folder. `fit_recipe` reaches these same weights again for the same config, split and seed (op
+    determinism), so a run given them tests and saves them instead of training again."""
+
+    trial: int
+    config: Config
+    images: data.ImageSet  # the split it trained and validated on
+    after_phase1: list[np.ndarray]
+    final: list[np.ndarray]
+    history: list[dict[str, Any]]
+    logs: Path
+
+    def fits(self, config: Config, images: data.ImageSet) -> bool:
+        """Whether training `config` on `images` would give these weights: the same config and split."""
+        mine, theirs = self.images, images
+        return (self.config == config and mine.paths == theirs.paths and mine.hashes == theirs.hashes
+                and list(mine.splits) == list(theirs.splits))
+
+
 def seed_everything(seed: int) -> None:
     import tensorflow as tf
 
@@ -193,15 +214,17 @@ def _steps(images: data.ImageSet, config: Config) -> int:
 
 def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path, *, overwrite: bool = False,
                        console=None, fine_tune_ats: list[int] | None = None,
-                       mlflow: tracking_lib.Mlflow | None = None) -> RunResult:
+                       mlflow: tracking_lib.Mlflow | None = None, trained: Trained | None = None) -> RunResult:
     """Run the whole recipe on DATA_DIR and leave a complete run folder in `workdir`.
 
     `fine_tune_ats`: the fine_tune_at values whose boundary activations the feature pass provides
     (a sweep's, to reuse its cache). `mlflow`: also log the run there (TensorBoard files are always written).
+    `trained`: a sweep trial of this config; its weights are used instead of training again when the run's
+    split is the trial's.
     """
     runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
     return _run(config, data_dir, Path(workdir), resuming=False, overwrite=overwrite, console=console,
-                fine_tune_ats=fine_tune_ats, mlflow=mlflow)
+                fine_tune_ats=fine_tune_ats, mlflow=mlflow, trained=trained)
 
 
 def resume_run(run: str | Path, console=None, mlflow: tracking_lib.Mlflow | None = None) -> RunResult:
@@ -243,7 +266,8 @@ class _PhaseEnd:
 
 
 def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, overwrite: bool = False, console=None,
-         fine_tune_ats: list[int] | None = None, mlflow: tracking_lib.Mlflow | None = None) -> RunResult:
+         fine_tune_ats: list[int] | None = None, mlflow: tracking_lib.Mlflow | None = None,
+         trained: Trained | None = None) -> RunResult:
     """train_and_evaluate and resume_run: data, model and features; both phases; the run folder."""
     started = time.perf_counter()
     if config.features.cache:
@@ -282,7 +306,10 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
             say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
             if saved.epoch >= config.phase1.epochs and not phase_end.done(1):
                 phase_end(1, list(saved.history))  # killed between phase 1's last checkpoint and its evaluation
-        history = _fit_interruptibly(model, images, feats, config, console, phase_end, saved, out, tracking)
+        if trained is not None and trained.fits(config, images):
+            history = _from_trial(model, config, trained, phase_end, tracking, say)
+        else:
+            history = _fit_interruptibly(model, images, feats, config, console, phase_end, saved, out, tracking)
         if not phase_end.done(2):  # killed after the last epoch's checkpoint, before its evaluation
             phase_end(2, history)
         runfolder.save_model(out / runfolder.MODEL, model)
@@ -321,6 +348,20 @@ def _note_few_head_steps(images: data.ImageSet, config: Config, say) -> None:
         say(f"note: phase 1 is only {head_steps} optimizer steps ({images.counts()['train']} training images, "
             f"batch {config.data.batch_size}, {config.phase1.epochs} epochs); the new head may underfit: raise "
             "phase1.epochs or phase1.lr, or let `mobiletune sweep` choose")
+
+
+def _from_trial(model: keras.Model, config: Config, trained: Trained, phase_end: _PhaseEnd,
+                tracking: tracking_lib.Tracking, say) -> list[dict[str, Any]]:
+    """Each phase's end as `fit_recipe` would leave it, from the trial's weights: tested, saved and plotted."""
+    say(f"phases 1 and 2: the weights of sweep trial {trained.trial} (the same config, split and seed), "
+        "not trained again")
+    for phase, weights in ((1, trained.after_phase1), (2, trained.final)):
+        model_lib.set_trainable(model, phase=phase, config=config)
+        model.set_weights(weights)
+        phase_end(phase, [row for row in trained.history if row["phase"] <= phase])
+    lrs = {1: config.phase1.lr, 2: config.phase1.lr * config.phase2.lr_ratio}
+    tracking.replay(trained.logs, trained.history, lrs)
+    return list(trained.history)
 
 
 def _fit_interruptibly(model, images, feats, config: Config, console, phase_end: _PhaseEnd,

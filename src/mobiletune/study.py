@@ -8,8 +8,10 @@ default, or a shared RDB URL (PostgreSQL) so workers on many machines share one 
 worker processes on this machine (`mobiletune.worker`). A worker
 killed mid-trial costs only that trial: its heartbeat stops and the trial is failed; the others,
 or a restarted worker, carry on. At the end the chosen config (`objectives.choose`: the most
-accurate, within the latency budget if one is given) is retrained into `best/`, a full run
-folder, and tested once; the summary and, with latency, the Pareto front are written.
+accurate, within the latency budget if one is given) goes into `best/`, a full run folder tested
+once: the trial's own model when this worker trained it (training the config again gives the same
+weights: same split, seed and op determinism), retrained otherwise. The summary and, with latency,
+the Pareto front are written.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mobiletune import cache, data, latency, runfolder, scan, tracking
 from mobiletune import objectives as objectives_lib
 from mobiletune.config import Config, from_flat, load_config
 from mobiletune.errors import MobiletuneError, UsageError
-from mobiletune.recipe import scan_images, seed_everything, train_and_evaluate
+from mobiletune.recipe import Trained, scan_images, seed_everything, train_and_evaluate
 from mobiletune.space import in_space, load_space
 from mobiletune.trials import Shared, measure_sizes, objective
 
@@ -139,7 +141,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
         with _helpers(min(workers - 1, left - 1), task, out, say):  # none for a study already done
             _search(study, created, shared, space, n_trials, timeout, say)
         results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
-                                      parent, wanted, (started, time.perf_counter() - started))
+                                      parent, wanted, (started, time.perf_counter() - started), shared.trained)
     return results
 
 
@@ -262,7 +264,7 @@ def _search(study, created: bool, shared: Shared, space: dict[str, Any], n_trial
             study.optimize(objective(shared, space), timeout=timeout, gc_after_trial=False,
                            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished),
                                       lambda study, trial: say(_trial_line(study, trial, shared.objectives)),
-                                      *callbacks])
+                                      shared.keep_chosen, *callbacks])
     optuna.storages.fail_stale_trials(study)
 
 
@@ -286,10 +288,11 @@ def _heap_frozen() -> Iterator[None]:
 
 def _choose_and_retrain(study, space: dict[str, Any], base: Config, data_dir, out: Path, fine_tune_ats: list[int],
                         baseline_metrics: dict[str, Any] | None, console, parent: tracking.MlflowRun | None,
-                        wanted: objectives_lib.Objectives, clock: tuple[float, float]) -> dict[str, Any]:
-    """The plots and trials.csv; the chosen trial retrained into best/ (and the base recipe into default/),
-    each tested once; sweep.json and the summary; the parent MLflow run finished. `clock`: when the sweep
-    started, and the seconds its search took."""
+                        wanted: objectives_lib.Objectives, clock: tuple[float, float],
+                        trained: dict[int, Trained]) -> dict[str, Any]:
+    """The plots and trials.csv; the chosen trial into best/ (and the base recipe into default/), each tested
+    once: the trial's own model where this worker `trained` it, else retrained; sweep.json and the summary;
+    the parent MLflow run finished. `clock`: when the sweep started, and the seconds its search took."""
     from mobiletune import sweep_report
 
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -303,15 +306,18 @@ def _choose_and_retrain(study, space: dict[str, Any], base: Config, data_dir, ou
                "best_value": objectives_lib.accuracy(best), "best_params": best.params,
                "objectives": list(wanted.names), **_latency_results(study, wanted, best)}
     within = f" within {wanted.max_latency_ms:g} ms" if wanted.max_latency_ms is not None else ""
-    say(f"best{within}: trial {best.number}, validation accuracy {objectives_lib.accuracy(best):.4f}; retraining it "
-        f"into {out / 'best'}")
+    kept = trained.get(best.number)
+    say(f"best{within}: trial {best.number}, validation accuracy {objectives_lib.accuracy(best):.4f}; "
+        + (f"testing its model in {out / 'best'}" if kept else f"retraining it into {out / 'best'}"))
     nested = tracking.Mlflow(parent.uri, parent.run_id) if parent is not None and parent.active else None
-    results["best"] = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console, nested)
+    results["best"] = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console, nested, kept)
     if baseline_metrics is None and best_config == base:
         baseline_metrics = results["best"]
     elif baseline_metrics is None:
-        say(f"training the base recipe into {out / 'default'} for comparison")
-        baseline_metrics = _run_once(base, data_dir, out / "default", fine_tune_ats, console, nested)
+        kept = next((t for t in trained.values() if t.config == base), None)
+        say(f"the base recipe {f'(trial {kept.trial}) tested in' if kept else 'trained into'} {out / 'default'} "
+            "for comparison")
+        baseline_metrics = _run_once(base, data_dir, out / "default", fine_tune_ats, console, nested, kept)
     results["default"] = baseline_metrics
     results["total_seconds"] = round(time.perf_counter() - clock[0], 1)
     runfolder.write_json(out / "sweep.json", results)
@@ -370,7 +376,7 @@ def _sweep_mlflow(target: tracking.Mlflow | None, study, created: bool, out: Pat
 
 
 def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], console,
-              mlflow: tracking.Mlflow | None = None) -> dict[str, Any]:
+              mlflow: tracking.Mlflow | None = None, trained: Trained | None = None) -> dict[str, Any]:
     """A full run folder for `config`, unless one of the same config is already there (a second worker, a
     rerun). A rerun whose trials found a better config retrains the folder for it. Workers sharing the
     sweep folder take turns: one trains, the next waits and then finds its folder."""
@@ -382,7 +388,7 @@ def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], con
         if (out / runfolder.METRICS).exists() and _same_config(out, config):
             return _read_metrics(out)
         return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
-                                  mlflow=mlflow).metrics
+                                  mlflow=mlflow, trained=trained).metrics
 
 
 def _same_config(run: Path, config: Config) -> bool:

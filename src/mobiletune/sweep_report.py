@@ -127,11 +127,11 @@ def write_sweep_summary(path: Path, study, space: dict[str, Any], base: Config, 
         "# Hyper-parameter summary (MobileNetV2): sweep",
         "",
         f"{len(study.trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        + f". Search {results['search_seconds']:.0f} s; everything, retrains included, "
+        + f". Search {results['search_seconds']:.0f} s; everything, the best and default runs included, "
         f"{results['total_seconds']:.0f} s.",
         "",
         "Selection used validation accuracy only (within the latency budget, when one was given). The test set "
-        "was touched once per config shown below: by the final retrain of the best config and by the run of the "
+        "was touched once per config shown below: by the run of the best config and by the run of the "
         "default recipe, never by a trial.",
         "",
         "## Test set: default recipe vs best config",

@@ -15,6 +15,7 @@ mid-run, the run goes on and finishes, and says once that tracking stopped.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -275,6 +276,17 @@ class Tracking:
         if self.mlflow is not None and self.mlflow.active:
             found.append(self.mlflow.epoch_callback(phase))
         return found
+
+    def replay(self, logs: Path, history: list[dict[str, Any]], lrs: dict[int, float]) -> None:
+        """Epochs trained elsewhere (a sweep trial, tracked in `logs`) as if trained here: its TensorBoard
+        events copied, and each epoch to MLflow as `_EpochsToMlflow` sends it (`lrs`: each phase's rate)."""
+        if logs.is_dir():
+            shutil.copytree(logs, self.log_dir, dirs_exist_ok=True)
+        if self.mlflow is not None and self.mlflow.active:
+            for row in history:
+                values = {k: float(row[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+                self.mlflow.log_metrics({**values, "phase": row["phase"], "learning_rate": lrs[row["phase"]]},
+                                        step=row["epoch"])
 
     def finish(self, metrics: dict[str, Any], epochs: tuple[int, int], folder: Path) -> None:
         """The test metrics before and after fine-tuning (TensorBoard at the last epoch of each phase) and,

@@ -18,7 +18,8 @@ import numpy as np
 from mobiletune import cache, data, features, latency, objectives, scan, tracking
 from mobiletune import model as model_lib
 from mobiletune.config import Config, from_flat
-from mobiletune.recipe import fit_recipe, run_features, seed_everything
+from mobiletune.errors import UsageError
+from mobiletune.recipe import Trained, fit_recipe, run_features, seed_everything
 from mobiletune.space import suggest
 
 
@@ -77,6 +78,9 @@ class Shared:
     base_weights: dict[int, list[np.ndarray]] = field(default_factory=dict)
     feature_sets: dict[tuple, features.Features] = field(default_factory=dict)
     trial_bases: dict[tuple[int, float], TrialBase] = field(default_factory=dict)  # by (size, alpha)
+    # finished trials' models by number, while each is the study's choice or the base recipe (`keep_chosen`):
+    # best/ and default/ test them instead of training them again
+    trained: dict[int, Trained] = field(default_factory=dict)
 
     def extractor(self, size: int) -> keras.Model:
         """The model at `size` px with the base's ImageNet weights (Keras has a file per size)."""
@@ -102,6 +106,16 @@ class Shared:
         model = model_lib.build_model(config, len(self.images.classes), base=known.base)
         model_lib.base_of(model).set_weights(self.base_weights[size])
         return model
+
+    def keep_chosen(self, study, trial) -> None:
+        """Optuna's callback after each trial: forget the models that are neither the choice so far nor the
+        base recipe (two models' weights, ~9 MB each at alpha 1, stay in memory)."""
+        try:
+            chosen = objectives.choose(study, self.objectives)
+        except UsageError:  # nothing within the latency budget yet
+            chosen = None
+        self.trained = {n: t for n, t in self.trained.items()
+                        if (chosen is not None and n == chosen.number) or t.config == self.base}
 
     def features_for(self, config: Config) -> features.Features:
         """`config`'s features on the split its run would train on (`recipe.run_features`: near copies regrouped
@@ -134,8 +148,12 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
         epochs = config.phase1.epochs + config.phase2.epochs
         tracked = _trial_tracking(shared, trial.number, config, params)
         report = _ReportToTrial(trial, epochs, wanted.multi, config.data.image_size)
+        ends: dict[int, list[np.ndarray]] = {}  # each phase's weights, for `Trained`
         with tracked.failing(stopped=(optuna.TrialPruned,)):
-            history = fit_recipe(model, feats.images, feats, config, callbacks=[report], tracking=tracked)
+            history = fit_recipe(model, feats.images, feats, config, callbacks=[report], tracking=tracked,
+                                 after_phase=lambda phase, _: ends.__setitem__(phase, model.get_weights()))
+        shared.trained[trial.number] = Trained(trial.number, config, feats.images, ends[1], ends[2], history,
+                                               tracked.log_dir)
         value = history[-1]["val_accuracy"] if history else 0.0
         if tracked.mlflow is not None:
             tracked.mlflow.log_metrics({"val_accuracy_final": value}, step=epochs)
