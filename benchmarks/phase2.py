@@ -56,13 +56,13 @@ def forward_gflop(base, fine_tune_at: int) -> float:
 
 def prepare(data_dir: str):
     """The default recipe's model after phase 1's setup, its phase-2 datasets and its counts."""
-    from mobiletune import data, features, recipe, scan
+    from mobiletune import data, features, scan, training
     from mobiletune import model as model_lib
     from mobiletune.config import load_config
 
     config = load_config(overrides=[])
     images = data.load_images(data_dir, config.data, scan.FileIndex(None))
-    recipe.seed_everything(config.data.seed)  # as a run does
+    training.seed_everything(config.data.seed)  # as a run does
     model = model_lib.build_model(config, len(images.classes))
     feats = features.compute_features(model, images, config)
     model_lib.set_trainable(model, phase=2, config=config)

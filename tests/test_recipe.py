@@ -125,29 +125,3 @@ def test_an_image_broken_past_its_header_is_skipped_and_the_split_is_what_a_reru
     again = data.load_images(flowers_tiny, tiny_config.data, index)
     assert [(r["path"], r["split"]) for r in manifest] == list(zip(again.paths, again.splits, strict=True))
     assert again.skipped[0].reason == skipped[0]["reason"]
-
-
-@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
-def test_train_phase_traces_its_step_without_making_variables(optimizer):
-    """Optimizer slots made inside the first traced step make tf.function trace the step twice."""
-    import keras
-    import tensorflow as tf
-
-    from mobiletune.recipe import train_phase
-
-    inputs = keras.Input((8,))
-    model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(inputs))
-    rng = np.random.default_rng(0)
-    batches = tf.data.Dataset.from_tensor_slices((rng.normal(size=(10, 8)).astype("float32"),
-                                                  rng.integers(0, 2, 10))).batch(4)
-    made_in_a_trace = []
-
-    def creator(next_creator, **kwargs):
-        if tf.inside_function():
-            made_in_a_trace.append(kwargs.get("name"))
-        return next_creator(**kwargs)
-
-    with tf.variable_creator_scope(creator):
-        history = train_phase(model, batches, batches, phase=1, epochs=2, initial_epoch=0, optimizer=optimizer,
-                              lr=1e-3, steps=3)
-    assert len(history) == 2 and made_in_a_trace == []

@@ -149,13 +149,16 @@ def test_sweep_refuses_a_foreign_folder(cats_dogs_tiny, tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("damage", ["missing", "not json"])
-def test_sweep_checks_baseline_before_searching(cats_dogs_tiny, tmp_path, damage):
+@pytest.mark.parametrize(("damage", "message"), [("no folder", r"--baseline \S+/run: no such run folder"),
+                                                 ("missing", "--baseline: .*metrics.json"),
+                                                 ("not json", "--baseline: .*metrics.json")])
+def test_sweep_checks_baseline_before_searching(cats_dogs_tiny, tmp_path, damage, message):
     run = tmp_path / "run"
-    run.mkdir()
+    if damage != "no folder":
+        run.mkdir()
     if damage == "not json":
         (run / "metrics.json").write_text("{half a file")
-    with pytest.raises(UsageError, match="--baseline: .*metrics.json"):
+    with pytest.raises(UsageError, match=message):
         run_sweep(load_config(overrides=TINY), cats_dogs_tiny, tmp_path / "sweep", n_trials=1, baseline=run)
     assert not (tmp_path / "sweep").exists()  # refused before anything was made
 

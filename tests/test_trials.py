@@ -8,7 +8,7 @@ from conftest import TINY
 from mobiletune import cache, data, objectives, scan, trials
 from mobiletune import model as model_lib
 from mobiletune.config import from_flat, load_config
-from mobiletune.recipe import seed_everything
+from mobiletune.training import seed_everything
 
 
 def _weights(model) -> list[np.ndarray]:

@@ -216,7 +216,7 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
           overrides: Overrides = None, mlflow: str | None = None, objectives: str = "accuracy",
           max_latency_ms: float | None = None, latency_format: str = "tflite", workers: int = 1,
           verbose: bool = True) -> dict[str, Any]:
-    """Tune the recipe with Optuna, then retrain the best config and test it once, as `mobiletune sweep`.
+    """Tune the recipe with Optuna, then test the best config once in `out`/best, as `mobiletune sweep`.
 
     Args:
         data_dir: the same folder as for `train`.
@@ -230,10 +230,10 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         baseline: a run folder of the default recipe to compare with, instead of training one.
         config, overrides: the base recipe, as for `train`.
         mlflow: an MLflow tracking URI (default: MLFLOW_TRACKING_URI): a parent run with a nested run per
-            trial and for the retrains.
+            trial and for the best and default runs.
         objectives: "accuracy", or "accuracy,latency" for a Pareto front of validation accuracy against the
             measured batch-1 latency of the exported model on this machine.
-        max_latency_ms: retrain the most accurate trial within this latency (measures latency either way).
+        max_latency_ms: take the most accurate trial within this latency (measures latency either way).
         latency_format: whose latency counts: "tflite" (float) or "tflite-int8".
         workers: worker processes on this machine sharing the study; more than 1 pays where a trial leaves
             cores idle (small data sets, many cores).

@@ -217,14 +217,14 @@ def sweep(
     objectives: Annotated[str, typer.Option("--objectives", help="accuracy, or accuracy,latency: trade validation "
                                             "accuracy against the measured latency of the exported model (a Pareto "
                                             "front).")] = "accuracy",
-    max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Retrain the most accurate "
+    max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Take the most accurate "
                                                              "trial whose latency is within this many ms.")] = None,
     latency_format: Annotated[str, typer.Option("--format", help="Whose latency counts: tflite (float) or "
                                                 "tflite-int8.")] = "tflite",
     workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes on this machine; more than 1 "
                                          "pays where a trial leaves cores idle (small data, many cores).")] = 1,
 ) -> None:
-    """Tune the recipe with Optuna: pruned trials on cached features, then retrain the best config."""
+    """Tune the recipe with Optuna: pruned trials on cached features, then test the best config once."""
     from mobiletune import api
 
     results = api.sweep(data_dir, out, trials=trials, space=space, storage=storage, study=study, timeout=timeout,

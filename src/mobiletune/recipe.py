@@ -1,8 +1,8 @@
 """The seed's recipe end to end: `train_and_evaluate(config, data_dir, workdir)`.
 
-Phase 1 trains a new head on the frozen base; phase 2 unfreezes the base from `fine_tune_at`
-and trains on at a tenth of the learning rate. Both go through `train_phase()`. The test set is
-scored after each phase ("before" and "after fine-tuning") and everything lands in the run folder.
+The images as a run sees them (`scan_images`, `run_features`: exclusions, failed decodes, near
+copies kept in one split), both phases (`training.fit_recipe`), the test set scored after each
+("before" and "after fine-tuning"), and everything in the run folder; `resume_run` continues one.
 """
 
 from __future__ import annotations
@@ -37,86 +37,12 @@ from mobiletune import model as model_lib
 from mobiletune import tracking as tracking_lib
 from mobiletune.config import Config
 from mobiletune.errors import DataError
+from mobiletune.training import class_weights, fit_recipe, seed_everything, steps_per_epoch
 
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 # The seed's recipe gives the head ~630 steps (2000 images, batch 32, 10 epochs). On 160 images
 # (flowers_mini) it gets 50 and ends at 25% test accuracy, 55% with lr 1e-3: below this, say so.
 FEW_HEAD_STEPS = 200
-
-
-class _EpochLog(keras.callbacks.Callback):
-    """Times each epoch, appends its history row, and shows progress: a bar, then a line."""
-
-    def __init__(self, phase: int, last_epoch: int, steps: int, history: list[dict[str, Any]], console=None,
-                 interrupt: checkpoint.Interrupt | None = None):
-        super().__init__()
-        self.phase, self.last_epoch, self.steps, self.console = phase, last_epoch, steps, console
-        self.history, self.interrupt = history, interrupt
-        self._progress = self._task = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-        if self.console is not None and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), console=self.console, transient=True)
-            self._progress.start()
-            self._label = f"phase {self.phase} epoch {epoch + 1}/{self.last_epoch}"
-            self._task = self._progress.add_task(self._label, total=self.steps or None)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._progress is not None:
-            acc = float((logs or {}).get("accuracy", 0.0))
-            self._progress.update(self._task, advance=1, description=f"{self._label} accuracy {acc:.3f}")
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-        if self.interrupt is not None and self.interrupt.requested:
-            return  # a partial epoch is no history
-        logs = logs or {}
-        row = {"epoch": epoch + 1, "phase": self.phase,
-               **{k: float(logs.get(k, float("nan"))) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
-               "seconds": round(time.perf_counter() - self._start, 3)}
-        self.history.append(row)
-        if self.console is not None:
-            self.console.print(
-                f"phase {self.phase} epoch {epoch + 1:>2}/{self.last_epoch}  loss {row['loss']:.4f}  "
-                f"accuracy {row['accuracy']:.4f}  val_loss {row['val_loss']:.4f}  "
-                f"val_accuracy {row['val_accuracy']:.4f}  {row['seconds']:.1f} s")
-
-
-def train_phase(model: keras.Model, train_data, val_data, *, phase: int, epochs: int, initial_epoch: int,
-                optimizer: str, lr: float, steps: int, history: list[dict[str, Any]] | None = None,
-                console=None, callbacks: list[keras.callbacks.Callback] | None = None,
-                optimizer_state: list | None = None, interrupt: checkpoint.Interrupt | None = None,
-                class_weight: dict[int, float] | None = None) -> list[dict[str, Any]]:
-    """Compile `model` with a fresh optimizer and fit it; one history row per epoch, appended to `history`.
-
-    Serves phase 1, phase 2 and the sweep: `model` is whatever trains (the full classifier, or
-    the part above a feature cache), `initial_epoch` continues the epoch count, and
-    `optimizer_state` resumes an optimizer saved mid-phase.
-    """
-    loss, metric = model_lib.loss_and_metric(model_lib.is_binary(model))
-    model.compile(optimizer=model_lib.make_optimizer(optimizer, lr), loss=loss, metrics=[metric])
-    # Its slots now, not lazily inside the first traced step: variables made there make tf.function
-    # trace the whole training step twice (~0.6 s of a phase-2 fit and ~0.1 s of phase 1 on
-    # flowers_mini, paid again by every sweep trial)
-    model.optimizer.build(model.trainable_variables)
-    if optimizer_state is not None:
-        checkpoint.restore_optimizer(model, optimizer_state)
-    history = [] if history is None else history
-    already = len(history)
-    if epochs > 0:
-        log = _EpochLog(phase, initial_epoch + epochs, steps, history, console, interrupt)
-        model.fit(train_data, validation_data=val_data, initial_epoch=initial_epoch, epochs=initial_epoch + epochs,
-                  steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[log, *(callbacks or [])],
-                  class_weight=class_weight)
-    if interrupt is not None and interrupt.requested:
-        raise checkpoint.Interrupted("interrupted")
-    return history[already:]
 
 
 @dataclass
@@ -145,71 +71,6 @@ class Trained:
         mine, theirs = self.images, images
         return (self.config == config and mine.paths == theirs.paths and mine.hashes == theirs.hashes
                 and list(mine.splits) == list(theirs.splits))
-
-
-def seed_everything(seed: int) -> None:
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
-    tf.config.experimental.enable_op_determinism()  # same seed -> same numbers, not just close
-
-
-def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Features | None, config: Config, *,
-               console=None, callbacks: list[keras.callbacks.Callback] | None = None, after_phase=None,
-               resume: checkpoint.Checkpoint | None = None, save_to: Path | None = None,
-               interrupt: checkpoint.Interrupt | None = None, test_probs: dict[str, np.ndarray] | None = None,
-               tracking: tracking_lib.Tracking | None = None) -> list[dict[str, Any]]:
-    """Phase 1 then phase 2 on `model`, through `train_phase`; the history of both.
-
-    `feats` None runs the plain recipe on pixels. `after_phase(phase, history)` runs after each
-    phase (train evaluates the test set there; the sweep never does). With `save_to`, a
-    checkpoint is written after every epoch; `resume` continues from one (weights already
-    restored by the caller). `test_probs` (what `after_phase` evaluated) travels in the checkpoint.
-    `tracking` gets every epoch (TensorBoard, MLflow).
-    """
-    p1, p2 = config.phase1, config.phase2
-    plan = {1: (p1.epochs, 0, p1.optimizer, p1.lr), 2: (p2.epochs, p1.epochs, p2.optimizer, p1.lr * p2.lr_ratio)}
-    history: list[dict[str, Any]] = list(resume.history) if resume else []
-    done = resume.epoch if resume else 0
-    weights = class_weights(images, config)
-    for phase, (epochs, first_epoch, optimizer, lr) in plan.items():
-        if resume is not None and done >= first_epoch + epochs:
-            continue  # trained before the checkpoint; the caller sees to its evaluation
-        start = max(first_epoch, done)
-        model_lib.set_trainable(model, phase=phase, config=config)
-        if phase == 2 and console is not None:
-            base = model_lib.base_of(model)
-            console.print(f"fine-tuning {sum(layer.trainable for layer in base.layers)} base layers from layer "
-                          f"{p2.fine_tune_at} at lr {lr:g}")
-        trainee, train_data, val_data = _phase_data(phase, model, images, feats, config, start, first_epoch + epochs)
-        saving = [checkpoint.EpochCheckpoint(save_to, model, history, test_probs if test_probs is not None else {},
-                                             interrupt or checkpoint.Interrupt())] if save_to else []
-        train_phase(trainee, train_data, val_data, phase=phase, epochs=first_epoch + epochs - start,
-                    initial_epoch=start, optimizer=optimizer, lr=lr, steps=_steps(images, config), history=history,
-                    # tracking before `callbacks`: a sweep's pruning stops the fit, and the epoch is logged first
-                    console=console, callbacks=[*saving, *(tracking.callbacks(phase) if tracking else []),
-                                                *(callbacks or [])],
-                    interrupt=interrupt, class_weight=weights,
-                    optimizer_state=resume.optimizer_variables if resume and first_epoch < start == done else None)
-        if after_phase is not None:
-            after_phase(phase, history)
-    return history
-
-
-def class_weights(images: data.ImageSet, config: Config) -> dict[int, float] | None:
-    """With data.class_weight "auto": scikit-learn's 'balanced' weights from the training split."""
-    if config.data.class_weight == "none":
-        return None
-    from sklearn.utils.class_weight import compute_class_weight
-
-    y = images.labels[images.indices("train")]
-    classes = np.arange(len(images.classes))
-    return {int(c): float(w) for c, w in zip(classes, compute_class_weight("balanced", classes=classes, y=y),
-                                             strict=True)}
-
-
-def _steps(images: data.ImageSet, config: Config) -> int:
-    return -(-len(images.indices("train")) // config.data.batch_size)
 
 
 def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path, *, overwrite: bool = False,
@@ -343,7 +204,7 @@ def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str 
 
 
 def _note_few_head_steps(images: data.ImageSet, config: Config, say) -> None:
-    head_steps = _steps(images, config) * config.phase1.epochs
+    head_steps = steps_per_epoch(images, config) * config.phase1.epochs
     if 0 < head_steps < FEW_HEAD_STEPS:
         say(f"note: phase 1 is only {head_steps} optimizer steps ({images.counts()['train']} training images, "
             f"batch {config.data.batch_size}, {config.phase1.epochs} epochs); the new head may underfit: raise "
@@ -556,31 +417,6 @@ def environment(base_weights_sha256: str) -> dict[str, str]:
         "platform": platform.platform(), "cpus": str(os.cpu_count()),
         "base_weights_sha256": base_weights_sha256,
     }
-
-
-def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: features.Features | None,
-                config: Config, initial_epoch: int, end_epoch: int):
-    """What trains in `phase` and on what: the full model on pixels, or its upper part on cached features.
-
-    Either way epoch e's order depends on (seed, e) alone, so resuming at `initial_epoch` is exact.
-    """
-    batch, seed = config.data.batch_size, config.data.seed
-    if feats is None:
-        size = config.data.image_size
-        return (model, pixels.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
-                                          initial_epoch=initial_epoch, epochs=end_epoch),
-                pixels.pixel_dataset(images, "validation", size, batch, shuffle=False, seed=seed))
-    if phase == 1:
-        trainee, outputs = features.head_model(model), [0]
-    else:
-        trainee, outputs = features.top_model(model, config.phase2.fine_tune_at), feats.boundaries[
-            config.phase2.fine_tune_at]
-    labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
-    return (trainee,
-            features.feature_dataset(feats.readers["train"], outputs, labels["train"], feats.views["train"], batch,
-                                     shuffle=True, seed=seed, initial_epoch=initial_epoch, epochs=end_epoch),
-            features.feature_dataset(feats.readers["validation"], outputs, labels["validation"], 1, batch,
-                                     shuffle=False, seed=seed))
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:

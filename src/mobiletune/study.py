@@ -32,8 +32,9 @@ from mobiletune import cache, data, latency, runfolder, scan, tracking
 from mobiletune import objectives as objectives_lib
 from mobiletune.config import Config, from_flat, load_config
 from mobiletune.errors import MobiletuneError, UsageError
-from mobiletune.recipe import Trained, scan_images, seed_everything, train_and_evaluate
+from mobiletune.recipe import Trained, scan_images, train_and_evaluate
 from mobiletune.space import in_space, load_space
+from mobiletune.training import seed_everything
 from mobiletune.trials import Shared, measure_sizes, objective
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +400,9 @@ def _same_config(run: Path, config: Config) -> bool:
 
 
 def _read_baseline(run: Path) -> dict[str, Any]:
+    if not run.exists():
+        raise UsageError(f"--baseline {run}: no such run folder; give a finished run of the default recipe "
+                         "(mobiletune train), or leave --baseline out to train one")
     try:
         return _read_metrics(run)
     except UsageError as exc:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mobiletune import objectives as objectives_lib  # noqa: E402
 from mobiletune.config import Config  # noqa: E402
+from mobiletune.report import worse_after  # noqa: E402
 from mobiletune.runfolder import save_figure, write_text  # noqa: E402
 
 PLOTS = ("pareto_front.png", "optimization_history.png", "param_importances.png", "val_accuracy_by_knob.png")
@@ -136,13 +137,20 @@ def write_sweep_summary(path: Path, study, space: dict[str, Any], base: Config, 
         "",
         "## Test set: default recipe vs best config",
         "",
-        "| config | before fine-tuning | after fine-tuning |",
-        "|---|---|---|",
+        "| config | before fine-tuning | after fine-tuning | McNemar's exact test, before vs after |",
+        "|---|---|---|---|",
     ]
+    advice = []
     for label, m in (("default recipe", results["default"]), ("best config", results["best"])):
         cells = [f"{m[s]['test']['accuracy']:.2%} (loss {m[s]['test']['loss']:.4f})"
                  for s in ("before_fine_tuning", "after_fine_tuning")]
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        mc = m.get("mcnemar")  # absent from a --baseline made by an older version
+        test = (f"p = {mc['p_value']:.3g} ({mc['only_after_right']} right only after, {mc['only_before_right']} "
+                "only before)") if mc else "-"
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {test} |")
+        if mc and worse_after(mc):
+            advice.append(f"The {label}: {worse_after(mc)}")
+    lines += ["", *advice] if advice else []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

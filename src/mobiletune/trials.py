@@ -19,8 +19,9 @@ from mobiletune import cache, data, features, latency, objectives, scan, trackin
 from mobiletune import model as model_lib
 from mobiletune.config import Config, from_flat
 from mobiletune.errors import UsageError
-from mobiletune.recipe import Trained, fit_recipe, run_features, seed_everything
+from mobiletune.recipe import Trained, run_features
 from mobiletune.space import suggest
+from mobiletune.training import fit_recipe, seed_everything
 
 
 class _ReportToTrial(keras.callbacks.Callback):
