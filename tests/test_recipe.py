@@ -125,3 +125,25 @@ def test_an_image_broken_past_its_header_is_skipped_and_the_split_is_what_a_reru
     again = data.load_images(flowers_tiny, tiny_config.data, index)
     assert [(r["path"], r["split"]) for r in manifest] == list(zip(again.paths, again.splits, strict=True))
     assert again.skipped[0].reason == skipped[0]["reason"]
+
+
+def test_a_trials_model_fits_only_the_same_config_on_the_same_images(flowers_tiny, tiny_config):
+    """`Trained.fits`: otherwise the run trains (a pixel run, another split, other labels, another config)."""
+    from dataclasses import replace
+
+    from conftest import TINY
+    from mobiletune.config import load_config
+    from mobiletune.recipe import Trained
+
+    images = data.load_images(flowers_tiny, tiny_config.data)
+    trained = Trained(0, tiny_config, images, [], [], [], flowers_tiny / "logs")
+    assert trained.fits(tiny_config, images)
+    # trials train on cached features, a pixel run would not
+    assert not trained.fits(load_config(overrides=[*TINY, "features.cache=false"]), images)
+    assert not trained.fits(load_config(overrides=["phase1.lr=0.5"]), images)
+    splits = images.splits.copy()
+    splits[0] = "test" if splits[0] != "test" else "train"
+    assert not trained.fits(tiny_config, replace(images, splits=splits))
+    labels = images.labels.copy()
+    labels[0] = (labels[0] + 1) % len(images.classes)
+    assert not trained.fits(tiny_config, replace(images, labels=labels))

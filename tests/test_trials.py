@@ -66,3 +66,24 @@ def test_a_trial_trains_on_the_split_its_run_makes(flowers_tiny, tmp_path):
     assert left_out not in run and left_out not in images.paths
     assert dict(zip(trial.paths, trial.splits, strict=True)) == run
     assert dict(zip(images.paths, images.splits, strict=True)) != run  # the scan alone splits a pair apart
+
+
+def test_a_worker_keeps_the_models_of_the_choice_and_of_the_base_recipe_only(tmp_path):
+    """`Shared.keep_chosen` after each trial: the study's choice so far and the first base-recipe trial stay,
+    and nothing is chosen while no trial is within the latency budget."""
+    import optuna
+
+    from mobiletune.recipe import Trained
+
+    base = load_config(overrides=TINY)
+    other = load_config(overrides=[*TINY, "phase1.lr=0.01"])
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    shared = trials.Shared(base, None, [100], scan.FileIndex(None), tmp_path, objectives.Objectives(
+        ("accuracy", "latency"), "tflite", max_latency_ms=1.0))
+    for number, (config, accuracy, ms) in enumerate([(base, 0.7, 1.5), (other, 0.9, 2.0), (base, 0.6, 0.5),
+                                                     (other, 0.8, 0.9), (other, 0.75, 0.4)]):
+        study.add_trial(optuna.trial.create_trial(values=[accuracy, ms], user_attrs={"latency_ms_tflite": ms}))
+        shared.trained[number] = Trained(number, config, None, [], [], [], tmp_path)
+        shared.keep_chosen(study, study.trials[-1])
+        kept = sorted(shared.trained)
+        assert kept == {0: [0], 1: [0], 2: [0, 2], 3: [0, 3], 4: [0, 3]}[number], (number, kept)

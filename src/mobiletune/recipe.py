@@ -67,10 +67,11 @@ class Trained:
     logs: Path
 
     def fits(self, config: Config, images: data.ImageSet) -> bool:
-        """Whether training `config` on `images` would give these weights: the same config and split."""
+        """Whether training `config` on `images` would give these weights: the same config, on cached features
+        as trials train (features.cache), and the same images, classes, labels and split."""
         mine, theirs = self.images, images
-        return (self.config == config and mine.paths == theirs.paths and mine.hashes == theirs.hashes
-                and list(mine.splits) == list(theirs.splits))
+        return (self.config == config and config.features.cache and mine.paths == theirs.paths
+                and mine.classes == theirs.classes and mine.digest() == theirs.digest())
 
 
 def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path, *, overwrite: bool = False,
@@ -167,7 +168,8 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
             say(f"resuming after epoch {saved.epoch} of {config.phase1.epochs + config.phase2.epochs}")
             if saved.epoch >= config.phase1.epochs and not phase_end.done(1):
                 phase_end(1, list(saved.history))  # killed between phase 1's last checkpoint and its evaluation
-        if trained is not None and trained.fits(config, images):
+        from_trial = trained.trial if trained is not None and trained.fits(config, images) else None
+        if from_trial is not None:
             history = _from_trial(model, config, trained, phase_end, tracking, say)
         else:
             history = _fit_interruptibly(model, images, feats, config, console, phase_end, saved, out, tracking)
@@ -182,6 +184,7 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
         probs = phase_end.test_probs
         metrics = _final_metrics(config, images, feats, audited, probs["test_probs_1"], probs["test_probs_2"],
                                  (detector, unknown_scores), seconds, base, weights_sha256, data_dir, saved is not None)
+        metrics["weights_from_trial"] = from_trial  # a sweep's: not trained again (`Trained`)
         _finish_folder(out, config, images, metrics, probs["test_probs_1"], probs["test_probs_2"], unknown_scores)
         tracking.finish(metrics, (config.phase1.epochs, config.phase2.epochs), out)
     if console is not None:
@@ -221,6 +224,7 @@ def _from_trial(model: keras.Model, config: Config, trained: Trained, phase_end:
         model.set_weights(weights)
         phase_end(phase, [row for row in trained.history if row["phase"] <= phase])
     lrs = {1: config.phase1.lr, 2: config.phase1.lr * config.phase2.lr_ratio}
+    lrs = {phase: float(np.float32(lr)) for phase, lr in lrs.items()}  # as the optimizer's variable holds it
     tracking.replay(trained.logs, trained.history, lrs)
     return list(trained.history)
 
@@ -307,7 +311,7 @@ def run_features(model: keras.Model, images: data.ImageSet, config: Config, inde
     """The cached features (computing what is missing) on the split a run of `config` trains on: scanned again
     without the images that failed to decode, and with data.dedupe, with near copies regrouped into one split.
     Also each image's nearest neighbours when dedupe looked for them (`audit.nearest`, for the audit to reuse).
-    A sweep's trials come here too, so a trial validates on the split its retrained run will."""
+    A sweep's trials come here too, so a trial validates on the split its run in best/ tests on."""
     plain = config.data.audit != "none"  # the audit compares every image unaugmented
     computed = 0  # over every pass below: a later pass finds an earlier one's work cached
     near = None

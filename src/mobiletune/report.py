@@ -88,6 +88,10 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
     seconds = metrics.get("seconds", {})
     if seconds:
         lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]
+    if metrics.get("weights_from_trial") is not None:
+        lines += ["", f"Weights: those of sweep trial {metrics['weights_from_trial']}, which trained this same config "
+                      "on the same split with the same seed; tested here, not trained again (phase times are "
+                      "the evaluations')."]
     lines += ["", "![before fine-tuning](before_fine_tuning.png)", ""]
     lines += ["![after fine-tuning](after_fine_tuning.png)", ""]
     return "\n".join(lines)

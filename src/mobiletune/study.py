@@ -93,7 +93,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
               timeout: float | None = None, grace_period: int = 60, baseline: str | Path | None = None,
               console=None, mlflow: tracking.Mlflow | None = None,
               objectives: objectives_lib.Objectives | None = None, workers: int = 1) -> dict[str, Any]:
-    """Run (or join) a study until it holds `n_trials` finished trials; then report and retrain the chosen one.
+    """Run (or join) a study until it holds `n_trials` finished trials; then report, and test the chosen one.
 
     `objectives`: accuracy alone (default), or accuracy and latency, and an optional latency budget.
     `workers`: worker processes on this machine, this one included (`_helpers`).
@@ -141,7 +141,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
         left = n_trials - counts.get("COMPLETE", 0) - counts.get("PRUNED", 0)
         with _helpers(min(workers - 1, left - 1), task, out, say):  # none for a study already done
             _search(study, created, shared, space, n_trials, timeout, say)
-        results = _choose_and_retrain(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
+        results = _choose_and_run(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
                                       parent, wanted, (started, time.perf_counter() - started), shared.trained)
     return results
 
@@ -158,7 +158,7 @@ def _inputs(base: Config, data_dir, space: dict[str, Any]) -> tuple[scan.FileInd
 @contextmanager
 def _helpers(count: int, task: dict[str, Any], out: Path, say) -> Iterator[None]:
     """`count` more workers on this machine (`mobiletune.worker`), each running trials of the study until it
-    holds its trials; choosing and retraining stay here. A trial on a small data set is mostly Python
+    holds its trials; choosing and making best/ stay here. A trial on a small data set is mostly Python
     (tracing, one core busy), so on flowers_mini a second worker sped a 2-core sweep up (docs/benchmarks.md).
     Their output goes to logs/worker-N.log; they are waited for, and stopped if this worker fails."""
     import subprocess
@@ -206,7 +206,7 @@ def run_helper(task: dict[str, Any], say=print) -> None:
     space = task["space"]
     index, images, fine_tune_ats = _inputs(base, task["data_dir"], space)
     study, _ = open_study(out, task["storage"], task["study"], base.data.seed, task["grace_period"], wanted.directions)
-    shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted)
+    shared = Shared(base, images, fine_tune_ats, index, out / tracking.LOGS, wanted, keeps_models=False)
     timeout = None if task["deadline"] is None else max(0.0, task["deadline"] - time.time())  # the first one's clock
 
     def orphaned(study, trial) -> None:  # the first worker died without stopping us (SIGKILL, out of memory)
@@ -287,7 +287,7 @@ def _heap_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _choose_and_retrain(study, space: dict[str, Any], base: Config, data_dir, out: Path, fine_tune_ats: list[int],
+def _choose_and_run(study, space: dict[str, Any], base: Config, data_dir, out: Path, fine_tune_ats: list[int],
                         baseline_metrics: dict[str, Any] | None, console, parent: tracking.MlflowRun | None,
                         wanted: objectives_lib.Objectives, clock: tuple[float, float],
                         trained: dict[int, Trained]) -> dict[str, Any]:
@@ -307,18 +307,21 @@ def _choose_and_retrain(study, space: dict[str, Any], base: Config, data_dir, ou
                "best_value": objectives_lib.accuracy(best), "best_params": best.params,
                "objectives": list(wanted.names), **_latency_results(study, wanted, best)}
     within = f" within {wanted.max_latency_ms:g} ms" if wanted.max_latency_ms is not None else ""
-    kept = trained.get(best.number)
-    say(f"best{within}: trial {best.number}, validation accuracy {objectives_lib.accuracy(best):.4f}; "
-        + (f"testing its model in {out / 'best'}" if kept else f"retraining it into {out / 'best'}"))
+    say(f"best{within}: trial {best.number}, validation accuracy {objectives_lib.accuracy(best):.4f}")
     nested = tracking.Mlflow(parent.uri, parent.run_id) if parent is not None and parent.active else None
-    results["best"] = _run_once(best_config, data_dir, out / "best", fine_tune_ats, console, nested, kept)
+
+    def run(config: Config, folder: Path, what: str) -> dict[str, Any]:
+        kept = next((t for t in trained.values() if t.config == config), None)  # any trial of this config
+        metrics = _run_once(config, data_dir, folder, fine_tune_ats, console, nested, kept)
+        source = metrics.get("weights_from_trial")
+        say(f"{what}: {folder}, " + (f"trial {source}'s model, tested" if source is not None else "trained and tested"))
+        return metrics
+
+    results["best"] = run(best_config, out / "best", "best config")
     if baseline_metrics is None and best_config == base:
         baseline_metrics = results["best"]
     elif baseline_metrics is None:
-        kept = next((t for t in trained.values() if t.config == base), None)
-        say(f"the base recipe {f'(trial {kept.trial}) tested in' if kept else 'trained into'} {out / 'default'} "
-            "for comparison")
-        baseline_metrics = _run_once(base, data_dir, out / "default", fine_tune_ats, console, nested, kept)
+        baseline_metrics = run(base, out / "default", "base recipe, for comparison")
     results["default"] = baseline_metrics
     results["total_seconds"] = round(time.perf_counter() - clock[0], 1)
     runfolder.write_json(out / "sweep.json", results)

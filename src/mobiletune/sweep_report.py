@@ -148,9 +148,10 @@ def write_sweep_summary(path: Path, study, space: dict[str, Any], base: Config, 
         test = (f"p = {mc['p_value']:.3g} ({mc['only_after_right']} right only after, {mc['only_before_right']} "
                 "only before)") if mc else "-"
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {test} |")
-        if mc and worse_after(mc):
-            advice.append(f"The {label}: {worse_after(mc)}")
-    lines += ["", *advice] if advice else []
+        worse = worse_after(mc) if mc else ""
+        if worse and not any(m is seen for seen, _ in advice):  # the best config may be the default's run
+            advice.append((m, f"The {label}: {worse}"))
+    lines += ["", *(text for _, text in advice)] if advice else []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -6,7 +6,7 @@ TensorBoard: RUN/logs/train and RUN/logs/validation as Keras' own TensorBoard ca
 RUN/logs/test with the test loss and accuracy at the last epoch of each phase.
 
 MLflow: one run per mobiletune run (a sweep: a parent run, one nested run per trial, and the best
-and default retrains): the resolved config as params, per-epoch metrics with the epoch of
+and default runs): the resolved config as params, per-epoch metrics with the epoch of
 history.csv as step, the before/after test metrics, the run folder as artifacts, and the data and
 weights digests as tags. Tracking is never worth a run: if the server cannot be reached, or fails
 mid-run, the run goes on and finishes, and says once that tracking stopped.
@@ -75,7 +75,7 @@ def write_test_scalars(log_dir: Path, points: dict[int, dict[str, float]]) -> No
 
 @dataclass(frozen=True)
 class Mlflow:
-    """Where to log: a tracking URI, and the parent run for nested runs (a sweep's trials and retrains)."""
+    """Where to log: a tracking URI, and the parent run for nested runs (a sweep's trials, best and default runs)."""
 
     uri: str
     parent_run_id: str | None = None

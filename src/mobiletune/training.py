@@ -95,7 +95,6 @@ def train_phase(model: keras.Model, train_data, val_data, *, phase: int, epochs:
     return history[already:]
 
 
-
 def seed_everything(seed: int) -> None:
     import tensorflow as tf
 
@@ -160,7 +159,6 @@ def class_weights(images: data.ImageSet, config: Config) -> dict[int, float] | N
 
 def steps_per_epoch(images: data.ImageSet, config: Config) -> int:
     return -(-len(images.indices("train")) // config.data.batch_size)
-
 
 
 def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: features.Features | None,

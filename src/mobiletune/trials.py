@@ -80,7 +80,8 @@ class Shared:
     feature_sets: dict[tuple, features.Features] = field(default_factory=dict)
     trial_bases: dict[tuple[int, float], TrialBase] = field(default_factory=dict)  # by (size, alpha)
     # finished trials' models by number, while each is the study's choice or the base recipe (`keep_chosen`):
-    # best/ and default/ test them instead of training them again
+    # best/ and default/ test them instead of training them again. Helper workers choose nothing: they keep none
+    keeps_models: bool = True
     trained: dict[int, Trained] = field(default_factory=dict)
 
     def extractor(self, size: int) -> keras.Model:
@@ -109,19 +110,21 @@ class Shared:
         return model
 
     def keep_chosen(self, study, trial) -> None:
-        """Optuna's callback after each trial: forget the models that are neither the choice so far nor the
-        base recipe (two models' weights, ~9 MB each at alpha 1, stay in memory)."""
+        """Optuna's callback after each trial: keep the models of the choice so far and of the first trial of
+        the base recipe, forget the others. At most three trials' weights are held (each twice, after phase 1
+        and at the end: ~2 x 9 MB at alpha 1), the newest until this runs."""
         try:
             chosen = objectives.choose(study, self.objectives)
         except UsageError:  # nothing within the latency budget yet
             chosen = None
-        self.trained = {n: t for n, t in self.trained.items()
-                        if (chosen is not None and n == chosen.number) or t.config == self.base}
+        base = min((n for n, t in self.trained.items() if t.config == self.base), default=None)
+        self.trained = {n: t for n, t in self.trained.items() if n == base or (chosen and n == chosen.number)}
 
     def features_for(self, config: Config) -> features.Features:
         """`config`'s features on the split its run would train on (`recipe.run_features`: near copies regrouped
-        by their features at its input size), so the trial chosen and retrained is validated on the same images."""
-        key = (config.data.image_size, config.augment.flip, config.augment.rotation)
+        by their features at its input size), so the run of the trial chosen tests it on the split it validated on."""
+        # everything run_features reads: a space may search any key (the batch size too: it batches augmentation)
+        key = (config.data, config.augment, config.features, config.model.alpha, config.model.weights)
         if key not in self.feature_sets:
             self.feature_sets[key] = run_features(self.extractor(config.data.image_size), self.images, config,
                                                   self.index, self.fine_tune_ats)[0]
@@ -153,8 +156,9 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
         with tracked.failing(stopped=(optuna.TrialPruned,)):
             history = fit_recipe(model, feats.images, feats, config, callbacks=[report], tracking=tracked,
                                  after_phase=lambda phase, _: ends.__setitem__(phase, model.get_weights()))
-        shared.trained[trial.number] = Trained(trial.number, config, feats.images, ends[1], ends[2], history,
-                                               tracked.log_dir)
+        if shared.keeps_models:
+            shared.trained[trial.number] = Trained(trial.number, config, feats.images, ends[1], ends[2], history,
+                                                   tracked.log_dir)
         value = history[-1]["val_accuracy"] if history else 0.0
         if tracked.mlflow is not None:
             tracked.mlflow.log_metrics({"val_accuracy_final": value}, step=epochs)

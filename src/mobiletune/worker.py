@@ -1,7 +1,7 @@
 """A helper worker of `mobiletune sweep --workers N`: more trials of the same study, in a process of its own.
 
 Started by `study._helpers` with its task (JSON) in the environment variable MOBILETUNE_WORKER. It runs
-trials until the study holds its trials, then stops; the worker that started it chooses and retrains.
+trials until the study holds its trials, then stops; the worker that started it chooses and makes best/.
 """
 
 from __future__ import annotations
