@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mobiletune.config import Config  # noqa: E402
 from mobiletune.runfolder import save_figure, write_text  # noqa: E402
 
+SIGNIFICANCE = 0.05  # McNemar's p below this: fine-tuning changed the test results beyond chance
+
 # What each knob means, in the seed's words, for the generated summary.
 KNOB_NOTES = {
     "phase1.lr": "Learning rate of the new head; the seed's base_learning_rate",
@@ -108,11 +110,16 @@ def mcnemar_sentence(mc: dict[str, Any]) -> str:
     return f"{sentence} {worse_after(mc)}".rstrip()
 
 
+def significant(mc: dict[str, Any]) -> bool:
+    """McNemar's test says before and after differ beyond chance, at the 5% level every report uses."""
+    return bool(mc) and mc["p_value"] < SIGNIFICANCE
+
+
 def worse_after(mc: dict[str, Any]) -> str:
     """What to do when fine-tuning made the model worse beyond chance, else "". On a small folder RMSprop's
     first steps at a high phase-2 learning rate can undo what phase 1 learnt: flowers_mini with phase-2 lr
     1e-4 went from 80% to 40% on the test set."""
-    if mc and mc["p_value"] < 0.05 and mc["only_before_right"] > mc["only_after_right"]:
+    if significant(mc) and mc["only_before_right"] > mc["only_after_right"]:
         return ("Fine-tuning made the model worse (the head alone, before_fine_tuning.keras, did better): "
                 "train again with a lower phase2.lr_ratio or fewer phase2.epochs.")
     return ""

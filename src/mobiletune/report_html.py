@@ -149,7 +149,7 @@ def build_report(run: str | Path) -> Path:
         _table(["stage", "accuracy", "95% interval (Wilson)", "loss", "balanced accuracy", "ROC-AUC", "ECE"], rows),
         f"<p>McNemar's exact test on the same {n} images: p = {mc['p_value']:.3g}. "
         f"{mc['only_after_right']} images right only after fine-tuning, {mc['only_before_right']} right only "
-        f"before. {'The difference is significant at 5%.' if mc['p_value'] < 0.05 else 'At this test-set size the difference is not significant at 5%.'}"  # noqa: E501
+        f"before. {'The difference is significant at 5%.' if report.significant(mc) else 'At this test-set size the difference is not significant at 5%.'}"  # noqa: E501
         f"{' ' + html.escape(worse) if worse else ''}</p>",
     ]
 

@@ -185,10 +185,13 @@ def measure_sizes(study, shared: Shared, space: dict[str, dict[str, Any]], say) 
         return
     say(f"timing the exported model at {', '.join(f'{s} px' for s in missing)} ({latency.host()})")
     for size in missing:
-        config = configs[size]
+        try:
+            model = shared.extractor(size)  # once, not once per format when it fails
+        except Exception:  # noqa: BLE001 - the size's first trial builds it again and says why
+            continue
         for fmt in latency.FORMATS:
             try:
-                study_latency(study, config, len(shared.images.classes), fmt, shared.extractor(size))
+                study_latency(study, configs[size], len(shared.images.classes), fmt, model)
             except Exception:  # noqa: BLE001 - remembered (`latency`): the trial that needs it says why
                 continue
 
