@@ -137,7 +137,8 @@ def test_cli_train_audit_and_errors_on_a_csv(cats_dogs_tiny, tmp_path):
 
 def test_cli_sweep_on_a_csv(cats_dogs_tiny, tmp_path):
     labels = _write_csv(tmp_path / "labels.csv", [[f"cats_dogs/{p}", c, s] for p, c, s in
-                                                  data.discover(cats_dogs_tiny).files])
+                                                  data.discover(cats_dogs_tiny).files]
+                        + [["cats_dogs/gone.jpg", "cats", "train"]])
     space = tmp_path / "space.yaml"
     space.write_text("phase1.lr: [0.001]\n")
     sets = [a for kv in TINY for a in ("--set", kv)]
@@ -146,6 +147,8 @@ def test_cli_sweep_on_a_csv(cats_dogs_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     best = runfolder.read_metrics(tmp_path / "sweep" / "best")
     assert best["data_dir"] == str(labels.resolve()) and best["n_images"]["train"] == 12
+    said = " ".join(result.output.split())  # a counted, reported skip, on the sweep's console too
+    assert f"1 file(s) skipped, unreadable or not images: see {tmp_path / 'sweep' / 'best' / 'skipped.csv'}" in said
 
 
 def test_line_numbers_count_rows_that_span_lines_and_empty_files_are_named(tmp_path):
