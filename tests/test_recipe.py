@@ -140,7 +140,7 @@ def test_a_trials_model_fits_only_the_same_config_on_the_same_images(flowers_tin
     assert trained.fits(tiny_config, images)
     # trials train on cached features, a pixel run would not
     assert not trained.fits(load_config(overrides=[*TINY, "features.cache=false"]), images)
-    assert not trained.fits(load_config(overrides=["phase1.lr=0.5"]), images)
+    assert not trained.fits(load_config(overrides=[*TINY, "phase1.lr=0.5"]), images)
     splits = images.splits.copy()
     splits[0] = "test" if splits[0] != "test" else "train"
     assert not trained.fits(tiny_config, replace(images, splits=splits))

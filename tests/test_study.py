@@ -45,6 +45,8 @@ def test_default_space_holds_the_seed_recipe():
         ("phase1.lr: {type: float, low: 0, high: 0.1, log: true}", "log range"),
         ("phase1.lr: {type: normal}", "list of choices"),
         ("[1, 2]", "expected a mapping"),
+        ("data.seed: [0, 1]", "data.seed cannot be searched .*one split.*--set data.seed="),
+        ("model.alpha: [0.5, 1.0]", "model.alpha cannot be searched"),
     ],
 )
 def test_bad_spaces(tmp_path, text, needle):

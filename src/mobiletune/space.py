@@ -3,7 +3,7 @@
 The default space holds the knobs that matter for fine-tuning MobileNetV2, input size first (on
 cats vs dogs, 224 px beat the seed's 160 by 1.5-2.5 points after fine-tuning: docs/benchmarks.md);
 the seed's recipe (trial 0 of a sweep) lies inside every range. A YAML file replaces it:
-`key: {type, low, high[, log]}` or `key: [choices]`, any config key.
+`key: {type, low, high[, log]}` or `key: [choices]`, any config key but those a sweep holds fixed (`FIXED`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,17 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 }
 
 
+# Keys a sweep holds fixed (set them with --set): every trial is compared on one split, from one base network.
+FIXED = {
+    **dict.fromkeys(("data.seed", "data.test_fraction", "data.holdout_fraction", "data.exclude", "data.dedupe",
+                     "data.audit", "data.strict"),
+                    "it decides the split, and trials are compared on one split"),
+    **dict.fromkeys(("model.alpha", "model.weights"),
+                    "every trial starts from the one base network; sweep each in its own --out"),
+    **dict.fromkeys(("features.cache", "features.cache_dir"), "trials always train on the feature cache"),
+}
+
+
 def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
     """The default space, or one from YAML: `key: {type, low, high[, log]}` or `key: [choices]`."""
     if path is None:
@@ -50,6 +61,8 @@ def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
     for key, spec in raw.items():
         if key not in all_keys():
             raise ConfigError(f"--space {path}: unknown config key {key!r}")
+        if key in FIXED:
+            raise ConfigError(f"--space {path}: {key} cannot be searched ({FIXED[key]}); set it with --set {key}=...")
         if isinstance(spec, list):
             spec = {"type": "categorical", "choices": spec}
         if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):

@@ -312,9 +312,11 @@ def _choose_and_run(study, space: dict[str, Any], base: Config, data_dir, out: P
 
     def run(config: Config, folder: Path, what: str) -> dict[str, Any]:
         kept = next((t for t in trained.values() if t.config == config), None)  # any trial of this config
+        earlier = (folder / runfolder.METRICS).exists() and _same_config(folder, config)  # as _run_once decides
         metrics = _run_once(config, data_dir, folder, fine_tune_ats, console, nested, kept)
         source = metrics.get("weights_from_trial")
-        say(f"{what}: {folder}, " + (f"trial {source}'s model, tested" if source is not None else "trained and tested"))
+        say(f"{what}: {folder}, " + ("kept from an earlier sweep run" if earlier else f"trial {source}'s model, tested"
+                                     if source is not None else "trained and tested"))
         return metrics
 
     results["best"] = run(best_config, out / "best", "best config")

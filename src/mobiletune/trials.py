@@ -1,6 +1,7 @@
 """One sweep trial: its config from the space, its features (computed once per input size and
-augmentation, shared by every trial of the worker), its training through `fit_recipe`, its
-measured latency, and where it is tracked. Trials never see the test set.
+augmentation, on the split a run of its config makes, shared by every trial of the worker), its
+training through `fit_recipe`, its measured latency, and where it is tracked. Trials never see the
+test set.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class TrialBase(NamedTuple):
 @dataclass
 class Shared:
     """What every trial of this worker reuses: images, one feature extractor (and its base weights) per
-    input size, feature sets by size and augmentation, and where trials are tracked (TensorBoard
+    input size, feature sets by their data, augmentation and feature settings, the models `best/` and
+    `default/` may test (`keep_chosen`), and where trials are tracked (TensorBoard
     under `logs`, MLflow runs nested under `mlflow`)."""
 
     base: Config
@@ -118,7 +120,8 @@ class Shared:
         except UsageError:  # nothing within the latency budget yet
             chosen = None
         base = min((n for n, t in self.trained.items() if t.config == self.base), default=None)
-        self.trained = {n: t for n, t in self.trained.items() if n == base or (chosen and n == chosen.number)}
+        chosen_number = None if chosen is None else chosen.number
+        self.trained = {n: t for n, t in self.trained.items() if n in (base, chosen_number)}
 
     def features_for(self, config: Config) -> features.Features:
         """`config`'s features on the split its run would train on (`recipe.run_features`: near copies regrouped
