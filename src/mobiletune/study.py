@@ -288,9 +288,9 @@ def _heap_frozen() -> Iterator[None]:
 
 
 def _choose_and_run(study, space: dict[str, Any], base: Config, data_dir, out: Path, fine_tune_ats: list[int],
-                        baseline_metrics: dict[str, Any] | None, console, parent: tracking.MlflowRun | None,
-                        wanted: objectives_lib.Objectives, clock: tuple[float, float],
-                        trained: dict[int, Trained]) -> dict[str, Any]:
+                    baseline_metrics: dict[str, Any] | None, console, parent: tracking.MlflowRun | None,
+                    wanted: objectives_lib.Objectives, clock: tuple[float, float],
+                    trained: dict[int, Trained]) -> dict[str, Any]:
     """The plots and trials.csv; the chosen trial into best/ (and the base recipe into default/), each tested
     once: the trial's own model where this worker `trained` it, else retrained; sweep.json and the summary;
     the parent MLflow run finished. `clock`: when the sweep started, and the seconds its search took."""
@@ -315,8 +315,9 @@ def _choose_and_run(study, space: dict[str, Any], base: Config, data_dir, out: P
         earlier = (folder / runfolder.METRICS).exists() and _same_config(folder, config)  # as _run_once decides
         metrics = _run_once(config, data_dir, folder, fine_tune_ats, console, nested, kept)
         source = metrics.get("weights_from_trial")
-        say(f"{what}: {folder}, " + ("kept from an earlier sweep run" if earlier else f"trial {source}'s model, tested"
-                                     if source is not None else "trained and tested"))
+        how = ("kept from an earlier sweep run" if earlier else "trained and tested" if source is None
+               else f"trial {source}'s model, tested")
+        say(f"{what}: {folder}, {how}")
         return metrics
 
     results["best"] = run(best_config, out / "best", "best config")
