@@ -156,10 +156,11 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
         tracked = _trial_tracking(shared, trial.number, config, params)
         report = _ReportToTrial(trial, epochs, wanted.multi, config.data.image_size)
         ends: dict[int, list[np.ndarray]] = {}  # each phase's weights, for `Trained`
+        keep = (lambda phase, _: ends.__setitem__(phase, model.get_weights())) if shared.keeps_models else None
         with tracked.failing(stopped=(optuna.TrialPruned,)):
             history = fit_recipe(model, feats.images, feats, config, callbacks=[report], tracking=tracked,
-                                 after_phase=lambda phase, _: ends.__setitem__(phase, model.get_weights()))
-        if shared.keeps_models:
+                                 after_phase=keep)
+        if ends:
             shared.trained[trial.number] = Trained(trial.number, config, feats.images, ends[1], ends[2], history,
                                                    tracked.log_dir)
         value = history[-1]["val_accuracy"] if history else 0.0
