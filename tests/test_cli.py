@@ -68,7 +68,9 @@ from mobiletune.cli import app
 here = {str(tmp_path)!r}
 cases = [["train", here + "/nope"], ["train", here, "--set", "phase9.x=1"], ["sweep", here + "/nope"],
          ["sweep", here, "--objectives", "speed"], ["audit", here + "/nope.csv"],
-         ["evaluate", here], ["predict", here + "/m.keras", "x.jpg"], ["train", "--resume", here]]
+         ["evaluate", here], ["predict", here + "/m.keras", "x.jpg"], ["train", "--resume", here],
+         ["sweep", here, "--trials", "0"], ["sweep", here, "--space", here + "/nope.yaml"],
+         ["sweep", here, "--baseline", here + "/nope"]]
 for args in cases:
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and result.output.startswith("error: "), (args, result.output)

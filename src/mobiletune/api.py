@@ -244,10 +244,13 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         with latency also "host", "front" and "chosen".
     """
     from mobiletune import objectives as objectives_lib
+    from mobiletune import sweep_setup
 
     wanted = objectives_lib.parse(objectives, latency_format, max_latency_ms)
     base = make_config(config, overrides)
     data.check_source(data_dir)
+    # MLflow with --workers is checked by run_sweep: whether MLflow is on is settled after TensorFlow starts
+    sweep_setup.check(out, trials, grace_period, workers, space, wanted, baseline)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
     from mobiletune.study import run_sweep
     from mobiletune.tracking import mlflow_target

@@ -26,14 +26,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mobiletune import cache, data, latency, runfolder, scan, tracking
+from mobiletune import cache, data, latency, runfolder, scan, sweep_setup, tracking
 from mobiletune import objectives as objectives_lib
 from mobiletune.config import Config, from_flat, load_config
 from mobiletune.errors import MobiletuneError, UsageError
 from mobiletune.recipe import Trained, scan_images, train_and_evaluate
-from mobiletune.space import in_space, load_space
+from mobiletune.space import in_space
 from mobiletune.training import seed_everything
 from mobiletune.trials import Shared, measure_sizes, objective
 
@@ -104,22 +102,11 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
         warnings.filterwarnings("ignore", "IProgress not found")
         import optuna
 
-    if n_trials < 1:
-        raise UsageError(f"--trials {n_trials}: give at least 1")
-    if grace_period < 2:
-        raise UsageError(f"--grace-period {grace_period}: give at least 2 seconds")
-    if workers < 1:
-        raise UsageError(f"--workers {workers}: give at least 1")
-    if workers > 1 and mlflow is not None:
-        raise UsageError(f"--workers {workers} with MLflow tracking (--mlflow or MLFLOW_TRACKING_URI): only one "
-                         "worker per machine logs to MLflow; give --workers 1, or unset the tracking URI")
     started = time.perf_counter()
-    wanted = objectives or objectives_lib.Objectives()
-    out, space = Path(out), load_space(space_path)
-    if workers > 1 and wanted.measures_latency and space.get("data.image_size", {}).get("type") == "int":
-        raise UsageError(f"--workers {workers} with a data.image_size range: each size would be timed while the "
-                         "other workers train; give the sizes as a list of choices, or --workers 1")
-    baseline_metrics = _prepare_folder(out, base, space, n_trials, study_name, wanted, baseline)
+    wanted, out = objectives or objectives_lib.Objectives(), Path(out)
+    space, baseline_metrics = sweep_setup.check(out, n_trials, grace_period, workers, space_path, wanted, baseline,
+                                                tracked=mlflow is not None)
+    sweep_setup.prepare_folder(out, base, space, n_trials, study_name, wanted)
     say = console.print if console is not None else (lambda *a, **k: None)
     # Our own line per trial; Optuna's warning for a failed trial carries a traceback (Ctrl-C printed one),
     # and the error reaches the user once, as our one-line message
@@ -214,21 +201,6 @@ def run_helper(task: dict[str, Any], say=print) -> None:
             study.stop()
 
     _search(study, False, shared, space, task["trials"], timeout, say, callbacks=(orphaned,))
-
-
-def _prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,
-                    wanted: objectives_lib.Objectives, baseline: str | Path | None) -> dict[str, Any] | None:
-    """Check what can be checked before minutes of work, and record what the sweep was asked for."""
-    runfolder.make_folder(cache.cache_root(base), "features.cache_dir")
-    baseline_metrics = None if baseline is None else _read_baseline(Path(baseline))
-    if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
-        raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")
-    runfolder.make_folder(out)
-    runfolder.write_text(out / "sweep.yaml", yaml.safe_dump(
-        {"base_config": base.to_dict(), "space": space, "trials": n_trials, "study": study_name,
-         "objectives": list(wanted.names), "latency_format": wanted.latency_format,
-         "max_latency_ms": wanted.max_latency_ms}, sort_keys=False))
-    return baseline_metrics
 
 
 def _check_objectives(study, created: bool, wanted: objectives_lib.Objectives) -> None:
@@ -396,7 +368,7 @@ def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], con
 
     with runfolder.exclusive_where_possible(out.parent / f".{out.name}.lock", waiting):
         if (out / runfolder.METRICS).exists() and _same_config(out, config):
-            return _read_metrics(out)
+            return sweep_setup.read_metrics(out)
         return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
                                   mlflow=mlflow, trained=trained).metrics
 
@@ -406,21 +378,6 @@ def _same_config(run: Path, config: Config) -> bool:
         return load_config(run / runfolder.CONFIG).flat() == config.flat()
     except (OSError, MobiletuneError):
         return False  # unreadable: made again
-
-
-def _read_baseline(run: Path) -> dict[str, Any]:
-    if not run.exists():
-        raise UsageError(f"--baseline {run}: no such run folder; give a finished run of the default recipe "
-                         "(mobiletune train), or leave --baseline out to train one")
-    try:
-        return _read_metrics(run)
-    except UsageError as exc:
-        raise UsageError(f"--baseline: {exc}") from None
-
-
-def _read_metrics(run: Path) -> dict[str, Any]:
-    """metrics.json of a run folder (or the file itself); a missing or damaged one is a usage error."""
-    return runfolder.read_json(run / runfolder.METRICS if run.is_dir() else run)
 
 
 def write_trials_csv(study, space: dict[str, Any], path: Path) -> None:
