@@ -62,6 +62,7 @@ def test_bad_input_is_refused_before_tensorflow_starts(tmp_path):
     import sys
 
     code = f"""
+import os
 import sys
 from typer.testing import CliRunner
 from mobiletune.cli import app
@@ -71,6 +72,11 @@ cases = [["train", here + "/nope"], ["train", here, "--set", "phase9.x=1"], ["sw
          ["evaluate", here], ["predict", here + "/m.keras", "x.jpg"], ["train", "--resume", here],
          ["sweep", here, "--trials", "0"], ["sweep", here, "--space", here + "/nope.yaml"],
          ["sweep", here, "--baseline", here + "/nope"]]
+finished = here + "/run"  # a finished run's folder, as far as the first check reads it
+os.makedirs(finished)
+with open(finished + "/metrics.json", "w") as f:
+    f.write("{{}}")
+cases.append(["evaluate", finished, "--data", here + "/nope"])
 for args in cases:
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and result.output.startswith("error: "), (args, result.output)

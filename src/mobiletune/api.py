@@ -110,6 +110,8 @@ class Run:
         """
         from mobiletune.evaluate import evaluate_run
 
+        if data_dir is not None:
+            data.check_source(data_dir)  # a missing folder is refused before TensorFlow starts
         import_tensorflow()
         block = evaluate_run(self.workdir, data_dir)
         self.metrics = runfolder.read_metrics(self.workdir)

@@ -137,10 +137,13 @@ def evaluate_command(
 ) -> None:
     """Re-evaluate a run before and after fine-tuning, with intervals and McNemar's test; rebuild report.html."""
     from mobiletune import runfolder
+    from mobiletune.data import check_source
     from mobiletune.evaluate import evaluate_run
     from mobiletune.report import print_results
 
     runfolder.read_metrics(run)  # a folder that is no finished run is refused before TensorFlow starts
+    if data is not None:
+        check_source(data)  # so is a missing --data
     import_tensorflow()
     block = evaluate_run(run, data)
     print_results(console, block, title="Test set" if data is None else f"Images in {data}")
