@@ -114,6 +114,10 @@ class Config:
         """`{"section.field": value}` for every key, in declaration order."""
         return {f"{s}.{k}": v for s, fields in self.to_dict().items() for k, v in fields.items()}
 
+    def phase_lr(self, phase: int) -> float:
+        """Phase 1's learning rate, or phase 2's: phase 1's times phase2.lr_ratio."""
+        return self.phase1.lr if phase == 1 else self.phase1.lr * self.phase2.lr_ratio
+
 
 # ---------------------------------------------------------------------------------------------
 # Building a config from layers of overrides

@@ -223,8 +223,7 @@ def _from_trial(model: keras.Model, config: Config, trained: Trained, phase_end:
         model_lib.set_trainable(model, phase=phase, config=config)
         model.set_weights(weights)
         phase_end(phase, [row for row in trained.history if row["phase"] <= phase])
-    lrs = {1: config.phase1.lr, 2: config.phase1.lr * config.phase2.lr_ratio}
-    lrs = {phase: float(np.float32(lr)) for phase, lr in lrs.items()}  # as the optimizer's variable holds it
+    lrs = {phase: float(np.float32(config.phase_lr(phase))) for phase in (1, 2)}  # as the optimizer holds it
     tracking.replay(trained.logs, trained.history, lrs)
     return list(trained.history)
 

@@ -84,7 +84,7 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
     flat = config.flat()
     for key, note in KNOB_NOTES.items():
         lines.append(f"| `{key}` | {flat[key]} | {note} |")
-    lines.append(f"| phase-2 learning rate | {config.phase1.lr * config.phase2.lr_ratio:g} | derived |")
+    lines.append(f"| phase-2 learning rate | {config.phase_lr(2):g} | derived |")
     lines += ["", "## Every setting", "", "| key | value |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in flat.items()]
     seconds = metrics.get("seconds", {})

@@ -129,7 +129,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
         with _helpers(min(workers - 1, left - 1), task, out, say):  # none for a study already done
             _search(study, created, shared, space, n_trials, timeout, say)
         results = _choose_and_run(study, space, base, data_dir, out, fine_tune_ats, baseline_metrics, console,
-                                      parent, wanted, (started, time.perf_counter() - started), shared.trained)
+                                  parent, wanted, (started, time.perf_counter() - started), shared.trained)
     return results
 
 
@@ -284,7 +284,7 @@ def _choose_and_run(study, space: dict[str, Any], base: Config, data_dir, out: P
 
     def run(config: Config, folder: Path, what: str) -> dict[str, Any]:
         kept = next((t for t in trained.values() if t.config == config), None)  # any trial of this config
-        earlier = (folder / runfolder.METRICS).exists() and _same_config(folder, config)  # as _run_once decides
+        earlier = _finished(folder, config)  # as _run_once decides
         metrics = _run_once(config, data_dir, folder, fine_tune_ats, console, nested, kept)
         source = metrics.get("weights_from_trial")
         how = ("kept from an earlier sweep run" if earlier else "trained and tested" if source is None
@@ -367,15 +367,16 @@ def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], con
             console.print(f"another worker is training {out}; waiting for it")
 
     with runfolder.exclusive_where_possible(out.parent / f".{out.name}.lock", waiting):
-        if (out / runfolder.METRICS).exists() and _same_config(out, config):
+        if _finished(out, config):
             return sweep_setup.read_metrics(out)
         return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
                                   mlflow=mlflow, trained=trained).metrics
 
 
-def _same_config(run: Path, config: Config) -> bool:
+def _finished(run: Path, config: Config) -> bool:
+    """Whether `run` is a finished run folder of `config`."""
     try:
-        return load_config(run / runfolder.CONFIG).flat() == config.flat()
+        return (run / runfolder.METRICS).exists() and load_config(run / runfolder.CONFIG).flat() == config.flat()
     except (OSError, MobiletuneError):
         return False  # unreadable: made again
 

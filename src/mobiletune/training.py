@@ -116,7 +116,8 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
     `tracking` gets every epoch (TensorBoard, MLflow).
     """
     p1, p2 = config.phase1, config.phase2
-    plan = {1: (p1.epochs, 0, p1.optimizer, p1.lr), 2: (p2.epochs, p1.epochs, p2.optimizer, p1.lr * p2.lr_ratio)}
+    plan = {1: (p1.epochs, 0, p1.optimizer, config.phase_lr(1)),
+            2: (p2.epochs, p1.epochs, p2.optimizer, config.phase_lr(2))}
     history: list[dict[str, Any]] = list(resume.history) if resume else []
     done = resume.epoch if resume else 0
     weights = class_weights(images, config)
