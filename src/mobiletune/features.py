@@ -81,10 +81,12 @@ def head_model(model: keras.Model) -> keras.Model:
     return keras.Model(pooled, logits, name="head")
 
 
-def top_model(model: keras.Model, fine_tune_at: int, *, fast: bool = True, pooled: bool = False) -> keras.Model:
+def top_model(model: keras.Model, fine_tune_at: int, *, fast: bool = True, pooled: bool = False,
+              head=None) -> keras.Model:
     """Boundary activations -> logits through base layers >= fine_tune_at and the head (phase 2): the
     classifier's own layers and weights, computed by faster kernels (`kernels.fast_clone`; `fast=False`
-    runs Keras' own layers, for benchmarks/phase2.py to compare). `pooled`: [pooled base output, logits]."""
+    runs Keras' own layers, for benchmarks/phase2.py to compare). `pooled`: [pooled base output, logits].
+    `head`: base output -> logits in place of the classifier's own head (a trainee's, `trainees`)."""
     base = model_lib.base_of(model)
     cut = boundary_tensors(base, fine_tune_at)
     inputs = [keras.Input(t.shape[1:], name=f"boundary_{i}") for i, t in enumerate(cut)]
@@ -92,6 +94,8 @@ def top_model(model: keras.Model, fine_tune_at: int, *, fast: bool = True, poole
         cut, inputs = cut[0], inputs[0]
     upper = keras.Model(cut, base.output, name="upper_base")
     x = (kernels.fast_clone(upper) if fast else upper)(inputs)
+    if head is not None:
+        return keras.Model(inputs, head(x), name="top")
     features = model.get_layer("pool")(x)
     logits = model.get_layer("logits")(model.get_layer("dropout")(features))
     return keras.Model(inputs, [features, logits] if pooled else logits, name="top")

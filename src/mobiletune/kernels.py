@@ -9,8 +9,9 @@ Two rewrites, each exact up to float rounding (~1e-6), measured in benchmarks/ph
   GEMM: on MobileNetV2's 10x10 and 5x5 maps, forward plus both gradients, 1.11-1.39x as fast on
   AVX-512 and 1.13-1.35x with oneDNN held to AVX2. Together a phase-2 epoch is 1.13x as fast.
 
-Only the trainee (`features.top_model`) is rewritten; it holds the classifier's own variables,
-so training it trains the classifier, and the saved model stays a plain Keras MobileNetV2.
+Only the trainee (`features.top_model`) is rewritten; it holds the base's own variables (and a head
+that `trainees` copies to the classifier's), so training it trains the classifier, and the saved
+model stays a plain Keras MobileNetV2.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import numpy as np
 from mobiletune import checkpoint, data, features, pixels
 from mobiletune import model as model_lib
 from mobiletune import tracking as tracking_lib
+from mobiletune import trainees as trainees_lib
 from mobiletune.config import Config
 
 __all__ = ["class_weights", "fit_recipe", "seed_everything", "steps_per_epoch", "train_phase"]
@@ -68,19 +69,16 @@ def train_phase(model: keras.Model, train_data, val_data, *, phase: int, epochs:
                 optimizer: str, lr: float, steps: int, history: list[dict[str, Any]] | None = None,
                 console=None, callbacks: list[keras.callbacks.Callback] | None = None,
                 optimizer_state: list | None = None, interrupt: checkpoint.Interrupt | None = None,
-                class_weight: dict[int, float] | None = None) -> list[dict[str, Any]]:
+                class_weight: dict[int, float] | None = None, compiled: bool = False) -> list[dict[str, Any]]:
     """Compile `model` with a fresh optimizer and fit it; one history row per epoch, appended to `history`.
 
     Serves phase 1, phase 2 and the sweep: `model` is whatever trains (the full classifier, or
     the part above a feature cache), `initial_epoch` continues the epoch count, and
-    `optimizer_state` resumes an optimizer saved mid-phase.
+    `optimizer_state` resumes an optimizer saved mid-phase. `compiled`: `model` is a trainee whose
+    fresh `optimizer` at `lr` is in place already (`trainees.Trainee.load`), and its traced steps are kept.
     """
-    loss, metric = model_lib.loss_and_metric(model_lib.is_binary(model))
-    model.compile(optimizer=model_lib.make_optimizer(optimizer, lr), loss=loss, metrics=[metric])
-    # Its slots now, not lazily inside the first traced step: variables made there make tf.function
-    # trace the whole training step twice (~0.6 s of a phase-2 fit and ~0.1 s of phase 1 on
-    # flowers_mini, paid again by every sweep trial)
-    model.optimizer.build(model.trainable_variables)
+    if not compiled:
+        model_lib.compile_fresh(model, optimizer, lr)
     if optimizer_state is not None:
         checkpoint.restore_optimizer(model, optimizer_state)
     history = [] if history is None else history
@@ -106,22 +104,21 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
                console=None, callbacks: list[keras.callbacks.Callback] | None = None, after_phase=None,
                resume: checkpoint.Checkpoint | None = None, save_to: Path | None = None,
                interrupt: checkpoint.Interrupt | None = None, test_probs: dict[str, np.ndarray] | None = None,
-               tracking: tracking_lib.Tracking | None = None) -> list[dict[str, Any]]:
+               tracking: tracking_lib.Tracking | None = None,
+               trainees: trainees_lib.Trainees | None = None) -> list[dict[str, Any]]:
     """Phase 1 then phase 2 on `model`, through `train_phase`; the history of both.
 
     `feats` None runs the plain recipe on pixels. `after_phase(phase, history)` runs after each
     phase (train evaluates the test set there; the sweep never does). With `save_to`, a
     checkpoint is written after every epoch; `resume` continues from one (weights already
     restored by the caller). `test_probs` (what `after_phase` evaluated) travels in the checkpoint.
-    `tracking` gets every epoch (TensorBoard, MLflow).
+    `tracking` gets every epoch (TensorBoard, MLflow). `trainees`: a sweep worker's, reused across its
+    trials (on cached features; a new trainee for each phase otherwise).
     """
     p1, p2 = config.phase1, config.phase2
-    plan = {1: (p1.epochs, 0, p1.optimizer, config.phase_lr(1)),
-            2: (p2.epochs, p1.epochs, p2.optimizer, config.phase_lr(2))}
     history: list[dict[str, Any]] = list(resume.history) if resume else []
     done = resume.epoch if resume else 0
-    weights = class_weights(images, config)
-    for phase, (epochs, first_epoch, optimizer, lr) in plan.items():
+    for phase, (epochs, first_epoch) in {1: (p1.epochs, 0), 2: (p2.epochs, p1.epochs)}.items():
         if resume is not None and done >= first_epoch + epochs:
             continue  # trained before the checkpoint; the caller sees to its evaluation
         start = max(first_epoch, done)
@@ -129,17 +126,22 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
         if phase == 2 and console is not None:
             base = model_lib.base_of(model)
             console.print(f"fine-tuning {sum(layer.trainable for layer in base.layers)} base layers from layer "
-                          f"{p2.fine_tune_at} at lr {lr:g}")
-        trainee, train_data, val_data = _phase_data(phase, model, images, feats, config, start, first_epoch + epochs)
+                          f"{p2.fine_tune_at} at lr {config.phase_lr(2):g}")
+        trainee = None
+        if feats is not None:
+            trainee = (trainees or trainees_lib.Trainees()).get(phase, model, config)
         saving = [checkpoint.EpochCheckpoint(save_to, model, history, test_probs if test_probs is not None else {},
                                              interrupt or checkpoint.Interrupt())] if save_to else []
-        train_phase(trainee, train_data, val_data, phase=phase, epochs=first_epoch + epochs - start,
-                    initial_epoch=start, optimizer=optimizer, lr=lr, steps=steps_per_epoch(images, config),
-                    history=history,
-                    # tracking before `callbacks`: a sweep's pruning stops the fit, and the epoch is logged first
-                    console=console, callbacks=[*saving, *(tracking.callbacks(phase) if tracking else []),
-                                                *(callbacks or [])],
-                    interrupt=interrupt, class_weight=weights,
+        train_phase(trainee.model if trainee else model, *_phase_data(phase, images, feats, config, start,
+                                                                      first_epoch + epochs),
+                    phase=phase, epochs=first_epoch + epochs - start, initial_epoch=start,
+                    optimizer=(p1 if phase == 1 else p2).optimizer, lr=config.phase_lr(phase),
+                    steps=steps_per_epoch(images, config), history=history, console=console,
+                    # the classifier has each epoch's weights before anything saves, tracks or tests it; tracking
+                    # before `callbacks`: a sweep's pruning stops the fit, and the epoch is logged first
+                    callbacks=[*([trainee.syncing()] if trainee else []), *saving,
+                               *(tracking.callbacks(phase) if tracking else []), *(callbacks or [])],
+                    interrupt=interrupt, class_weight=class_weights(images, config), compiled=trainee is not None,
                     optimizer_state=resume.optimizer_variables if resume and first_epoch < start == done else None)
         if after_phase is not None:
             after_phase(phase, history)
@@ -162,26 +164,22 @@ def steps_per_epoch(images: data.ImageSet, config: Config) -> int:
     return -(-len(images.indices("train")) // config.data.batch_size)
 
 
-def _phase_data(phase: int, model: keras.Model, images: data.ImageSet, feats: features.Features | None,
-                config: Config, initial_epoch: int, end_epoch: int):
-    """What trains in `phase` and on what: the full model on pixels, or its upper part on cached features.
+def _phase_data(phase: int, images: data.ImageSet, feats: features.Features | None, config: Config,
+                initial_epoch: int, end_epoch: int):
+    """Training and validation batches for `phase`: pixels for the full model, or the cached features the
+    part above them trains on (pooled in phase 1, the boundary activations in phase 2).
 
     Either way epoch e's order depends on (seed, e) alone, so resuming at `initial_epoch` is exact.
     """
     batch, seed = config.data.batch_size, config.data.seed
     if feats is None:
         size = config.data.image_size
-        return (model, pixels.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
-                                          initial_epoch=initial_epoch, epochs=end_epoch),
+        return (pixels.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
+                                     initial_epoch=initial_epoch, epochs=end_epoch),
                 pixels.pixel_dataset(images, "validation", size, batch, shuffle=False, seed=seed))
-    if phase == 1:
-        trainee, outputs = features.head_model(model), [0]
-    else:
-        trainee, outputs = features.top_model(model, config.phase2.fine_tune_at), feats.boundaries[
-            config.phase2.fine_tune_at]
+    outputs = [0] if phase == 1 else feats.boundaries[config.phase2.fine_tune_at]
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
-    return (trainee,
-            features.feature_dataset(feats.readers["train"], outputs, labels["train"], feats.views["train"], batch,
+    return (features.feature_dataset(feats.readers["train"], outputs, labels["train"], feats.views["train"], batch,
                                      shuffle=True, seed=seed, initial_epoch=initial_epoch, epochs=end_epoch),
             features.feature_dataset(feats.readers["validation"], outputs, labels["validation"], 1, batch,
                                      shuffle=False, seed=seed))
