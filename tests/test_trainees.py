@@ -99,3 +99,26 @@ def test_trainees_are_kept_apart_by_what_their_steps_depend_on():
         model_lib.set_trainable(classifier, phase=phase, config=config)
         kept.get(phase, classifier, config)
     assert len(kept._kept) == 4  # a learning rate is not traced; a cut or an optimizer is
+
+
+def test_a_trainee_trains_as_the_classifier_own_layers_did():
+    """Both phases through a trainee (its own head, RateDropout) against the classifier's own dropout and
+    head in `features.head_model` / `top_model`: the same history and weights, to the bit."""
+    config = _config("model.dropout=0.3")
+    results = []
+    for through_trainee in (True, False):
+        classifier = _classifier(config)
+        data = _data(classifier)
+        history = []
+        for phase in (1, 2):
+            if through_trainee:
+                history += _train(classifier, config, phase, trainees.Trainees(), data)
+                continue
+            model_lib.set_trainable(classifier, phase=phase, config=config)
+            own = features.head_model(classifier) if phase == 1 else features.top_model(classifier, 140)
+            history += train_phase(own, data[phase], data[phase], phase=phase, epochs=2, initial_epoch=0,
+                                   optimizer="rmsprop", lr=config.phase_lr(phase), steps=3)
+        results.append(([{**row, "seconds": 0} for row in history], classifier.get_weights()))
+    (history_trainee, weights_trainee), (history_own, weights_own) = results
+    assert history_trainee == history_own
+    assert all(np.array_equal(a, b) for a, b in zip(weights_trainee, weights_own, strict=True))

@@ -95,6 +95,7 @@ def top_model(model: keras.Model, fine_tune_at: int, *, fast: bool = True, poole
     upper = keras.Model(cut, base.output, name="upper_base")
     x = (kernels.fast_clone(upper) if fast else upper)(inputs)
     if head is not None:
+        assert not pooled, "a trainee's head gives logits only"
         return keras.Model(inputs, head(x), name="top")
     features = model.get_layer("pool")(x)
     logits = model.get_layer("logits")(model.get_layer("dropout")(features))

@@ -12,6 +12,7 @@ A run trains a fresh one the same way: the numbers are those of the classifier's
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -61,7 +62,7 @@ class Trainee:
     dense: keras.layers.Dense
     dropout: RateDropout | None
     fresh_optimizer: list[np.ndarray] = field(default_factory=list)
-    classifier: keras.Model | None = None  # the one loaded last, which `store` writes back to
+    classifier: weakref.ref | None = None  # the one loaded last, which `store` writes back to (not kept alive)
 
     def load(self, classifier: keras.Model, lr: float) -> None:
         """Take `classifier`'s head and dropout draws, with a fresh optimizer at `lr`."""
@@ -74,15 +75,16 @@ class Trainee:
         for variable, value in zip(self.model.optimizer.variables, self.fresh_optimizer, strict=True):
             variable.assign(value)
         self.model.optimizer.learning_rate = lr
-        self.classifier = classifier
+        self.classifier = weakref.ref(classifier)
 
     def store(self) -> None:
         """Write the trained head and the dropout draws made back to the classifier loaded."""
-        assert self.classifier is not None
-        for mine, theirs in zip(self.dense.variables, self.classifier.get_layer("logits").variables, strict=True):
+        classifier = self.classifier() if self.classifier is not None else None
+        assert classifier is not None, "store() before load()"
+        for mine, theirs in zip(self.dense.variables, classifier.get_layer("logits").variables, strict=True):
             theirs.assign(mine)
         if self.dropout is not None:
-            self.classifier.get_layer("dropout").seed_generator.state.assign(self.dropout.seed_generator.state)
+            classifier.get_layer("dropout").seed_generator.state.assign(self.dropout.seed_generator.state)
 
     def syncing(self) -> keras.callbacks.Callback:
         """A callback that stores after every epoch, before the callbacks that save or test the classifier."""
@@ -92,7 +94,7 @@ class Trainee:
 class Trainees:
     """A worker's trainees by what their traced steps depend on, the `KEEP` most recently used."""
 
-    KEEP = 8  # a default sweep has 5 sizes x 4 cuts; each kept phase-2 trainee holds ~10-30 MB of graph and slots
+    KEEP = 24  # the default space: 5 sizes x 4 cuts in phase 2, and phase 1
 
     def __init__(self):
         self._kept: OrderedDict[tuple, tuple[keras.Model | None, Trainee]] = OrderedDict()
@@ -113,7 +115,8 @@ class Trainees:
 def _key(phase: int, classifier: keras.Model, config: Config) -> tuple[tuple, keras.Model | None]:
     head = classifier.get_layer("logits").get_config()
     optimizer = (config.phase1 if phase == 1 else config.phase2).optimizer
-    common = (phase, head["units"], classifier.get_layer("dropout").rate > 0, optimizer)
+    # the batch size too: a step traced for other batches has its batch dimension relaxed, another graph
+    common = (phase, head["units"], classifier.get_layer("dropout").rate > 0, optimizer, config.data.batch_size)
     if phase == 1:
         return (*common, classifier.get_layer("pool").output.shape[-1]), None
     base = model_lib.base_of(classifier)

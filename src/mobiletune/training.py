@@ -70,12 +70,14 @@ def train_phase(model: keras.Model, train_data, val_data, *, phase: int, epochs:
                 console=None, callbacks: list[keras.callbacks.Callback] | None = None,
                 optimizer_state: list | None = None, interrupt: checkpoint.Interrupt | None = None,
                 class_weight: dict[int, float] | None = None, compiled: bool = False) -> list[dict[str, Any]]:
-    """Compile `model` with a fresh optimizer and fit it; one history row per epoch, appended to `history`.
+    """Compile `model` with a fresh optimizer (unless `compiled`) and fit it; one history row per epoch,
+    appended to `history`.
 
     Serves phase 1, phase 2 and the sweep: `model` is whatever trains (the full classifier, or
     the part above a feature cache), `initial_epoch` continues the epoch count, and
-    `optimizer_state` resumes an optimizer saved mid-phase. `compiled`: `model` is a trainee whose
-    fresh `optimizer` at `lr` is in place already (`trainees.Trainee.load`), and its traced steps are kept.
+    `optimizer_state` resumes an optimizer saved mid-phase. `compiled`: `model` is a trainee compiled
+    before, whose fresh `optimizer` at `lr` is in place (`trainees.Trainee.load`): it is not compiled
+    again, so its traced steps are kept.
     """
     if not compiled:
         model_lib.compile_fresh(model, optimizer, lr)
