@@ -118,6 +118,10 @@ class Config:
         """Phase 1's learning rate, or phase 2's: phase 1's times phase2.lr_ratio."""
         return self.phase1.lr if phase == 1 else self.phase1.lr * self.phase2.lr_ratio
 
+    def phase_optimizer(self, phase: int) -> str:
+        """The optimizer phase 1 or phase 2 is compiled with."""
+        return self.phase1.optimizer if phase == 1 else self.phase2.optimizer
+
 
 # ---------------------------------------------------------------------------------------------
 # Building a config from layers of overrides

@@ -368,7 +368,7 @@ def _run_once(config: Config, data_dir, out: Path, fine_tune_ats: list[int], con
 
     with runfolder.exclusive_where_possible(out.parent / f".{out.name}.lock", waiting):
         if _finished(out, config):
-            return sweep_setup.read_metrics(out)
+            return runfolder.read_metrics(out)
         return train_and_evaluate(config, data_dir, out, overwrite=True, fine_tune_ats=fine_tune_ats,
                                   mlflow=mlflow, trained=trained).metrics
 

@@ -52,16 +52,11 @@ def prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int
          "max_latency_ms": wanted.max_latency_ms}, sort_keys=False))
 
 
-def read_metrics(run: Path) -> dict[str, Any]:
-    """metrics.json of a run folder (or the file itself); a missing or damaged one is a usage error."""
-    return runfolder.read_json(run / runfolder.METRICS if run.is_dir() else run)
-
-
 def _read_baseline(run: Path) -> dict[str, Any]:
     if not run.exists():
         raise UsageError(f"--baseline {run}: no such run folder; give a finished run of the default recipe "
                          "(mobiletune train), or leave --baseline out to train one")
-    try:
-        return read_metrics(run)
+    try:  # a run folder, or its metrics.json
+        return runfolder.read_json(run) if run.is_file() else runfolder.read_metrics(run)
     except UsageError as exc:
         raise UsageError(f"--baseline: {exc}") from None

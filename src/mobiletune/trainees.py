@@ -114,9 +114,9 @@ class Trainees:
 
 def _key(phase: int, classifier: keras.Model, config: Config) -> tuple[tuple, keras.Model | None]:
     head = classifier.get_layer("logits").get_config()
-    optimizer = (config.phase1 if phase == 1 else config.phase2).optimizer
     # the batch size too: a step traced for other batches has its batch dimension relaxed, another graph
-    common = (phase, head["units"], classifier.get_layer("dropout").rate > 0, optimizer, config.data.batch_size)
+    common = (phase, head["units"], classifier.get_layer("dropout").rate > 0, config.phase_optimizer(phase),
+              config.data.batch_size)
     if phase == 1:
         return (*common, classifier.get_layer("pool").output.shape[-1]), None
     base = model_lib.base_of(classifier)
@@ -140,5 +140,5 @@ def build(phase: int, classifier: keras.Model, config: Config) -> Trainee:
         pool = classifier.get_layer("pool")
         pool = type(pool).from_config({**pool.get_config(), "name": "trainee_pool"})
         model = features.top_model(classifier, config.phase2.fine_tune_at, head=lambda x: head(pool(x)))
-    model_lib.compile_fresh(model, (config.phase1 if phase == 1 else config.phase2).optimizer, config.phase_lr(phase))
+    model_lib.compile_fresh(model, config.phase_optimizer(phase), config.phase_lr(phase))
     return Trainee(model, dense, dropout, [np.array(v) for v in model.optimizer.variables])

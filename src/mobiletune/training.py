@@ -120,6 +120,8 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
     p1, p2 = config.phase1, config.phase2
     history: list[dict[str, Any]] = list(resume.history) if resume else []
     done = resume.epoch if resume else 0
+    weights = class_weights(images, config)
+    trainees = trainees or trainees_lib.Trainees()  # on cached features: one trainee per phase
     for phase, (epochs, first_epoch) in {1: (p1.epochs, 0), 2: (p2.epochs, p1.epochs)}.items():
         if resume is not None and done >= first_epoch + epochs:
             continue  # trained before the checkpoint; the caller sees to its evaluation
@@ -129,21 +131,19 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
             base = model_lib.base_of(model)
             console.print(f"fine-tuning {sum(layer.trainable for layer in base.layers)} base layers from layer "
                           f"{p2.fine_tune_at} at lr {config.phase_lr(2):g}")
-        trainee = None
-        if feats is not None:
-            trainee = (trainees or trainees_lib.Trainees()).get(phase, model, config)
+        trainee = trainees.get(phase, model, config) if feats is not None else None
         saving = [checkpoint.EpochCheckpoint(save_to, model, history, test_probs if test_probs is not None else {},
                                              interrupt or checkpoint.Interrupt())] if save_to else []
         train_phase(trainee.model if trainee else model, *_phase_data(phase, images, feats, config, start,
                                                                       first_epoch + epochs),
                     phase=phase, epochs=first_epoch + epochs - start, initial_epoch=start,
-                    optimizer=(p1 if phase == 1 else p2).optimizer, lr=config.phase_lr(phase),
+                    optimizer=config.phase_optimizer(phase), lr=config.phase_lr(phase),
                     steps=steps_per_epoch(images, config), history=history, console=console,
                     # the classifier has each epoch's weights before anything saves, tracks or tests it; tracking
                     # before `callbacks`: a sweep's pruning stops the fit, and the epoch is logged first
                     callbacks=[*([trainee.syncing()] if trainee else []), *saving,
                                *(tracking.callbacks(phase) if tracking else []), *(callbacks or [])],
-                    interrupt=interrupt, class_weight=class_weights(images, config), compiled=trainee is not None,
+                    interrupt=interrupt, class_weight=weights, compiled=trainee is not None,
                     optimizer_state=resume.optimizer_variables if resume and first_epoch < start == done else None)
         if after_phase is not None:
             after_phase(phase, history)
