@@ -102,3 +102,44 @@ print(len(result.output.splitlines()), "tensorflow" in sys.modules)
     assert done.returncode == 0, done.stderr[-2000:]
     rows, tensorflow = done.stdout.split()
     assert int(rows) > 1 and tensorflow == "False"
+
+
+@pytest.fixture(scope="module")
+def learned_copy(learned_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("learned_export") / "run"
+    shutil.copytree(learned_run.workdir, run)
+    shutil.copytree(learned_run.workdir.parent / "data", run.parent / "data")  # int8 calibrates on its images
+    return run
+
+
+def test_int8_passes_a_real_gate_on_a_model_that_learnt(learned_copy):
+    """The int8 export of a run at 80%+ on 40 test images, gated at 5 points (2 images), agrees with Keras."""
+    result = export_run(learned_copy, ["tflite-int8"], max_drop=5)
+    check = next(c for c in result["checks"] if c["format"] == "tflite-int8")
+    assert result["keras_accuracy"] >= 0.8 and check["accuracy"] >= result["keras_accuracy"] - 0.05
+    assert check["agreement"] >= 0.9 and check["max_abs_diff"] <= 0.5, check  # 0.95 and 0.34 measured
+
+
+def test_int8_calibrated_on_blank_images_fails_the_gate(learned_copy, monkeypatch):
+    """A damaged quantisation: activation ranges calibrated on blank images. The gate measures it and refuses."""
+    from mobiletune import export
+
+    blank = lambda run, metrics, config: np.zeros((8, 128, 128, 3), np.uint8)  # noqa: E731
+    monkeypatch.setattr(export, "_representative", blank)
+    with pytest.raises(ExportError, match=r"export tflite-int8: accuracy .* points below the Keras model's"):
+        export_run(learned_copy, ["tflite-int8"], learned_copy / "damaged", max_drop=5)
+
+
+def test_int8_io_takes_and_gives_uint8(learned_copy):
+    """--int8-io: uint8 pixels in, uint8 probabilities out, for integer-only accelerators; the predictor
+    feeds it uint8 and reads back probabilities that agree with Keras."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    result = export_run(learned_copy, ["tflite-int8"], learned_copy / "int8io", max_drop=5, int8_io=True)
+    path = learned_copy / "int8io" / FILE_NAMES["tflite-int8"]
+    interpreter = Interpreter(model_path=str(path))
+    (given,), (returned,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert given["dtype"] == np.uint8 and returned["dtype"] == np.uint8
+    assert given["quantization"] == pytest.approx((1.0, 0), abs=1e-6)  # pixels pass as they are
+    check = next(c for c in result["checks"] if c["format"] == "tflite-int8")
+    assert check["agreement"] >= 0.9 and check["accuracy"] >= 0.8, check

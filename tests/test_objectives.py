@@ -7,8 +7,8 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY
-from mobiletune import latency, objectives
+from conftest import TINY, choice_in_trials_csv
+from mobiletune import latency, objectives, runfolder
 from mobiletune.cli import app
 from mobiletune.config import load_config
 from mobiletune.errors import UsageError
@@ -99,6 +99,12 @@ def test_multi_objective_sweep_end_to_end(flowers_tiny, tmp_path, monkeypatch):
     assert "## Accuracy against latency" in summary and results["host"] in summary and "pareto_front.png" in summary
     header = (out / "trials.csv").read_text().splitlines()[0]
     assert "latency_ms_tflite,latency_ms_tflite_int8" in header
+    # a budget of the fastest size's latency: the most accurate trial within it
+    budget = min(float(r["latency_ms_tflite"]) for r in runfolder.read_csv(out / "trials.csv"))
+    result = CliRunner().invoke(app, [*args, "--max-latency-ms", repr(budget)])
+    assert result.exit_code == 0, result.output
+    within = json.loads((out / "sweep.json").read_text())
+    assert within["best_trial"] == choice_in_trials_csv(out / "trials.csv", "latency_ms_tflite", budget)
     # the same study, asked again with a budget below every trial: one line, and the fix
     fastest = min(p["latency_ms_tflite"] for p in front)
     result = CliRunner().invoke(app, [*args, "--max-latency-ms", f"{fastest / 10:.4f}"])
@@ -119,6 +125,7 @@ def test_multi_objective_sweep_end_to_end(flowers_tiny, tmp_path, monkeypatch):
     size = newest.params["data.image_size"]
     assert newest.user_attrs["latency_ms_tflite"] == study.user_attrs[f"latency:{size}px:alpha 1:tflite"]["ms"]
     assert again["best"] == json.loads((out / "best" / "metrics.json").read_text())  # best/ is the chosen config's
+    assert again["best_trial"] == choice_in_trials_csv(out / "trials.csv", "latency_ms_tflite")
     trained = load_config(out / "best" / "config.yaml").flat()
     assert all(trained[k] == v for k, v in again["best_params"].items())
     monkeypatch.undo()

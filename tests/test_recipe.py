@@ -147,3 +147,61 @@ def test_a_trials_model_fits_only_the_same_config_on_the_same_images(flowers_tin
     labels = images.labels.copy()
     labels[0] = (labels[0] + 1) % len(images.classes)
     assert not trained.fits(tiny_config, replace(images, labels=labels))
+
+
+def _test_set(run):
+    """The run's test images decoded from disk, each labelled by the class folder it lies in (not by the run)."""
+    from conftest import LEARNED
+    from mobiletune.config import load_config
+
+    size = load_config(overrides=LEARNED).data.image_size
+    rows = [r for r in data.read_manifest(run / "split.csv") if r["split"] == "test"]
+    root = run.parent / "data"
+    x = np.stack([pixels.decode_image((root / r["path"]).read_bytes(), size) for r in rows]).astype("float32")
+    y = np.array([r["path"].split("/")[1] == "dogs" for r in rows])
+    return x, y
+
+
+def test_a_run_on_real_photos_learns_and_reports_what_its_model_does(learned_run):
+    """Better than chance by a margin a broken pipeline cannot reach (shuffled labels, a head that never trains,
+    features of the wrong images), and the reported figures are what the saved models do on the test files."""
+    run, metrics = learned_run.workdir, learned_run.metrics
+    x, y = _test_set(run)
+    assert len(y) == 40 and y.sum() == 20
+    for stage, file in (("before_fine_tuning", "before_fine_tuning.keras"), ("after_fine_tuning", "model.keras")):
+        test = metrics[stage]["test"]
+        assert test["n"] == 40 and test["accuracy"] >= 0.8 and test["loss"] < 0.4, (stage, test)  # chance: 0.5, 0.69
+        p = 1 / (1 + np.exp(-model_lib.load_model(run / file).predict(x, verbose=0)[:, 0].astype("float64")))
+        assert test["accuracy"] == np.mean((p > 0.5) == y), stage
+        loss = -np.mean(np.where(y, np.log(p), np.log(1 - p)))
+        assert test["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-4), stage
+    history = learned_run.history
+    assert history[9]["loss"] < history[0]["loss"] / 2  # phase 1 fits the training set
+    assert max(r["val_accuracy"] for r in history) >= 0.8
+
+
+def test_fine_tuning_trains_the_layers_from_fine_tune_at_and_nothing_below(learned_run):
+    """Between before_fine_tuning.keras and model.keras: every kernel of the base from `fine_tune_at` on moved,
+    every weight below it is equal, BatchNorm (inference mode, `model.bn_mode`) is equal everywhere."""
+    import keras
+
+    run, metrics = learned_run.workdir, learned_run.metrics
+    before, after = (model_lib.base_of(model_lib.load_model(run / f)) for f in ("before_fine_tuning.keras",
+                                                                                   "model.keras"))
+    cut = metrics["fine_tune_at"]
+    assert cut == 100 and len(before.layers) == metrics["base_layers"]
+    moved = frozen = 0
+    for i, (a, b) in enumerate(zip(before.layers, after.layers, strict=True)):
+        if not a.weights:
+            continue
+        same = [np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights(), strict=True)]
+        if i < cut or isinstance(a, keras.layers.BatchNormalization):
+            assert all(same), (i, a.name)
+            frozen += 1
+        else:
+            assert not any(same), (i, a.name)  # a convolution's kernel (and bias, if any) trained
+            moved += 1
+    assert moved >= 15 and frozen >= 80  # 18 and 86 in Keras 3.12
+    heads = [model_lib.load_model(run / f).get_layer("logits").get_weights()[0]
+             for f in ("before_fine_tuning.keras", "model.keras")]
+    assert not np.array_equal(*heads)  # the head trains on in phase 2

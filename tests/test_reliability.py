@@ -20,8 +20,10 @@ from mobiletune.config import from_flat, load_config
 from mobiletune.errors import ConfigError, MobiletuneError
 
 runner = CliRunner()
-# Enough batches that a kill lands inside an epoch: 40 training images at batch 4 = 10 steps.
-RESUMABLE = [*TINY, "phase1.epochs=3", "phase2.epochs=3"]
+# 40 training images at batch 4 = 10 steps an epoch: ~0.05 s in phase 1 and ~0.25 s in phase 2 at 32 px, so
+# phase 1 gets 8 epochs for a kill to land inside it.
+RESUMABLE = [*TINY, "phase1.epochs=8", "phase2.epochs=3"]
+PHASE1_EPOCHS, EPOCHS = 8, 11
 
 
 @pytest.fixture
@@ -41,31 +43,36 @@ def _train_process(data_dir, out, *extra):
 def _wait_for_checkpoint(out, epoch, proc, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        path = out / "checkpoint.npz"
-        if path.exists():
-            with np.load(path) as f:
-                if json.loads(bytes(f["state"]).decode())["epoch"] >= epoch:
-                    return
+        if (out / "checkpoint.npz").exists() and _checkpoint_epoch(out) >= epoch:
+            return
         assert proc.poll() is None, proc.communicate()[0][-3000:]
-        time.sleep(0.05)
+        time.sleep(0.01)
     pytest.fail("no checkpoint appeared")
 
 
-@pytest.mark.parametrize("kill_after_epoch", [2, 4], ids=["in-phase-1", "in-phase-2"])
-def test_kill_9_then_resume_equals_an_unbroken_run(cats_dogs_small, tmp_path, kill_after_epoch):
+def _checkpoint_epoch(out) -> int:
+    with np.load(out / "checkpoint.npz") as f:
+        return json.loads(bytes(f["state"]).decode())["epoch"]
+
+
+@pytest.mark.parametrize(("kill_after_epoch", "phase_end"), [(2, PHASE1_EPOCHS), (PHASE1_EPOCHS + 1, EPOCHS)],
+                         ids=["in-phase-1", "in-phase-2"])
+def test_kill_9_then_resume_equals_an_unbroken_run(cats_dogs_small, tmp_path, kill_after_epoch, phase_end):
     unbroken = _train_process(cats_dogs_small, tmp_path / "unbroken")
     assert unbroken.wait(timeout=600) == 0, unbroken.communicate()[0][-3000:]
 
     victim = _train_process(cats_dogs_small, tmp_path / "killed")
     _wait_for_checkpoint(tmp_path / "killed", kill_after_epoch, victim)
-    time.sleep(0.1)  # into the next epoch
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "killed" / "metrics.json").exists()  # it really died before the end
+    landed = _checkpoint_epoch(tmp_path / "killed")
+    # the kill landed inside the phase under test, so resume continues that phase, not a finished one
+    assert kill_after_epoch <= landed < phase_end, landed
 
     result = runner.invoke(app, ["train", "--resume", str(tmp_path / "killed")])
     assert result.exit_code == 0, result.output
-    assert "resuming after epoch" in result.output
+    assert f"resuming after epoch {landed} of {EPOCHS}" in result.output
     a = json.loads((tmp_path / "unbroken" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     for stage in ("before_fine_tuning", "after_fine_tuning"):

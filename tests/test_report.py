@@ -2,12 +2,12 @@
 
 import shutil
 
-from conftest import needs_chromium, render_in_chromium
+from conftest import render_in_chromium, require_chromium
 from mobiletune.report_html import build_report
 
 
-@needs_chromium
 def test_report_renders_without_errors(tiny_run, tmp_path):
+    require_chromium()
     run = tmp_path / "run"
     shutil.copytree(tiny_run.workdir, run)
     (run / "report.html").unlink()

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import IN_CI, TINY, choice_in_trials_csv, require
 from mobiletune.config import load_config
 from mobiletune.errors import ConfigError, UsageError
 from mobiletune.space import DEFAULT_SPACE, load_space
@@ -80,7 +80,11 @@ def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypa
     assert "Selection used validation accuracy only" in summary and "| default recipe |" in summary
     assert "`phase2.fine_tune_at`" in summary
     assert (out / "best" / "model.keras").exists() and (out / "optimization_history.png").exists()
-    assert 0 <= results["best"]["after_fine_tuning"]["test"]["accuracy"] <= 1
+    chosen = choice_in_trials_csv(out / "trials.csv")
+    assert results["best_trial"] == results["best"]["weights_from_trial"] == chosen
+    row = next(r for r in rows if int(r["number"]) == chosen)
+    made = load_config(out / "best" / "config.yaml").flat()
+    assert all(made[key] == pytest.approx(float(row[key])) for key in SPACE)  # best/ is that trial's config
 
     again = run_sweep(config, cats_dogs_tiny, out, n_trials=3, space_path=_space_file(tmp_path))
     assert again["counts"] == results["counts"]  # nothing left to run: the study was already complete
@@ -172,8 +176,8 @@ def _postgres_url() -> str | None:
 
         with sqlalchemy.create_engine(url).connect():
             return url
-    except Exception:  # noqa: BLE001 - no server: skipped locally, a failure in CI
-        if os.environ.get("CI"):
+    except Exception:  # noqa: BLE001 - no server: skipped locally; in CI the connection's own error
+        if IN_CI:
             raise
         return None
 
@@ -183,8 +187,7 @@ def test_two_workers_on_postgres_survive_a_kill(cats_dogs_tiny, tmp_path):
     import optuna
 
     url = _postgres_url()
-    if url is None:
-        pytest.skip("no PostgreSQL on 127.0.0.1 (scripts/start-postgres starts one; CI always does)")
+    require("PostgreSQL on 127.0.0.1", url is not None, "scripts/start-postgres starts one; .ci/run does")
     study_name = f"test-{uuid.uuid4().hex[:8]}"
     n_trials = 6
 

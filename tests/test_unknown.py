@@ -71,3 +71,22 @@ def test_a_run_carries_its_detector_and_predict_says_unknown(tiny_run, tmp_path)
     assert "> -1.000; nearest: cats" in table.stdout or "> -1.000; nearest: dogs" in table.stdout
     csv = runner.invoke(app, ["predict", str(strict), str(image), "--format", "csv"]).stdout.splitlines()
     assert csv[0].startswith("path,unknown,unknown_score,class1") and csv[1].split(",")[1] == "True"
+
+
+def test_a_cats_and_dogs_model_flags_flowers_and_keeps_its_own_test_photos(learned_run):
+    """Real unknown inputs: all 200 flowers_mini photos against a model trained on cats and dogs. Its 40
+    validation images put the threshold below their largest score, so keeping 95% is a real cut."""
+    import mobiletune as mt
+    from conftest import FLOWERS
+
+    run, metrics = learned_run.workdir, learned_run.metrics
+    detector = unknown.load(run / unknown.FILE_NAME)
+    found = metrics["unknown"]
+    assert found["threshold"] == pytest.approx(detector.threshold) and 0.95 <= found["validation_kept"] < 1
+    own = mt.load(run).predict(sorted((run.parent / "data" / "test").rglob("*.jpg")))
+    kept = np.mean([not p.unknown for p in own])
+    assert len(own) == 40 and kept >= 0.85 and kept == pytest.approx(found["test_kept"])
+    flowers = mt.load(run).predict(FLOWERS)
+    assert len(flowers) == 200 and all(p.error == "" for p in flowers)
+    assert np.mean([p.unknown for p in flowers]) >= 0.8  # 88% measured: the kNN score on 60 training images
+    assert all(p.unknown == (p.unknown_score > detector.threshold) for p in flowers + own)

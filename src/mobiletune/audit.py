@@ -125,14 +125,20 @@ def label_errors(images: ImageSet, pooled: np.ndarray, folds: int = FOLDS) -> li
                      suggested_class=images.classes[int(probs[i].argmax())]) for i in ranked]
 
 
-def outliers(images: ImageSet, pooled: np.ndarray) -> list[Finding]:
-    """Images far from every other in feature space (cleanlab's OutOfDistribution), most suspicious first."""
+def outlier_scores(pooled: np.ndarray) -> np.ndarray:
+    """Each image's cleanlab OutOfDistribution score (its mean distance to its nearest neighbours, mapped to
+    (0, 1]): lower is more unlike the rest of the set."""
     from cleanlab.outlier import OutOfDistribution
 
+    return OutOfDistribution(params={"k": min(10, len(pooled) - 1)}).fit_score(features=_normalised(pooled),
+                                                                               verbose=False)
+
+
+def outliers(images: ImageSet, pooled: np.ndarray) -> list[Finding]:
+    """Images far from every other in feature space (`outlier_scores`), most suspicious first."""
     if len(pooled) < 3:
         return []
-    scores = OutOfDistribution(params={"k": min(10, len(pooled) - 1)}).fit_score(features=_normalised(pooled),
-                                                                                 verbose=False)
+    scores = outlier_scores(pooled)
     median = float(np.median(scores))
     mad = float(np.median(np.abs(scores - median))) or 1e-12
     flagged = np.flatnonzero(scores < median - OUTLIER_MADS * mad)

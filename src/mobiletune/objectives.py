@@ -98,7 +98,8 @@ def front(study, objectives: Objectives) -> list:
 
 
 def choose(study, objectives: Objectives):
-    """The trial for best/: the most accurate (the faster on a tie) within the budget, if there is one."""
+    """The trial for best/: the most accurate within the budget, if there is one; on a tie the faster, then
+    the earlier trial."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if objectives.max_latency_ms is not None:
         fmt, budget = objectives.latency_format, objectives.max_latency_ms
