@@ -189,3 +189,58 @@ def test_a_runs_test_images_are_checked_against_the_manifest(cats_dogs_tiny, tmp
     victim.write_bytes(victim.read_bytes() + b"\0")
     with pytest.raises(DataError, match="changed since the run .sha256 differs.; evaluate on --data DIR instead"):
         data.load_test_images(run, None, CFG)
+
+
+@pytest.mark.parametrize("layout", ["class folders", "split folders"])
+def test_a_folder_unzipped_from_a_mac_or_copied_off_a_nas_trains_as_its_classes(tmp_path, layout):
+    """__MACOSX/ beside the classes with ._name resource forks, ._name files beside the images, .DS_Store,
+    Thumbs.db and desktop.ini, a NAS's @eaDir thumbnails: the classes are the real ones, the images the real
+    ones, and each junk folder is one line of skipped.csv."""
+    root = tmp_path / "unzipped"
+    tops = [root] if layout == "class folders" else [root / "train", root / "validation"]
+    for top in tops:
+        _classes(top, ["cats", "dogs"], per_class=3)
+        for cls in ("cats", "dogs"):
+            for image in sorted((top / cls).iterdir()):
+                _write(top / "__MACOSX" / cls / f"._{image.name}", b"\x00\x05\x16\x07 resource fork")
+                _write(top / cls / f"._{image.name}", b"\x00\x05\x16\x07 resource fork")
+            _write(top / cls / "@eaDir" / "0.png@SynoEAStream", b"thumbnail")
+        for junk in (".DS_Store", "cats/Thumbs.db", "dogs/desktop.ini"):
+            _write(top / junk, b"junk")
+    images = data.load_images(root, CFG)
+    assert images.classes == ["cats", "dogs"]
+    assert len(images.paths) == 6 * len(tops) and all(p.endswith(".png") and "/._" not in p for p in images.paths)
+    junk = sorted(s.path for s in images.skipped)
+    prefix = [""] if layout == "class folders" else ["train/", "validation/"]
+    assert junk == sorted([f"{p}__MACOSX" for p in prefix] + [f"{p}{c}/@eaDir" for p in prefix for c in ("cats",
+                                                                                                          "dogs")])
+    assert {s.reason for s in images.skipped} == {data.JUNK_REASON}
+
+
+def test_a_class_of_near_copies_too_few_to_split_is_one_line_naming_it():
+    """Four crops of one photo are one unit once near copies are kept in one split (data.dedupe): too few for
+    train, validation and test. The error names the class, the minimum and the way out, instead of a run
+    whose test set is empty."""
+    labels = np.array([0] * 4 + [1] * 4)
+    hashes = [f"h{i}" for i in range(8)]
+    groups = {f"h{i}": "h4" for i in range(4, 8)}  # dogs: one photo, four crops
+    with pytest.raises(DataError, match=r"class 'dogs' has 4 usable image\(s\) but only 1 distinct one\(s\) once "
+                                        r"near copies are kept together; at least 3 .*data.dedupe=false"):
+        data.assign_splits(labels, [None] * 8, hashes, CFG, ["cats", "dogs"], groups)
+    splits = data.assign_splits(labels, [None] * 8, hashes, CFG, ["cats", "dogs"])  # no groups: each photo counts
+    assert sorted(splits[4:]) == ["test", "train", "train", "validation"]
+
+
+def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    import errno
+
+    from mobiletune import runfolder
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runfolder.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        runfolder.write_text(tmp_path / "summary.md", "text")
+    assert caught.value.filename == str(tmp_path / "summary.md") and caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind

@@ -91,16 +91,36 @@ def _display(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+# What archives and operating systems leave beside photos: a Mac archive's resource forks (__MACOSX/, and
+# ._name files, hidden like every dot file), thumbnails of Synology NAS units, Windows' recycle bin, system
+# folder and thumbnail cache, Python's byte code. Never a class or an image: passed over, and listed in
+# skipped.csv once a folder.
+JUNK_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "__pycache__"})
+JUNK_FILES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"})
+JUNK_REASON = "archive or system folder, not images: passed over"
+
+
+def _is_shown(name: str, junk: frozenset[str]) -> bool:
+    return not name.startswith(".") and name not in junk
+
+
 def _list_class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _is_shown(e.name, JUNK_FOLDERS))
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every non-hidden file below `folder`, in a stable order; symlinked folders are not followed."""
+def _junk_in(folder: Path) -> list[Path]:
+    """The archive and system folders directly in `folder`."""
+    return [Path(e.path) for e in os.scandir(folder) if e.is_dir() and e.name in JUNK_FOLDERS]
+
+
+def _files_under(folder: Path, junk: list[Path]) -> list[Path]:
+    """Every file below `folder` but hidden files and archive or system junk, in a stable order; symlinked
+    folders are not followed. The junk folders passed over are added to `junk`."""
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root, f) for f in sorted(files) if not f.startswith("."))
+        junk.extend(Path(root, d) for d in dirs if d in JUNK_FOLDERS)
+        dirs[:] = sorted(d for d in dirs if _is_shown(d, JUNK_FOLDERS))
+        found.extend(Path(root, f) for f in sorted(files) if _is_shown(f, JUNK_FILES))
     return found
 
 
@@ -167,16 +187,17 @@ def discover(data_dir: Path) -> Listing:
                 "every split needs the same class folders"
             )
     _check_class_count(classes, f"{_display(str(data_dir))}" + ("" if None in folders else "/train"), "class folder")
-    files = []
+    files, junk = [], _junk_in(data_dir) + [j for s, f in folders.items() if s is not None for j in _junk_in(f)]
     for split, folder in folders.items():
         for name in classes:
-            members = _files_under(folder / name)
+            members = _files_under(folder / name, junk)
             if not members:
                 raise DataError(
                     f"class folder {_display(str(folder / name))} is empty; add images or remove the folder"
                 )
             files.extend((str(p.relative_to(data_dir)), name, split) for p in members)
-    return Listing(data_dir, classes, files)
+    passed_over = [Skipped(_display(str(j.relative_to(data_dir))), JUNK_REASON) for j in sorted(junk)]
+    return Listing(data_dir, classes, files, passed_over)
 
 
 def _walk_order(path: str) -> tuple:
@@ -262,24 +283,31 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
     for cls in np.unique(labels):
         if given[0] is None:
             members = np.flatnonzero(labels == cls)
-            if len(members) < 3:
-                raise DataError(
-                    f"class {classes[cls]!r} has {len(members)} usable image(s); at least 3 are needed to split "
-                    "into train/validation/test (or give train/ and validation/ folders)"
-                )
+            _check_splittable(classes[cls], members, digests, 3, "to split into train/validation/test (or give "
+                              "train/ and validation/ folders)")
             test, validation = _held_out(members, digests, config.seed, config.holdout_fraction, 2)
             splits[members] = "train"
             splits[validation] = "validation"
             splits[test] = "test"
         elif not has_test:
             members = np.flatnonzero((labels == cls) & (splits == "validation"))
-            if len(members) < 2:
-                raise DataError(
-                    f"class {classes[cls]!r} has {len(members)} usable image(s) in validation/; at least 2 "
-                    "are needed to hold some out as test (or add a test/ folder, or test rows)"
-                )
+            _check_splittable(classes[cls], members, digests, 2, "in validation/ to hold some out as test (or add "
+                              "a test/ folder, or test rows)")
             splits[_held_out(members, digests, config.seed, config.test_fraction, 1)[0]] = "test"
     return splits.astype(str)
+
+
+def _check_splittable(name: str, members: np.ndarray, digests: np.ndarray, needed: int, purpose: str) -> None:
+    """A class needs `needed` distinct units (copies of one photo, near copies too, count once) to split."""
+    units = len(np.unique(digests[members]))
+    if units >= needed:
+        return
+    if units < len(members):
+        raise DataError(
+            f"class {name!r} has {len(members)} usable image(s) but only {units} distinct one(s) once near copies "
+            f"are kept together; at least {needed} are needed {purpose}; add different photos of it, or "
+            "--set data.dedupe=false to split copies apart (its test images then include copies of training images)")
+    raise DataError(f"class {name!r} has {len(members)} usable image(s); at least {needed} are needed {purpose}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +457,7 @@ def tree_digest(folder: Path) -> str:
     """One sha256 for the image files of train/ and validation/ under `folder`."""
     lines = []
     for split in ("train", "validation"):
-        for path in _files_under(folder / split):
+        for path in _files_under(folder / split, []):
             lines.append(f"{path.relative_to(folder).as_posix()} {hashlib.sha256(path.read_bytes()).hexdigest()}\n")
     return hashlib.sha256("".join(sorted(lines, key=lambda s: s.encode())).encode()).hexdigest()
 

@@ -384,8 +384,8 @@ def scan_images(data_dir: str | Path, config: Config, index: scan.FileIndex, con
     with progress.bar(console, "hashing new files") as update:
         images = data.load_images(data_dir, config.data, index, update, exclude, groups)
     if console is not None:
-        console.print(f"scanned {len(images.paths) + len(images.skipped):,} files: {images.files_read:,} new or "
-                      "changed (hashed), the rest known")
+        files = len(images.paths) + sum(s.reason != data.JUNK_REASON for s in images.skipped)
+        console.print(f"scanned {files:,} files: {images.files_read:,} new or changed (hashed), the rest known")
     return images
 
 

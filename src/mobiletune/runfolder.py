@@ -77,9 +77,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` with the file it was writing named, where the system left it out (a full disk says only "No
+    space left on device"), so the one-line error says which folder filled up."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 @contextmanager
@@ -181,5 +190,7 @@ def save_model(path: Path, model) -> None:
     try:
         model.save(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     finally:
         tmp.unlink(missing_ok=True)
