@@ -42,6 +42,7 @@ TINY = [
     "data.image_size=32",
     "data.batch_size=4",
     "phase1.epochs=1",
+    "phase1.min_steps=0",  # epochs as given: the tiny runs check that things run, not how long to train
     "phase2.epochs=1",
     "phase1.lr=0.001",
 ]
@@ -95,8 +96,8 @@ def tiny_run(tmp_path_factory):
 # A run that has really learnt: 30 + 30 training photos, 20 + 20 for validation and 20 + 20 for test, at 128 px,
 # with enough head steps to fit (10 epochs at lr 1e-3) and the seed's phase-2 rate (lr 1e-5). Its 40 test images
 # make an accuracy mean something: a model at chance reaches 80% with probability 1e-4. About 15 s.
-LEARNED = ["data.image_size=128", "data.batch_size=8", "phase1.epochs=10", "phase1.lr=0.001", "phase2.epochs=2",
-           "phase2.lr_ratio=0.01"]
+LEARNED = ["data.image_size=128", "data.batch_size=8", "phase1.epochs=10", "phase1.min_steps=0", "phase1.lr=0.001",
+           "phase2.epochs=2", "phase2.lr_ratio=0.01"]
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def test_train_multiclass_end_to_end(flowers_tiny, tmp_path):
     result = runner.invoke(app, ["train", str(flowers_tiny), "--out", str(out), "--no-cache", *_sets()])
     assert result.exit_code == 0, result.output
     assert "feature cache" not in result.output  # the plain recipe
-    assert "note: phase 1 is only" in result.output and "phase1.epochs or phase1.lr" in result.output
+    assert "note: phase 1 is only" in result.output and "phase1.epochs, phase1.min_steps or phase1.lr" in result.output
     assert "before fine-tuning" in result.output and "after fine-tuning" in result.output
     assert "McNemar's exact test, before vs after on the same images: p = " in result.output
     metrics = json.loads((out / "metrics.json").read_text())

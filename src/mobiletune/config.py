@@ -62,7 +62,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Phase1Config:
-    epochs: int = 10  # feature extraction: base frozen, only the head trains
+    epochs: int = 10  # feature extraction: base frozen, only the head trains (0: phase 1 is skipped)
+    min_steps: int = 630  # at least this many optimizer steps in phase 1: the seed's 10 epochs of 2,000 images at
+    # batch 32, so a small folder trains its head as long as the seed's (flowers_mini makes 5 steps a pass: 10
+    # passes left it at 50%); an epoch then passes over the training images several times. Cheap: phase 1
+    # trains on cached pooled features. 0: the seed's exact recipe, one pass an epoch
     lr: float = 1e-4  # the tutorial's base_learning_rate
     optimizer: str = "rmsprop"  # the tutorial's optimizer
 
@@ -117,6 +121,14 @@ class Config:
     def phase_lr(self, phase: int) -> float:
         """Phase 1's learning rate, or phase 2's: phase 1's times phase2.lr_ratio."""
         return self.phase1.lr if phase == 1 else self.phase1.lr * self.phase2.lr_ratio
+
+    def passes_per_epoch(self, phase: int, steps_per_pass: int) -> int:
+        """How many passes over the training images (of `steps_per_pass` optimizer steps) make one epoch:
+        in phase 1 as many as `phase1.epochs` epochs need to take `phase1.min_steps` steps; else 1."""
+        p1 = self.phase1
+        if phase == 2 or p1.epochs == 0:
+            return 1
+        return max(1, -(-p1.min_steps // (p1.epochs * max(1, steps_per_pass))))
 
     def phase_optimizer(self, phase: int) -> str:
         """The optimizer phase 1 or phase 2 is compiled with."""
@@ -264,6 +276,8 @@ def validate(config: Config) -> None:
         _check(phase.epochs >= 0, f"{key}.epochs", phase.epochs, "zero or more epochs")
         _check(phase.optimizer in OPTIMIZERS, f"{key}.optimizer", phase.optimizer,
                f"one of {', '.join(OPTIMIZERS)}")
+    _check(0 <= p1.min_steps <= 10**6, "phase1.min_steps", p1.min_steps,
+           "0 (epochs as given) to 1000000 optimizer steps, e.g. 630")
     _check(0 < p1.lr <= 1, "phase1.lr", p1.lr, "a learning rate in (0, 1], e.g. 1e-4")
     _check(0 < p2.lr_ratio <= 10, "phase2.lr_ratio", p2.lr_ratio,
            "a ratio in (0, 10]; phase-2 lr = phase1.lr * lr_ratio, e.g. 0.1")

@@ -37,7 +37,7 @@ from mobiletune import model as model_lib
 from mobiletune import tracking as tracking_lib
 from mobiletune.config import Config
 from mobiletune.errors import DataError
-from mobiletune.training import class_weights, fit_recipe, seed_everything, steps_per_epoch
+from mobiletune.training import class_weights, fit_recipe, seed_everything, steps_per_epoch, steps_per_pass
 
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 # The seed's recipe gives the head ~630 steps (2000 images, batch 32, 10 epochs). On 160 images
@@ -155,7 +155,7 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
     say(f"images: {counts} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} skipped"
         + (" (see skipped.csv)" if images.skipped else ""))
     audited = _audit(images, feats, near, config, out, say)
-    _note_few_head_steps(images, config, say)
+    _note_schedule(images, config, say)
 
     saved = checkpoint.load(out) if resuming else None
     tracking = tracking_lib.Tracking.for_run(out, mlflow, config.flat(), {
@@ -185,6 +185,9 @@ def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, ove
         metrics = _final_metrics(config, images, feats, audited, probs["test_probs_1"], probs["test_probs_2"],
                                  (detector, unknown_scores), seconds, base, weights_sha256, data_dir, saved is not None)
         metrics["weights_from_trial"] = from_trial  # a sweep's: not trained again (`Trained`)
+        metrics["schedule"] = {"passes_per_epoch": config.passes_per_epoch(1, steps_per_pass(images, config)),
+                               "phase1_steps_per_epoch": steps_per_epoch(images, config, phase=1),
+                               "phase2_steps_per_epoch": steps_per_epoch(images, config, phase=2)}
         _finish_folder(out, config, images, metrics, probs["test_probs_1"], probs["test_probs_2"], unknown_scores)
         tracking.finish(metrics, (config.phase1.epochs, config.phase2.epochs), out)
     if console is not None:
@@ -206,12 +209,17 @@ def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str 
     return out
 
 
-def _note_few_head_steps(images: data.ImageSet, config: Config, say) -> None:
-    head_steps = steps_per_epoch(images, config) * config.phase1.epochs
-    if 0 < head_steps < FEW_HEAD_STEPS:
-        say(f"note: phase 1 is only {head_steps} optimizer steps ({images.counts()['train']} training images, "
-            f"batch {config.data.batch_size}, {config.phase1.epochs} epochs); the new head may underfit: raise "
-            "phase1.epochs or phase1.lr, or let `mobiletune sweep` choose")
+def _note_schedule(images: data.ImageSet, config: Config, say) -> None:
+    """Say when phase 1's epochs pass over the training images more than once (`phase1.min_steps`), or when it
+    takes few steps on the seed's exact recipe."""
+    passes, steps = config.passes_per_epoch(1, steps_per_pass(images, config)), steps_per_epoch(images, config, 1)
+    if passes > 1:
+        say(f"phase 1: {config.phase1.epochs} epochs of {passes} passes over the training images ({steps} steps "
+            f"each), for at least phase1.min_steps={config.phase1.min_steps} optimizer steps (0: one pass an epoch)")
+    elif 0 < steps * config.phase1.epochs < FEW_HEAD_STEPS:
+        say(f"note: phase 1 is only {steps * config.phase1.epochs} optimizer steps ({images.counts()['train']} "
+            f"training images, batch {config.data.batch_size}, {config.phase1.epochs} epochs); the new head may "
+            "underfit: raise phase1.epochs, phase1.min_steps or phase1.lr, or let `mobiletune sweep` choose")
 
 
 def _from_trial(model: keras.Model, config: Config, trained: Trained, phase_end: _PhaseEnd,

@@ -19,7 +19,8 @@ SIGNIFICANCE = 0.05  # McNemar's p below this: fine-tuning changed the test resu
 KNOB_NOTES = {
     "phase1.lr": "Learning rate of the new head; the seed's base_learning_rate",
     "phase2.lr_ratio": "Fine-tuning lr = phase1.lr x this: small steps keep the ImageNet features",
-    "phase1.epochs": "Epochs of feature extraction (base frozen)",
+    "phase1.epochs": "Epochs of feature extraction (base frozen), at least",
+    "phase1.min_steps": "Phase 1 runs epochs until the head takes this many optimizer steps (0: epochs as given)",
     "phase2.epochs": "More epochs of fine-tuning, counted on from phase 1",
     "phase2.fine_tune_at": "Base layers from this index on are unfrozen; fewer unfrozen layers = less overfitting",
     "model.bn_mode": "BatchNorm kept in inference mode while fine-tuning",
@@ -71,6 +72,7 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
         "Class weights: " + (", ".join(f"{c} {w:.3g}" for c, w in metrics["class_weight"].items())
                              + " (auto: balanced by training counts)" if metrics.get("class_weight")
                              else "none (every image counts the same)") + ".",
+        *schedule_lines(config, metrics),
         "",
         "## Results on the test set",
         "",
@@ -97,6 +99,25 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
     lines += ["", "![before fine-tuning](before_fine_tuning.png)", ""]
     lines += ["![after fine-tuning](after_fine_tuning.png)", ""]
     return "\n".join(lines)
+
+
+def schedule_lines(config: Config, metrics: dict[str, Any]) -> list[str]:
+    """Which recipe ran and the epochs it took; and the input size's trade-off, while it is below the 224 px the
+    ImageNet weights were trained at."""
+    lines = []
+    if "schedule" in metrics:
+        s, p1 = metrics["schedule"], config.phase1
+        recipe = ("the seed's exact recipe (phase1.min_steps=0: one pass over the training images an epoch)"
+                  if p1.min_steps == 0 else f"phase 1 takes at least phase1.min_steps={p1.min_steps} optimizer steps "
+                  "(0 gives the seed's exact recipe)")
+        lines.append(f"Schedule: {recipe}. Phase 1: {p1.epochs} epochs of {s['passes_per_epoch']} pass(es) over the "
+                     f"training images, {s['phase1_steps_per_epoch']} steps each; phase 2: {config.phase2.epochs} "
+                     f"epochs of {s['phase2_steps_per_epoch']} steps.")
+    if config.data.image_size < 224 and config.model.weights == "imagenet":
+        lines.append(f"Input size: {config.data.image_size} px. The ImageNet weights were trained at 224 px, where "
+                     "cats vs dogs tests 2-3 points higher than at 160 px (docs/benchmarks.md) for about twice the "
+                     "compute: --set data.image_size=224, or let `mobiletune sweep` search it.")
+    return lines
 
 
 def write_summary(path: Path, config: Config, metrics: dict[str, Any]) -> None:

@@ -18,7 +18,8 @@ from mobiletune import tracking as tracking_lib
 from mobiletune import trainees as trainees_lib
 from mobiletune.config import Config
 
-__all__ = ["class_weights", "fit_recipe", "seed_everything", "steps_per_epoch", "train_phase"]
+__all__ = ["class_weights", "first_pass", "fit_recipe", "seed_everything", "steps_per_epoch", "steps_per_pass",
+           "train_phase"]
 
 
 class _EpochLog(keras.callbacks.Callback):
@@ -117,11 +118,11 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
     `tracking` gets every epoch (TensorBoard, MLflow). `trainees`: a sweep worker's, reused across its
     trials (on cached features; a new trainee for each phase otherwise).
     """
-    p1, p2 = config.phase1, config.phase2
     history: list[dict[str, Any]] = list(resume.history) if resume else []
     done = resume.epoch if resume else 0
     weights = class_weights(images, config)
     trainees = trainees or trainees_lib.Trainees()  # on cached features: one trainee per phase
+    p1, p2 = config.phase1, config.phase2
     for phase, (epochs, first_epoch) in {1: (p1.epochs, 0), 2: (p2.epochs, p1.epochs)}.items():
         if resume is not None and done >= first_epoch + epochs:
             continue  # trained before the checkpoint; the caller sees to its evaluation
@@ -138,7 +139,7 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
                                                                       first_epoch + epochs),
                     phase=phase, epochs=first_epoch + epochs - start, initial_epoch=start,
                     optimizer=config.phase_optimizer(phase), lr=config.phase_lr(phase),
-                    steps=steps_per_epoch(images, config), history=history, console=console,
+                    steps=steps_per_epoch(images, config, phase), history=history, console=console,
                     # the classifier has each epoch's weights before anything saves, tracks or tests it; tracking
                     # before `callbacks`: a sweep's pruning stops the fit, and the epoch is logged first
                     callbacks=[*([trainee.syncing()] if trainee else []), *saving,
@@ -162,8 +163,23 @@ def class_weights(images: data.ImageSet, config: Config) -> dict[int, float] | N
                                              strict=True)}
 
 
-def steps_per_epoch(images: data.ImageSet, config: Config) -> int:
+def steps_per_pass(images: data.ImageSet, config: Config) -> int:
+    """Optimizer steps in one pass over the training images."""
     return -(-len(images.indices("train")) // config.data.batch_size)
+
+
+def steps_per_epoch(images: data.ImageSet, config: Config, phase: int) -> int:
+    """Optimizer steps in one epoch of `phase`: `Config.passes_per_epoch` passes."""
+    steps = steps_per_pass(images, config)
+    return config.passes_per_epoch(phase, steps) * steps
+
+
+def first_pass(epoch: int, images: data.ImageSet, config: Config) -> int:
+    """The pass over the training images that `epoch` (counted from 0 over both phases) starts with: each of
+    phase 1's epochs makes `Config.passes_per_epoch` passes, each of phase 2's one. Each pass has its own
+    order and views, drawn from (seed, pass)."""
+    per_epoch, phase1 = config.passes_per_epoch(1, steps_per_pass(images, config)), config.phase1.epochs
+    return epoch * per_epoch if epoch <= phase1 else phase1 * per_epoch + epoch - phase1
 
 
 def _phase_data(phase: int, images: data.ImageSet, feats: features.Features | None, config: Config,
@@ -171,17 +187,19 @@ def _phase_data(phase: int, images: data.ImageSet, feats: features.Features | No
     """Training and validation batches for `phase`: pixels for the full model, or the cached features the
     part above them trains on (pooled in phase 1, the boundary activations in phase 2).
 
-    Either way epoch e's order depends on (seed, e) alone, so resuming at `initial_epoch` is exact.
+    Either way each pass's order depends on (seed, pass) alone (`first_pass`), so resuming at `initial_epoch`
+    is exact.
     """
     batch, seed = config.data.batch_size, config.data.seed
+    initial_pass, end_pass = first_pass(initial_epoch, images, config), first_pass(end_epoch, images, config)
     if feats is None:
         size = config.data.image_size
         return (pixels.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
-                                     initial_epoch=initial_epoch, epochs=end_epoch),
+                                     initial_epoch=initial_pass, epochs=end_pass),
                 pixels.pixel_dataset(images, "validation", size, batch, shuffle=False, seed=seed))
     outputs = [0] if phase == 1 else feats.boundaries[config.phase2.fine_tune_at]
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
     return (features.feature_dataset(feats.readers["train"], outputs, labels["train"], feats.views["train"], batch,
-                                     shuffle=True, seed=seed, initial_epoch=initial_epoch, epochs=end_epoch),
+                                     shuffle=True, seed=seed, initial_epoch=initial_pass, epochs=end_pass),
             features.feature_dataset(feats.readers["validation"], outputs, labels["validation"], 1, batch,
                                      shuffle=False, seed=seed))
