@@ -79,39 +79,37 @@ def tiny_config():
     return load_config(overrides=TINY)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """One finished tiny run (train/ 6+6, validation/ 5+5 real photos), shared by read-only tests."""
+def _finished_run(factory, name: str, splits: dict[str, tuple[str, int, int]], overrides: list[str]):
+    """A run of `overrides` on cats-vs-dogs photos, copied for each split from (folder, per class, offset)."""
     from mobiletune.config import load_config
     from mobiletune.recipe import train_and_evaluate
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    data = root / "data"
-    copy_images(CATS_DOGS / "train", data / "train", 6)
-    copy_images(CATS_DOGS / "validation", data / "validation", 5)
-    config = load_config(overrides=TINY)
-    return train_and_evaluate(config, data, root / "run")
+    root = factory.mktemp(name)
+    for split, (folder, per_class, offset) in splits.items():
+        copy_images(CATS_DOGS / folder, root / "data" / split, per_class, offset)
+    return train_and_evaluate(load_config(overrides=overrides), root / "data", root / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished tiny run (train/ 6+6, validation/ 5+5 real photos), shared by read-only tests."""
+    return _finished_run(tmp_path_factory, "tiny_run", {"train": ("train", 6, 0), "validation": ("validation", 5, 0)},
+                         TINY)
 
 
 # A run that has really learnt: 30 + 30 training photos, 20 + 20 for validation and 20 + 20 for test, at 128 px,
 # with enough head steps to fit (10 epochs at lr 1e-3) and the seed's phase-2 rate (lr 1e-5). Its 40 test images
 # make an accuracy mean something: a model at chance reaches 80% with probability 1e-4. About 15 s.
-LEARNED = ["data.image_size=128", "data.batch_size=8", "phase1.epochs=10", "phase1.min_steps=0", "phase1.lr=0.001",
-           "phase2.epochs=2", "phase2.lr_ratio=0.01"]
+LEARNED = ["data.image_size=128", "data.batch_size=8", "phase1.epochs=10", "phase1.min_steps=0",
+           "phase1.lr=0.001", "phase2.epochs=2", "phase2.lr_ratio=0.01"]
 
 
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory):
     """A finished cats-vs-dogs run on 60/40/40 real photos (`LEARNED`), shared by tests that check results."""
-    from mobiletune.config import load_config
-    from mobiletune.recipe import train_and_evaluate
-
-    root = tmp_path_factory.mktemp("learned_run")
-    data = root / "data"
-    copy_images(CATS_DOGS / "train", data / "train", 30)
-    copy_images(CATS_DOGS / "validation", data / "validation", 20)
-    copy_images(CATS_DOGS / "validation", data / "test", 20, offset=100)
-    return train_and_evaluate(load_config(overrides=LEARNED), data, root / "run")
+    return _finished_run(tmp_path_factory, "learned_run", {"train": ("train", 30, 0),
+                                                           "validation": ("validation", 20, 0),
+                                                           "test": ("validation", 20, 100)}, LEARNED)
 
 
 # .ci/run sets CI: there a missing browser or database fails the tests that need it, where elsewhere they skip.

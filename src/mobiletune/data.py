@@ -283,7 +283,7 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
     for cls in np.unique(labels):
         if given[0] is None:
             members = np.flatnonzero(labels == cls)
-            _check_splittable(classes[cls], members, digests, 3, "to split into train/validation/test (or give "
+            _check_splittable(classes[cls], members, digests, 3, "", "to split into train/validation/test (or give "
                               "train/ and validation/ folders)")
             test, validation = _held_out(members, digests, config.seed, config.holdout_fraction, 2)
             splits[members] = "train"
@@ -291,23 +291,24 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
             splits[test] = "test"
         elif not has_test:
             members = np.flatnonzero((labels == cls) & (splits == "validation"))
-            _check_splittable(classes[cls], members, digests, 2, "in validation/ to hold some out as test (or add "
-                              "a test/ folder, or test rows)")
+            _check_splittable(classes[cls], members, digests, 2, " in validation/", "to hold some out as test (or "
+                              "add a test/ folder, or test rows)")
             splits[_held_out(members, digests, config.seed, config.test_fraction, 1)[0]] = "test"
     return splits.astype(str)
 
 
-def _check_splittable(name: str, members: np.ndarray, digests: np.ndarray, needed: int, purpose: str) -> None:
+def _check_splittable(name: str, members: np.ndarray, digests: np.ndarray, needed: int, where: str,
+                      purpose: str) -> None:
     """A class needs `needed` distinct units (copies of one photo, near copies too, count once) to split."""
     units = len(np.unique(digests[members]))
     if units >= needed:
         return
     if units < len(members):
         raise DataError(
-            f"class {name!r} has {len(members)} usable image(s) but only {units} distinct one(s) once near copies "
-            f"are kept together; at least {needed} are needed {purpose}; add different photos of it, or "
+            f"class {name!r} has {len(members)} usable image(s){where} but only {units} distinct one(s) once near "
+            f"copies are kept together; at least {needed} are needed {purpose}; add different photos of it, or "
             "--set data.dedupe=false to split copies apart (its test images then include copies of training images)")
-    raise DataError(f"class {name!r} has {len(members)} usable image(s); at least {needed} are needed {purpose}")
+    raise DataError(f"class {name!r} has {len(members)} usable image(s){where}; at least {needed} are needed {purpose}")
 
 
 # ---------------------------------------------------------------------------------------------
