@@ -9,7 +9,7 @@ export KERAS_HOME ?= $(CURDIR)/.keras-home
 DEMO_DATA ?= $(wildcard $(SHARED)/data/cats_and_dogs_filtered)
 RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install weights demo test lint lock dist matrix clean
+.PHONY: install weights demo test lint lock dist matrix mutate clean
 
 # The exact versions of requirements.lock (tested on Python 3.11, x86-64 Linux), then mobiletune itself.
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -46,6 +46,14 @@ dist: install
 # the wheel and sdist on Python 3.10, 3.12 and 3.13, each in a clean venv, with a smoke test
 matrix: install
 	scripts/python-matrix
+
+# mutation testing of the pure logic (split, statistics, trial choice, unknown threshold, labels CSV) with mutmut, on
+# one worker: the score per module (scripts/mutate, docs/testing.md). Slow, so not part of `test` or CI.
+MUTMUT_VERSION := 3.8.1
+mutate: install
+	@$(BIN)/python -c "import importlib.metadata as m; assert m.version('mutmut') == '$(MUTMUT_VERSION)'" 2>/dev/null \
+		|| $(BIN)/pip install --quiet mutmut==$(MUTMUT_VERSION)
+	MOBILETUNE_SHARED="$(SHARED)" $(BIN)/python scripts/mutate
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,228 @@
+"""The unknown-input scores and their threshold, on vectors and logits whose answers are worked out by hand
+(pure: no model, no TensorFlow)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mobiletune import unknown
+from mobiletune.unknown import UnknownDetector
+
+SQRT_HALF = math.sqrt(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# energy and msp
+
+
+def test_energy_is_minus_log_sum_exp_of_the_logits():
+    logits = np.array([[0.0, math.log(3)], [math.log(2), math.log(2)], [1.0, 2.0]], np.float32)
+    expected = [-math.log(4), -math.log(4), -math.log(math.e + math.e**2)]
+    result = unknown.energy(logits)
+    assert result.shape == (3,) and result.dtype == np.float64
+    assert result == pytest.approx(expected, abs=1e-6)
+
+
+def test_energy_of_one_binary_logit_is_that_of_the_pair_0_z():
+    z = np.array([[0.0], [math.log(3)], [-2.0]])
+    assert unknown.energy(z) == pytest.approx([-math.log(2), -math.log(4), -math.log(1 + math.exp(-2))])
+
+
+def test_energy_is_computed_in_float64():
+    # float32 cannot tell 1e4 + log(1 + e^-30) from 1e4; float64 keeps the two logits apart
+    logits = np.array([[1e4, 1e4 - 30]], np.float32)
+    assert unknown.energy(logits)[0] == -(1e4 + math.log1p(math.exp(-30)))
+    assert unknown.energy(np.array([[20.0]], np.float32))[0] == pytest.approx(-(20 + math.log1p(math.exp(-20))),
+                                                                          abs=1e-12)
+
+
+def test_msp_is_one_minus_the_top_probability():
+    logits = np.array([[0.0, math.log(3)], [math.log(2), math.log(2)]])
+    assert unknown.msp(logits) == pytest.approx([1 - 3 / 4, 1 - 1 / 2])
+    three = np.array([[0.0, math.log(2), math.log(5)], [math.log(6), 0.0, math.log(3)]])
+    assert unknown.msp(three) == pytest.approx([1 - 5 / 8, 1 - 6 / 10])
+    assert unknown.msp(np.array([[math.log(3)], [-math.log(3)]])) == pytest.approx([0.25, 0.25])
+
+
+# ---------------------------------------------------------------------------------------------
+# knn
+
+
+def _reference():
+    """Unit rows: e1, e2, and the diagonal between them (45 degrees from each)."""
+    return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [SQRT_HALF, SQRT_HALF, 0.0]], np.float32)
+
+
+def test_unit_rows_have_length_one_and_zero_rows_stay_zero():
+    rows = unknown._unit(np.array([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0], [1e-20, 0.0]]))
+    assert rows.dtype == np.float32
+    np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0], [0.0, -1.0], [1e-8, 0.0]], rtol=1e-6, atol=0)
+
+
+def test_knn_is_the_cosine_distance_to_the_kth_nearest_reference_row():
+    reference = _reference()
+    query = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0], [-1.0, 0.0, 0.0]])  # length does not matter
+    # 1 - cos to (e1, e2, diagonal): e1 (0, 1, 1 - cos 45); e3 (1, 1, 1); -e1 (2, 1, 1 + cos 45)
+    assert unknown.knn(query, reference, 1) == pytest.approx([0.0, 1.0, 1.0], abs=1e-6)
+    assert unknown.knn(query, reference, 2) == pytest.approx([1 - SQRT_HALF, 1.0, 1.0 + SQRT_HALF], abs=1e-6)
+    assert unknown.knn(query, reference, 3) == pytest.approx([1.0, 1.0, 2.0], abs=1e-6)
+    assert unknown.knn(query, reference, 3).dtype == np.float64
+
+
+def test_knn_asks_for_no_more_neighbours_than_there_are_reference_rows():
+    reference = _reference()
+    query = np.array([[1.0, 0.0, 0.0]])
+    assert unknown.knn(query, reference, 50) == pytest.approx(unknown.knn(query, reference, 3))
+    assert unknown.knn(query, reference[:1], 5) == pytest.approx([0.0], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# scores
+
+
+def test_scores_dispatch_by_name():
+    logits = np.array([[0.0, math.log(3)], [1.0, 1.0]])
+    pooled = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert unknown.scores("msp", None, logits) == pytest.approx(unknown.msp(logits))
+    assert unknown.scores("energy", None, logits) == pytest.approx(unknown.energy(logits))
+    assert unknown.scores("knn", pooled, logits, _reference(), k=1) == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert unknown.scores("knn", pooled, logits, _reference(), k=2) == pytest.approx([1 - SQRT_HALF] * 2, abs=1e-6)
+    # k is 5 unless given: here the farthest of the 3 rows
+    assert unknown.scores("knn", pooled, logits, _reference()) == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_scores_refuse_an_unknown_name_and_knn_without_reference():
+    with pytest.raises(AssertionError, match="mahalanobis"):
+        unknown.scores("mahalanobis", None, np.zeros((1, 2)))
+    with pytest.raises(AssertionError) as caught:
+        unknown.scores("knn", np.ones((1, 3)), np.zeros((1, 2)))
+    assert str(caught.value) == "knn needs the training features"
+
+
+def test_knn_scores_take_the_5th_nearest_unless_told():
+    # six reference rows at growing angles from e1: 1 - cos is 0, .1, .2, .3, .4, .5
+    cosines = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    reference = np.array([[c, math.sqrt(1 - c * c)] for c in cosines], np.float32)
+    query, logits = np.array([[1.0, 0.0]]), np.zeros((1, 2))
+    assert unknown.scores("knn", query, logits, reference) == pytest.approx([0.4], abs=1e-6)
+    assert unknown.scores("knn", query, logits, reference, k=6) == pytest.approx([0.5], abs=1e-6)
+    assert unknown.knn(query, reference, 2) == pytest.approx([0.1], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: the threshold
+
+
+def _logits_with_energies(energies):
+    """Two-class logits (0, z) whose energy is each of `energies`: -log(1 + e^z) = E, z = log(e^-E - 1)."""
+    return np.array([[0.0, math.log(math.exp(-e) - 1)] for e in energies])
+
+
+def test_the_threshold_is_the_higher_quantile_of_the_validation_scores():
+    energies = [-3.0, -1.0, -2.0, -0.5, -1.5, -4.0, -2.5, -0.8, -3.5, -1.2]
+    logits = _logits_with_energies(energies)
+    assert unknown.energy(logits) == pytest.approx(energies)
+    ordered = sorted(energies)  # -4, -3.5, -3, -2.5, -2, -1.5, -1.2, -1, -0.8, -0.5
+    # numpy's "higher": the sorted value at index ceil(q * (n - 1))
+    for keep, index in [(0.9, 9), (0.75, 7), (0.5, 5), (0.34, 4), (0.0, 0), (1.0, 9)]:
+        detector = unknown.fit("energy", None, None, logits, keep=keep, k=7)
+        assert detector.threshold == pytest.approx(ordered[index])
+        assert detector.validation_kept == (index + 1) / 10  # the share at or under it
+        assert (detector.score, detector.k, detector.reference) == ("energy", 7, None)
+        assert isinstance(detector.threshold, float) and isinstance(detector.validation_kept, float)
+
+
+def test_validation_kept_counts_the_ties_at_the_threshold():
+    logits = _logits_with_energies([-1.0, -1.0, -1.0, -2.0])
+    detector = unknown.fit("energy", None, None, logits, keep=0.3, k=5)
+    assert detector.threshold == pytest.approx(-1.0) and detector.validation_kept == 1.0
+
+
+def test_msp_threshold():
+    logits = np.array([[0.0, math.log(3)], [0.0, 0.0], [math.log(9), 0.0], [0.0, math.log(4)]])  # msp .25 .5 .1 .2
+    detector = unknown.fit("msp", None, None, logits, keep=0.5, k=5)
+    assert detector.threshold == pytest.approx(0.25) and detector.validation_kept == 0.75
+    assert detector.reference is None
+
+
+def test_knn_fit_keeps_the_unit_training_rows_as_saved_in_float16():
+    train = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [1.0, 1.0, 1.0]])
+    val = np.array([[3.0, 4.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, -1.0]])
+    detector = unknown.fit("knn", train, val, np.zeros((3, 2)), keep=0.5, k=1)
+    unit = train / np.linalg.norm(train, axis=1, keepdims=True)
+    assert detector.reference.dtype == np.float32
+    assert np.array_equal(detector.reference, unit.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(detector.reference, unit.astype(np.float32))  # float16-rounded, as the file has it
+    # validation distances to the nearest training row: 0; 1 - 2 / sqrt 6 (to the diagonal); 1 (to (3, 4, 0))
+    assert detector.threshold == pytest.approx(1 - 2 / math.sqrt(6), abs=2e-3) and detector.validation_kept == 2 / 3
+    assert detector.score == "knn" and detector.k == 1
+
+
+def test_knn_keeps_a_seeded_sample_of_at_most_reference_limit_rows(monkeypatch):
+    monkeypatch.setattr(unknown, "REFERENCE_LIMIT", 6)
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(20, 4))
+    val, logits = rng.normal(size=(5, 4)), np.zeros((5, 2))
+    detector = unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=3)
+    picked = np.random.default_rng(3).choice(20, 6, replace=False)
+    assert np.array_equal(detector.reference, unknown._unit(train[picked]).astype(np.float16).astype(np.float32))
+    again = unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=3)
+    other = unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=4)
+    assert np.array_equal(again.reference, detector.reference)
+    assert not np.array_equal(other.reference, detector.reference)
+    default = unknown.fit("knn", train, val, logits, keep=0.9, k=2)
+    assert np.array_equal(default.reference, unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=0).reference)
+    at_limit = unknown.fit("knn", train[:6], val, logits, keep=0.9, k=2, seed=3)  # exactly the limit: all, in order
+    assert np.array_equal(at_limit.reference, unknown._unit(train[:6]).astype(np.float16).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# save and load
+
+
+def test_a_detector_survives_a_round_trip_field_by_field(tmp_path):
+    reference = unknown._unit(np.array([[3.0, 4.0], [1.0, 0.0]])).astype(np.float16).astype(np.float32)
+    for detector in (UnknownDetector("knn", 0.123456789, 0.95, 7, reference),
+                     UnknownDetector("energy", -3.25, 0.9, 5, None),
+                     UnknownDetector("msp", 0.5, 1.0, 3, None)):
+        path = tmp_path / f"{detector.score}.npz"
+        detector.save(path)
+        again = unknown.load(path)
+        assert (again.score, again.threshold, again.validation_kept, again.k) == (
+            detector.score, detector.threshold, detector.validation_kept, detector.k)
+        assert type(again.score) is str and type(again.threshold) is float and type(again.k) is int
+        if detector.reference is None:
+            assert again.reference is None
+        else:
+            assert again.reference.dtype == np.float32 and np.array_equal(again.reference, detector.reference)
+        with np.load(path) as f:
+            assert set(f.files) == {"score", "threshold", "validation_kept", "k", "reference"}
+            assert f["reference"].dtype == np.float16  # half the file
+
+
+def test_saving_rounds_the_reference_to_float16(tmp_path):
+    reference = np.array([[0.1, 0.2]], np.float32)
+    UnknownDetector("knn", 0.5, 0.9, 1, reference).save(tmp_path / "u.npz")
+    assert np.array_equal(unknown.load(tmp_path / "u.npz").reference, reference.astype(np.float16).astype(np.float32))
+
+
+def test_loading_where_there_is_no_detector_is_none(tmp_path):
+    assert unknown.load(tmp_path / "unknown.npz") is None
+    (tmp_path / "folder.npz").mkdir()
+    assert unknown.load(tmp_path / "folder.npz") is None
+
+
+def test_a_loaded_detector_scores_and_decides_as_the_fitted_one(tmp_path):
+    rng = np.random.default_rng(2)
+    train, val = rng.normal(size=(40, 6)), rng.normal(size=(30, 6))
+    logits = rng.normal(size=(30, 3))
+    for name in ("knn", "energy", "msp"):
+        detector = unknown.fit(name, train, val, logits, keep=0.8, k=3)
+        detector.save(tmp_path / "d.npz")
+        again = unknown.load(tmp_path / "d.npz")
+        assert np.array_equal(again.scores(val, logits), detector.scores(val, logits))
+        mask, scores = again.is_unknown(val, logits)
+        # the "higher" 0.8 quantile of 30 scores is the 25th smallest: 25 kept, 5 unknown
+        assert detector.validation_kept == pytest.approx(25 / 30)
+        assert np.array_equal(mask, scores > detector.threshold) and mask.sum() == 5
