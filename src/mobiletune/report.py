@@ -19,8 +19,9 @@ SIGNIFICANCE = 0.05  # McNemar's p below this: fine-tuning changed the test resu
 KNOB_NOTES = {
     "phase1.lr": "Learning rate of the new head; the seed's base_learning_rate",
     "phase2.lr_ratio": "Fine-tuning lr = phase1.lr x this: small steps keep the ImageNet features",
-    "phase1.epochs": "Epochs of feature extraction (base frozen), at least",
-    "phase1.min_steps": "Phase 1 runs epochs until the head takes this many optimizer steps (0: epochs as given)",
+    "phase1.epochs": "Epochs of feature extraction (base frozen)",
+    "phase1.min_steps": "Phase 1 takes at least this many optimizer steps: a small folder's epochs pass over its "
+                        "images several times (0: one pass an epoch, the seed's exact recipe)",
     "phase2.epochs": "More epochs of fine-tuning, counted on from phase 1",
     "phase2.fine_tune_at": "Base layers from this index on are unfrozen; fewer unfrozen layers = less overfitting",
     "model.bn_mode": "BatchNorm kept in inference mode while fine-tuning",

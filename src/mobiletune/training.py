@@ -18,8 +18,7 @@ from mobiletune import tracking as tracking_lib
 from mobiletune import trainees as trainees_lib
 from mobiletune.config import Config
 
-__all__ = ["class_weights", "first_pass", "fit_recipe", "seed_everything", "steps_per_epoch", "steps_per_pass",
-           "train_phase"]
+__all__ = ["class_weights", "fit_recipe", "seed_everything", "steps_per_epoch", "steps_per_pass", "train_phase"]
 
 
 class _EpochLog(keras.callbacks.Callback):
@@ -118,11 +117,11 @@ def fit_recipe(model: keras.Model, images: data.ImageSet, feats: features.Featur
     `tracking` gets every epoch (TensorBoard, MLflow). `trainees`: a sweep worker's, reused across its
     trials (on cached features; a new trainee for each phase otherwise).
     """
+    p1, p2 = config.phase1, config.phase2
     history: list[dict[str, Any]] = list(resume.history) if resume else []
     done = resume.epoch if resume else 0
     weights = class_weights(images, config)
     trainees = trainees or trainees_lib.Trainees()  # on cached features: one trainee per phase
-    p1, p2 = config.phase1, config.phase2
     for phase, (epochs, first_epoch) in {1: (p1.epochs, 0), 2: (p2.epochs, p1.epochs)}.items():
         if resume is not None and done >= first_epoch + epochs:
             continue  # trained before the checkpoint; the caller sees to its evaluation
@@ -174,7 +173,7 @@ def steps_per_epoch(images: data.ImageSet, config: Config, phase: int) -> int:
     return config.passes_per_epoch(phase, steps) * steps
 
 
-def first_pass(epoch: int, images: data.ImageSet, config: Config) -> int:
+def _first_pass(epoch: int, images: data.ImageSet, config: Config) -> int:
     """The pass over the training images that `epoch` (counted from 0 over both phases) starts with: each of
     phase 1's epochs makes `Config.passes_per_epoch` passes, each of phase 2's one. Each pass has its own
     order and views, drawn from (seed, pass)."""
@@ -187,11 +186,11 @@ def _phase_data(phase: int, images: data.ImageSet, feats: features.Features | No
     """Training and validation batches for `phase`: pixels for the full model, or the cached features the
     part above them trains on (pooled in phase 1, the boundary activations in phase 2).
 
-    Either way each pass's order depends on (seed, pass) alone (`first_pass`), so resuming at `initial_epoch`
+    Either way each pass's order depends on (seed, pass) alone (`_first_pass`), so resuming at `initial_epoch`
     is exact.
     """
     batch, seed = config.data.batch_size, config.data.seed
-    initial_pass, end_pass = first_pass(initial_epoch, images, config), first_pass(end_epoch, images, config)
+    initial_pass, end_pass = _first_pass(initial_epoch, images, config), _first_pass(end_epoch, images, config)
     if feats is None:
         size = config.data.image_size
         return (pixels.pixel_dataset(images, "train", size, batch, shuffle=True, seed=seed,
