@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mobiletune.data.manifest import read_manifest
 from tutorial_vs_mobiletune import DEFAULT_DATA, link_split, run_arm  # noqa: E402
 
 BUDGET_FACTOR = 1.5  # the issue's budget: 1.5x the seed's 160-px model's latency
@@ -31,13 +32,14 @@ BUDGET_FACTOR = 1.5  # the issue's budget: 1.5x the seed's 160-px model's latenc
 
 def tutorial_seconds(data_dir: str) -> float:
     """One tutorial-style run (10 + 10 epochs) on mobiletune's split, in its own process."""
-    from mobiletune import data
     from mobiletune.config import DataConfig
+    from mobiletune.data import folders as data
+    from mobiletune.data import manifest
 
     with tempfile.TemporaryDirectory(prefix="mt-tutorial-") as tmp:
         images = data.load_images(data_dir, DataConfig())
-        data.write_manifest(images, Path(tmp) / "split.csv")
-        roots = link_split(Path(data_dir), data.read_manifest(Path(tmp) / "split.csv"), Path(tmp) / "links")
+        manifest.write_manifest(images, Path(tmp) / "split.csv")
+        roots = link_split(Path(data_dir), read_manifest(Path(tmp) / "split.csv"), Path(tmp) / "links")
         result = run_arm(["--arm", "tutorial", data_dir, "--payload",
                           json.dumps({"roots": {k: str(v) for k, v in roots.items()}, "seed": 0})])
     return result["wall"]
@@ -75,9 +77,10 @@ def main() -> None:
         use_nsga2()
 
     import mobiletune as mt
-    from mobiletune import data, latency
     from mobiletune.config import load_config
+    from mobiletune.data import folders as data
     from mobiletune.quiet import import_tensorflow
+    from mobiletune.ship import latency
 
 
     with tempfile.TemporaryDirectory(prefix="mt-latency-sweep-") as tmp:

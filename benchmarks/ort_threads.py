@@ -27,13 +27,14 @@ GFLOP_FORWARD = 0.306  # MobileNetV2 forward at 160 px, per image
 
 
 def export(path: Path) -> None:
-    from mobiletune import features
-    from mobiletune import model as model_lib
     from mobiletune.config import load_config
+    from mobiletune.features.onnx import OnnxRunner
+    from mobiletune.model import cut
+    from mobiletune.model.network import create_model
 
     config = load_config(overrides=[])
-    extract, _ = features.extractor(model_lib.build_model(config, 2), [config.phase2.fine_tune_at])
-    features._OnnxRunner._export(extract, path)  # noqa: SLF001 - exactly what a run exports
+    extract, _ = cut.extractor(create_model(config, 2), [config.phase2.fine_tune_at])
+    OnnxRunner._export(extract, path)  # noqa: SLF001 - exactly what a run exports
 
 
 def main() -> None:

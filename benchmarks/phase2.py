@@ -56,22 +56,26 @@ def forward_gflop(base, fine_tune_at: int) -> float:
 
 def prepare(data_dir: str):
     """The default recipe's model after phase 1's setup, its phase-2 datasets and its counts."""
-    from mobiletune import data, features, scan, training
-    from mobiletune import model as model_lib
     from mobiletune.config import load_config
+    from mobiletune.data import folders as data
+    from mobiletune.data import scan
+    from mobiletune.features import compute as features
+    from mobiletune.features import dataset
+    from mobiletune.model.network import create_model
+    from mobiletune.training import loop as training
 
     config = load_config(overrides=[])
     images = data.load_images(data_dir, config.data, scan.FileIndex(None))
     training.seed_everything(config.data.seed)  # as a run does
-    model = model_lib.build_model(config, len(images.classes))
+    model = create_model(config, len(images.classes))
     feats = features.compute_features(model, images, config)
-    model_lib.set_trainable(model, phase=2, config=config)
+    model.set_trainable(2, config)
     images, cut = feats.images, feats.boundaries[config.phase2.fine_tune_at]
     labels = {s: images.labels[images.indices(s)] for s in ("train", "validation")}
     batch, seed = config.data.batch_size, config.data.seed
-    train_data = features.feature_dataset(feats.readers["train"], cut, labels["train"], feats.views["train"], batch,
+    train_data = dataset.feature_dataset(feats.readers["train"], cut, labels["train"], feats.views["train"], batch,
                                           shuffle=True, seed=seed, epochs=1000)
-    val_data = features.feature_dataset(feats.readers["validation"], cut, labels["validation"], 1, batch,
+    val_data = dataset.feature_dataset(feats.readers["validation"], cut, labels["validation"], 1, batch,
                                         shuffle=False, seed=seed)
     counts = {s: len(v) for s, v in labels.items()}
     return model, config, train_data, val_data, counts
@@ -79,13 +83,13 @@ def prepare(data_dir: str):
 
 def trainees(model, config) -> dict:
     """The trainee as shipped and with Keras' own 1x1 convolutions, each compiled as train_phase does."""
-    from mobiletune import features
-    from mobiletune import model as model_lib
+    from mobiletune.model import cut
+    from mobiletune.model import network as model_lib
 
     out = {}
     for name, fast in (("fast kernels (shipped)", True), ("Keras layers", False)):
-        trainee = features.top_model(model, config.phase2.fine_tune_at, fast=fast)
-        loss, metric = model_lib.loss_and_metric(model_lib.is_binary(model))
+        trainee = cut.top_model(model, config.phase2.fine_tune_at, fast=fast)
+        loss, metric = model_lib.loss_and_metric(model.binary)
         trainee.compile(optimizer=model_lib.make_optimizer(config.phase2.optimizer, 1e-5), loss=loss,
                         metrics=[metric])
         out[name] = trainee
@@ -169,15 +173,13 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="also time the 1x1 convolutions alone")
     args = parser.parse_args()
 
-    from mobiletune import model as model_lib
-
     print(f"{host_line()}; ", end="", flush=True)
     peak = gemm_peak_gflops()
     print(f"fp32 GEMM ceiling {peak:.0f} GFLOP/s (best 4096x4096 tf.linalg.matmul)")
     if args.kernels:
         kernels()
     model, config, train_data, val_data, counts = prepare(args.data_dir)
-    per_image = forward_gflop(model_lib.base_of(model), config.phase2.fine_tune_at)
+    per_image = forward_gflop(model.base, config.phase2.fine_tune_at)
     gflop = 3 * per_image * counts["train"] + per_image * counts["validation"]
     print(f"phase 2 from layer {config.phase2.fine_tune_at}: {per_image:.4f} GFLOP per image forward; an epoch of "
           f"{counts['train']} training + {counts['validation']} validation images = {gflop:.0f} GFLOP")

@@ -36,8 +36,8 @@ def images_per_second(predictor, pixels, seconds: float) -> float:
 def main() -> None:
     import numpy as np
 
-    from mobiletune.export import FILE_NAMES, FORMATS
-    from mobiletune.predict import load_predictor
+    from mobiletune.ship.export import FILE_NAMES, FORMATS
+    from mobiletune.ship.predict import load_predictor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)

@@ -80,7 +80,7 @@ def make_subset(name: str, per_class: int, seed: int, dst: Path) -> Path:
 
 def run_once(data_dir: Path, arm: str, seed: int, scratch: Path) -> dict:
     from mobiletune.config import load_config
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.training.run import train_and_evaluate
 
     cache = scratch / f"cache-{arm}-{seed}"
     overrides = [*ARMS[arm], f"data.seed={seed}", f"features.cache_dir={cache}"]
@@ -98,7 +98,7 @@ def run_once(data_dir: Path, arm: str, seed: int, scratch: Path) -> dict:
 
 
 def host_line() -> str:
-    from mobiletune.latency import host
+    from mobiletune.ship.latency import host
 
     sys.path.insert(0, str(HERE))
     from tutorial_vs_mobiletune import gemm_peak_gflops

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mobiletune.data.manifest import read_manifest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "cats_and_dogs_filtered"
@@ -120,7 +122,7 @@ def tutorial_arm(roots: dict[str, str], epochs: tuple[int, int], seed: int) -> d
 
 def mobiletune_arm(data_dir: str, out: str, cache: str, epochs: tuple[int, int], also: list[str], seed: int) -> dict:
     from mobiletune.config import load_config
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.training.run import train_and_evaluate
 
     config = load_config(overrides=[f"features.cache_dir={cache}", f"phase1.epochs={epochs[0]}",
                                     f"phase2.epochs={epochs[1]}", f"data.seed={seed}", *also])
@@ -162,8 +164,9 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from mobiletune import data
     from mobiletune.config import DataConfig
+    from mobiletune.data import folders as data
+    from mobiletune.data import manifest
 
     peak = gemm_peak_gflops()
     flag = ["--quick"] if args.quick else []
@@ -172,8 +175,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mt-bench-") as tmp:
             tmp = Path(tmp)
             images = data.load_images(args.data_dir, DataConfig(seed=seed))
-            data.write_manifest(images, tmp / "split.csv")
-            roots = link_split(Path(args.data_dir), data.read_manifest(tmp / "split.csv"), tmp / "links")
+            manifest.write_manifest(images, tmp / "split.csv")
+            roots = link_split(Path(args.data_dir), read_manifest(tmp / "split.csv"), tmp / "links")
             arm = lambda kind, payload, seed=seed: run_arm(  # noqa: E731
                 ["--arm", kind, args.data_dir, *flag, "--payload", json.dumps({**payload, "seed": seed})])
             runs.append({"name": "tutorial-style", "seed": seed,

@@ -29,14 +29,14 @@ from scaling import host_line  # noqa: E402
 PAIRS = (("cats_and_dogs_filtered", "flowers_mini"), ("flowers_mini", "cats_and_dogs_filtered"))
 
 
-def pixel_embeddings(model, images, split: str | None, config):
+def pixel_embeddings(classifier, images, split: str | None, config):
     """(pooled, logits) of `split`'s images (every image for None) from pixels, unaugmented."""
     import keras
     import numpy as np
 
-    from mobiletune import pixels
+    from mobiletune.data import pixels
 
-    two = keras.Model(model.input, [model.get_layer("pool").output, model.output])
+    two = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
     positions = np.arange(len(images.paths)) if split is None else images.indices(split)
     pooled, logits = [], []
     for _, x, failed in pixels.iter_pixels(images, positions, config.data.image_size, config.data.batch_size):
@@ -51,12 +51,14 @@ def evaluate_pair(run: Path, known: str, unknown_dir: str, ks: list[int]) -> lis
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from mobiletune import data, unknown
+    from mobiletune import runfolder
     from mobiletune.config import load_config
-    from mobiletune.model import load_model
+    from mobiletune.data import folders as data
+    from mobiletune.evaluation import unknown
+    from mobiletune.model.network import Classifier, load_model
 
     config = load_config(run / "config.yaml")
-    model = load_model(run / "model.keras")
+    model = Classifier(load_model(run / "model.keras"))
     images = data.load_images(SHARED / known, config.data)
     other = data.load_images(SHARED / unknown_dir, config.data)
     emb = {s: pixel_embeddings(model, images, s, config) for s in ("train", "validation", "test")}
@@ -65,7 +67,7 @@ def evaluate_pair(run: Path, known: str, unknown_dir: str, ks: list[int]) -> lis
     fitted = [(name if name != "knn" else f"knn k={k}",
                unknown.fit(name, emb["train"][0], *emb["validation"], keep=config.predict.keep, k=k or 1))
               for name, k in [("msp", 0), ("energy", 0), *[("knn", k) for k in ks]]]
-    own = unknown.load(run / unknown.FILE_NAME)  # fitted by the run on its cached features: what users get
+    own = unknown.load(run / runfolder.UNKNOWN)  # fitted by the run on its cached features: what users get
     fitted.append((f"the run's own ({own.score} k={own.k})", own))
     for name, detector in fitted:
         test, odd = detector.scores(*emb["test"]), detector.scores(*strange)
@@ -84,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mobiletune.config import load_config
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.training.run import train_and_evaluate
 
     print(host_line(), flush=True)
     rows = []

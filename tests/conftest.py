@@ -82,7 +82,7 @@ def tiny_config():
 def _finished_run(factory, name: str, splits: dict[str, tuple[str, int, int]], overrides: list[str]):
     """A run of `overrides` on cats-vs-dogs photos, copied for each split from (folder, per class, offset)."""
     from mobiletune.config import load_config
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.training.run import train_and_evaluate
 
     root = factory.mktemp(name)
     for split, (folder, per_class, offset) in splits.items():

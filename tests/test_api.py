@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 import mobiletune as mt
 from conftest import CATS_DOGS, TINY, copy_images
 from mobiletune.cli import app
-from mobiletune.pixels import decode_image
+from mobiletune.data.pixels import decode_image
 
 
 def test_the_public_surface_is_named_and_documented():
-    import mobiletune.recipe  # noqa: F401 - a submodule named like a function would replace it on the package
-    import mobiletune.study  # noqa: F401
+    import mobiletune.training.run  # noqa: F401
+    import mobiletune.tuning.study  # noqa: F401 - a submodule named like a function would replace it on the package
 
     for name in mt.__all__:
         assert hasattr(mt, name), name

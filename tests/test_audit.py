@@ -12,10 +12,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import CATS_DOGS, FLOWERS, TINY, render_in_chromium, require_chromium
-from mobiletune import audit, data, features, runfolder
-from mobiletune import model as model_lib
+from mobiletune import runfolder
+from mobiletune.audit import checks as audit
 from mobiletune.cli import app
 from mobiletune.config import load_config
+from mobiletune.data import folders as data
+from mobiletune.data.images import ImageSet
+from mobiletune.data.manifest import read_manifest
+from mobiletune.features import compute as features
+from mobiletune.model.network import create_model
 
 runner = CliRunner()
 
@@ -52,7 +57,7 @@ def test_planted_problems_are_found(tmp_path):
     planted = plant(tmp_path / "data")
     config = load_config(overrides=[f"features.cache_dir={tmp_path / 'cache'}"])
     images = data.load_images(tmp_path / "data", config.data)
-    pooled, images = features.plain_pooled(model_lib.build_model(config, 2), images, config)
+    pooled, images = features.plain_pooled(create_model(config, 2), images, config)
     found = audit.run_audit(images, pooled)
     by = {issue: [f for f in found if f.issue == issue] for issue in audit.ISSUES}
     pairs = {frozenset((f.path, f.other_path)) for f in by["near_duplicate"] + by["exact_duplicate"]}
@@ -74,7 +79,7 @@ def test_duplicates_and_leaks_on_exact_copies(cats_dogs_tiny, tmp_path):
     shutil.copy(original, cats_dogs_tiny / "validation" / "cats" / "copy.jpg")
     config = load_config(overrides=[*TINY, "data.image_size=64", f"features.cache_dir={tmp_path / 'cache'}"])
     images = data.load_images(cats_dogs_tiny, config.data)
-    pooled, images = features.plain_pooled(model_lib.build_model(config, 2), images, config)
+    pooled, images = features.plain_pooled(create_model(config, 2), images, config)
     found = audit.run_audit(images, pooled, full=False)
     exact = [f for f in found if f.issue == "exact_duplicate"]
     assert [(f.path, f.other_path) for f in exact] == [(f"train/cats/{original.name}", "validation/cats/copy.jpg")] \
@@ -118,7 +123,7 @@ def test_exclude_leaves_files_out_and_lists_them(cats_dogs_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     skipped = {r["path"]: r["reason"] for r in runfolder.read_csv(out / "skipped.csv")}
     assert skipped == {victims[0]: "excluded (label_error, audit.csv)"}
-    assert victims[0] not in {r["path"] for r in data.read_manifest(out / "split.csv")}
+    assert victims[0] not in {r["path"] for r in read_manifest(out / "split.csv")}
     assert audit.read_exclusions(listing) == {victims[1]: "excluded (listed in list.txt)"}
     bad = runner.invoke(app, ["train", str(cats_dogs_tiny), "--out", str(tmp_path / "r2"), "--exclude",
                               str(tmp_path / "none.csv")])
@@ -127,7 +132,7 @@ def test_exclude_leaves_files_out_and_lists_them(cats_dogs_tiny, tmp_path):
 
 @pytest.mark.parametrize("level", ["none", "duplicates", "full"])
 def test_every_run_reports_its_audit(cats_dogs_tiny, tmp_path, level):
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.training.run import train_and_evaluate
 
     config = load_config(overrides=[*TINY, f"data.audit={level}"])
     metrics = train_and_evaluate(config, cats_dogs_tiny, tmp_path / "run").metrics
@@ -143,7 +148,7 @@ def test_every_run_reports_its_audit(cats_dogs_tiny, tmp_path, level):
 def test_near_copies_stay_in_one_split_when_mobiletune_splits(flowers_tiny, tmp_path, dedupe):
     """80%-size copies of flowers: with data.dedupe each lands in its original's split; the manifest and the
     audit agree (no leak left), and a rerun (--resume scans the same way) makes the same split."""
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.training.run import train_and_evaluate
 
     originals = [sorted((flowers_tiny / c).iterdir())[i] for i, c in enumerate(["daisy", "roses", "tulips"])]
     for f in originals:
@@ -151,7 +156,7 @@ def test_near_copies_stay_in_one_split_when_mobiletune_splits(flowers_tiny, tmp_
         image.resize((image.width * 4 // 5, image.height * 4 // 5)).save(f.with_name(f"copy_{f.name}"), quality=75)
     config = load_config(overrides=[*TINY, "data.image_size=128", f"data.dedupe={str(dedupe).lower()}"])
     metrics = train_and_evaluate(config, flowers_tiny, tmp_path / "run").metrics
-    split = {r["path"]: r["split"] for r in data.read_manifest(tmp_path / "run" / "split.csv")}
+    split = {r["path"]: r["split"] for r in read_manifest(tmp_path / "run" / "split.csv")}
     pairs = [(f.relative_to(flowers_tiny).as_posix(), f"{f.parent.name}/copy_{f.name}") for f in originals]
     found = {(r["other_path"], r["path"]) for r in runfolder.read_csv(tmp_path / "run" / "audit.csv")
              if r["issue"] == "near_duplicate"}
@@ -163,7 +168,7 @@ def test_near_copies_stay_in_one_split_when_mobiletune_splits(flowers_tiny, tmp_
     if dedupe:
         assert crossing == 0 and all(split[a] == split[b] for a, b in pairs)
         train_and_evaluate(config, flowers_tiny, tmp_path / "again")  # a rerun (or --resume) splits the same way
-        assert data.read_manifest(tmp_path / "again" / "split.csv") == data.read_manifest(
+        assert read_manifest(tmp_path / "again" / "split.csv") == read_manifest(
             tmp_path / "run" / "split.csv")
 
 
@@ -171,7 +176,7 @@ def test_a_pair_is_found_from_either_side_of_the_neighbour_lists():
     """k-nearest neighbours are not symmetric: image 0 lists image 1 while image 1's list is full of others."""
     import numpy as np
 
-    from mobiletune.data import ImageSet
+    from mobiletune.data.images import ImageSet
 
     images = ImageSet(root=Path("."), classes=["a"], paths=["p0", "p1", "p2"], labels=np.zeros(3, np.int32),
                       splits=np.array(["train", "test", "train"]), hashes=["h0", "h1", "h2"])
@@ -180,9 +185,9 @@ def test_a_pair_is_found_from_either_side_of_the_neighbour_lists():
     assert {(f.path, f.other_path) for f in found} == {("p1", "p0"), ("p2", "p1")}
 
 
-def _audit(root: Path, config) -> tuple[data.ImageSet, list, "np.ndarray"]:
+def _audit(root: Path, config) -> tuple[ImageSet, list, "np.ndarray"]:
     images = data.load_images(root, config.data)
-    pooled, images = features.plain_pooled(model_lib.build_model(config, 2), images, config)
+    pooled, images = features.plain_pooled(create_model(config, 2), images, config)
     return images, audit.run_audit(images, pooled), pooled
 
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mobiletune import objectives
 from mobiletune.errors import UsageError
-from mobiletune.objectives import Objectives, parse
+from mobiletune.tuning import objectives
+from mobiletune.tuning.objectives import Objectives, parse
 
 
 def _trial(number, acc=0.5, ms=None, *, int8=None, state="COMPLETE", size=None, curve=None, latency2=None):

@@ -115,7 +115,7 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
 def test_a_full_disk_is_one_line(tiny_run, monkeypatch):
     import errno
 
-    from mobiletune import report_html
+    from mobiletune.report import html as report_html
 
     def no_space(run):
         raise OSError(errno.ENOSPC, "No space left on device", str(run / "report.html"))

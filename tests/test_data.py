@@ -6,8 +6,11 @@ import pytest
 from PIL import Image
 
 from conftest import CATS_DOGS
-from mobiletune import data
 from mobiletune.config import DataConfig
+from mobiletune.data import folders as data
+from mobiletune.data import manifest, split
+from mobiletune.data.manifest import read_manifest
+from mobiletune.data.split import assign_splits
 from mobiletune.errors import DataError
 from test_pixels import _png_bytes
 
@@ -40,7 +43,7 @@ def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
     assert "train/cats/caf\\xe9.jpg" in reasons
     assert "train/cats/odd.png" in images.paths
     out = tmp_path / "skipped.csv"
-    data.write_skipped(images, out)
+    manifest.write_skipped(images, out)
     assert len(out.read_text().splitlines()) == 8
 
     with pytest.raises(DataError, match="7 file.*--strict"):
@@ -77,8 +80,8 @@ def test_class_folders_only_split_80_10_10_seeded(flowers_tiny):
 
 def test_manifest_round_trip(cats_dogs_tiny, tmp_path):
     images = data.load_images(cats_dogs_tiny, CFG)
-    data.write_manifest(images, tmp_path / "split.csv")
-    rows = data.read_manifest(tmp_path / "split.csv")
+    manifest.write_manifest(images, tmp_path / "split.csv")
+    rows = read_manifest(tmp_path / "split.csv")
     assert [r["path"] for r in rows] == images.paths
     assert {r["split"] for r in rows} == {"train", "validation", "test"}
     assert all(len(r["sha256"]) == 64 for r in rows)
@@ -129,8 +132,8 @@ def test_non_utf8_names_are_used_and_round_trip(cats_dogs_tiny, tmp_path):
     (cats_dogs_tiny / "train" / "cats" / name).write_bytes((CATS_DOGS / "train" / "cats" / "cat.50.jpg").read_bytes())
     images = data.load_images(cats_dogs_tiny, CFG)
     assert f"train/cats/{name}" in images.paths
-    data.write_manifest(images, tmp_path / "split.csv")
-    rows = data.read_manifest(tmp_path / "split.csv")
+    manifest.write_manifest(images, tmp_path / "split.csv")
+    rows = read_manifest(tmp_path / "split.csv")
     assert all((cats_dogs_tiny / r["path"]).is_file() for r in rows)  # every manifest path opens its file
 
 
@@ -145,12 +148,12 @@ def test_adding_images_never_moves_a_training_image_into_test(n):
     (above EXACT_SPLIT_BELOW exactly; below it, quotas may shift a held-out image by one split)."""
     config = DataConfig(seed=3)
     hashes = _random_hashes(n, 0)
-    before = data.assign_splits(np.zeros(n, np.int32), [None] * n, hashes, config, ["a"])
+    before = assign_splits(np.zeros(n, np.int32), [None] * n, hashes, config, ["a"])
     grown = hashes + _random_hashes(n // 10, 1)
-    after = data.assign_splits(np.zeros(len(grown), np.int32), [None] * len(grown), grown, config, ["a"])[:n]
+    after = assign_splits(np.zeros(len(grown), np.int32), [None] * len(grown), grown, config, ["a"])[:n]
     assert not ((before == "train") & (after == "test")).any()
     moved = int((before != after).sum())
-    if n >= data.EXACT_SPLIT_BELOW:
+    if n >= split.EXACT_SPLIT_BELOW:
         assert moved == 0
         assert abs((before == "test").sum() - n * config.holdout_fraction) < 4 * (n * 0.1 * 0.9) ** 0.5
     else:
@@ -161,7 +164,7 @@ def test_adding_images_never_moves_a_training_image_into_test(n):
 def test_copies_of_one_file_share_a_split():
     hashes = _random_hashes(40, 2)
     hashes += hashes[:10]  # ten files twice
-    splits = data.assign_splits(np.zeros(50, np.int32), [None] * 50, hashes, DataConfig(), ["a"])
+    splits = assign_splits(np.zeros(50, np.int32), [None] * 50, hashes, DataConfig(), ["a"])
     assert all(splits[i] == splits[40 + i] for i in range(10))
 
 
@@ -182,7 +185,7 @@ def test_a_runs_test_images_are_checked_against_the_manifest(cats_dogs_tiny, tmp
     run = tmp_path / "run"
     run.mkdir()
     runfolder.write_json(run / "metrics.json", {"classes": images.classes, "data_dir": str(cats_dogs_tiny)})
-    data.write_manifest(images, run / "split.csv")
+    manifest.write_manifest(images, run / "split.csv")
     test = data.load_test_images(run, None, CFG)
     assert test.paths == [images.paths[i] for i in images.indices("test")]
     victim = cats_dogs_tiny / test.paths[0]
@@ -226,8 +229,8 @@ def test_a_class_of_near_copies_too_few_to_split_is_one_line_naming_it():
     groups = {f"h{i}": "h4" for i in range(4, 8)}  # dogs: one photo, four crops
     with pytest.raises(DataError, match=r"class 'dogs' has 4 usable image\(s\) but only 1 distinct one\(s\) once "
                                         r"near copies are kept together; at least 3 .*data.dedupe=false"):
-        data.assign_splits(labels, [None] * 8, hashes, CFG, ["cats", "dogs"], groups)
-    splits = data.assign_splits(labels, [None] * 8, hashes, CFG, ["cats", "dogs"])  # no groups: each photo counts
+        assign_splits(labels, [None] * 8, hashes, CFG, ["cats", "dogs"], groups)
+    splits = assign_splits(labels, [None] * 8, hashes, CFG, ["cats", "dogs"])  # no groups: each photo counts
     assert sorted(splits[4:]) == ["test", "train", "train", "validation"]
 
 

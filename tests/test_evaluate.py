@@ -6,8 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from mobiletune import evaluate
 from mobiletune.errors import UsageError
+from mobiletune.evaluation import run as evaluation_run
+from mobiletune.evaluation import statistics as evaluate
 
 
 def test_wilson_interval_by_hand():
@@ -75,14 +76,14 @@ def test_evaluate_run_again_and_on_new_data(tiny_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run.workdir, run)
-    again = evaluate.evaluate_run(run)
+    again = evaluation_run.evaluate_run(run)
     original = json.loads((tiny_run.workdir / "metrics.json").read_text())
     assert again["after_fine_tuning"]["test"]["accuracy"] == original["after_fine_tuning"]["test"]["accuracy"]
     assert again["after_fine_tuning"]["test"]["loss"] == pytest.approx(original["after_fine_tuning"]["test"]["loss"],
                                                                        rel=1e-5)
     new = tmp_path / "new"
     copy_images(CATS_DOGS / "validation", new, 4, offset=200)
-    block = evaluate.evaluate_run(run, new)
+    block = evaluation_run.evaluate_run(run, new)
     assert block["after_fine_tuning"]["test"]["n"] == 8
     with pytest.raises(UsageError, match="not a finished mobiletune run"):
-        evaluate.evaluate_run(tmp_path / "new")
+        evaluation_run.evaluate_run(tmp_path / "new")

@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mobiletune.export import FILE_NAMES, FORMATS, ExportError, export_run
-from mobiletune.predict import load_predictor
+from mobiletune.ship.export import FILE_NAMES, FORMATS, ExportError, export_run
+from mobiletune.ship.predict import load_predictor
 
 # How far each runtime may drift from Keras, in probability: float formats barely, quantized ones more
 # (int8 most here: a 32-px model calibrated on 12 images; the full-size figures are in docs/benchmarks.md).
@@ -58,7 +58,7 @@ def test_onnx_carries_the_class_names(exported):
 def test_accuracy_drop_fails_with_the_format_named(exported, monkeypatch):
     import dataclasses
 
-    from mobiletune import export
+    from mobiletune.ship import export
 
     run, _ = exported
     checked = export.check_exports
@@ -122,7 +122,7 @@ def test_int8_passes_a_real_gate_on_a_model_that_learnt(learned_copy):
 
 def test_int8_calibrated_on_blank_images_fails_the_gate(learned_copy, monkeypatch):
     """A damaged quantisation: activation ranges calibrated on blank images. The gate measures it and refuses."""
-    from mobiletune import export
+    from mobiletune.ship import export
 
     blank = lambda run, metrics, config: np.zeros((8, 128, 128, 3), np.uint8)  # noqa: E731
     monkeypatch.setattr(export, "_representative", blank)

@@ -3,26 +3,32 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from mobiletune import cache, data, features, store
-from mobiletune import model as model_lib
 from mobiletune.config import load_config
+from mobiletune.data import folders as data
+from mobiletune.features import cache, dataset, store
+from mobiletune.features import compute as features
+from mobiletune.features import onnx as onnx_lib
+from mobiletune.model import convention, cut
+from mobiletune.model import network as model_lib
+from mobiletune.model.cut import extractor
+from mobiletune.model.network import create_model
 
 
 @pytest.fixture(scope="module")
 def built():
     config = load_config(overrides=[*TINY, "data.image_size=64"])
-    return config, model_lib.build_model(config, 2)
+    return config, create_model(config, 2)
 
 
 def test_boundary_follows_residual_skips(built):
     _, model = built
-    base = model_lib.base_of(model)
+    base = model.base
     made_by = model_lib.producers(base)
     name = lambda t: base.layers[made_by[id(t)]].name  # noqa: E731
-    names = sorted(name(t) for t in features.boundary_tensors(base, 100))
+    names = sorted(name(t) for t in cut.boundary_tensors(base, 100))
     assert names == ["block_10_project_BN", "block_11_expand_BN"]  # the cut falls inside block 11
-    assert features.boundary_tensors(base, 0) == base.inputs
-    assert [name(t) for t in features.boundary_tensors(base, 153)] == ["Conv_1_bn"]
+    assert cut.boundary_tensors(base, 0) == base.inputs
+    assert [name(t) for t in cut.boundary_tensors(base, 153)] == ["Conv_1_bn"]
 
 
 @pytest.mark.parametrize("fine_tune_at", [0, 1, 57, 100, 153])
@@ -30,12 +36,12 @@ def test_top_on_cached_boundary_equals_the_full_model(built, fine_tune_at):
     """Cutting the network changes nothing: the top, fed the boundary, gives the model's own logits."""
     _, model = built
     x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
-    extract, where = features.extractor(model, [fine_tune_at, 120])
-    outputs = extract(x / 127.5 - 1)
-    pooled, cut = outputs[0], [outputs[i] for i in where[fine_tune_at]]
-    full = np.asarray(model(x, training=False))
-    top = np.asarray(features.top_model(model, fine_tune_at)(cut if len(cut) > 1 else cut[0]))
-    head = np.asarray(features.head_model(model)(pooled))
+    extract, where = extractor(model, [fine_tune_at, 120])
+    outputs = extract(convention.to_unit(x))
+    pooled, boundary = outputs[0], [outputs[i] for i in where[fine_tune_at]]
+    full = np.asarray(model.model(x, training=False))
+    top = np.asarray(cut.top_model(model, fine_tune_at)(boundary if len(boundary) > 1 else boundary[0]))
+    head = np.asarray(model.head(pooled))
     assert np.allclose(top, full, atol=1e-4) and np.allclose(head, full, atol=1e-4)
 
 
@@ -59,7 +65,7 @@ def test_batches_shuffle_and_draw_views_per_epoch(tmp_path):
     labels = np.arange(10)
 
     def epochs(initial_epoch, end):
-        ds = features.feature_dataset(reader, [0], labels, 3, 4, shuffle=True, seed=0, initial_epoch=initial_epoch,
+        ds = dataset.feature_dataset(reader, [0], labels, 3, 4, shuffle=True, seed=0, initial_epoch=initial_epoch,
                                       epochs=end)
         batches = [(np.asarray(x)[:, 0], np.asarray(y)) for x, y in ds]
         assert [len(y) for _, y in batches] == [4, 4, 2] * (end - initial_epoch)
@@ -75,7 +81,7 @@ def test_batches_shuffle_and_draw_views_per_epoch(tmp_path):
     assert not np.array_equal(first, second)
     assert len({int(v) for e in (first, second, third) for v in e // 10}) > 1  # views are drawn
     assert np.array_equal(epochs(2, 3)[0], third)  # a resumed run reads epoch 2 exactly as before
-    plain = features.feature_dataset(reader, [0], labels, 1, 4, shuffle=False, seed=0)
+    plain = dataset.feature_dataset(reader, [0], labels, 1, 4, shuffle=False, seed=0)
     assert np.array_equal(np.concatenate([np.asarray(x)[:, 0] for x, _ in plain]), np.arange(10))
 
 
@@ -97,7 +103,7 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path):
         st.fill(part, compute)
     assert len(st.shards) == 3
     labels = rng.integers(0, 3, 9)
-    ds = features.feature_dataset(st.reader(keys), [0, 1], labels, 2, 4, shuffle=True, seed=1, epochs=2)
+    ds = dataset.feature_dataset(st.reader(keys), [0, 1], labels, 2, 4, shuffle=True, seed=1, epochs=2)
     seen = 0
     for (xa, xb), y in ds:
         rows = [int(np.flatnonzero(b[:, 0] == r[0])[0]) for r in np.asarray(xb)]  # which row each one is
@@ -198,12 +204,12 @@ def test_onnx_export_is_the_file_keras_writes(built, tmp_path, monkeypatch):
     """The quick export (tf2onnx without Keras' resource tracking or the optimizer's copies) gives Keras'
     own file: same inputs and outputs by name, same numbers to the bit."""
     _, model = built
-    extract, _ = features.extractor(model, [100, 140])
+    extract, _ = extractor(model, [100, 140])
     x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
     extract(x)
     with monkeypatch.context() as patched:  # the quick path itself, not the fallback to Keras' export
         patched.setattr(keras.Model, "export", lambda *a, **k: pytest.fail("fell back to Keras' export"))
-        features.export_onnx(extract, tmp_path / "ours.onnx")
+        onnx_lib.export_onnx(extract, tmp_path / "ours.onnx")
     extract.export(str(tmp_path / "keras.onnx"), format="onnx", verbose=False)
     (names, ours), (keras_names, theirs) = _onnx_outputs(tmp_path / "ours.onnx", x), _onnx_outputs(
         tmp_path / "keras.onnx", x)
@@ -213,7 +219,7 @@ def test_onnx_export_is_the_file_keras_writes(built, tmp_path, monkeypatch):
 
 def test_onnx_export_falls_back_to_keras_own(built, tmp_path, monkeypatch):
     _, model = built
-    extract, _ = features.extractor(model, [140])
+    extract, _ = extractor(model, [140])
     x = np.zeros((1, 64, 64, 3), "float32")
     extract(x)
 
@@ -223,8 +229,8 @@ def test_onnx_export_falls_back_to_keras_own(built, tmp_path, monkeypatch):
     import tf2onnx.optimizer
 
     careful = tf2onnx.optimizer.optimize_graph
-    monkeypatch.setattr(features, "_tf2onnx_export", fails)
-    features.export_onnx(extract, tmp_path / "m.onnx")
+    monkeypatch.setattr(onnx_lib, "_tf2onnx_export", fails)
+    onnx_lib.export_onnx(extract, tmp_path / "m.onnx")
     assert len(_onnx_outputs(tmp_path / "m.onnx", x)[1]) == len(extract.outputs)
     assert tf2onnx.optimizer.optimize_graph is careful  # tf2onnx as it was
 

@@ -8,12 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY
-from mobiletune import data, runfolder
+from mobiletune import runfolder
 from mobiletune.cli import app
 from mobiletune.config import DataConfig, load_config
+from mobiletune.data import folders as data
+from mobiletune.data.images import ImageSet
+from mobiletune.data.labels import read_labels
+from mobiletune.data.manifest import read_manifest
 from mobiletune.errors import DataError
-from mobiletune.labels import read_labels
-from mobiletune.recipe import train_and_evaluate
+from mobiletune.training.run import train_and_evaluate
 
 CFG = DataConfig(image_size=32)
 
@@ -31,7 +34,7 @@ def _rows_of_folders(root: Path, with_split: bool) -> list[list[str]]:
     return rows[::-1]
 
 
-def _manifest(images: data.ImageSet) -> list[tuple]:
+def _manifest(images: ImageSet) -> list[tuple]:
     return list(zip(images.paths, images.labels.tolist(), images.splits.tolist(), images.hashes, strict=True))
 
 
@@ -59,8 +62,8 @@ def test_a_csv_labelled_run_equals_the_folder_run(cats_dogs_tiny, tmp_path):
     assert {k: csv_run.metrics[k] for k in keep} == {k: folder_run.metrics[k] for k in keep}
     assert csv_run.history == [{**r, "seconds": c["seconds"]} for r, c in zip(folder_run.history, csv_run.history,
                                                                                 strict=True)]
-    split = [{**r, "path": f"cats_dogs/{r['path']}"} for r in data.read_manifest(tmp_path / "folders" / "split.csv")]
-    assert data.read_manifest(tmp_path / "csv" / "split.csv") == split
+    split = [{**r, "path": f"cats_dogs/{r['path']}"} for r in read_manifest(tmp_path / "folders" / "split.csv")]
+    assert read_manifest(tmp_path / "csv" / "split.csv") == split
     assert csv_run.metrics["data_dir"] == str(labels.resolve())
     # what reads images back finds them through the CSV's folder: evaluate, and evaluate --data CSV
     runner = CliRunner()

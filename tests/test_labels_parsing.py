@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from mobiletune.data.labels import SPLIT_NAMES, Row, is_labels_file, read_labels
 from mobiletune.errors import DataError
-from mobiletune.labels import SPLIT_NAMES, Row, is_labels_file, read_labels
 
 
 def _csv(tmp_path: Path, text: str, name: str = "labels.csv", encoding: str = "utf-8") -> Path:

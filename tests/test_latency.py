@@ -7,11 +7,12 @@ import logging
 import numpy as np
 import pytest
 
-from mobiletune import latency
-from mobiletune import model as model_lib
 from mobiletune.config import load_config
 from mobiletune.errors import ExportError
-from mobiletune.export import export_formats, serving_function, tflite_for_timing
+from mobiletune.model import network as model_lib
+from mobiletune.model.network import create_model
+from mobiletune.ship import latency
+from mobiletune.ship.export import export_formats, serving_function, tflite_for_timing
 
 SIZE = 32  # the smallest input Keras' MobileNetV2 takes: ops and shapes are what is compared
 
@@ -28,7 +29,7 @@ def _ops(blob_or_path) -> list[tuple]:
 @pytest.mark.parametrize("fmt", latency.FORMATS)  # fp16 differs: one constant folded to a scalar
 def test_the_timed_model_has_the_shipped_exports_ops(fmt, tmp_path):
     config = load_config(overrides=[f"data.image_size={SIZE}", "model.weights=none"])
-    model = model_lib.build_model(config, 3)
+    model = create_model(config, 3)
     calibration = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
     shipped = export_formats(model, [fmt], tmp_path, ["a", "b", "c"], calibration)[fmt]
     timed = tflite_for_timing(serving_function(model), fmt, calibration)
@@ -93,7 +94,7 @@ def test_a_worker_waits_for_another_ones_timing_and_uses_its_figures(tmp_path, m
 
 
 def test_a_format_that_fails_is_its_own_error(tmp_path, monkeypatch):
-    import mobiletune.export as export
+    import mobiletune.ship.export as export
 
     real = export.tflite_for_timing
 
@@ -116,10 +117,10 @@ def test_a_format_that_fails_is_its_own_error(tmp_path, monkeypatch):
 def test_a_given_model_is_timed_without_building_another(tmp_path, monkeypatch):
     """A sweep passes the classifier it builds for each size's features anyway (0.45 s a size)."""
     config = load_config(overrides=[f"data.image_size={SIZE}", "model.weights=none"])
-    model = model_lib.build_model(config, 2)
+    model = create_model(config, 2)
 
     def no_building(*args, **kwargs):
         raise AssertionError("built a model")
 
-    monkeypatch.setattr(model_lib, "build_model", no_building)
+    monkeypatch.setattr(model_lib, "create_model", no_building)
     assert latency.latency_ms(config, 2, "tflite", tmp_path, model) > 0

@@ -8,10 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY, choice_in_trials_csv
-from mobiletune import latency, objectives, runfolder
+from mobiletune import runfolder
 from mobiletune.cli import app
 from mobiletune.config import load_config
 from mobiletune.errors import UsageError
+from mobiletune.ship import latency
+from mobiletune.tuning import objectives
 
 
 def _study(points, multi=True):

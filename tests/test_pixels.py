@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import CATS_DOGS
-from mobiletune import data, pixels
 from mobiletune.config import DataConfig
+from mobiletune.data import folders as data
+from mobiletune.data import pixels
 from mobiletune.errors import DataError
 
 CFG = DataConfig(image_size=32)

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from conftest import CATS_DOGS
 from mobiletune.cli import app
-from mobiletune.predict import load_predictor, predict_paths
+from mobiletune.ship.predict import load_predictor, predict_paths
 
 runner = CliRunner()
 

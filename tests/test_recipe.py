@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import yaml
 
-from mobiletune import data, pixels
-from mobiletune import model as model_lib
-from mobiletune.recipe import train_and_evaluate
+from mobiletune.data import folders as data
+from mobiletune.data import pixels
+from mobiletune.data.manifest import read_manifest
+from mobiletune.model import network as model_lib
+from mobiletune.model.network import Classifier
+from mobiletune.training.run import train_and_evaluate
 
 RUN_FILES = {"config.yaml", "split.csv", "audit.csv", "skipped.csv", "history.csv", "metrics.json",
              "before_fine_tuning.png", "after_fine_tuning.png", "summary.md", "model.keras", "before_fine_tuning.keras",
@@ -39,7 +42,7 @@ def test_end_to_end_run_folder(tiny_run, tiny_config):
     assert metrics["seconds"]["total"] >= metrics["seconds"]["phase1"] + metrics["seconds"]["phase2"]
 
     assert yaml.safe_load((run / "config.yaml").read_text()) == tiny_config.to_dict()
-    manifest = data.read_manifest(run / "split.csv")
+    manifest = read_manifest(run / "split.csv")
     assert len({r["path"] for r in manifest}) == len(manifest) == 22  # no file in two splits
     summary = (run / "summary.md").read_text()
     assert "| before fine-tuning |" in summary and "`phase2.fine_tune_at` | 100" in summary
@@ -108,8 +111,10 @@ def test_an_image_broken_past_its_header_is_skipped_and_the_split_is_what_a_reru
                                                                                          tmp_path):
     """The scan's header probe passes a truncated JPEG; the feature pass finds it. The run leaves it out,
     lists it in skipped.csv, and splits the rest exactly as a later scan (a --resume) will."""
-    from mobiletune import cache, runfolder, scan
+    from mobiletune import runfolder
     from mobiletune.config import from_flat
+    from mobiletune.data import scan
+    from mobiletune.features import cache
 
     tiny_config = from_flat({**tiny_config.flat(), "features.cache_dir": str(tmp_path / "cache")})  # a cold cache
     victim = sorted((flowers_tiny / "roses").iterdir())[0]
@@ -120,7 +125,7 @@ def test_an_image_broken_past_its_header_is_skipped_and_the_split_is_what_a_reru
     skipped = runfolder.read_csv(tmp_path / "run" / "skipped.csv")
     assert [r["path"] for r in skipped] == [f"roses/{victim.name}"] and "cannot decode" in skipped[0]["reason"]
     assert "truncated" in skipped[0]["reason"]  # found by decoding it, in the feature pass, not by the header probe
-    manifest = data.read_manifest(tmp_path / "run" / "split.csv")
+    manifest = read_manifest(tmp_path / "run" / "split.csv")
     index = scan.FileIndex(cache.cache_root(tiny_config) / scan.INDEX_NAME)
     again = data.load_images(flowers_tiny, tiny_config.data, index)
     assert [(r["path"], r["split"]) for r in manifest] == list(zip(again.paths, again.splits, strict=True))
@@ -133,7 +138,7 @@ def test_a_trials_model_fits_only_the_same_config_on_the_same_images(flowers_tin
 
     from conftest import TINY
     from mobiletune.config import load_config
-    from mobiletune.recipe import Trained
+    from mobiletune.training.run import Trained
 
     images = data.load_images(flowers_tiny, tiny_config.data)
     trained = Trained(0, tiny_config, images, [], [], [], flowers_tiny / "logs")
@@ -155,7 +160,7 @@ def _test_set(run):
     from mobiletune.config import load_config
 
     size = load_config(overrides=LEARNED).data.image_size
-    rows = [r for r in data.read_manifest(run / "split.csv") if r["split"] == "test"]
+    rows = [r for r in read_manifest(run / "split.csv") if r["split"] == "test"]
     root = run.parent / "data"
     x = np.stack([pixels.decode_image((root / r["path"]).read_bytes(), size) for r in rows]).astype("float32")
     y = np.array([r["path"].split("/")[1] == "dogs" for r in rows])
@@ -186,8 +191,9 @@ def test_fine_tuning_trains_the_layers_from_fine_tune_at_and_nothing_below(learn
     import keras
 
     run, metrics = learned_run.workdir, learned_run.metrics
-    before, after = (model_lib.base_of(model_lib.load_model(run / f)) for f in ("before_fine_tuning.keras",
-                                                                                   "model.keras"))
+    before, after = (Classifier(model_lib.load_model(run / f)) for f in ("before_fine_tuning.keras", "model.keras"))
+    heads = [c.logits.get_weights()[0] for c in (before, after)]
+    before, after = before.base, after.base
     cut = metrics["fine_tune_at"]
     assert cut == 100 and len(before.layers) == metrics["base_layers"]
     moved = frozen = 0
@@ -202,6 +208,4 @@ def test_fine_tuning_trains_the_layers_from_fine_tune_at_and_nothing_below(learn
             assert not any(same), (i, a.name)  # a convolution's kernel (and bias, if any) trained
             moved += 1
     assert moved >= 15 and frozen >= 80  # 18 and 86 in Keras 3.12
-    heads = [model_lib.load_model(run / f).get_layer("logits").get_weights()[0]
-             for f in ("before_fine_tuning.keras", "model.keras")]
     assert not np.array_equal(*heads)  # the head trains on in phase 2

@@ -3,7 +3,7 @@
 import shutil
 
 from conftest import render_in_chromium, require_chromium
-from mobiletune.report_html import build_report
+from mobiletune.report.html import build_report
 
 
 def test_report_renders_without_errors(tiny_run, tmp_path):
@@ -29,8 +29,8 @@ def test_a_fine_tuning_that_made_the_model_worse_says_what_to_do(tiny_run, tmp_p
     console, summary.md and report.html say which model is better and what to change."""
     import json
 
-    from mobiletune.model_card import model_card_markdown
-    from mobiletune.report import mcnemar_sentence
+    from mobiletune.report.model_card import model_card_markdown
+    from mobiletune.report.summary import mcnemar_sentence
 
     worse = {"only_before_right": 10, "only_after_right": 2, "p_value": 0.0386}
     assert "the head alone, before_fine_tuning.keras, did better" in mcnemar_sentence(worse)
@@ -46,3 +46,37 @@ def test_a_fine_tuning_that_made_the_model_worse_says_what_to_do(tiny_run, tmp_p
     (run / "metrics.json").write_text(json.dumps(metrics))  # as trained: fine-tuning did not make it worse
     page = build_report(run).read_text()
     assert "did better" not in page and "5%. </p>" not in page and "did better" not in model_card_markdown(run)
+
+
+def test_one_results_table_in_every_report(tiny_run):
+    """summary.md, the model card, report.html and the console show the same rows, each figure worked out from
+    metrics.json here: accuracy and interval as percentages, the loss to four places."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from mobiletune.report.results import results_table
+    from mobiletune.report.summary import print_results
+
+    run = tiny_run.workdir
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = []
+    for stage, label in (("before_fine_tuning", "before fine-tuning"), ("after_fine_tuning", "after fine-tuning")):
+        test = metrics[stage]["test"]
+        lo, hi = test["accuracy_ci95"]
+        rows.append([label, f"{100 * test['accuracy']:.2f}%", f"{100 * lo:.1f}% to {100 * hi:.1f}%",
+                     f"{test['loss']:.4f}", f"{100 * test['balanced_accuracy']:.2f}%"])
+    table = results_table(metrics)
+    assert [list(r[:5]) for r in table.rows] == rows and table.columns[:4] == ("stage", "accuracy", "95% interval",
+                                                                                "loss")
+    summary, card = (run / "summary.md").read_text(), (run / "model_card.md").read_text()
+    page = (run / "report.html").read_text()
+    console = Console(file=io.StringIO(), width=200)
+    print_results(console, metrics)
+    shown = console.file.getvalue()
+    for row in rows:
+        assert "| " + " | ".join(row[:4]) + " |" in summary
+        assert "| " + " | ".join(row) + " |" in card
+        assert "<tr>" + "".join(f"<td>{v}</td>" for v in row) in page
+        assert all(v in shown for v in row[:4])

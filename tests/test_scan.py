@@ -3,8 +3,9 @@
 import os
 import time
 
-from mobiletune import data, scan
 from mobiletune.config import DataConfig
+from mobiletune.data import folders as data
+from mobiletune.data import scan
 
 CFG = DataConfig(image_size=32)
 

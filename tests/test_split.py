@@ -7,8 +7,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from mobiletune import audit, data
+from mobiletune.audit import checks as audit
 from mobiletune.config import DataConfig
+from mobiletune.data import split
+from mobiletune.data.images import ImageSet
+from mobiletune.data.split import assign_splits
 from mobiletune.errors import DataError
 
 
@@ -39,12 +42,12 @@ def _held_out_by_rank(digests: list[str], seed: int, fraction: float, parts: int
 
 
 def test_the_draw_is_the_hash_of_seed_and_digest_as_a_fraction():
-    assert data.split_unit(0, "0" * 64) == int("63e9013a4eb996a", 16) / 16**15
-    assert data.split_unit(7, "ab" * 32) == int("7ac067df80fe2ec", 16) / 16**15
+    assert split.split_unit(0, "0" * 64) == int("63e9013a4eb996a", 16) / 16**15
+    assert split.split_unit(7, "ab" * 32) == int("7ac067df80fe2ec", 16) / 16**15
     for seed, digest in [(0, d) for d in _digests(50)] + [(s, "ff" * 32) for s in range(50)]:
-        unit = data.split_unit(seed, digest)
+        unit = split.split_unit(seed, digest)
         assert unit == _draw(seed, digest) and 0 <= unit < 1
-    assert data.split_unit(1, "0" * 64) != data.split_unit(0, "0" * 64)
+    assert split.split_unit(1, "0" * 64) != split.split_unit(0, "0" * 64)
 
 
 @pytest.mark.parametrize(("n", "fraction", "quota"), [
@@ -55,7 +58,7 @@ def test_the_draw_is_the_hash_of_seed_and_digest_as_a_fraction():
     (25, 0.1, 2), (35, 0.1, 4), (5, 0.5, 2),  # Python rounds halves to even
 ])
 def test_the_quota_is_the_rounded_share_at_least_1_leaving_at_least_1(n, fraction, quota):
-    assert data._split_counts(n, fraction) == quota
+    assert split._split_counts(n, fraction) == quota
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,13 +68,13 @@ def test_the_quota_is_the_rounded_share_at_least_1_leaving_at_least_1(n, fractio
 def test_exact_quotas_hold_out_the_lowest_draws_first():
     digests = np.array(_digests(30))
     members = np.arange(3, 30, 2)  # 14 images, not in positions 0..13: the result is in the caller's indices
-    test, validation = data._held_out(members, digests, 4, 0.2, 2)
+    test, validation = split._held_out(members, digests, 4, 0.2, 2)
     want_test, want_validation = _held_out_by_rank(list(digests[members]), 4, 0.2, 2)
     assert len(want_test) == len(want_validation) == 3  # round(2.8)
     assert set(digests[test]) == want_test and set(digests[validation]) == want_validation
     assert set(test) <= set(members) and set(validation) <= set(members)
     assert list(test) == sorted(test) and list(validation) == sorted(validation)
-    (only,) = data._held_out(members, digests, 4, 0.2, 1)
+    (only,) = split._held_out(members, digests, 4, 0.2, 1)
     assert list(only) == list(test)
 
 
@@ -79,7 +82,7 @@ def test_copies_are_one_unit_of_the_quota_and_land_together():
     unique = _digests(9, "u")
     digests = np.array(unique + unique[:4] + unique[:2])  # 15 files, 9 distinct images
     members = np.arange(15)
-    test, validation = data._held_out(members, digests, 0, 0.2, 2)
+    test, validation = split._held_out(members, digests, 0, 0.2, 2)
     want_test, want_validation = _held_out_by_rank(list(digests), 0, 0.2, 2)
     assert len(want_test) == 2  # round(9 x 0.2): distinct images count, not files
     assert set(digests[test]) == want_test and set(digests[validation]) == want_validation
@@ -88,25 +91,25 @@ def test_copies_are_one_unit_of_the_quota_and_land_together():
 
 
 def _fixed_draws(monkeypatch, draws: dict[str, float]) -> None:
-    monkeypatch.setattr(data, "split_unit", lambda seed, digest: draws[digest])
+    monkeypatch.setattr(split, "split_unit", lambda seed, digest: draws[digest])
 
 
 def test_equal_draws_are_ranked_by_digest(monkeypatch):
     digests = _digests(60, "tie")
     _fixed_draws(monkeypatch, {d: 0.5 for d in digests})
-    test, validation = data._held_out(np.arange(60), np.array(digests), 0, 0.1, 2)
+    test, validation = split._held_out(np.arange(60), np.array(digests), 0, 0.1, 2)
     ranked = sorted(digests)
     assert {digests[i] for i in test} == set(ranked[:6]) and {digests[i] for i in validation} == set(ranked[6:12])
     # a few distinct draws, each shared by many: lower draw first, then the smaller digest
     draws = {d: [0.7, 0.2, 0.5][i % 3] for i, d in enumerate(digests)}
     _fixed_draws(monkeypatch, draws)
-    test, validation = data._held_out(np.arange(60), np.array(digests), 0, 0.1, 2)
+    test, validation = split._held_out(np.arange(60), np.array(digests), 0, 0.1, 2)
     ranked = sorted(digests, key=lambda d: (draws[d], d))
     assert {digests[i] for i in test} == set(ranked[:6]) and {digests[i] for i in validation} == set(ranked[6:12])
 
 
 def test_from_exact_split_below_on_each_image_is_held_out_by_its_draw_alone(monkeypatch):
-    n = data.EXACT_SPLIT_BELOW
+    n = split.EXACT_SPLIT_BELOW
     assert n == 1000
     digests = _digests(n, "big")
     draws = dict.fromkeys(digests, 0.9)
@@ -114,23 +117,23 @@ def test_from_exact_split_below_on_each_image_is_held_out_by_its_draw_alone(monk
     edges = {0: 0.0, 1: 0.05, 2: 0.1, 3: 0.15, 4: 0.2, 5: 0.1 - 1e-12, 6: 0.2 - 1e-12, 7: 0.3, 8: 0.999}
     draws.update({digests[i]: u for i, u in edges.items()})
     _fixed_draws(monkeypatch, draws)
-    test, validation = data._held_out(np.arange(n), np.array(digests), 0, 0.1, 2)
+    test, validation = split._held_out(np.arange(n), np.array(digests), 0, 0.1, 2)
     assert sorted(test) == [0, 1, 5] and sorted(validation) == [2, 3, 6]  # not a quota of 100 each
-    (only,) = data._held_out(np.arange(n), np.array(digests), 0, 0.1, 1)
+    (only,) = split._held_out(np.arange(n), np.array(digests), 0, 0.1, 1)
     assert sorted(only) == [0, 1, 5]
 
 
 def test_below_exact_split_below_quotas_are_exact(monkeypatch):
-    n = data.EXACT_SPLIT_BELOW - 1
+    n = split.EXACT_SPLIT_BELOW - 1
     digests = _digests(n, "big")
     _fixed_draws(monkeypatch, {d: 0.9 + i / 1e5 for i, d in enumerate(digests)})  # none under the thresholds
-    test, validation = data._held_out(np.arange(n), np.array(digests), 0, 0.1, 2)
+    test, validation = split._held_out(np.arange(n), np.array(digests), 0, 0.1, 2)
     assert list(test) == list(range(100)) and list(validation) == list(range(100, 200))
 
 
 def test_threshold_split_matches_the_draws_of_real_digests():
     digests = np.array(_digests(1200, "real"))
-    test, validation = data._held_out(np.arange(1200), digests, 9, 0.1, 2)
+    test, validation = split._held_out(np.arange(1200), digests, 9, 0.1, 2)
     draws = np.array([_draw(9, d) for d in digests])
     assert list(test) == list(np.flatnonzero(draws < 0.1))
     assert list(validation) == list(np.flatnonzero((draws >= 0.1) & (draws < 0.2)))
@@ -145,7 +148,7 @@ def test_class_folders_alone_split_each_class_into_test_validation_and_train():
     digests = _digests(11, "a") + _digests(7, "b") + _digests(3, "c")
     labels = np.array([0] * 11 + [1] * 7 + [2] * 3, np.int32)
     config = DataConfig(seed=5, holdout_fraction=0.2)
-    splits = data.assign_splits(labels, [None] * 21, digests, config, ["a", "b", "c"])
+    splits = assign_splits(labels, [None] * 21, digests, config, ["a", "b", "c"])
     assert splits.dtype.kind == "U" and splits.shape == (21,)
     for cls in range(3):
         members = np.flatnonzero(labels == cls)
@@ -163,7 +166,7 @@ def test_the_seed_and_the_holdout_fraction_come_from_the_config():
     digests = _digests(20)
     labels = np.zeros(20, np.int32)
     for seed, fraction in [(0, 0.1), (3, 0.1), (3, 0.25)]:
-        splits = data.assign_splits(labels, [None] * 20, digests, DataConfig(seed=seed, holdout_fraction=fraction),
+        splits = assign_splits(labels, [None] * 20, digests, DataConfig(seed=seed, holdout_fraction=fraction),
                                     ["a"])
         want_test, want_validation = _held_out_by_rank(digests, seed, fraction, 2)
         assert {digests[i] for i in np.flatnonzero(splits == "test")} == want_test
@@ -173,13 +176,13 @@ def test_the_seed_and_the_holdout_fraction_come_from_the_config():
 def test_a_class_of_fewer_than_3_images_cannot_be_split():
     labels = np.array([0, 0, 0, 1, 1], np.int32)
     with pytest.raises(DataError) as caught:
-        data.assign_splits(labels, [None] * 5, _digests(5), DataConfig(), ["cat", "dog"])
+        assign_splits(labels, [None] * 5, _digests(5), DataConfig(), ["cat", "dog"])
     assert str(caught.value) == ("class 'dog' has 2 usable image(s); at least 3 are needed to split into "
                                  "train/validation/test (or give train/ and validation/ folders)")
-    three = data.assign_splits(np.array([0, 0, 0], np.int32), [None] * 3, _digests(3), DataConfig(), ["cat"])
+    three = assign_splits(np.array([0, 0, 0], np.int32), [None] * 3, _digests(3), DataConfig(), ["cat"])
     assert sorted(three) == ["test", "train", "validation"]
     with pytest.raises(DataError, match=r"^class 'cat' has 1 usable image\(s\); at least 3 are needed"):
-        data.assign_splits(np.array([0], np.int32), [None], _digests(1), DataConfig(), ["cat"])
+        assign_splits(np.array([0], np.int32), [None], _digests(1), DataConfig(), ["cat"])
 
 
 def test_given_train_and_validation_a_share_of_each_classs_validation_becomes_test():
@@ -188,7 +191,7 @@ def test_given_train_and_validation_a_share_of_each_classs_validation_becomes_te
     labels = np.array([0] * 14 + [1] * 8, np.int32)
     digests = _digests(22, "v")
     config = DataConfig(seed=2, test_fraction=0.3)
-    splits = data.assign_splits(labels, given, digests, config, ["a", "b"])
+    splits = assign_splits(labels, given, digests, config, ["a", "b"])
     for cls, validation in ((0, range(4, 14)), (1, range(17, 22))):
         (want_test,) = _held_out_by_rank([digests[i] for i in validation], 2, 0.3, 1)
         assert len(want_test) == (3 if cls == 0 else 2)  # round(3.0), round(1.5)
@@ -201,10 +204,10 @@ def test_a_class_needs_2_validation_images_to_carve_a_test_set():
     given = ["train", "train", "validation", "train", "validation", "validation"]
     labels = np.array([0, 0, 0, 1, 1, 1], np.int32)
     with pytest.raises(DataError) as caught:
-        data.assign_splits(labels, given, _digests(6), DataConfig(), ["cat", "dog"])
+        assign_splits(labels, given, _digests(6), DataConfig(), ["cat", "dog"])
     assert str(caught.value) == ("class 'cat' has 1 usable image(s) in validation/; at least 2 are needed to hold "
                                  "some out as test (or add a test/ folder, or test rows)")
-    ok = data.assign_splits(labels[3:] - 1, given[3:], _digests(3), DataConfig(), ["dog"])
+    ok = assign_splits(labels[3:] - 1, given[3:], _digests(3), DataConfig(), ["dog"])
     assert list(ok[:1]) == ["train"] and sorted(ok[1:]) == ["test", "validation"]
 
 
@@ -213,13 +216,13 @@ def test_near_copies_count_once_towards_the_images_a_class_needs():
     digests = _digests(5, "n")
     # five files, three distinct photos once near copies are together: enough
     groups = {digests[1]: digests[0], digests[2]: digests[0]}
-    assert sorted(data.assign_splits(labels, [None] * 5, digests, DataConfig(), ["cat"], groups)) in (
+    assert sorted(assign_splits(labels, [None] * 5, digests, DataConfig(), ["cat"], groups)) in (
         ["test", "train", "train", "train", "validation"], ["test", "test", "test", "train", "validation"],
         ["test", "train", "validation", "validation", "validation"])
     # two distinct photos: the error says why, and the way out
     groups[digests[3]] = digests[0]
     with pytest.raises(DataError) as caught:
-        data.assign_splits(labels, [None] * 5, digests, DataConfig(), ["cat"], groups)
+        assign_splits(labels, [None] * 5, digests, DataConfig(), ["cat"], groups)
     assert str(caught.value) == (
         "class 'cat' has 5 usable image(s) but only 2 distinct one(s) once near copies are kept together; at least 3 "
         "are needed to split into train/validation/test (or give train/ and validation/ folders); add different "
@@ -228,11 +231,11 @@ def test_near_copies_count_once_towards_the_images_a_class_needs():
     # exact copies (equal digests) count once too; in validation/, 2 distinct are needed
     given = ["train", "validation", "validation", "validation"]
     with pytest.raises(DataError) as caught:
-        data.assign_splits(np.zeros(4, np.int32), given, ["x", "y", "y", "y"], DataConfig(), ["cat"])
+        assign_splits(np.zeros(4, np.int32), given, ["x", "y", "y", "y"], DataConfig(), ["cat"])
     assert str(caught.value).startswith("class 'cat' has 3 usable image(s) in validation/ but only 1 distinct one(s) "
                                         "once near copies are kept together; at least 2 are needed to hold some out "
                                         "as test (or add a test/ folder, or test rows); add different photos")
-    splits = data.assign_splits(np.zeros(4, np.int32), given, ["x", "y", "y", "z"], DataConfig(), ["cat"])
+    splits = assign_splits(np.zeros(4, np.int32), given, ["x", "y", "y", "z"], DataConfig(), ["cat"])
     assert list(splits[:1]) == ["train"] and sorted(splits[1:]) in (["test", "test", "validation"],
                                                                    ["test", "validation", "validation"])
     assert splits[1] == splits[2]
@@ -241,7 +244,7 @@ def test_near_copies_count_once_towards_the_images_a_class_needs():
 def test_a_given_test_split_is_kept_as_it_is():
     given = ["train", "validation", "test", "train", "validation", "test", "validation"]
     labels = np.array([0, 0, 0, 1, 1, 1, 1], np.int32)
-    splits = data.assign_splits(labels, given, _digests(7), DataConfig(), ["a", "b"])
+    splits = assign_splits(labels, given, _digests(7), DataConfig(), ["a", "b"])
     assert list(splits) == given and splits.dtype.kind == "U"
 
 
@@ -249,11 +252,11 @@ def test_near_copies_named_by_groups_are_split_as_one_image():
     digests = _digests(40, "g")
     labels = np.zeros(40, np.int32)
     config = DataConfig(seed=1, holdout_fraction=0.1)
-    alone = data.assign_splits(labels, [None] * 40, digests, config, ["a"])
+    alone = assign_splits(labels, [None] * 40, digests, config, ["a"])
     # pick a test image and a train image; make the train image a near copy of the test image
     t, r = int(np.flatnonzero(alone == "test")[0]), int(np.flatnonzero(alone == "train")[0])
     groups = {digests[t]: digests[t], digests[r]: digests[t]}
-    together = data.assign_splits(labels, [None] * 40, digests, config, ["a"], groups)
+    together = assign_splits(labels, [None] * 40, digests, config, ["a"], groups)
     assert together[t] == together[r] == "test"
     # the group is one unit of the quota: with the digests a group stands for, as the reference draws them
     units = [groups.get(d, d) for d in digests]
@@ -261,7 +264,7 @@ def test_near_copies_named_by_groups_are_split_as_one_image():
     assert {units[i] for i in np.flatnonzero(together == "test")} == want_test
     assert {units[i] for i in np.flatnonzero(together == "validation")} == want_validation
     for empty in (None, {}):
-        assert list(data.assign_splits(labels, [None] * 40, digests, config, ["a"], empty)) == list(alone)
+        assert list(assign_splits(labels, [None] * 40, digests, config, ["a"], empty)) == list(alone)
 
 
 def test_groups_carve_a_test_set_from_validation_as_one_image_too():
@@ -269,11 +272,11 @@ def test_groups_carve_a_test_set_from_validation_as_one_image_too():
     labels = np.zeros(10, np.int32)
     digests = _digests(10, "cv")
     config = DataConfig(test_fraction=0.2)
-    alone = data.assign_splits(labels, given, digests, config, ["a"])
+    alone = assign_splits(labels, given, digests, config, ["a"])
     t = int(np.flatnonzero(alone == "test")[0])
     others = [i for i in range(10) if alone[i] == "validation"][:3]
     groups = {digests[i]: digests[t] for i in [t, *others]}
-    together = data.assign_splits(labels, given, digests, config, ["a"], groups)
+    together = assign_splits(labels, given, digests, config, ["a"], groups)
     assert all(together[i] == together[t] for i in others)
 
 
@@ -281,8 +284,8 @@ def test_groups_carve_a_test_set_from_validation_as_one_image_too():
 # the groups an audit hands to the split
 
 
-def _images(n: int) -> data.ImageSet:
-    return data.ImageSet(root=None, classes=["a"], paths=[f"p{i}.jpg" for i in range(n)],
+def _images(n: int) -> ImageSet:
+    return ImageSet(root=None, classes=["a"], paths=[f"p{i}.jpg" for i in range(n)],
                          labels=np.zeros(n, np.int32), splits=np.array(["train"] * n),
                          hashes=[f"h{i}" for i in range(n)])
 

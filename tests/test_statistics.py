@@ -8,7 +8,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from mobiletune import evaluate
+from mobiletune.evaluation import statistics as evaluate
 
 
 def _binary(p1):

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from mobiletune import store
+from mobiletune.features import store
 
 
 def _fill(folder, n, log, shard_bytes, start):

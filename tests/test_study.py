@@ -12,9 +12,9 @@ import yaml
 from conftest import IN_CI, TINY, choice_in_trials_csv, require
 from mobiletune.config import load_config
 from mobiletune.errors import ConfigError, UsageError
-from mobiletune.space import DEFAULT_SPACE, load_space
-from mobiletune.study import run_sweep
-from mobiletune.trials import _ReportToTrial, objective
+from mobiletune.tuning.space import DEFAULT_SPACE, load_space
+from mobiletune.tuning.study import run_sweep
+from mobiletune.tuning.trials import _ReportToTrial, objective
 
 # Small and quick: two boundaries, short phases.
 SPACE = {
@@ -59,7 +59,7 @@ def test_bad_spaces(tmp_path, text, needle):
 def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypatch):
     import gc
 
-    from mobiletune import study
+    from mobiletune.tuning import study
 
     frozen = []  # objects left out of collections while each trial ran: what was alive before the trials
 
@@ -94,7 +94,7 @@ def test_a_heap_frozen_before_the_sweep_stays_frozen():
     """A notebook or a forking server may have frozen its heap itself: the sweep leaves that as it was."""
     import gc
 
-    from mobiletune.study import _heap_frozen
+    from mobiletune.tuning.study import _heap_frozen
 
     gc.freeze()
     try:
@@ -110,7 +110,7 @@ def test_workers_on_one_machine_share_the_trials(cats_dogs_tiny, tmp_path):
     """--workers 2: a helper process runs trials of the same study; this worker chooses and retrains once."""
     import optuna
 
-    from mobiletune import objectives
+    from mobiletune.tuning import objectives
 
     config = load_config(overrides=TINY)
     out = tmp_path / "sweep"
@@ -236,7 +236,7 @@ def test_two_workers_on_postgres_survive_a_kill(cats_dogs_tiny, tmp_path):
 def test_a_rerun_that_found_a_better_config_retrains_best(tmp_path, monkeypatch):
     import json
 
-    from mobiletune import study
+    from mobiletune.tuning import study
 
     made = load_config(overrides=["phase1.lr=0.001"])
     best = tmp_path / "best"
@@ -260,7 +260,8 @@ def test_workers_sharing_a_sweep_folder_take_turns_to_retrain(tmp_path, monkeypa
     import json
     import threading
 
-    from mobiletune import runfolder, study
+    from mobiletune import runfolder
+    from mobiletune.tuning import study
 
     config, best = load_config(), tmp_path / "best"
     trained, got = [], []
@@ -281,7 +282,7 @@ def test_workers_sharing_a_sweep_folder_take_turns_to_retrain(tmp_path, monkeypa
 def test_a_worker_joining_a_study_in_the_folder_draws_its_own_trials(tmp_path):
     """Two workers sharing a sweep folder (and its SQLite study) once drew the same startup trials: the
     joining one had the same sampler seed. The lone worker that makes the study keeps the seed itself."""
-    from mobiletune import study
+    from mobiletune.tuning import study
 
     first, created = study.open_study(tmp_path, None, "s", 0, 60)
     joined, joined_created = study.open_study(tmp_path, None, "s", 0, 60)
@@ -299,13 +300,15 @@ def test_best_and_default_test_their_trials_models_which_training_again_reproduc
     what training the config again gives: the same history, weights and test predictions."""
     import numpy as np
 
-    from mobiletune import model as model_lib
-    from mobiletune import recipe, runfolder
+    from mobiletune import runfolder
+    from mobiletune.model import network as model_lib
+    from mobiletune.training import run as recipe
 
     config = load_config(overrides=[*TINY, "data.image_size=64"])
     trainings = []
     real_fit = recipe._fit_interruptibly
-    monkeypatch.setattr(recipe, "_fit_interruptibly", lambda *a, **k: trainings.append(a[0]) or real_fit(*a, **k))
+    monkeypatch.setattr(recipe, "_fit_interruptibly",
+                        lambda *a, **k: trainings.append(a[0].config) or real_fit(*a, **k))
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"phase1.lr": [0.001, 0.01], "model.dropout": [0.2, 0.5]}))
     out = tmp_path / "sweep"

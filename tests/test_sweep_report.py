@@ -4,7 +4,7 @@
 def test_sweep_summary_bins_each_trial_once_and_integers_as_integers():
     from types import SimpleNamespace
 
-    from mobiletune.sweep_report import _effect
+    from mobiletune.tuning.summary import _effect
 
     trials = [SimpleNamespace(params={"epochs": e, "lr": lr}, values=[acc])
               for e, lr, acc in [(3, 1e-4, .97), (6, 2e-4, .96), (9, 3e-4, .95), (10, 1e-3, .974), (8, 5e-4, .9),
@@ -20,9 +20,9 @@ def test_sweep_summary_says_when_fine_tuning_made_a_config_worse(tmp_path):
     """McNemar's test for both runs in the test-set table; the advice only for the one fine-tuning hurt."""
     import optuna
 
-    from mobiletune import objectives
     from mobiletune.config import load_config
-    from mobiletune.sweep_report import write_sweep_summary
+    from mobiletune.tuning import objectives
+    from mobiletune.tuning.summary import write_sweep_summary
 
     space = {"phase1.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
     study = optuna.create_study(direction="maximize")

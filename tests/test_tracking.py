@@ -16,12 +16,13 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY
-from mobiletune import data, runfolder
+from mobiletune import runfolder
 from mobiletune.cli import app
 from mobiletune.config import load_config
-from mobiletune.recipe import train_and_evaluate
-from mobiletune.study import run_sweep
-from mobiletune.tracking import MLFLOW_DEFAULTS, Mlflow
+from mobiletune.data import folders as data
+from mobiletune.tracking.tracker import MLFLOW_DEFAULTS, Mlflow
+from mobiletune.training.run import train_and_evaluate
+from mobiletune.tuning.study import run_sweep
 
 SETS = [a for kv in TINY for a in ("--set", kv)]
 
@@ -225,7 +226,7 @@ def test_the_data_digest_follows_content_not_place(cats_dogs_tiny, tmp_path):
 
 
 def test_a_uri_mlflow_cannot_open_is_one_line_too():
-    from mobiletune.tracking import MlflowRun
+    from mobiletune.tracking.tracker import MlflowRun
 
     said = []
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "7"  # a user's own setting

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mobiletune.training import train_phase
+from mobiletune.training.loop import Phase, train_phase
+from mobiletune.training.state import RunState
 
 
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
@@ -25,8 +26,7 @@ def test_train_phase_traces_its_step_without_making_variables(optimizer):
         return next_creator(**kwargs)
 
     with tf.variable_creator_scope(creator):
-        history = train_phase(model, batches, batches, phase=1, epochs=2, initial_epoch=0, optimizer=optimizer,
-                              lr=1e-3, steps=3)
+        history = train_phase(model, batches, batches, Phase(1, 0, 2, optimizer, 1e-3, 3), RunState())
     assert len(history) == 2 and made_in_a_trace == []
 
 
@@ -49,9 +49,9 @@ def test_an_epoch_of_three_passes_trains_as_three_epochs_of_one(cats_dogs_tiny, 
     import numpy as np
 
     from conftest import TINY
-    from mobiletune import model as model_lib
     from mobiletune.config import load_config
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.model import network as model_lib
+    from mobiletune.training.run import train_and_evaluate
 
     passes = train_and_evaluate(load_config(overrides=[*TINY, "phase1.min_steps=9"]), cats_dogs_tiny, tmp_path / "a")
     epochs = train_and_evaluate(load_config(overrides=[*TINY, "phase1.epochs=3"]), cats_dogs_tiny, tmp_path / "b")

@@ -5,14 +5,18 @@ import random
 import numpy as np
 
 from conftest import TINY
-from mobiletune import cache, data, objectives, scan, trials
-from mobiletune import model as model_lib
 from mobiletune.config import from_flat, load_config
-from mobiletune.training import seed_everything
+from mobiletune.data import folders as data
+from mobiletune.data import scan
+from mobiletune.data.manifest import read_manifest
+from mobiletune.features import cache
+from mobiletune.model.network import create_model
+from mobiletune.training.loop import seed_everything
+from mobiletune.tuning import objectives, trials
 
 
-def _weights(model) -> list[np.ndarray]:
-    return [np.asarray(w) for w in model.get_weights()]
+def _weights(classifier) -> list[np.ndarray]:
+    return [np.asarray(w) for w in classifier.model.get_weights()]
 
 
 def test_trial_models_share_a_base_and_start_as_a_new_model_would(cats_dogs_tiny, tmp_path):
@@ -20,20 +24,20 @@ def test_trial_models_share_a_base_and_start_as_a_new_model_would(cats_dogs_tiny
     images = data.load_images(cats_dogs_tiny, config.data)
     shared = trials.Shared(config, images, [config.phase2.fine_tune_at], scan.FileIndex(None), tmp_path,
                            objectives.Objectives())
-    imagenet = model_lib.base_of(shared.extractor(config.data.image_size)).get_weights()
+    imagenet = shared.extractor(config.data.image_size).base.get_weights()
 
     seed_everything(config.data.seed)
     first = shared.trial_model(config)
-    model_lib.base_of(first).set_weights([w + 1 for w in imagenet])  # what a trial's fine-tuning does to it
+    first.base.set_weights([w + 1 for w in imagenet])  # what a trial's fine-tuning does to it
     seed_everything(config.data.seed)
     second = shared.trial_model(config)
     state_after_reuse = random.getstate()
 
     seed_everything(config.data.seed)  # the same trial built from scratch, as before bases were shared
-    fresh = model_lib.build_model(from_flat({**config.flat(), "model.weights": "none"}), len(images.classes))
-    model_lib.base_of(fresh).set_weights(imagenet)
+    fresh = create_model(from_flat({**config.flat(), "model.weights": "none"}), len(images.classes))
+    fresh.base.set_weights(imagenet)
 
-    assert model_lib.base_of(second) is model_lib.base_of(first)  # built once
+    assert second.base is first.base  # built once
     assert random.getstate() == state_after_reuse  # the generator left where building the base leaves it
     for reused, new in zip(_weights(second), _weights(fresh), strict=True):
         np.testing.assert_array_equal(reused, new)  # ImageNet base again, and the same initial head
@@ -45,8 +49,8 @@ def test_a_trial_trains_on_the_split_its_run_makes(flowers_tiny, tmp_path):
     validated on, and no trial is scored on near copies of its training images."""
     from PIL import Image
 
-    from mobiletune import study
-    from mobiletune.recipe import train_and_evaluate
+    from mobiletune.training.run import train_and_evaluate
+    from mobiletune.tuning import study
 
     originals = [sorted((flowers_tiny / c).iterdir())[i] for i, c in enumerate(["daisy", "roses", "tulips"])]
     for f in originals:  # 80%-size copies: near duplicates at 128 px (tests/test_audit.py)
@@ -61,7 +65,7 @@ def test_a_trial_trains_on_the_split_its_run_makes(flowers_tiny, tmp_path):
     shared = trials.Shared(config, images, cuts, index, tmp_path / "logs", objectives.Objectives())
     trial = shared.features_for(config).images
     train_and_evaluate(config, flowers_tiny, tmp_path / "run")
-    run = {r["path"]: r["split"] for r in data.read_manifest(tmp_path / "run" / "split.csv")}
+    run = {r["path"]: r["split"] for r in read_manifest(tmp_path / "run" / "split.csv")}
 
     assert left_out not in run and left_out not in images.paths
     assert dict(zip(trial.paths, trial.splits, strict=True)) == run
@@ -73,7 +77,7 @@ def test_a_worker_keeps_the_models_of_the_choice_and_of_the_base_recipe_only(tmp
     and nothing is chosen while no trial is within the latency budget."""
     import optuna
 
-    from mobiletune.recipe import Trained
+    from mobiletune.training.run import Trained
 
     base = load_config(overrides=TINY)
     other = load_config(overrides=[*TINY, "phase1.lr=0.01"])

@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CATS_DOGS
-from mobiletune import unknown
+from mobiletune import runfolder
 from mobiletune.cli import app
+from mobiletune.evaluation import unknown
 
 runner = CliRunner()
 
@@ -45,7 +46,7 @@ def test_threshold_keeps_the_asked_share_of_validation_and_survives_a_round_trip
         assert kept == pytest.approx(detector.validation_kept) and 0.9 <= kept < 0.92
         detector.save(tmp_path / f"{name}.npz")
         again = unknown.load(tmp_path / f"{name}.npz")
-        assert again.summary() == detector.summary()
+        assert again.summary(val_scores := detector.scores(val, logits)) == detector.summary(val_scores)
         assert np.allclose(again.scores(val, logits), detector.scores(val, logits))
     assert unknown.load(tmp_path / "none.npz") is None
 
@@ -64,8 +65,8 @@ def test_a_run_carries_its_detector_and_predict_says_unknown(tiny_run, tmp_path)
     # with a threshold nothing passes, every image is unknown, with its score and nearest class
     strict = tmp_path / "run"
     shutil.copytree(run, strict)
-    detector = unknown.load(strict / unknown.FILE_NAME)
-    unknown.UnknownDetector(detector.score, -1.0, 0.0, detector.k, detector.reference).save(strict / unknown.FILE_NAME)
+    detector = unknown.load(strict / runfolder.UNKNOWN)
+    unknown.UnknownDetector(detector.score, -1.0, 0.0, detector.k, detector.reference).save(strict / runfolder.UNKNOWN)
     table = runner.invoke(app, ["predict", str(strict), str(image)])
     assert table.exit_code == 0 and "\tunknown (score " in table.stdout
     assert "> -1.000; nearest: cats" in table.stdout or "> -1.000; nearest: dogs" in table.stdout
@@ -80,7 +81,7 @@ def test_a_cats_and_dogs_model_flags_flowers_and_keeps_its_own_test_photos(learn
     from conftest import FLOWERS
 
     run, metrics = learned_run.workdir, learned_run.metrics
-    detector = unknown.load(run / unknown.FILE_NAME)
+    detector = unknown.load(run / runfolder.UNKNOWN)
     found = metrics["unknown"]
     assert found["threshold"] == pytest.approx(detector.threshold) and 0.95 <= found["validation_kept"] < 1
     own = mt.load(run).predict(sorted((run.parent / "data" / "test").rglob("*.jpg")))

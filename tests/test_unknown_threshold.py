@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from mobiletune import unknown
-from mobiletune.unknown import UnknownDetector
+from mobiletune.evaluation import unknown
+from mobiletune.evaluation.unknown import UnknownDetector
+from mobiletune.model import convention
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -52,12 +53,6 @@ def test_msp_is_one_minus_the_top_probability():
 def _reference():
     """Unit rows: e1, e2, and the diagonal between them (45 degrees from each)."""
     return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [SQRT_HALF, SQRT_HALF, 0.0]], np.float32)
-
-
-def test_unit_rows_have_length_one_and_zero_rows_stay_zero():
-    rows = unknown._unit(np.array([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0], [1e-20, 0.0]]))
-    assert rows.dtype == np.float32
-    np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0], [0.0, -1.0], [1e-8, 0.0]], rtol=1e-6, atol=0)
 
 
 def test_knn_is_the_cosine_distance_to_the_kth_nearest_reference_row():
@@ -166,7 +161,7 @@ def test_knn_keeps_a_seeded_sample_of_at_most_reference_limit_rows(monkeypatch):
     val, logits = rng.normal(size=(5, 4)), np.zeros((5, 2))
     detector = unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=3)
     picked = np.random.default_rng(3).choice(20, 6, replace=False)
-    assert np.array_equal(detector.reference, unknown._unit(train[picked]).astype(np.float16).astype(np.float32))
+    assert np.array_equal(detector.reference, convention.unit_rows(train[picked]).astype(np.float16).astype(np.float32))
     again = unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=3)
     other = unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=4)
     assert np.array_equal(again.reference, detector.reference)
@@ -174,7 +169,7 @@ def test_knn_keeps_a_seeded_sample_of_at_most_reference_limit_rows(monkeypatch):
     default = unknown.fit("knn", train, val, logits, keep=0.9, k=2)
     assert np.array_equal(default.reference, unknown.fit("knn", train, val, logits, keep=0.9, k=2, seed=0).reference)
     at_limit = unknown.fit("knn", train[:6], val, logits, keep=0.9, k=2, seed=3)  # exactly the limit: all, in order
-    assert np.array_equal(at_limit.reference, unknown._unit(train[:6]).astype(np.float16).astype(np.float32))
+    assert np.array_equal(at_limit.reference, convention.unit_rows(train[:6]).astype(np.float16).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +177,7 @@ def test_knn_keeps_a_seeded_sample_of_at_most_reference_limit_rows(monkeypatch):
 
 
 def test_a_detector_survives_a_round_trip_field_by_field(tmp_path):
-    reference = unknown._unit(np.array([[3.0, 4.0], [1.0, 0.0]])).astype(np.float16).astype(np.float32)
+    reference = convention.unit_rows(np.array([[3.0, 4.0], [1.0, 0.0]])).astype(np.float16).astype(np.float32)
     for detector in (UnknownDetector("knn", 0.123456789, 0.95, 7, reference),
                      UnknownDetector("energy", -3.25, 0.9, 5, None),
                      UnknownDetector("msp", 0.5, 1.0, 3, None)):
@@ -222,7 +217,7 @@ def test_a_loaded_detector_scores_and_decides_as_the_fitted_one(tmp_path):
         detector.save(tmp_path / "d.npz")
         again = unknown.load(tmp_path / "d.npz")
         assert np.array_equal(again.scores(val, logits), detector.scores(val, logits))
-        mask, scores = again.is_unknown(val, logits)
+        scores = again.scores(val, logits)
         # the "higher" 0.8 quantile of 30 scores is the 25th smallest: 25 kept, 5 unknown
         assert detector.validation_kept == pytest.approx(25 / 30)
-        assert np.array_equal(mask, scores > detector.threshold) and mask.sum() == 5
+        assert (scores > again.threshold).sum() == 5 and again.summary(scores)["test_kept"] == pytest.approx(25 / 30)

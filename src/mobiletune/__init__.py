@@ -7,11 +7,9 @@
 The whole surface is below (`__all__`); docs/python-api.md walks through it.
 """
 
-__version__ = "0.1.0"
-
-from mobiletune.api import Run, load, make_config, sweep, train  # noqa: E402
-from mobiletune.config import Config  # noqa: E402
-from mobiletune.errors import (  # noqa: E402
+from mobiletune.api import Run, load, make_config, sweep, train
+from mobiletune.config import Config
+from mobiletune.errors import (
     ConfigError,
     DataError,
     ExportError,
@@ -19,7 +17,8 @@ from mobiletune.errors import (  # noqa: E402
     ModelError,
     UsageError,
 )
-from mobiletune.predict import Prediction  # noqa: E402
+from mobiletune.ship.predict import Prediction
+from mobiletune.version import __version__
 
 __all__ = [
     "Config",

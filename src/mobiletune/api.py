@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from mobiletune import data, runfolder
+from mobiletune import runfolder
 from mobiletune.config import Config, load_config
+from mobiletune.data import folders as data
 from mobiletune.errors import UsageError
 from mobiletune.quiet import import_tensorflow
 
@@ -87,7 +88,7 @@ class Run:
             One `Prediction` per image, in input order: `.top` [(class, probability)], `.unknown`,
             `.unknown_score`, and `.error` for a file that could not be read.
         """
-        from mobiletune.predict import load_predictor, predict_array, predict_paths
+        from mobiletune.ship.predict import load_predictor, predict_array, predict_paths
 
         if self._predictor is None:
             import_tensorflow()  # before anything imports it: its start-up lines stay off the notebook
@@ -108,7 +109,7 @@ class Run:
         Returns:
             The before/after block of metrics.json (also written there, with report.html rebuilt).
         """
-        from mobiletune.evaluate import evaluate_run
+        from mobiletune.evaluation.run import evaluate_run
 
         if data_dir is not None:
             data.check_source(data_dir)  # a missing folder is refused before TensorFlow starts
@@ -131,14 +132,14 @@ class Run:
             export.json: the folder, the Keras accuracy and one check per format.
         """
         import_tensorflow()
-        from mobiletune.export import export_run
+        from mobiletune.ship.export import export_run
 
         return export_run(self.workdir, [formats] if isinstance(formats, str) else list(formats), out,
                           max_drop=max_drop, int8_io=int8_io)
 
     def report(self) -> Path:
         """Rebuild report.html from the folder; returns its path."""
-        from mobiletune.report_html import build_report
+        from mobiletune.report.html import build_report
 
         return build_report(self.workdir)
 
@@ -201,8 +202,8 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         cfg = make_config(make_config(config, overrides), options)
         data.check_source(data_dir)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
-    from mobiletune.recipe import resume_run, train_and_evaluate
-    from mobiletune.tracking import mlflow_target
+    from mobiletune.tracking.tracker import mlflow_target
+    from mobiletune.training.run import resume_run, train_and_evaluate
 
     console, target = _console(verbose), mlflow_target(mlflow)
     if resume is not None:
@@ -245,8 +246,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         The sweep's results (sweep.json): "best" and "default" metrics, "best_trial", "best_params", timings;
         with latency also "host", "front" and "chosen".
     """
-    from mobiletune import objectives as objectives_lib
-    from mobiletune import sweep_setup
+    from mobiletune.tuning import objectives as objectives_lib
+    from mobiletune.tuning import setup as sweep_setup
 
     wanted = objectives_lib.parse(objectives, latency_format, max_latency_ms)
     base = make_config(config, overrides)
@@ -254,8 +255,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
     # MLflow with --workers is checked by run_sweep: whether MLflow is on is settled after TensorFlow starts
     sweep_setup.check(out, trials, grace_period, workers, space, wanted, baseline)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
-    from mobiletune.study import run_sweep
-    from mobiletune.tracking import mlflow_target
+    from mobiletune.tracking.tracker import mlflow_target
+    from mobiletune.tuning.study import run_sweep
 
     return run_sweep(base, data_dir, out, n_trials=trials, space_path=space,
                      storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,

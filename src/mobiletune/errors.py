@@ -33,3 +33,9 @@ class ModelError(MobiletuneError):
 
 class ExportError(MobiletuneError):
     """An export that converted but lost too much accuracy, or could not be converted."""
+
+
+class Interrupted(MobiletuneError):
+    """Ctrl-C: training stopped after the current batch; the last epoch's checkpoint is kept."""
+
+    exit_code = 130

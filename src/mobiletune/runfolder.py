@@ -31,6 +31,16 @@ MODEL = "model.keras"  # the fine-tuned model
 MODEL_BEFORE = "before_fine_tuning.keras"  # the model after phase 1, for `evaluate`
 REPORT = "report.html"
 SUMMARY = "summary.md"  # the hyper-parameter summary
+CHECKPOINT = "checkpoint.npz"  # the last completed epoch of an unfinished run (`training.checkpoint`)
+CURVES_BEFORE = "before_fine_tuning.png"  # accuracy and loss per epoch of phase 1
+CURVES_AFTER = "after_fine_tuning.png"  # of both phases
+UNKNOWN = "unknown.npz"  # the unknown-input detector: its score, threshold and reference rows
+MODEL_CARD = "model_card.md"
+AUDIT = "audit.csv"  # the audit's findings, most suspicious first
+AUDIT_PAGE = "audit.html"
+LOGS = "logs"  # TensorBoard's folder (in a sweep folder, one subfolder per trial)
+TRIALS = "trials.csv"  # a sweep's trials: state, validation accuracy, knobs, latency, cost
+LABELS = "labels.txt"  # beside an export: its class names, one a line, in output order
 
 
 def check_out(out: str | Path, *, overwrite: bool) -> Path:

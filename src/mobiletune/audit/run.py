@@ -1,0 +1,42 @@
+"""`mobiletune audit DATA_DIR`: the audit of a folder on its own, without training: features from the
+shared store, then audit.csv and audit.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mobiletune import runfolder
+from mobiletune.audit.checks import read_exclusions, run_audit, summary, write_csv
+
+
+def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bool = False, console=None
+                 ) -> dict[str, Any]:
+    """`mobiletune audit`: every check on DATA_DIR, into OUT/audit.csv and OUT/audit.html; returns the summary.
+
+    The features come from the feature store (computed once, shared with `train`), so an audit
+    after a run, or a run after an audit, costs only the checks.
+    """
+    from mobiletune import progress
+    from mobiletune.audit.page import build_audit_page
+    from mobiletune.data import folders as data
+    from mobiletune.data import scan
+    from mobiletune.features import cache
+    from mobiletune.features import compute as features
+    from mobiletune.model.network import create_model
+
+    runfolder.check_out(out, overwrite=overwrite)
+    runfolder.make_folder(cache.cache_root(config), "features.cache_dir")
+    index = scan.FileIndex(cache.cache_root(config) / scan.INDEX_NAME)
+    exclude = read_exclusions(Path(config.data.exclude)) if config.data.exclude else None
+    with progress.bar(console, "hashing new files") as update:
+        images = data.load_images(data_dir, config.data, index, update, exclude)
+    classifier = create_model(config, len(images.classes))
+    with progress.bar(console, "features") as update:
+        pooled, images = features.plain_pooled(classifier, images, config, progress=update, file_index=index)
+    findings = run_audit(images, pooled)
+    out = runfolder.prepare(out, overwrite=overwrite)
+    write_csv(findings, out / runfolder.AUDIT)
+    found = summary(images, findings)
+    build_audit_page(out, images.root, findings, found)
+    return {**found, "images": len(images.paths), "skipped": len(images.skipped), "out": str(out)}

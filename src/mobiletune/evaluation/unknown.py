@@ -1,0 +1,162 @@
+"""Saying "unknown": how unlike the training images an input is, and where to draw the line.
+
+A classifier trained on cats and dogs still says "dog, 99%" for a photo of a car: softmax
+shares all belief among the classes it knows. Three scores, each higher for stranger inputs:
+- "msp": 1 - the top class probability (Hendrycks & Gimpel, 2017);
+- "energy": -logsumexp(logits) (Liu et al., 2020); a binary model's one logit z is the pair (0, z);
+- "knn": the cosine distance from an input's pooled base features to those of its k-th nearest
+  training image (Sun et al., 2022). It needs the training features (`unknown.npz` in the run).
+The threshold is the `predict.keep` quantile of the validation images' scores: that share of
+images like the training data is accepted, whatever the score's scale. Which score to default to
+was measured (benchmarks/unknown_inputs.py, docs/unknown-inputs.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobiletune.config import UNKNOWN_SCORES
+from mobiletune.model import convention
+
+__all__ = ["UnknownDetector", "fit", "load", "scores"]
+
+REFERENCE_LIMIT = 20_000  # training images kept for knn: distances to 20k rows stay a few ms per image
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    import scipy.special
+
+    logits = convention.two_logits(logits.astype(np.float64))
+    return -scipy.special.logsumexp(logits, axis=1)
+
+
+def msp(logits: np.ndarray) -> np.ndarray:
+    from mobiletune.evaluation.statistics import probabilities
+
+    return 1.0 - probabilities(logits).max(axis=1)
+
+
+def knn(pooled: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
+    """Cosine distance to the k-th nearest row of `reference` (unit rows), by scikit-learn's search."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(reference))
+    search = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(reference)
+    distance = search.kneighbors(convention.unit_rows(pooled), return_distance=True)[0][:, -1]
+    return distance.astype(np.float64) ** 2 / 2  # |a - b|^2 / 2 = 1 - cos(a, b) for unit vectors
+
+
+def scores(name: str, pooled: np.ndarray, logits: np.ndarray, reference: np.ndarray | None = None,
+           k: int = 5) -> np.ndarray:
+    """Score `name` of each input (higher: less like the training images)."""
+    assert name in UNKNOWN_SCORES, name
+    if name == "msp":
+        return msp(logits)
+    if name == "energy":
+        return energy(logits)
+    assert reference is not None, "knn needs the training features"
+    return knn(pooled, reference, k)
+
+
+@dataclass(frozen=True)
+class UnknownDetector:
+    """A score and its threshold: inputs scoring above it are "unknown"."""
+
+    score: str
+    threshold: float
+    validation_kept: float  # share of validation images at or under the threshold
+    k: int
+    reference: np.ndarray | None  # unit-length pooled training features [n, channels] (knn only)
+
+    def scores(self, pooled: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        return scores(self.score, pooled, logits, self.reference, self.k)
+
+    def summary(self, test_scores: np.ndarray) -> dict[str, Any]:
+        """metrics.json["unknown"]: the score, its threshold, and the share of validation and test images kept."""
+        return {"score": self.score, "threshold": self.threshold, "validation_kept": self.validation_kept,
+                **({"k": self.k} if self.score == "knn" else {}),
+                "test_kept": float(np.mean(test_scores <= self.threshold))}
+
+    def save(self, path: Path) -> None:
+        import io
+
+        from mobiletune.runfolder import atomic_write_bytes
+
+        reference = np.zeros((0, 0)) if self.reference is None else self.reference
+        buffer = io.BytesIO()  # float16 rows: half the file, distances equal to ~1e-3
+        np.savez(buffer, score=self.score, threshold=self.threshold, validation_kept=self.validation_kept, k=self.k,
+                 reference=reference.astype(np.float16))
+        atomic_write_bytes(path, buffer.getvalue())
+
+
+def fit(score: str, train_pooled: np.ndarray, val_pooled: np.ndarray, val_logits: np.ndarray, *, keep: float,
+        k: int, seed: int = 0) -> UnknownDetector:
+    """The detector whose threshold accepts `keep` of the validation images."""
+    reference = None
+    if score == "knn":
+        rows = train_pooled
+        if len(rows) > REFERENCE_LIMIT:
+            rows = rows[np.random.default_rng(seed).choice(len(rows), REFERENCE_LIMIT, replace=False)]
+        # as saved (float16), so the threshold holds after load
+        reference = convention.unit_rows(rows).astype(np.float16).astype(np.float32)
+    val = scores(score, val_pooled, val_logits, reference, k)
+    threshold = float(np.quantile(val, keep, method="higher"))
+    return UnknownDetector(score, threshold, float(np.mean(val <= threshold)), k, reference)
+
+
+def load(path: Path) -> UnknownDetector | None:
+    """The run's detector, or None where the run has none (made before mobiletune had one)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        reference = f["reference"].astype(np.float32)
+        return UnknownDetector(str(f["score"]), float(f["threshold"]), float(f["validation_kept"]), int(f["k"]),
+                               reference if reference.size else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting a run's detector
+
+
+def embed(classifier, images, splits: tuple[str, ...], config, feats=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pooled base output and logits of each split's images under the trained `classifier`
+    (`network.Classifier`), unaugmented: from the cached boundary activations where there are some (the layers
+    below stay frozen, so they still hold: 0.127 of 0.306 GFLOP an image), else from pixels. One two-output
+    model serves all splits."""
+    import keras
+
+    from mobiletune.data import pixels
+    from mobiletune.features.dataset import feature_dataset
+    from mobiletune.model import cut
+
+    batch, at = config.data.batch_size, config.phase2.fine_tune_at
+    if feats is not None:
+        two = cut.top_model(classifier, at, pooled=True)
+    else:
+        two = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
+    out = {}
+    for split in splits:
+        if feats is not None:
+            labels = images.labels[images.indices(split)]
+            # view 0 of the training images (an augmented one: the cache holds no other for them)
+            batches = feature_dataset(feats.readers[split], feats.boundaries[at], labels, 1, batch,
+                                               shuffle=False, seed=config.data.seed)
+        else:
+            batches = pixels.eval_batches(images, config.data.image_size, batch, split)
+        pooled, logits = zip(*((np.asarray(p), np.asarray(z)) for p, z in
+                               (two.predict_on_batch(x) for x, _ in batches)), strict=True)
+        out[split] = np.concatenate(pooled), np.concatenate(logits)
+    return out
+
+
+def fit_run(classifier, images, config, feats=None) -> tuple[UnknownDetector, np.ndarray]:
+    """The detector of a trained run (`config.predict`) and its scores of the test images."""
+    p = config.predict
+    emb = embed(classifier, images, ("train", "validation", "test"), config, feats)
+    detector = fit(p.unknown_score, emb["train"][0], *emb["validation"], keep=p.keep, k=p.knn_k,
+                   seed=config.data.seed)
+    return detector, detector.scores(*emb["test"])

@@ -1,0 +1,251 @@
+"""Cached frozen features: the same recipe without pushing the same images through the same
+frozen layers every epoch.
+
+Below `fine_tune_at` the base is frozen and in inference mode in both phases, so its output for
+a given input is fixed. One forward pass per image view gives both
+  - the pooled base output, all phase 1 trains on (the head), and
+  - the activations that cross the `fine_tune_at` boundary, all phase 2 trains on (the top).
+Training images get `features.views` augmented views, each drawn from (seed, image hash, view);
+each epoch draws one view per image. Validation and test are computed once, unaugmented. Every
+view of every image is an item of the per-image store (`store`), so later runs, sweep trials,
+grown folders and new splits compute only the items that are not there yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from mobiletune import runfolder
+from mobiletune.config import Config
+from mobiletune.data import pixels as pixels_lib
+from mobiletune.data.images import ImageSet
+from mobiletune.errors import MobiletuneError
+from mobiletune.features import cache
+from mobiletune.features import store as store_lib
+from mobiletune.features.onnx import OnnxRunner
+from mobiletune.features.store import RowReader
+from mobiletune.model import augment, convention
+from mobiletune.model.cut import extractor, weights_digest
+from mobiletune.model.network import Classifier
+
+FORMAT_VERSION = 2  # bump when what is stored changes: old entries are then never matched
+
+
+def _key(**parts: Any) -> str:
+    text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _runner(extract: keras.Model, engine: str, onnx_path: Path):
+    """`run(scaled pixels) -> [outputs]` on the chosen engine; built once per extractor."""
+    import tensorflow as tf
+
+    if engine == "onnxruntime":
+        return OnnxRunner(extract, onnx_path)
+    forward = tf.function(lambda x: extract(x, training=False))
+    return lambda x: [np.asarray(o) for o in forward(x)]
+
+
+def _store_dtype(output_index: int) -> str:
+    # Pooled features are small: kept exact. Boundary activations are large: float16 halves the
+    # cache and the page-cache traffic; the rounding (~1e-3 relative) is far below augmentation noise.
+    return "float32" if output_index == 0 else "float16"
+
+
+def view_tag(config: Config, view: int | None) -> str:
+    """What names a view in the store: "plain", or the augmentation settings, seed and view number."""
+    if view is None:
+        return "plain"
+    a = config.augment
+    return f"aug:{config.data.seed}:{a.flip}:{a.rotation!r}:{view}"
+
+
+@dataclass
+class Features:
+    """Where each split's cached features are: one reader per split over [views x images] rows
+    (row v*n + i is view v of image i; validation and test have the one plain view).
+
+    `images` is the run's image set less any file that failed to decode during the pass.
+    """
+
+    images: ImageSet
+    readers: dict[str, RowReader]
+    views: dict[str, int]
+    boundaries: dict[int, list[int]]  # fine_tune_at -> indices of its outputs; output 0 is pooled
+    computed: int  # item (image view) counts of this run
+    cached: int
+    failed: int
+    pooled_plain: np.ndarray | None = None  # [n images, channels]: every image unaugmented (compute_features plain)
+
+    def cache_bytes(self) -> int:
+        return sum(r.nbytes() for r in self.readers.values())
+
+
+def _needed(images: ImageSet, config: Config, augmenting: bool) -> dict[str, list[tuple[int, int | None]]]:
+    """(image position, view or None for plain) per split, view-major, in reading order."""
+    out = {}
+    for split in ("train", "validation", "test"):
+        idx = images.indices(split).tolist()
+        # with nothing to augment, every training view is the plain image (one item, read `views` times)
+        views = [v if augmenting else None for v in range(config.features.views)] if split == "train" else [None]
+        out[split] = [(i, v) for v in views for i in idx]
+    return out
+
+
+def compute_features(classifier: Classifier, images: ImageSet, config: Config, cache_dir: Path | None = None,
+                     fine_tune_ats: list[int] | None = None, progress=None, file_index=None,
+                     plain: bool = False) -> Features:
+    """Look up every split's features in the per-image store and compute only the missing items.
+
+    `fine_tune_ats`: the boundaries to provide (default: the config's); a sweep asks for all of
+    its choices at once, so every trial reuses one pass. `progress(done, total)` follows the
+    computation. A file that fails to decode is left out (and remembered in `file_index`).
+    `plain`: also the unaugmented view of the training images, in the same pass (each image is
+    decoded once), so `Features.pooled_plain` holds every image's pooled features for the audit.
+    """
+    augmenting = classifier.augmenting
+    needed = _needed(images, config, augmenting)
+    items = [iv for split in needed.values() for iv in split]
+    if plain:
+        items += [(i, None) for i in images.indices("train").tolist()]
+    store, where, computed, failed = _fill(classifier, images, config, items, cache_dir, fine_tune_ats, progress,
+                                           file_index)
+    kept = images.without(failed)
+    readers, views, used = {}, {}, set()
+    for split, wanted in _needed(kept, config, augmenting).items():
+        keys = [store_lib.item_key(kept.hashes[i], view_tag(config, v)) for i, v in wanted]
+        readers[split], views[split] = store.reader(keys), config.features.views if split == "train" else 1
+        used.update(keys)
+    feats = Features(kept, readers, views, where, computed=computed, cached=0, failed=len(failed))
+    if plain:
+        feats.pooled_plain = _pooled_plain(store, kept, config)
+        used.update(store_lib.item_key(h, view_tag(config, None)) for h in kept.hashes)
+    feats.cached = len(used) - computed
+    try:
+        cache.record_use(store.folder.parent.parent, kept, feats.cache_bytes(), store.folder.name)
+    except OSError:
+        pass  # only bookkeeping for `cache ls`
+    return feats
+
+
+def plain_pooled(classifier: Classifier, images: ImageSet, config: Config, cache_dir: Path | None = None,
+                 progress=None, file_index=None) -> tuple[np.ndarray, ImageSet]:
+    """The unaugmented pooled base output of every image, [n, channels] float32, in image order, and the
+    images that decoded: what the audit compares. Items come from (and go to) the run's own store."""
+    store, _, _, failed = _fill(classifier, images, config, [(i, None) for i in range(len(images.paths))], cache_dir,
+                                None, progress, file_index)
+    kept = images.without(failed)
+    return _pooled_plain(store, kept, config), kept
+
+
+def _pooled_plain(store: store_lib.FeatureStore, images: ImageSet, config: Config) -> np.ndarray:
+    """The pooled output (output 0) of every image's plain view, in image order, as float32."""
+    reader = store.reader([store_lib.item_key(h, view_tag(config, None)) for h in images.hashes])
+    return reader.read(np.arange(len(reader)), [0], dtype="float32")[0]
+
+
+def _fill(classifier: Classifier, images: ImageSet, config: Config, items: list[tuple[int, int | None]],
+          cache_dir: Path | None, fine_tune_ats: list[int] | None, progress, file_index
+          ) -> tuple[store_lib.FeatureStore, dict[int, list[int]], int, dict[int, str]]:
+    """Compute the (image position, view) `items` missing from the store of this extractor.
+
+    Returns the store, which outputs each boundary is, how many items were computed, and
+    {position: reason} of the images that failed to decode.
+    """
+    cache_dir = Path(cache_dir or cache.cache_root(config))
+    fine_tune_ats = sorted(set(fine_tune_ats or [config.phase2.fine_tune_at]))
+    extract, where = extractor(classifier, fine_tune_ats)
+    common = {
+        "weights": weights_digest(classifier.base),
+        "image_size": config.data.image_size,
+        "alpha": config.model.alpha,
+        "fine_tune_at": fine_tune_ats,
+        "engine": config.features.engine,  # engines agree to ~1e-5, not bit for bit
+    }
+    outputs = [(tuple(o.shape[1:]), _store_dtype(k)) for k, o in enumerate(extract.outputs)]
+    item_of = {store_lib.item_key(images.hashes[i], view_tag(config, v)): (i, v) for i, v in items}
+    failed: dict[int, str] = {}
+    try:
+        store = store_lib.FeatureStore(cache_dir / "features" / _key(**common), outputs)
+        if not (store.folder / "key.json").exists():
+            runfolder.atomic_write_bytes(store.folder / "key.json", json.dumps(common).encode())
+        # image-major, so a shard holds all the views of its images and each image is decoded once
+        todo = sorted(store.missing(list(item_of)),
+                      key=lambda k: (item_of[k][0], -1 if item_of[k][1] is None else item_of[k][1]))
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], len(todo))
+
+        compute = _Computer(extract, config, images, item_of, failed,
+                            cache_dir / "onnx" / f"{_key(**common, keras=keras.__version__)}.onnx")
+        computed, _ = store.fill(todo, compute, advance)
+    except OSError as exc:  # a full disk; a read-only cache_dir, or one that is a file
+        raise MobiletuneError(
+            f"features.cache_dir {cache_dir}: cannot write the feature cache ({exc.strerror or exc}); free "
+            "space there, set features.cache_dir to a writable folder, or run with --no-cache") from None
+    if file_index is not None:
+        for i, reason in failed.items():
+            if reason == pixels_lib.CHANGED:
+                file_index.forget(images.root / images.paths[i])  # hashed again, with its new content, next scan
+            else:
+                file_index.mark_bad(images.hashes[i], reason)  # later scans skip it without decoding
+    return store, where, computed, failed
+
+
+class _Computer:
+    """Computes a chunk of store items: decode (threads), augment (per-image draws), extract, write."""
+
+    def __init__(self, extract, config: Config, images: ImageSet, item_of: dict, failed: dict[int, str],
+                 onnx_path: Path):
+        self.extract, self.config, self.images, self.item_of = extract, config, images, item_of
+        self.failed, self.onnx_path = failed, onnx_path
+        self.run = self.augment = None  # built on the first miss only: a warm cache never converts the model
+
+    def __call__(self, chunk: list[bytes], folder: Path, heartbeat) -> set[bytes]:
+        if self.run is None:
+            self.run = _runner(self.extract, self.config.features.engine, self.onnx_path)
+            self.augment = augment.view_augmenter(self.config.augment.flip, self.config.augment.rotation)
+        rows = {k: r for r, k in enumerate(chunk)}
+        files = [np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=_store_dtype(k),
+                                           shape=(len(chunk), *o.shape[1:]))
+                 for k, o in enumerate(self.extract.outputs)]
+        wanted: dict[int, list[tuple[int | None, bytes]]] = {}  # image position -> its (view, key) in the chunk
+        for k in chunk:
+            position, view = self.item_of[k]
+            wanted.setdefault(position, []).append((view, k))
+        bad: set[bytes] = set()
+        # each image decoded once, however many of its views the chunk holds (chunks are image-major)
+        batches = pixels_lib.iter_pixels(self.images, np.array(sorted(wanted)), self.config.data.image_size,
+                                         self.config.data.batch_size)
+        for done, pixels, broken in batches:
+            for i, reason in broken.items():
+                self.failed[i] = reason
+                bad.update(k for _, k in wanted[i])
+            for view in sorted({v for i in done.tolist() for v, _ in wanted[i]}, key=lambda v: -1 if v is None else v):
+                pick = [(j, k) for j, i in enumerate(done.tolist()) for v, k in wanted[i] if v == view]
+                outs = self._extract(pixels[[j for j, _ in pick]], [self.images.hashes[done[j]] for j, _ in pick], view)
+                at = [rows[k] for _, k in pick]
+                for f, o in zip(files, outs, strict=True):
+                    f[at] = o
+            heartbeat()
+        for f in files:
+            f.flush()
+        del files
+        return bad
+
+    def _extract(self, pixels: np.ndarray, digests: list[str], view: int | None) -> list[np.ndarray]:
+        """Augment (the images' own draws for `view`; none for plain), scale as the model does, extract."""
+        x = pixels.astype(np.float32)
+        if view is not None:
+            x = self.augment(x, *augment.view_draws(self.config, digests, view))
+        return self.run(convention.to_unit(x))  # what the model's Rescaling layer does

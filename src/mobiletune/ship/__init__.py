@@ -1,0 +1,1 @@
+"""Shipping: exports in every format, each re-tested, prediction from any of them, and measured latency."""

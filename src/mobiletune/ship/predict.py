@@ -1,0 +1,285 @@
+"""Predict with any export or a run folder, streaming over files, folders and globs.
+
+Every predictor takes uint8-range RGB pixels [n, size, size, 3] and returns probabilities
+[n, classes]. Images are decoded in batches as the paths stream by, so a folder of 100k
+images runs in bounded memory; a file that cannot be read is reported on its own and the
+rest go on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune import runfolder
+from mobiletune.data.images import ImageSet
+from mobiletune.data.pixels import BadImage, decode_image, eval_batches
+from mobiletune.data.scan import IMAGE_EXTENSIONS
+from mobiletune.errors import ModelError, UsageError
+from mobiletune.evaluation.unknown import UnknownDetector
+from mobiletune.evaluation.unknown import load as load_detector
+
+
+class Predictor:
+    """Base: `classes`, `size`, `predict(pixels) -> probabilities` and, where the model has an
+    unknown-input detector (a run folder's), `scored(pixels) -> (probabilities, scores)`."""
+
+    classes: list[str]
+    size: int
+    detector: UnknownDetector | None = None
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def scored(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.predict(pixels), None
+
+
+class KerasPredictor(Predictor):
+    def __init__(self, model, classes: list[str], detector: UnknownDetector | None = None):
+        from mobiletune.model.network import Classifier
+
+        # a training model (run folder) outputs logits: serve probabilities like every export
+        served = model.output_shape[-1] == len(classes) and model.layers[-1].name == "probabilities"
+        self.model = model if served else Classifier(model).serving_model()
+        self.classes, self.size = classes, model.input_shape[1]
+        self.detector = None if served else detector  # a served export has no features output
+        if self.detector is not None:  # one pass also gives what the detector scores
+            self.scoring = Classifier(model).serving_model(scoring=True)
+
+    def predict(self, pixels):
+        return np.asarray(self.model.predict_on_batch(pixels.astype(np.float32)))
+
+    def scored(self, pixels):
+        if self.detector is None:
+            return self.predict(pixels), None
+        probs, logits, pooled = (np.asarray(t) for t in self.scoring.predict_on_batch(pixels.astype(np.float32)))
+        return probs, self.detector.scores(pooled, logits)
+
+
+class SavedModelPredictor(Predictor):
+    def __init__(self, path: Path, classes: list[str]):
+        import tensorflow as tf
+
+        self.model = tf.saved_model.load(str(path))
+        self.serve = self.model.signatures["serving_default"]
+        spec = next(iter(self.serve.structured_input_signature[1].values()))
+        self.input_name = next(iter(self.serve.structured_input_signature[1]))
+        self.classes, self.size = classes, int(spec.shape[1])
+
+    def predict(self, pixels):
+        out = self.serve(**{self.input_name: pixels.astype(np.float32)})
+        return np.asarray(next(iter(out.values())))
+
+
+class TFLitePredictor(Predictor):
+    def __init__(self, path: Path, classes: list[str]):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.classes, self.size = classes, int(self.input["shape"][1])
+        self._batch = 0
+
+    def predict(self, pixels):
+        n = len(pixels)
+        if n != self._batch:  # resize once per batch size, not per call
+            from mobiletune.quiet import native_output_muted
+
+            with native_output_muted():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                self.interpreter.resize_tensor_input(self.input["index"], [n, self.size, self.size, 3])
+                self.interpreter.allocate_tensors()
+            self._batch = n
+        x = pixels.astype(np.float32)
+        if self.input["dtype"] != np.float32:  # integer input: quantize with the model's own scale
+            scale, zero = self.input["quantization"]
+            x = np.clip(np.round(x / scale + zero), *_int_range(self.input["dtype"])).astype(self.input["dtype"])
+        self.interpreter.set_tensor(self.input["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])
+        if self.output["dtype"] != np.float32:
+            scale, zero = self.output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+
+def _int_range(dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return info.min, info.max
+
+
+class OnnxPredictor(Predictor):
+    def __init__(self, path: Path, classes: list[str]):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+        self.classes, self.size = classes, int(self.input.shape[1])
+
+    def predict(self, pixels):
+        return self.session.run(None, {self.input.name: pixels.astype(np.float32)})[0]
+
+
+def _labels_for(path: Path) -> list[str]:
+    """labels.txt beside the model, or the run folder's classes."""
+    for candidate in (path.parent / runfolder.LABELS, path / runfolder.LABELS, path.parent.parent / runfolder.LABELS):
+        if candidate.is_file():
+            return [line for line in candidate.read_text(encoding="utf-8").splitlines() if line]
+    for metrics in (path / runfolder.METRICS, path.parent / runfolder.METRICS):
+        if metrics.is_file():
+            return json.loads(metrics.read_text())["classes"]
+    raise ModelError(f"{path}: no labels.txt beside it and no run folder around it; cannot name the classes")
+
+
+def model_path(path: str | Path) -> Path:
+    """The model file a path names (a run folder names its model.keras); a missing one is a usage error."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such model or run folder")
+    if path.is_dir() and (path / runfolder.MODEL).is_file() and (path / runfolder.METRICS).is_file():
+        return path / runfolder.MODEL  # a run folder
+    return path
+
+
+def needs_tensorflow(path: Path) -> bool:
+    """Whether the model at `path` (from `model_path`) runs on TensorFlow: TFLite and ONNX files have their
+    own runtimes, so predicting with them skips TensorFlow's start-up (~4 s)."""
+    return path.suffix.lower() not in (".tflite", ".onnx")
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """A run folder, .keras, SavedModel folder, .tflite or .onnx file."""
+    path = model_path(path)
+    classes = _labels_for(path)
+    try:
+        if path.is_dir() and (path / "saved_model.pb").exists():
+            return SavedModelPredictor(path, classes)
+        suffix = path.suffix.lower()
+        if suffix == ".keras":
+            from mobiletune.model.network import load_model
+
+            # the run's detector was fitted to its trained model's outputs: before_fine_tuning.keras has none
+            detector = load_detector(path.parent / runfolder.UNKNOWN) if path.name == runfolder.MODEL else None
+            return KerasPredictor(load_model(path), classes, detector)
+        if suffix == ".tflite":
+            return TFLitePredictor(path, classes)
+        if suffix == ".onnx":
+            return OnnxPredictor(path, classes)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a damaged file
+        raise ModelError(f"{path}: cannot load ({str(exc).splitlines()[0][:200]})") from None
+    raise UsageError(f"{path}: not a model: give a run folder, .keras, SavedModel folder, .tflite or .onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming predictions
+
+
+def expand_paths(items: Iterable[str]) -> Iterator[Path]:
+    """Files as given, folders walked for image files, globs expanded; lazily, in a stable order."""
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                        yield Path(root, name)
+        elif path.exists() or path.is_symlink():
+            yield path
+        else:
+            matches = sorted(glob.iglob(item, recursive=True))
+            if not matches:
+                yield path  # reported as missing, on its own line
+            for match in matches:
+                if Path(match).is_file():
+                    yield Path(match)
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), most likely first; empty on error
+    error: str = ""
+    unknown_score: float | None = None  # with a detector: how unlike the training images (higher: less)
+    unknown: bool = False  # the score is beyond the detector's threshold: none of the classes
+
+
+def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32,
+                  top_k: int = 1, unknown: bool = True) -> Iterator[Prediction]:
+    """Predictions in input order, one batch decoded at a time; with `unknown` and a predictor that
+    has a detector, each scored and flagged unknown beyond its threshold."""
+    if batch < 1 or top_k < 1:
+        raise UsageError(f"--batch {batch} --top-k {top_k}: both must be at least 1")
+    top_k = min(top_k, len(predictor.classes))
+    pending: list[tuple[Path, np.ndarray | None, str]] = []
+
+    def flush() -> Iterator[Prediction]:
+        good = [p[1] for p in pending if p[1] is not None]
+        rows = iter(_predict_batch(predictor, np.stack(good), top_k, unknown) if good else [])
+        for path, pixels, error in pending:
+            name = os.fsencode(path).decode("utf-8", "backslashreplace")
+            yield Prediction(name, [], error) if pixels is None else Prediction(name, *next(rows))
+        pending.clear()
+
+    for path in expand_paths(items):
+        try:
+            pending.append((path, decode_image(path.read_bytes(), predictor.size), ""))
+        except BadImage as exc:
+            pending.append((path, None, str(exc)))
+        except OSError as exc:
+            pending.append((path, None, f"cannot read ({exc.strerror or exc})"))
+        if len(pending) >= batch:
+            yield from flush()
+    yield from flush()
+
+
+def _predict_batch(predictor: Predictor, pixels: np.ndarray, top_k: int, unknown: bool) -> list[tuple]:
+    """(top classes, unknown score, unknown?) per image; the score only with a detector and `unknown`."""
+    probs, scores = predictor.scored(pixels) if unknown else (predictor.predict(pixels), None)
+    rows = []
+    for i, p in enumerate(probs):
+        top = [(predictor.classes[c], float(p[c])) for c in np.argsort(-p)[:top_k]]
+        score = None if scores is None else float(scores[i])
+        rows.append((top, "", score, score is not None and score > predictor.detector.threshold))
+    return rows
+
+
+def predict_array(predictor: Predictor, images: np.ndarray, *, batch: int = 32, top_k: int = 1,
+                  unknown: bool = True) -> list[Prediction]:
+    """Predictions for RGB images as an array [n, height, width, 3] (or one [height, width, 3]), values
+    0-255; images of another size are resized as files are (bilinear)."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UsageError(f"images of shape {images.shape}: give [n, height, width, 3] RGB pixels 0-255")
+    if batch < 1 or top_k < 1:
+        raise UsageError(f"batch={batch} top_k={top_k}: both must be at least 1")
+    size = predictor.size
+    if images.shape[1:3] != (size, size):
+        images = np.stack([np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).resize(
+            (size, size), Image.Resampling.BILINEAR)) for x in images])
+    top_k = min(top_k, len(predictor.classes))
+    out = []
+    for start in range(0, len(images), batch):
+        rows = _predict_batch(predictor, images[start:start + batch], top_k, unknown)
+        out += [Prediction(f"array[{start + i}]", *row) for i, row in enumerate(rows)]
+    return out
+
+
+def predict_all(predictor, images: ImageSet, batch: int = 32) -> np.ndarray:
+    """Probabilities for every test image, decoded and predicted `batch` at a time."""
+    return np.concatenate([predictor.predict(x) for x, _ in eval_batches(images, predictor.size, batch)])

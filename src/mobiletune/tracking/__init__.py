@@ -1,0 +1,1 @@
+"""Tracking: TensorBoard event files for every run, and an MLflow run when asked for."""
