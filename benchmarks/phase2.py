@@ -7,7 +7,7 @@ One process: measures the fp32 GEMM ceiling (best 4096x4096 `tf.linalg.matmul`),
 default recipe's features (the cache makes that free after the first time), then trains phase-2
 epochs on them exactly as `mobiletune train` does (the default config: fine_tune_at 100,
 batch 32, RMSprop, validation every epoch), alternating the trainee as it ships (1x1
-convolutions as matrix products, `mobiletune.pointwise`) with the plain Keras layers, one epoch
+convolutions as matrix products, `mobiletune.model.kernels`) with the plain Keras layers, one epoch
 each per round, and prints each one's median epoch and its share of the ceiling.
 
 FLOPs, as issue #12 counts them: the forward FLOPs of the convolutions from `fine_tune_at` on,

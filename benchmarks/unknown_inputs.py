@@ -4,7 +4,7 @@
 
 Trains the default recipe on each of cats_and_dogs_filtered and flowers_mini (../shared/data),
 then, for each model, scores its own test images (in distribution) and every image of the other
-data set (unknown) with every score (`mobiletune.unknown`), all from pixels through the saved
+data set (unknown) with every score (`mobiletune.evaluation.unknown`), all from pixels through the saved
 model as `mobiletune predict` sees them. Per score: AUROC (unknown against test), and at the
 threshold that keeps `predict.keep` of the validation images, the share of test images kept and
 of unknown images accepted; last, the detector the run itself stored (fitted on its cached

@@ -63,8 +63,11 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path, overrides, c
         checkpoint.restore(checkpoint.variable_paths(other.model), values, "model")
 
 
-def test_a_damaged_checkpoint_says_how_to_go_on(tmp_path):
+def test_a_damaged_or_foreign_checkpoint_says_how_to_go_on(tmp_path):
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
     with pytest.raises(MobiletuneError, match="damaged checkpoint.*delete it to restart the run"):
+        checkpoint.load(tmp_path)
+    np.savez(tmp_path / "checkpoint.npz", m0=np.zeros(2), state=np.frombuffer(b'{"history": []}', np.uint8))
+    with pytest.raises(MobiletuneError, match="made by another version of mobiletune; delete it to restart"):
         checkpoint.load(tmp_path)
     assert checkpoint.load(tmp_path / "none") is None

@@ -129,3 +129,10 @@ def test_lambda_layer_is_refused(tmp_path):
     model.save(path)
     with pytest.raises(ModelError, match="Lambda"):
         model_lib.load_model(path)
+
+
+def test_a_model_that_is_no_classifier_is_refused_by_name():
+    inputs = keras.Input((8, 8, 3))
+    other = keras.Model(inputs, keras.layers.Dense(2, name="logits")(inputs), name="someone_elses")
+    with pytest.raises(ModelError, match="'someone_elses': not a mobiletune classifier \\(no layer 'augment'\\)"):
+        Classifier(other)

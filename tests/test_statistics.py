@@ -1,5 +1,5 @@
 """The test-set statistics against answers worked out by hand or from their textbook formulas, not from the
-libraries evaluate.py calls (pure: no model, no TensorFlow)."""
+libraries evaluation/statistics.py calls (pure: no model, no TensorFlow)."""
 
 import math
 import warnings

@@ -17,7 +17,7 @@ import yaml
 
 from mobiletune.errors import ConfigError
 
-# MobileNetV2(include_top=False) has this many layers for every alpha; model.py asserts it.
+# MobileNetV2(include_top=False) has this many layers for every alpha; model/network.py's build_base asserts it.
 BASE_LAYERS = 154
 # Width multipliers Keras publishes ImageNet weights for.
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)

@@ -59,8 +59,13 @@ class Classifier:
 
     INPUT, AUGMENT, RESCALE, BASE, POOL, DROPOUT, LOGITS = (
         "pixels", "augment", "scale_to_unit", "mobilenetv2", "pool", "dropout", "logits")
+    PARTS = (AUGMENT, RESCALE, BASE, POOL, DROPOUT, LOGITS)
 
     def __init__(self, model: keras.Model):
+        missing = [n for n in self.PARTS if n not in {layer.name for layer in model.layers}]
+        if missing:
+            raise ModelError(f"model {model.name!r}: not a mobiletune classifier (no layer {missing[0]!r}); give a "
+                             "run folder or a model.keras that `mobiletune train` made")
         self.model = model
         self.augment: keras.Sequential = model.get_layer(self.AUGMENT)
         self.rescale: keras.layers.Rescaling = model.get_layer(self.RESCALE)

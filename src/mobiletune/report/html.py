@@ -18,6 +18,7 @@ import yaml
 
 from mobiletune import runfolder
 from mobiletune.data.folders import image_root
+from mobiletune.errors import UsageError
 from mobiletune.report import figures
 from mobiletune.report import summary as report
 from mobiletune.report.results import STAGES, results_table
@@ -121,6 +122,8 @@ def build_report(run: str | Path) -> Path:
     """Write `report.html` into the run folder from its files; returns its path."""
     run = Path(run)
     metrics = runfolder.read_metrics(run)
+    if "mcnemar" not in metrics:  # metrics.json holds the test results of one stage, not the comparison
+        raise UsageError(f"{run}: metrics.json has no before/after comparison; run `mobiletune evaluate {run}`")
     config = yaml.safe_load((run / runfolder.CONFIG).read_text())
     classes = metrics["classes"]
     parts = [f"<h1>mobiletune run: {html.escape(run.resolve().name)}</h1>"]

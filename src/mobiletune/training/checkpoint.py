@@ -73,6 +73,8 @@ def load(run: Path) -> tuple[RunState, dict[str, np.ndarray]] | None:
                     for prefix in (MODEL, OPTIMIZER, TEST)}
     except (OSError, ValueError, KeyError) as exc:
         raise MobiletuneError(f"{path}: damaged checkpoint ({exc}); delete it to restart the run") from None
+    if not part[MODEL]:
+        raise MobiletuneError(f"{path}: made by another version of mobiletune; delete it to restart the run")
     test_probs = {int(phase): p for phase, p in part[TEST].items()}
     return RunState(saved["history"], test_probs, part[OPTIMIZER] or None), part[MODEL]
 

@@ -63,7 +63,8 @@ class Trainee:
     dense: keras.layers.Dense
     dropout: RateDropout | None
     fresh_optimizer: list[np.ndarray] = field(default_factory=list)
-    classifier: weakref.ref | None = None  # the one loaded last, which `store` writes back to (not kept alive)
+    loaded: weakref.ref | None = None  # the Keras model of the classifier loaded last, which `store` writes back
+    # to: not kept alive, and not its `Classifier`, which a caller may make for the call alone
 
     def load(self, classifier: Classifier, lr: float) -> None:
         """Take `classifier`'s head and dropout draws, with a fresh optimizer at `lr`."""
@@ -76,12 +77,13 @@ class Trainee:
         for variable, value in zip(self.model.optimizer.variables, self.fresh_optimizer, strict=True):
             variable.assign(value)
         self.model.optimizer.learning_rate = lr
-        self.classifier = weakref.ref(classifier)
+        self.loaded = weakref.ref(classifier.model)
 
     def store(self) -> None:
         """Write the trained head and the dropout draws made back to the classifier loaded."""
-        classifier = self.classifier() if self.classifier is not None else None
-        assert classifier is not None, "store() before load()"
+        model = self.loaded() if self.loaded is not None else None
+        assert model is not None, "store() before load()"
+        classifier = Classifier(model)
         for mine, theirs in zip(self.dense.variables, classifier.logits.variables, strict=True):
             theirs.assign(mine)
         if self.dropout is not None:

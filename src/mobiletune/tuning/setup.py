@@ -44,9 +44,6 @@ def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space
     return space, None if baseline is None else _read_baseline(Path(baseline))
 
 
-WORKER_TASK = "MOBILETUNE_WORKER"  # the environment variable that hands a helper worker its task (`study._helpers`)
-
-
 def prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,
                    wanted: objectives_lib.Objectives) -> None:
     """The cache and sweep folders, and sweep.yaml: what the sweep was asked for."""
@@ -56,9 +53,6 @@ def prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int
         {"base_config": base.to_dict(), "space": space, "trials": n_trials, "study": study_name,
          "objectives": list(wanted.names), "latency_format": wanted.latency_format,
          "max_latency_ms": wanted.max_latency_ms}, sort_keys=False))
-
-
-WORKER_TASK = "MOBILETUNE_WORKER"  # the environment variable that hands a helper worker its task (`study._helpers`)
 
 
 def _read_baseline(run: Path) -> dict[str, Any]:

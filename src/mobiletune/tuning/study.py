@@ -157,7 +157,6 @@ def _helpers(count: int, task: dict[str, Any], out: Path, say) -> Iterator[None]
     import subprocess
     import sys
 
-
     if count < 1:
         yield
         return
