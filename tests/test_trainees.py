@@ -45,7 +45,7 @@ def _train(classifier, config, phase: int, kept: trainees.Trainees, data) -> lis
 
 def _phase(number: int, config) -> Phase:
     """Two epochs of three steps from epoch 0, at the phase's rate."""
-    return Phase(number, 0, 2, "rmsprop", config.phase_lr(number), 3)
+    return Phase(number, 0, 0, 2, "rmsprop", config.phase_lr(number), 3)
 
 
 def _config(*overrides: str):

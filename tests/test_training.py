@@ -26,7 +26,7 @@ def test_train_phase_traces_its_step_without_making_variables(optimizer):
         return next_creator(**kwargs)
 
     with tf.variable_creator_scope(creator):
-        history = train_phase(model, batches, batches, Phase(1, 0, 2, optimizer, 1e-3, 3), RunState())
+        history = train_phase(model, batches, batches, Phase(1, 0, 0, 2, optimizer, 1e-3, 3), RunState())
     assert len(history) == 2 and made_in_a_trace == []
 
 

@@ -46,8 +46,9 @@ def test_threshold_keeps_the_asked_share_of_validation_and_survives_a_round_trip
         assert kept == pytest.approx(detector.validation_kept) and 0.9 <= kept < 0.92
         detector.save(tmp_path / f"{name}.npz")
         again = unknown.load(tmp_path / f"{name}.npz")
-        assert again.summary(val_scores := detector.scores(val, logits)) == detector.summary(val_scores)
-        assert np.allclose(again.scores(val, logits), detector.scores(val, logits))
+        scores = detector.scores(val, logits)
+        assert again.summary(scores) == detector.summary(scores)
+        assert np.allclose(again.scores(val, logits), scores)
     assert unknown.load(tmp_path / "none.npz") is None
 
 

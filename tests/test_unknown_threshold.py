@@ -216,8 +216,8 @@ def test_a_loaded_detector_scores_and_decides_as_the_fitted_one(tmp_path):
         detector = unknown.fit(name, train, val, logits, keep=0.8, k=3)
         detector.save(tmp_path / "d.npz")
         again = unknown.load(tmp_path / "d.npz")
-        assert np.array_equal(again.scores(val, logits), detector.scores(val, logits))
         scores = again.scores(val, logits)
+        assert np.array_equal(scores, detector.scores(val, logits))
         # the "higher" 0.8 quantile of 30 scores is the 25th smallest: 25 kept, 5 unknown
         assert detector.validation_kept == pytest.approx(25 / 30)
         assert (scores > again.threshold).sum() == 5 and again.summary(scores)["test_kept"] == pytest.approx(25 / 30)

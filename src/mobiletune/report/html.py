@@ -164,14 +164,14 @@ def build_report(run: str | Path) -> Path:
 
 def _results(metrics: dict[str, Any]) -> list[str]:
     """The results table (the 95% interval is Wilson's), McNemar's test, and the per-class figures."""
-    mc, n = metrics["mcnemar"], metrics["after_fine_tuning"]["test"]["n"]
+    mc, n, results = metrics["mcnemar"], metrics["after_fine_tuning"]["test"]["n"], results_table(metrics)
     worse = report.worse_after(mc)
     verdict = ("The difference is significant at 5%." if report.significant(mc)
                else "At this test-set size the difference is not significant at 5%.")
     per_class = metrics["after_fine_tuning"]["test"]["per_class"]
     return [
         "<h2>Test set, before and after fine-tuning</h2>",
-        results_table(metrics).html(),
+        _table(list(results.columns), results.rows),
         f"<p>McNemar's exact test on the same {n} images: p = {mc['p_value']:.3g}. "
         f"{mc['only_after_right']} images right only after fine-tuning, {mc['only_before_right']} right only "
         f"before. {verdict}{' ' + html.escape(worse) if worse else ''}</p>",

@@ -1,9 +1,9 @@
 """The before/after results table: one set of rows from metrics.json, rendered for markdown (summary.md, the
-model card), HTML (report.html) and the console, so every place shows the same figures the same way."""
+model card), the console, and HTML (report.html, through its own table renderer), so every place shows the same
+figures the same way."""
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +22,6 @@ class ResultsTable:
     def markdown(self) -> list[str]:
         return ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns),
                 *("| " + " | ".join(row) + " |" for row in self.rows)]
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows)
-        return f"<table><tr>{head}</tr>{body}</table>"
 
     def rich(self, title: str):
         from rich.table import Table

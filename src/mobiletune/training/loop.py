@@ -30,10 +30,11 @@ __all__ = ["Fit", "Phase", "fit_recipe", "seed_everything", "train_phase"]
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase's fit: epochs `start` to `end` (counted from 0 over both phases), its optimizer and rate, the
-    optimizer steps of each epoch, and the class weights."""
+    """One phase's fit: epochs `start` to `end` (counted from 0 over both phases; the phase's own epochs begin
+    at `first`), its optimizer and rate, the optimizer steps of each epoch, and the class weights."""
 
     number: int
+    first: int
     start: int
     end: int
     optimizer: str
@@ -46,7 +47,7 @@ class Phase:
         """Phase `number` of `config` on `images`, from where `state` stands."""
         first = 0 if number == 1 else config.phase1.epochs
         end = config.phase1.epochs if number == 1 else config.phase1.epochs + config.phase2.epochs
-        return cls(number, max(first, state.epoch), end, config.phase_optimizer(number), config.phase_lr(number),
+        return cls(number, first, max(first, state.epoch), end, config.phase_optimizer(number), config.phase_lr(number),
                    schedule.steps_per_epoch(images, config, number), schedule.class_weights(images, config))
 
 
@@ -88,7 +89,7 @@ def _fit_phase(fit: Fit, state: RunState, phase: Phase) -> None:
     """One phase: on cached features, the trainee above the cut (written back to the classifier every epoch);
     on pixels, the classifier itself. Then `after_phase`."""
     trainee = fit.trainees.get(phase.number, fit.classifier, fit.config) if fit.feats is not None else None
-    if phase.start > (0 if phase.number == 1 else fit.config.phase1.epochs):
+    if phase.start > phase.first:
         optimizer = state.optimizer  # resumed mid-phase: the saved optimizer goes on
     else:
         optimizer, state.optimizer = None, None
