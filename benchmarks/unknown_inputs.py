@@ -1,14 +1,16 @@
-"""Which unknown-input score: each score's separation of images from another data set.
+"""Unknown inputs, measured: does each model flag the other data set and synthetic images, and keep its own?
 
-    .venv/bin/python benchmarks/unknown_inputs.py [--set KEY=VALUE ...] [--k 1 5 10 20]
+    .venv/bin/python benchmarks/unknown_inputs.py [--root /tmp/uk] [--sizes 20 60 200 1000] [--px 96 160 224]
+        [--known cats_dogs flowers] [--near daisy roses] [--set KEY=VALUE ...]
 
-Trains the default recipe on each of cats_and_dogs_filtered and flowers_mini (../shared/data),
-then, for each model, scores its own test images (in distribution) and every image of the other
-data set (unknown) with every score (`mobiletune.evaluation.unknown`), all from pixels through the saved
-model as `mobiletune predict` sees them. Per score: AUROC (unknown against test), and at the
-threshold that keeps `predict.keep` of the validation images, the share of test images kept and
-of unknown images accepted; last, the detector the run itself stored (fitted on its cached
-features, training images' view 0). --set overrides go to both runs (e.g. phase1.lr=1e-3).
+Builds the sets (benchmarks/unknown_sets.py: N training images a class, fixed test images), then for each
+known set, size and image size trains the default recipe (`train_and_evaluate`, what `mobiletune train` runs;
+--set overrides, e.g. phase2.epochs=2 for the 1000-a-class cells, are printed with the table) and scores from
+pixels with the library's predictor, as `mobiletune predict RUN` does: the model's own test images (kept),
+every image of the other set and 90 synthetic images (flat colours, text screenshots, noise; flagged), with
+the detector the run stored (unknown.npz). Near-OOD: trained on flowers_mini without one class (at the
+second --px), AUROC of that class against
+the test images. Prints the host first.
 """
 
 from __future__ import annotations
@@ -22,89 +24,102 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "data"
 sys.path.insert(0, str(HERE))
+import unknown_sets  # noqa: E402
 from scaling import host_line  # noqa: E402
 
-PAIRS = (("cats_and_dogs_filtered", "flowers_mini"), ("flowers_mini", "cats_and_dogs_filtered"))
+OTHER = {"cats_dogs": "flowers_all", "flowers": "cats_dogs_other"}
 
 
-def pixel_embeddings(classifier, images, split: str | None, config):
-    """(pooled, logits) of `split`'s images (every image for None) from pixels, unaugmented."""
-    import keras
+def scored(run: Path, folder: Path, split: str | None = None):
+    """(unknown scores, class names) of `folder`'s images (one split, or all) through the run's predictor."""
     import numpy as np
 
-    from mobiletune.data import pixels
+    from mobiletune.config import load_config
+    from mobiletune.data import folders, pixels
+    from mobiletune.ship.predict import load_predictor
 
-    two = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
+    predictor = load_predictor(run)
+    images = folders.load_images(folder, load_config(run / "config.yaml").data)
     positions = np.arange(len(images.paths)) if split is None else images.indices(split)
-    pooled, logits = [], []
-    for _, x, failed in pixels.iter_pixels(images, positions, config.data.image_size, config.data.batch_size):
-        assert not failed, failed
-        p, z = two.predict_on_batch(x.astype("float32"))
-        pooled.append(np.asarray(p))
-        logits.append(np.asarray(z))
-    return np.concatenate(pooled), np.concatenate(logits)
+    out = [predictor.scored(x)[1] for _, x, _ in pixels.iter_pixels(images, positions, predictor.size, 32)]
+    return np.concatenate(out), np.array([images.classes[c] for c in images.labels[positions]])
 
 
-def evaluate_pair(run: Path, known: str, unknown_dir: str, ks: list[int]) -> list[dict]:
+def measure(run: Path, data: Path, others: dict[str, Path]) -> dict[str, float]:
+    """Test kept, each unknown set's share flagged and the AUROC (other set against test) of the run's detector."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
     from mobiletune import runfolder
-    from mobiletune.config import load_config
-    from mobiletune.data import folders as data
     from mobiletune.evaluation import unknown
-    from mobiletune.model.network import Classifier, load_model
 
-    config = load_config(run / "config.yaml")
-    model = Classifier(load_model(run / "model.keras"))
-    images = data.load_images(SHARED / known, config.data)
-    other = data.load_images(SHARED / unknown_dir, config.data)
-    emb = {s: pixel_embeddings(model, images, s, config) for s in ("train", "validation", "test")}
-    strange = pixel_embeddings(model, other, None, config)
-    rows = []
-    fitted = [(name if name != "knn" else f"knn k={k}",
-               unknown.fit(name, emb["train"][0], *emb["validation"], keep=config.predict.keep, k=k or 1))
-              for name, k in [("msp", 0), ("energy", 0), *[("knn", k) for k in ks]]]
-    own = unknown.load(run / runfolder.UNKNOWN)  # fitted by the run on its cached features: what users get
-    fitted.append((f"the run's own ({own.score} k={own.k})", own))
-    for name, detector in fitted:
-        test, odd = detector.scores(*emb["test"]), detector.scores(*strange)
-        auroc = roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(odd))], np.r_[test, odd])
-        rows.append({"known": known, "score": name, "auroc": auroc,
-                     "val_kept": detector.validation_kept, "test_kept": float(np.mean(test <= detector.threshold)),
-                     "unknown_accepted": float(np.mean(odd <= detector.threshold)), "n_test": len(test),
-                     "n_unknown": len(odd)})
-    return rows
+    threshold = unknown.load(run / runfolder.UNKNOWN).threshold
+    test, _ = scored(run, data, "test")
+    row = {"kept": float(np.mean(test <= threshold)), "n_test": len(test)}
+    for name, folder in others.items():
+        s, kinds = scored(run, folder)
+        if name == "synthetic":
+            row.update({k: float(np.mean(s[kinds == k] > threshold)) for k in ("flat", "text", "noise")})
+        else:
+            row.update(flagged=float(np.mean(s > threshold)), n_other=len(s),
+                       auroc=roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(s))], np.r_[test, s]))
+    return row
+
+
+def near_ood(root: Path, held: str, px: int, overrides: list[str], tmp: Path) -> float:
+    """AUROC of flowers_mini's `held` class against the test images of a model trained on the other four."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    run = train(root / "near" / held, px, overrides, tmp / f"near-{held}-{px}")
+    test, _ = scored(run, root / "near" / held, "test")
+    s, kinds = scored(run, unknown_sets.SHARED / "flowers_mini")
+    s = s[kinds == held]
+    return float(roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(s))], np.r_[test, s]))
+
+
+def train(data: Path, px: int, overrides: list[str], out: Path) -> Path:
+    from mobiletune.config import load_config
+    from mobiletune.training.run import train_and_evaluate
+
+    started = time.perf_counter()
+    metrics = train_and_evaluate(load_config(overrides=[f"data.image_size={px}", *overrides]), data, out).metrics
+    print(f"{data} at {px} px: trained in {time.perf_counter() - started:.0f} s, test accuracy "
+          f"{metrics['after_fine_tuning']['test']['accuracy']:.1%}, unknown: {metrics['unknown']}", flush=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("/tmp/uk"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(unknown_sets.SIZES))
+    parser.add_argument("--px", type=int, nargs="+", default=[96, 160, 224])
+    parser.add_argument("--known", nargs="+", default=list(OTHER))
+    parser.add_argument("--near", nargs="*", default=["daisy", "dandelion", "roses", "sunflowers", "tulips"])
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20], help="knn neighbours to compare")
     args = parser.parse_args()
 
-    from mobiletune.config import load_config
-    from mobiletune.training.run import train_and_evaluate
-
-    print(host_line(), flush=True)
+    print(host_line(), "; overrides:", args.overrides or "none (the default recipe)", flush=True)
+    unknown_sets.build(args.root)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mt-unknown-") as tmp:
-        for known, other in PAIRS:
-            run = Path(tmp) / known
-            started = time.perf_counter()
-            config = load_config(overrides=args.overrides)
-            metrics = train_and_evaluate(config, SHARED / known, run).metrics
-            after = metrics["after_fine_tuning"]["test"]["accuracy"]
-            print(f"{known}: trained in {time.perf_counter() - started:.0f} s, test accuracy after {after:.1%}; "
-                  f"as the run chose: {metrics['unknown']}", flush=True)
-            rows += evaluate_pair(run, known, other, args.k)
-    print("\n| model trained on | score | AUROC | validation kept | test kept | unknown accepted |")
-    print("|---|---|---|---|---|---|")
+        for known in args.known:
+            for n in args.sizes:
+                for px in args.px:
+                    data = args.root / known / str(n)
+                    run = train(data, px, args.overrides, Path(tmp) / f"{known}-{n}-{px}")
+                    others = {"other": args.root / OTHER[known], "synthetic": args.root / "synthetic"}
+                    rows.append({"known": known, "n": n, "px": px, **measure(run, data, others)})
+        near = {(held, px): near_ood(args.root, held, px, args.overrides, Path(tmp))
+                for held in args.near for px in args.px[1:2] or args.px}
+    print("\n| known | per class | px | test kept | other set flagged | AUROC | flat | text | noise |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['known']} | {r['score']} | {r['auroc']:.3f} | {r['val_kept']:.1%} | {r['test_kept']:.1%} "
-              f"({r['n_test']}) | {r['unknown_accepted']:.1%} ({r['n_unknown']}) |")
+        print(f"| {r['known']} | {r['n']} | {r['px']} | {r['kept']:.0%} ({r['n_test']}) | {r['flagged']:.0%} "
+              f"({r['n_other']}) | {r['auroc']:.3f} | {r['flat']:.0%} | {r['text']:.0%} | {r['noise']:.0%} |")
+    for (held, px), auroc in near.items():
+        print(f"near-OOD: flowers_mini without {held}, {px} px: AUROC {auroc:.3f}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def test_threshold_keeps_the_asked_share_of_validation_and_survives_a_round_trip
     for name in ("knn", "energy", "msp"):
         detector = unknown.fit(name, train, val, logits, keep=0.9, k=5)
         kept = np.mean(detector.scores(val, logits) <= detector.threshold)
-        assert kept == pytest.approx(detector.validation_kept) and 0.9 <= kept < 0.92
+        # knn's threshold also counts the training images left out in turn, drawn from the same distribution
+        assert kept == pytest.approx(detector.validation_kept) and 0.9 <= kept < (0.92 if name != "knn" else 0.97)
         detector.save(tmp_path / f"{name}.npz")
         again = unknown.load(tmp_path / f"{name}.npz")
         scores = detector.scores(val, logits)
@@ -84,11 +85,38 @@ def test_a_cats_and_dogs_model_flags_flowers_and_keeps_its_own_test_photos(learn
     run, metrics = learned_run.workdir, learned_run.metrics
     detector = unknown.load(run / runfolder.UNKNOWN)
     found = metrics["unknown"]
-    assert found["threshold"] == pytest.approx(detector.threshold) and 0.95 <= found["validation_kept"] < 1
+    # the threshold keeps 95% of validation and training-left-out scores together: validation alone is near it
+    assert found["threshold"] == pytest.approx(detector.threshold) and 0.85 <= found["validation_kept"] < 1
     own = mt.load(run).predict(sorted((run.parent / "data" / "test").rglob("*.jpg")))
     kept = np.mean([not p.unknown for p in own])
-    assert len(own) == 40 and kept >= 0.85 and kept == pytest.approx(found["test_kept"])
+    assert len(own) == 40 and kept >= 0.9 and kept == pytest.approx(found["test_kept"])  # 97.5% measured
     flowers = mt.load(run).predict(FLOWERS)
     assert len(flowers) == 200 and all(p.error == "" for p in flowers)
-    assert np.mean([p.unknown for p in flowers]) >= 0.8  # 88% measured: the kNN score on 60 training images
+    # 98% measured (k = 3, unaugmented reference, threshold over validation and training left out in turn);
+    # the old detector (k = 5, augmented reference, validation only) flagged 88%
+    assert np.mean([p.unknown for p in flowers]) >= 0.93
     assert all(p.unknown == (p.unknown_score > detector.threshold) for p in flowers + own)
+
+
+def test_a_run_references_its_training_images_unaugmented(learned_run):
+    """The stored reference is the training images' features as a test image's are computed (no flip, no
+    rotation): an augmented view sits farther from any unseen photo and blurs the score."""
+    import keras
+
+    from mobiletune.config import load_config
+    from mobiletune.data import folders
+    from mobiletune.data.pixels import eval_batches
+    from mobiletune.model import convention
+    from mobiletune.model.network import Classifier, load_model
+
+    run = learned_run.workdir
+    config = load_config(run / "config.yaml")
+    classifier = Classifier(load_model(run / runfolder.MODEL))
+    images = folders.load_images(run.parent / "data", config.data)
+    pooled = keras.Model(classifier.model.input, classifier.pool.output)
+    plain = np.concatenate([np.asarray(pooled.predict_on_batch(x)) for x, _ in
+                            eval_batches(images, config.data.image_size, 32, "train")])
+    reference = unknown.load(run / runfolder.UNKNOWN).reference
+    assert reference.shape == plain.shape
+    cosine = np.sum(reference * convention.unit_rows(plain), axis=1)
+    assert cosine.min() > 0.999  # the augmented views' own cosines to these are ~0.9

@@ -149,9 +149,47 @@ def test_knn_fit_keeps_the_unit_training_rows_as_saved_in_float16():
     assert detector.reference.dtype == np.float32
     assert np.array_equal(detector.reference, unit.astype(np.float16).astype(np.float32))
     assert not np.array_equal(detector.reference, unit.astype(np.float32))  # float16-rounded, as the file has it
-    # validation distances to the nearest training row: 0; 1 - 2 / sqrt 6 (to the diagonal); 1 (to (3, 4, 0))
-    assert detector.threshold == pytest.approx(1 - 2 / math.sqrt(6), abs=2e-3) and detector.validation_kept == 2 / 3
+    # validation distances to the nearest training row: 0; 1 - 2 / sqrt 6 = .184 (to the diagonal); 1 (to (3, 4, 0));
+    # training rows to their nearest other: 1 - 1.4 / sqrt 3 = .192 twice ((3, 4, 0) and the diagonal), 1 - 1 / sqrt 3
+    # = .423 ((0, 0, 2) to the diagonal). Of the six, the "higher" 0.5 quantile (index 3 of 0-5) is .192
+    assert detector.threshold == pytest.approx(1 - 1.4 / math.sqrt(3), abs=2e-3) and detector.validation_kept == 2 / 3
     assert detector.score == "knn" and detector.k == 1
+
+
+def test_leave_one_out_is_each_rows_kth_nearest_other_row():
+    reference = _reference()  # e1, e2 and the diagonal: 45 degrees between the diagonal and each axis
+    near = 1 - SQRT_HALF
+    assert unknown.leave_one_out(reference, 1) == pytest.approx([near, near, near], abs=1e-6)  # never itself (0)
+    assert unknown.leave_one_out(reference, 2) == pytest.approx([1.0, 1.0, near], abs=1e-6)
+    assert unknown.leave_one_out(reference, 9) == pytest.approx(unknown.leave_one_out(reference, 2))  # 2 others
+    assert unknown.leave_one_out(reference[:1], 3).size == 0  # one image has no other
+
+
+def test_the_knn_threshold_pools_validation_with_training_images_left_out():
+    # 20 validation images (the 0.95 quantile of 20 is their maximum) and 400 training images, one distribution:
+    # pooled, the threshold comes from 420 scores and the outlier among the validation images no longer sets it
+    rng = np.random.default_rng(0)
+    centre = np.r_[np.ones(8) * 3, np.zeros(8)]
+    train, val = centre + rng.normal(size=(400, 16)), centre + rng.normal(size=(20, 16))
+    val[0] = -centre  # a validation image that is not like the others: cosine distance ~2
+    detector = unknown.fit("knn", train, val, np.zeros((20, 2)), keep=0.95, k=3)
+    inside = np.r_[unknown.leave_one_out(detector.reference, 3), unknown.knn(val, detector.reference, 3)]
+    assert detector.threshold == pytest.approx(float(np.quantile(inside, 0.95, method="higher")))
+    assert detector.threshold < 0.5 < unknown.knn(val[:1], detector.reference, 3)[0]
+    assert 0.8 <= detector.validation_kept < 1  # the outlier is unknown, most of the rest kept (17 of 19 here)
+
+
+def test_near_copies_among_the_training_images_leave_the_threshold_to_validation():
+    # 40 images, each also present as 4 slightly changed copies: left out, an image still finds its copies
+    # (distance ~0), which no unseen image does. Pooling those scores would put the threshold near 0
+    rng = np.random.default_rng(1)
+    originals = 3 + rng.normal(size=(40, 16))
+    train = np.concatenate([originals + 0.01 * rng.normal(size=originals.shape) for _ in range(5)])
+    val = 3 + rng.normal(size=(30, 16))
+    detector = unknown.fit("knn", train, val, np.zeros((30, 2)), keep=0.95, k=3)
+    alone = unknown.knn(val, detector.reference, 3)
+    assert detector.threshold == pytest.approx(float(np.quantile(alone, 0.95, method="higher")))
+    assert detector.validation_kept >= 0.95
 
 
 def test_knn_keeps_a_seeded_sample_of_at_most_reference_limit_rows(monkeypatch):
@@ -218,6 +256,8 @@ def test_a_loaded_detector_scores_and_decides_as_the_fitted_one(tmp_path):
         again = unknown.load(tmp_path / "d.npz")
         scores = again.scores(val, logits)
         assert np.array_equal(scores, detector.scores(val, logits))
-        # the "higher" 0.8 quantile of 30 scores is the 25th smallest: 25 kept, 5 unknown
-        assert detector.validation_kept == pytest.approx(25 / 30)
-        assert (scores > again.threshold).sum() == 5 and again.summary(scores)["test_kept"] == pytest.approx(25 / 30)
+        if name != "knn":  # the "higher" 0.8 quantile of 30 scores is the 25th smallest: 25 kept, 5 unknown
+            assert detector.validation_kept == pytest.approx(25 / 30) and (scores > again.threshold).sum() == 5
+        # knn's threshold also counts the 40 training images left out in turn: whatever it keeps, the same
+        assert again.summary(scores)["test_kept"] == pytest.approx(detector.validation_kept)
+        assert (scores > again.threshold).sum() == round(30 * (1 - detector.validation_kept))

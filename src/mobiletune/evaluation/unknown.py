@@ -6,9 +6,12 @@ shares all belief among the classes it knows. Three scores, each higher for stra
 - "energy": -logsumexp(logits) (Liu et al., 2020); a binary model's one logit z is the pair (0, z);
 - "knn": the cosine distance from an input's pooled base features to those of its k-th nearest
   training image (Sun et al., 2022). It needs the training features (`unknown.npz` in the run).
-The threshold is the `predict.keep` quantile of the validation images' scores: that share of
-images like the training data is accepted, whatever the score's scale. Which score to default to
-was measured (benchmarks/unknown_inputs.py, docs/unknown-inputs.md).
+The threshold is the `predict.keep` quantile of in-distribution scores, whatever the score's scale:
+the validation images', and for knn also each training image's leave-one-out score (its distance to
+the k-th nearest *other* training image). A small set's few validation images alone make a noisy
+quantile (20 images: 0.95 is their maximum, which on flowers_mini let 30% of cats and dogs through);
+the training images multiply the sample. Which score, k and threshold was measured across set sizes
+and image sizes (benchmarks/unknown_inputs.py, docs/unknown-inputs.md).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from mobiletune.model import convention
 __all__ = ["UnknownDetector", "fit", "load", "scores"]
 
 REFERENCE_LIMIT = 20_000  # training images kept for knn: distances to 20k rows stay a few ms per image
+LOO_LIMIT = 2_000  # training images scored leave-one-out for the threshold: plenty for a 0.95 quantile
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
@@ -93,18 +97,47 @@ class UnknownDetector:
         atomic_write_bytes(path, buffer.getvalue())
 
 
+def leave_one_out(reference: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """knn scores of (at most LOO_LIMIT of) the reference rows themselves, each without itself: the distance
+    to its k-th nearest *other* row. In-distribution scores as unseen images get them, one per training image."""
+    if len(reference) < 2:
+        return np.zeros(0)
+    rows = reference
+    if len(rows) > LOO_LIMIT:
+        rows = rows[np.random.default_rng(seed).choice(len(rows), LOO_LIMIT, replace=False)]
+    # each row finds itself first (distance 0, or 1e-3 after float16): the (k + 1)-th is the k-th other
+    return knn(rows, reference, min(k, len(reference) - 1) + 1)
+
+
+def _copies_inside(inside: np.ndarray, val: np.ndarray) -> bool:
+    """Whether the training images' leave-one-out scores sit below the validation images' (one-sided
+    Mann-Whitney, p < 0.01): then training images have near copies of each other (bursts, augmented copies),
+    and a left-out image still finds its copy, which an unseen image does not. A set of 28 flowers a class
+    grown to 200 by crops gave a threshold that kept 5% of its test images; on real photos p was 0.1-0.9."""
+    if len(inside) < 2 or len(val) < 5:
+        return False
+    from scipy.stats import mannwhitneyu
+
+    return bool(mannwhitneyu(inside, val, alternative="less").pvalue < 0.01)
+
+
 def fit(score: str, train_pooled: np.ndarray, val_pooled: np.ndarray, val_logits: np.ndarray, *, keep: float,
         k: int, seed: int = 0) -> UnknownDetector:
-    """The detector whose threshold accepts `keep` of the validation images."""
-    reference = None
+    """The detector whose threshold accepts `keep` of the in-distribution scores: the validation images', and
+    for knn also the training images' leave-one-out scores (`train_pooled` should be unaugmented: a test image
+    is, and augmented references sit farther from it, which blurred 96-160 px detectors: docs/unknown-inputs.md)."""
+    reference, inside = None, np.zeros(0)
     if score == "knn":
         rows = train_pooled
         if len(rows) > REFERENCE_LIMIT:
             rows = rows[np.random.default_rng(seed).choice(len(rows), REFERENCE_LIMIT, replace=False)]
         # as saved (float16), so the threshold holds after load
         reference = convention.unit_rows(rows).astype(np.float16).astype(np.float32)
+        inside = leave_one_out(reference, k, seed)
     val = scores(score, val_pooled, val_logits, reference, k)
-    threshold = float(np.quantile(val, keep, method="higher"))
+    if _copies_inside(inside, val):
+        inside = np.zeros(0)
+    threshold = float(np.quantile(np.concatenate([inside, val]), keep, method="higher"))
     return UnknownDetector(score, threshold, float(np.mean(val <= threshold)), k, reference)
 
 
@@ -125,8 +158,7 @@ def load(path: Path) -> UnknownDetector | None:
 def embed(classifier, images, splits: tuple[str, ...], config, feats=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Pooled base output and logits of each split's images under the trained `classifier`
     (`network.Classifier`), unaugmented: from the cached boundary activations where there are some (the layers
-    below stay frozen, so they still hold: 0.127 of 0.306 GFLOP an image), else from pixels. One two-output
-    model serves all splits."""
+    below stay frozen, so they still hold: 0.127 of 0.306 GFLOP an image), else from pixels."""
     import keras
 
     from mobiletune.data import pixels
@@ -134,23 +166,36 @@ def embed(classifier, images, splits: tuple[str, ...], config, feats=None) -> di
     from mobiletune.model import cut
 
     batch, at = config.data.batch_size, config.phase2.fine_tune_at
-    if feats is not None:
-        two = cut.top_model(classifier, at, pooled=True)
-    else:
-        two = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
+    top = None if feats is None else cut.top_model(classifier, at, pooled=True)
     out = {}
     for split in splits:
-        if feats is not None:
+        reader = None if feats is None else _plain_reader(feats, images, split, config, classifier.augmenting)
+        if reader is not None:
             labels = images.labels[images.indices(split)]
-            # view 0 of the training images (an augmented one: the cache holds no other for them)
-            batches = feature_dataset(feats.readers[split], feats.boundaries[at], labels, 1, batch,
-                                               shuffle=False, seed=config.data.seed)
+            batches, two = feature_dataset(reader, feats.boundaries[at], labels, 1, batch, shuffle=False,
+                                           seed=config.data.seed), top
         else:
             batches = pixels.eval_batches(images, config.data.image_size, batch, split)
+            two = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
         pooled, logits = zip(*((np.asarray(p), np.asarray(z)) for p, z in
                                (two.predict_on_batch(x) for x, _ in batches)), strict=True)
         out[split] = np.concatenate(pooled), np.concatenate(logits)
     return out
+
+
+def _plain_reader(feats, images, split: str, config, augmenting: bool):
+    """The cached rows of `split`'s unaugmented images, or None where the cache lacks them (the training images'
+    plain view is there when the run audits, the default; without it they come from pixels). Validation and
+    test hold only the plain view; the training images' cached views are augmented ones, and as the knn
+    reference they let through up to twice the unknowns (docs/unknown-inputs.md)."""
+    from mobiletune.features import store as store_lib
+    from mobiletune.features.compute import view_tag
+
+    if split != "train" or not augmenting:
+        return feats.readers[split]
+    store = feats.readers[split].store
+    keys = [store_lib.item_key(images.hashes[i], view_tag(config, None)) for i in images.indices(split)]
+    return None if store.missing(keys) else store.reader(keys)
 
 
 def fit_run(classifier, images, config, feats=None) -> tuple[UnknownDetector, np.ndarray]:
