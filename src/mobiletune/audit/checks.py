@@ -2,32 +2,41 @@
 
 Everything works on what mobiletune already has: the sha256 of every file and the unaugmented
 pooled ImageNet features of every image (from the feature store, so an audit after a run costs
-seconds). Near duplicates are pairs whose features have a cosine similarity of at least
-`NEAR_DUPLICATE_COSINE`; label errors are ranked by cleanlab's confident learning on out-of-fold
-probabilities of a head trained k-fold on those features; outliers by cleanlab's
-OutOfDistribution score (mean distance to the nearest neighbours in feature space).
+seconds). Every image gets every score; a row is `flagged` where the score passes its check:
+- near duplicates: the cosine similarity of an image's features to its nearest other image,
+  flagged from `NEAR_DUPLICATE_COSINE`;
+- label errors: 1 - the out-of-fold probability of the given label (`scores`), flagged by
+  cleanlab's confident learning;
+- outliers (off-topic images): the distance to the image's own class relative to that class's
+  spread (`scores`), flagged far above the median.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mobiletune.audit import scores
 from mobiletune.data.images import ImageSet
-from mobiletune.model import convention
 
 ISSUES = ("exact_duplicate", "near_duplicate", "label_error", "outlier")
-COLUMNS = ["path", "split", "class", "issue", "score", "suggested_class", "other_path"]
+COLUMNS = ["path", "split", "class", "issue", "score", "suggested_class", "other_path", "flagged"]
 # Resized, recompressed (JPEG 30) and 5%-cropped copies of cats-vs-dogs photos score 0.97-0.99 against their
 # originals at 160 px; distinct photos of the same class stay below ~0.93 (tests/test_audit.py plants both).
 NEAR_DUPLICATE_COSINE = 0.90
 NEIGHBOURS = 10  # how many nearest neighbours each image is compared with for near duplicates
-FOLDS = 5  # out-of-fold probabilities for label errors: each image scored by a head that never saw it
-# An outlier's OutOfDistribution score lies this many robust deviations (MAD) below the median score.
-OUTLIER_MADS = 4.0
+# A pair below that cosine is a copy too when each is the other's nearest image and the gap to the next is this
+# many times the spread of the next nine (a mirrored copy, or a flower photo cropped a little, whose species look
+# alike): clean sets of 40-3,000 cats and dogs had <= 0.3% of images pass, mirrored copies 93-97%.
+STANDOUT = 3.0
+STANDOUT_FLOOR = 0.80  # and never below this cosine: on the full cats_and_dogs_filtered, the 5 pairs the rule found
+# at 0.70-0.85 were different photos of look-alike animals; mild copies and mirrors measured 0.87 and up
+LISTINGS = ("review", "all")  # what audit.csv lists after the findings: the next to review, or everything
+REVIEW_SHARE = 0.01  # after the findings, the next most suspicious 1% of the images under each check, to look at
 
 
 @dataclass(frozen=True)
@@ -36,17 +45,19 @@ class Finding:
     split: str
     cls: str
     issue: str  # one of ISSUES
-    score: float  # higher is more suspicious, in [0, 1]
+    score: float  # higher is more suspicious; its scale is the check's own (module docstring)
+    flagged: bool = True  # passes the check's threshold: a finding, not just a row to review
     suggested_class: str = ""
-    other_path: str = ""  # the duplicate's partner
+    other_path: str = ""  # the duplicate's (or nearest image's) partner
 
     def row(self) -> list[Any]:
         d = asdict(self)
         return [d["path"], d["split"], d["cls"], d["issue"], round(d["score"], 6), d["suggested_class"],
-                d["other_path"]]
+                d["other_path"], str(d["flagged"]).lower()]
 
 
-def _finding(images: ImageSet, i: int, issue: str, score: float, **kw: str) -> Finding:
+def _finding(images: ImageSet, i: int, issue: str, score: float, **kw: Any) -> Finding:
+    i = int(i)
     return Finding(images.paths[i], str(images.splits[i]), images.classes[images.labels[i]], issue, float(score), **kw)
 
 
@@ -78,11 +89,35 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray],
     pairs: dict[tuple[int, int], float] = {}  # from either side: a's neighbours may hold b while b's do not hold a
     for i in range(len(neighbours)):
         for similarity, j in zip(similarities[i], neighbours[i], strict=True):
-            a, b = min(i, int(j)), max(i, int(j))
-            if a != b and similarity >= threshold and images.hashes[a] != images.hashes[b]:  # exact: reported above
-                pairs[(a, b)] = float(similarity)
-    found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()]
+            if similarity >= threshold:
+                pairs[(min(i, int(j)), max(i, int(j)))] = float(similarity)
+    for i, j in enumerate(_standing_out(near)):
+        if j >= 0:
+            pairs[(min(i, j), max(i, j))] = float(similarities[i][neighbours[i] == j][0])
+    found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()
+              if a != b and images.hashes[a] != images.hashes[b]]  # exact copies: reported above
     return found
+
+
+def _standing_out(near: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Each image's partner where the two are each other's nearest and stand out from the rest of the
+    neighbours (`STANDOUT`), else -1: a copy that cropping or a mirror moved below NEAR_DUPLICATE_COSINE."""
+    similarities, neighbours = near
+    n = len(neighbours)
+    partner = np.full(n, -1)
+    if similarities.shape[1] < 5:  # too few neighbours to tell a standout from a close pair
+        return partner
+    others = neighbours != np.arange(n)[:, None]
+    sims = np.where(others, similarities, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    ranked = np.take_along_axis(sims, order, axis=1)[:, :-1]  # the image itself, last, dropped
+    nearest = np.take_along_axis(neighbours, order[:, :1], axis=1)[:, 0]
+    s1, s2, last = ranked[:, 0], ranked[:, 1], ranked[:, -1]
+    standout = (s1 - s2) / np.maximum(s2 - last, 1e-6) >= STANDOUT
+    mutual = nearest[nearest] == np.arange(n)
+    keep = standout & mutual & (s1 >= STANDOUT_FLOOR)
+    partner[keep] = nearest[keep]
+    return partner
 
 
 def duplicate_groups(images: ImageSet, findings: list[Finding]) -> dict[str, str]:
@@ -97,7 +132,7 @@ def duplicate_groups(images: ImageSet, findings: list[Finding]) -> dict[str, str
 
     digest = dict(zip(images.paths, images.hashes, strict=True))
     for f in findings:
-        if f.issue in ISSUES[:2]:
+        if f.flagged and f.issue in ISSUES[:2]:
             a, b = root(digest[f.path]), root(digest[f.other_path])
             parent[max(a, b)] = min(a, b)
     return {h: root(h) for h in {*parent, *parent.values()}}
@@ -106,63 +141,95 @@ def duplicate_groups(images: ImageSet, findings: list[Finding]) -> dict[str, str
 def leaks(images: ImageSet, findings: list[Finding]) -> list[Finding]:
     """The duplicate pairs that cross train and a held-out split: a held-out image the model has as good as seen."""
     in_train = {p: s == "train" for p, s in zip(images.paths, images.splits, strict=True)}
-    return [f for f in findings if f.issue in ISSUES[:2] and in_train[f.path] != in_train[f.other_path]]
+    return [f for f in findings
+            if f.flagged and f.issue in ISSUES[:2] and in_train[f.path] != in_train[f.other_path]]
 
 
-def label_errors(images: ImageSet, pooled: np.ndarray, folds: int = FOLDS) -> list[Finding]:
-    """Likely wrong labels, most suspicious first, with the class the out-of-fold head prefers."""
-    from cleanlab.filter import find_label_issues
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    labels = images.labels
-    folds = min(folds, int(np.bincount(labels).min()))
-    if folds < 2:
-        return []  # a class with a single image cannot be held out of its own fold
-    probs = cross_val_predict(LogisticRegression(max_iter=1000, C=1.0), convention.unit_rows(pooled), labels,
-                              cv=StratifiedKFold(folds, shuffle=True, random_state=0), method="predict_proba")
-    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
-    return [_finding(images, int(i), "label_error", 1.0 - probs[i, labels[i]],
-                     suggested_class=images.classes[int(probs[i].argmax())]) for i in ranked]
+def _nearest_other(near: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's most similar other image among its `nearest` neighbours: (similarity, index)."""
+    similarities, neighbours = near
+    others = neighbours != np.arange(len(neighbours))[:, None]
+    first = others.argmax(axis=1)  # neighbours are sorted by similarity; the first that is not the image itself
+    rows = np.arange(len(neighbours))
+    return np.where(others.any(axis=1), similarities[rows, first], 0.0), neighbours[rows, first]
 
 
-def outlier_scores(pooled: np.ndarray) -> np.ndarray:
-    """Each image's cleanlab OutOfDistribution score (its mean distance to its nearest neighbours, mapped to
-    (0, 1]): lower is more unlike the rest of the set."""
-    from cleanlab.outlier import OutOfDistribution
+def similarity_rows(images: ImageSet, near: tuple[np.ndarray, np.ndarray]) -> list[Finding]:
+    """Every image with its nearest other image (unflagged "near_duplicate" rows), once per pair: the copies
+    below the threshold, to review."""
+    similarity, partner = _nearest_other(near)
+    seen: set[tuple[int, int]] = set()
+    rows = []
+    for i in np.argsort(-similarity, kind="stable"):
+        pair = (min(int(i), int(partner[i])), max(int(i), int(partner[i])))
+        if pair[0] != pair[1] and pair not in seen:
+            seen.add(pair)
+            rows.append(_finding(images, pair[1], "near_duplicate", similarity[i], flagged=False,
+                                 other_path=images.paths[pair[0]]))
+    return rows
 
-    return OutOfDistribution(params={"k": min(10, len(pooled) - 1)}).fit_score(features=convention.unit_rows(pooled),
-                                                                               verbose=False)
 
-
-def outliers(images: ImageSet, pooled: np.ndarray) -> list[Finding]:
-    """Images far from every other in feature space (`outlier_scores`), most suspicious first."""
-    if len(pooled) < 3:
+def label_errors(images: ImageSet, pooled: np.ndarray) -> list[Finding]:
+    """Every image's label-quality row (score 1 - the out-of-fold probability of its label, with the class the
+    probe prefers), flagged where confident learning calls the label wrong."""
+    fitted = scores.out_of_fold_probabilities(pooled, images.labels)
+    if fitted is None:
         return []
-    scores = outlier_scores(pooled)
-    median = float(np.median(scores))
-    mad = float(np.median(np.abs(scores - median))) or 1e-12
-    flagged = np.flatnonzero(scores < median - OUTLIER_MADS * mad)
-    return [_finding(images, int(i), "outlier", 1.0 - float(scores[i])) for i in flagged[np.argsort(scores[flagged])]]
+    probs, labels = fitted[0], images.labels
+    wrong = scores.label_issue_mask(labels, probs)
+    return [_finding(images, i, "label_error", 1.0 - probs[i, labels[i]], flagged=bool(wrong[i]),
+                     suggested_class=images.classes[int(probs[i].argmax())]) for i in range(len(labels))]
+
+
+def outliers(images: ImageSet, pooled: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> list[Finding]:
+    """Every image's off-topic row (`scores.offtopic_scores`, with the ImageNet `top` where there is one),
+    flagged above `scores.OFFTOPIC_MADS`."""
+    values = scores.offtopic_scores(pooled, images.labels, top)
+    return [_finding(images, i, "outlier", float(v), flagged=bool(v > scores.OFFTOPIC_MADS))
+            for i, v in enumerate(values) if np.isfinite(v)]
+
+
+def _listed(rows: list[Finding], n_images: int, listing: str) -> list[Finding]:
+    """The rows audit.csv lists: flagged first, then the next most suspicious REVIEW_SHARE of the images for each
+    issue ("review") or every row ("all"); each group by issue, most suspicious first."""
+    order = sorted(rows, key=lambda f: (not f.flagged, ISSUES.index(f.issue), -f.score, f.path))
+    if listing == "all":
+        return order
+    review = max(1, math.ceil(REVIEW_SHARE * n_images))
+    taken = dict.fromkeys(ISSUES, 0)
+    listed = []
+    for f in order:
+        if f.flagged or taken[f.issue] < review:
+            listed.append(f)
+            taken[f.issue] += not f.flagged
+    return listed
 
 
 def run_audit(images: ImageSet, pooled: np.ndarray, *, full: bool = True,
-              near: tuple[np.ndarray, np.ndarray] | None = None) -> list[Finding]:
-    """Every finding, sorted by issue (as ISSUES) and then most suspicious first. Without `full`: duplicates only.
+              near: tuple[np.ndarray, np.ndarray] | None = None, listing: str = "review",
+              top: tuple[np.ndarray, np.ndarray] | None = None) -> list[Finding]:
+    """The audit's rows (`Finding.flagged` says which are findings): without `full`, duplicates only.
 
-    `near`: `nearest(pooled)`, when the caller has it already.
+    `listing`: "review" (the findings, then the next most suspicious images of each check) or "all" (every
+    image under every check). `near`: `nearest(pooled)`, when the caller has it already. `top`:
+    MobileNetV2's ImageNet top (`model.imagenet.top_for`), which sharpens the off-topic score.
     """
-    found = duplicates(images, near if near is not None else nearest(pooled))
+    assert listing in LISTINGS, listing
+    near = near if near is not None else nearest(pooled)
+    flagged = duplicates(images, near)
+    pairs = {frozenset((f.path, f.other_path)) for f in flagged}
+    rows = flagged + [f for f in similarity_rows(images, near) if frozenset((f.path, f.other_path)) not in pairs]
     if full:
-        found += label_errors(images, pooled) + outliers(images, pooled)
-    return sorted(found, key=lambda f: (ISSUES.index(f.issue), -f.score, f.path))
+        rows += label_errors(images, pooled) + outliers(images, pooled, top)
+    return _listed(rows, len(images.paths), listing)
 
 
 def summary(images: ImageSet, findings: list[Finding]) -> dict[str, Any]:
-    """Counts per issue and the cross-split copies, for the console, metrics.json and report.html."""
+    """Flagged images per issue and the cross-split copies, for the console, metrics.json and report.html."""
     crossing = leaks(images, findings)
     return {
-        **{issue: sum(f.issue == issue for f in findings) for issue in ISSUES},
+        **{issue: sum(f.flagged and f.issue == issue for f in findings) for issue in ISSUES},
         "leaks": len(crossing),
         "leaked_held_out": sorted({f.path if f.split != "train" else f.other_path for f in crossing}),
     }
@@ -175,7 +242,8 @@ def write_csv(findings: list[Finding], path: Path) -> None:
 
 
 def read_exclusions(path: Path) -> dict[str, str]:
-    """{path relative to DATA_DIR: reason} from an audit.csv (its issue column) or a plain list of paths."""
+    """{path relative to DATA_DIR: reason} from an audit.csv (its flagged rows, with their issue) or a plain list
+    of paths (one a line; lines starting with # are comments)."""
     from mobiletune.errors import UsageError
 
     try:
@@ -186,5 +254,6 @@ def read_exclusions(path: Path) -> dict[str, str]:
     if lines and lines[0].split(",")[:4] == COLUMNS[:4]:
         from mobiletune.runfolder import read_csv
 
-        return {r["path"]: f"excluded ({r['issue']}, {path.name})" for r in read_csv(path)}
+        return {r["path"]: f"excluded ({r['issue']}, {path.name})" for r in read_csv(path)
+                if r.get("flagged", "true") == "true"}  # an audit.csv from before the column lists findings only
     return {line.strip(): f"excluded (listed in {path.name})" for line in lines if not line.startswith("#")}

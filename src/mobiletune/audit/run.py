@@ -10,9 +10,10 @@ from mobiletune import runfolder
 from mobiletune.audit.checks import read_exclusions, run_audit, summary, write_csv
 
 
-def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bool = False, console=None
-                 ) -> dict[str, Any]:
+def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bool = False, console=None,
+                 listing: str = "review") -> dict[str, Any]:
     """`mobiletune audit`: every check on DATA_DIR, into OUT/audit.csv and OUT/audit.html; returns the summary.
+    `listing`: which rows audit.csv holds besides the findings (`checks.run_audit`).
 
     The features come from the feature store (computed once, shared with `train`), so an audit
     after a run, or a run after an audit, costs only the checks.
@@ -23,6 +24,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     from mobiletune.data import scan
     from mobiletune.features import cache
     from mobiletune.features import compute as features
+    from mobiletune.model.imagenet import top_for
     from mobiletune.model.network import create_model
 
     runfolder.check_out(out, overwrite=overwrite)
@@ -34,7 +36,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     classifier = create_model(config, len(images.classes))
     with progress.bar(console, "features") as update:
         pooled, images = features.plain_pooled(classifier, images, config, progress=update, file_index=index)
-    findings = run_audit(images, pooled)
+    findings = run_audit(images, pooled, listing=listing, top=top_for(config))
     out = runfolder.prepare(out, overwrite=overwrite)
     write_csv(findings, out / runfolder.AUDIT)
     found = summary(images, findings)

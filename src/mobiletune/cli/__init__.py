@@ -145,6 +145,9 @@ def audit_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="List every image under every check in audit.csv, ranked "
+                                       "(by default: the findings, then the next most suspicious 1% to review).")
+                    ] = False,
 ) -> None:
     """Find duplicates, copies across splits, likely label errors and off-topic images; write audit.csv and .html."""
     from rich.table import Table
@@ -157,7 +160,8 @@ def audit_command(
     recipe = load_config(config, list(set_ or []))
     check_source(data_dir)
     import_tensorflow()
-    found = audit_folder(recipe, data_dir, out, overwrite=overwrite, console=console)
+    found = audit_folder(recipe, data_dir, out, overwrite=overwrite, console=console,
+                         listing="all" if all_ else "review")
     table = Table(title=f"audit of {found['images']:,} images ({found['skipped']} skipped)")
     table.add_column("issue")
     table.add_column("images", justify="right")
@@ -165,8 +169,10 @@ def audit_command(
         table.add_row(issue.replace("_", " "), f"{found[issue]:,}")
     table.add_row("duplicates across train and validation/test (leaks)", f"{found['leaks']:,}")
     console.print(table)
-    console.print(f"details: {Path(found['out']) / 'audit.csv'} and audit.html; leave files out with "
-                  f"mobiletune train {data_dir} --exclude {Path(found['out']) / 'audit.csv'}")
+    out = Path(found["out"])
+    console.print(f"details: {out / 'audit.csv'} (the findings, then the next most suspicious to review) and "
+                  f"{out / 'audit.html'} (tick images, download them as an exclude list); leave the findings out "
+                  f"with mobiletune train {data_dir} --exclude {out / 'audit.csv'}")
 
 
 @app.command()

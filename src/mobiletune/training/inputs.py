@@ -17,6 +17,7 @@ from mobiletune.data import scan
 from mobiletune.data.images import ImageSet
 from mobiletune.features import cache
 from mobiletune.features import compute as features
+from mobiletune.model.imagenet import top_for
 from mobiletune.model.network import Classifier
 
 
@@ -79,7 +80,8 @@ def audit_run(images: ImageSet, feats: features.Features | None, near: tuple | N
     if feats is None or feats.pooled_plain is None:
         return None
     clock = time.perf_counter()
-    findings = audit.run_audit(images, feats.pooled_plain, full=config.data.audit == "full", near=near)
+    full = config.data.audit == "full"
+    findings = audit.run_audit(images, feats.pooled_plain, full=full, near=near, top=top_for(config) if full else None)
     audit.write_csv(findings, out / runfolder.AUDIT)
     found = audit.summary(images, findings)
     parts = [f"{found[i]} {i.replace('_', ' ')}(s)" for i in audit.ISSUES if found[i] or i in audit.ISSUES[:2]]
