@@ -284,3 +284,25 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
     assert set(flowers) <= set(ranked[:3]) and all(p in swaps or p in flowers for p in ranked[:5]), ranked[:5]
     planted = set(swaps) | set(flowers) | {p for c in copies for p in c}
     assert len({f.path for f in found} - planted) <= 1  # false positives stay at the clean set's level
+
+
+def test_the_label_probe_takes_a_4_image_class_among_1400_and_skips_a_1_image_one():
+    """C is chosen on a subsample of a large set: a small class keeps every image there (a proportional share of
+    4 could be none, and the folds need two); a class of one image gets no row rather than stopping the check."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), [700, 700, 4, 1])
+    pooled = np.abs(rng.normal(size=(4, 64))[labels] + 0.3 * rng.normal(size=(len(labels), 64)))
+    probs, _ = scores.out_of_fold_probabilities(pooled, labels)
+    assert np.isnan(probs[labels == 3]).all() and np.isfinite(probs[labels < 3]).all()
+    assert (probs[labels < 3].argmax(1) == labels[labels < 3]).mean() > 0.95
+    assert not scores.label_issue_mask(labels, probs)[labels < 2].any()  # clean, well separated classes
+
+
+def test_off_topic_scores_stay_finite_when_most_classes_hold_two_images():
+    """Two-image classes all score exactly 1 (each is the other's only neighbour): over half the scores equal,
+    the MAD is 0, and without a stand-in every other score would be ~1e20 robust deviations."""
+    labels = np.r_[np.repeat(np.arange(20), 2), np.repeat([20, 21], 10)]
+    pooled = np.abs(np.random.default_rng(0).normal(size=(len(labels), 32)))
+    values = scores.offtopic_scores(pooled, labels)
+    assert np.isfinite(values).all() and values.max() < 20
+    assert np.isnan(scores.offtopic_scores(pooled[:3], np.arange(3))).all()  # no class to compare with

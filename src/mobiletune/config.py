@@ -283,7 +283,8 @@ def validate(config: Config) -> None:
     _check(0 < p2.lr_ratio <= 10, "phase2.lr_ratio", p2.lr_ratio,
            "a ratio in (0, 10]; phase-2 lr = phase1.lr * lr_ratio, e.g. 0.1")
     pr = config.predict
-    _check(0.5 <= pr.keep < 1, "predict.keep", pr.keep, "a share of validation images to accept in [0.5, 1), e.g. 0.95")
+    _check(0.5 <= pr.keep < 1, "predict.keep", pr.keep,
+           "a share of in-distribution images to accept in [0.5, 1), e.g. 0.95")
     _check(pr.unknown_score in UNKNOWN_SCORES, "predict.unknown_score", pr.unknown_score,
            f"one of {', '.join(UNKNOWN_SCORES)}")
     _check(1 <= pr.knn_k <= 1000, "predict.knn_k", pr.knn_k, "1 to 1000 neighbours")

@@ -162,7 +162,7 @@ def similarity_rows(images: ImageSet, near: tuple[np.ndarray, np.ndarray]) -> li
     rows = []
     for i in np.argsort(-similarity, kind="stable"):
         pair = (min(int(i), int(partner[i])), max(int(i), int(partner[i])))
-        if pair[0] != pair[1] and pair not in seen:
+        if pair[0] != pair[1] and pair not in seen and images.hashes[pair[0]] != images.hashes[pair[1]]:
             seen.add(pair)
             rows.append(_finding(images, pair[1], "near_duplicate", similarity[i], flagged=False,
                                  other_path=images.paths[pair[0]]))
@@ -171,14 +171,19 @@ def similarity_rows(images: ImageSet, near: tuple[np.ndarray, np.ndarray]) -> li
 
 def label_errors(images: ImageSet, pooled: np.ndarray) -> list[Finding]:
     """Every image's label-quality row (score 1 - the out-of-fold probability of its label, with the class the
-    probe prefers), flagged where confident learning calls the label wrong."""
+    probe prefers where that is another), flagged where confident learning calls the label wrong. Images of a
+    class with a single image have no row."""
     fitted = scores.out_of_fold_probabilities(pooled, images.labels)
     if fitted is None:
         return []
     probs, labels = fitted[0], images.labels
     wrong = scores.label_issue_mask(labels, probs)
-    return [_finding(images, i, "label_error", 1.0 - probs[i, labels[i]], flagged=bool(wrong[i]),
-                     suggested_class=images.classes[int(probs[i].argmax())]) for i in range(len(labels))]
+    rows = []
+    for i in np.flatnonzero(np.isfinite(probs).all(axis=1)):
+        best = int(np.nanargmax(probs[i]))
+        rows.append(_finding(images, i, "label_error", 1.0 - probs[i, labels[i]], flagged=bool(wrong[i]),
+                             suggested_class=images.classes[best] if best != labels[i] else ""))
+    return rows
 
 
 def outliers(images: ImageSet, pooled: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None

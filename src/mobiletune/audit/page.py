@@ -40,6 +40,7 @@ function download() {
   link.href = URL.createObjectURL(new Blob([lines.join('\\n') + '\\n'], {type: 'text/plain'}));
   link.download = FILE;
   document.body.appendChild(link); link.click(); link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 0);
 }
 document.addEventListener('change', count);
 """
@@ -88,8 +89,9 @@ def build_audit_page(out: Path, root: Path, findings: list[Finding], summary: di
     leaks = (f"<p>{summary['leaks']} duplicate pair(s) cross train and validation/test: those held-out images "
              "are as good as seen in training.</p>") if summary["leaks"] else ""
     header = f"# mobiletune audit of {root.resolve()}: ticked to leave out (mobiletune train DATA_DIR --exclude FILE)"
-    constants = f"const HEADER = {json.dumps(header)}, FILE = {json.dumps(EXCLUDE_FILE)};"
-    script = (constants + SCRIPT).replace("</", "<\\/")  # a folder named "</script>" stays text
+    # "<" as \u003c: a folder named "</script>" or "<!--" stays text inside the script
+    constants = f"const HEADER = {json.dumps(header)}, FILE = {json.dumps(EXCLUDE_FILE)};".replace("<", "\\u003c")
+    script = constants + SCRIPT
     bar = ('<div class="bar"><button id="download" onclick="download()">Download exclude list</button> '
            '<span id="ticked">0</span> ticked; give the file to <code>--exclude</code></div>')
     body = "\n".join(_section(root, issue, findings) for issue in ISSUES)

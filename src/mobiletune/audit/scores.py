@@ -58,12 +58,20 @@ def _folds(labels: np.ndarray) -> int:
     return min(MAX_FOLDS, smallest) if smallest < MANY else MIN_FOLDS
 
 
-def _choose_c(unit: np.ndarray, labels: np.ndarray) -> float:
-    """The C of PROBE_CS with the lowest out-of-fold log loss, on at most SELECT_LIMIT images (stratified)."""
-    if len(labels) > SELECT_LIMIT:
-        from sklearn.model_selection import train_test_split
+def _selection(labels: np.ndarray) -> np.ndarray:
+    """The images C is chosen on: about SELECT_LIMIT, drawn per class in proportion, but every image of a class
+    smaller than MANY (a proportional share of a 4-image class could be none, and it needs two for its folds)."""
+    rng, counts = np.random.default_rng(0), np.bincount(labels)
+    share = min(1.0, SELECT_LIMIT / len(labels))
+    return np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(labels == c), max(min(n, MANY), round(n * share)), replace=False)
+        for c, n in enumerate(counts) if n]))
 
-        unit, _, labels, _ = train_test_split(unit, labels, train_size=SELECT_LIMIT, stratify=labels, random_state=0)
+
+def _choose_c(unit: np.ndarray, labels: np.ndarray) -> float:
+    """The C of PROBE_CS with the lowest out-of-fold log loss, on `_selection`'s images."""
+    chosen = _selection(labels)
+    unit, labels = unit[chosen], labels[chosen]
     rows, folds = np.arange(len(labels)), _folds(labels)
     best: tuple[float, float] | None = None
     for c in PROBE_CS:
@@ -78,12 +86,20 @@ def _choose_c(unit: np.ndarray, labels: np.ndarray) -> float:
 
 def out_of_fold_probabilities(pooled: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float] | None:
     """Each image's class probabilities from a logistic-regression probe that never saw it, and the probe's C
-    (`_choose_c`). None when a class has a single image (it cannot be held out of its own fold)."""
-    if int(np.bincount(labels).min()) < 2:
+    (`_choose_c`): NaN rows for the images of a class with a single image (it cannot be held out of its own
+    fold), which the probe leaves out. None when fewer than two classes have two images."""
+    counts = np.bincount(labels)
+    kept = np.flatnonzero(counts >= 2)
+    if len(kept) < 2:
         return None
-    unit = _projected(convention.unit_rows(pooled))
-    c = _choose_c(unit, labels)
-    return _probe_probabilities(unit, labels, c, _folds(labels)), c
+    rows = np.flatnonzero(counts[labels] >= 2)
+    dense = np.searchsorted(kept, labels[rows])  # the kept classes numbered 0..len(kept)-1 for scikit-learn
+    unit = _projected(convention.unit_rows(pooled[rows]))
+    c = _choose_c(unit, dense)
+    probs = np.full((len(labels), len(counts)), np.nan)
+    probs[rows] = 0.0  # a class with a single image gets no probability from the probe
+    probs[np.ix_(rows, kept)] = _probe_probabilities(unit, dense, c, _folds(dense))
+    return probs, c
 
 
 def label_issue_mask(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -91,8 +107,14 @@ def label_issue_mask(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     probe is also confident (SUGGESTED_CONFIDENCE) in another class."""
     from cleanlab.filter import find_label_issues
 
-    wrong = np.asarray(find_label_issues(labels, probs, filter_by="prune_by_noise_rate"), dtype=bool)
-    return wrong & (probs.max(axis=1) >= SUGGESTED_CONFIDENCE)
+    rows = np.flatnonzero(np.isfinite(probs).all(axis=1))
+    kept = np.flatnonzero(np.bincount(labels[rows], minlength=probs.shape[1]))
+    sub = probs[np.ix_(rows, kept)]
+    wrong = np.zeros(len(labels), bool)
+    wrong[rows] = find_label_issues(np.searchsorted(kept, labels[rows]), sub, filter_by="prune_by_noise_rate")
+    best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+    confident = np.nan_to_num(probs.max(axis=1, initial=0.0, where=np.isfinite(probs))) >= SUGGESTED_CONFIDENCE
+    return wrong & confident & (best != labels)
 
 
 def _kth_other_similarity(unit: np.ndarray, k: int) -> np.ndarray:
@@ -107,9 +129,14 @@ def _kth_other_similarity(unit: np.ndarray, k: int) -> np.ndarray:
 
 
 def _robust_z(values: np.ndarray) -> np.ndarray:
-    """How many robust deviations (MAD) each value lies above the median of all."""
+    """How many robust deviations (MAD) each value lies above the median of all. Where over half the values are
+    equal (classes of two images all score 1) the MAD is 0: the mean absolute deviation, scaled to match the
+    MAD of a normal distribution, stands in; all equal, all 0."""
     median = float(np.nanmedian(values))
-    return (values - median) / (float(np.nanmedian(np.abs(values - median))) or 1e-12)
+    spread = float(np.nanmedian(np.abs(values - median)))
+    if spread < 1e-9:
+        spread = 0.8 * float(np.nanmean(np.abs(values - median)))  # MAD / mean deviation of a normal: 0.80
+    return (values - median) / spread if spread > 1e-9 else np.where(np.isnan(values), np.nan, 0.0)
 
 
 def _relative_distance(unit: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -137,6 +164,8 @@ def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarra
       where its class's lies (a "daisy" among "tabby cats").
     NaN for a class of a single image.
     """
+    if np.bincount(labels).max(initial=0) < 2:
+        return np.full(len(labels), np.nan)
     unit = convention.unit_rows(pooled).astype(np.float32)
     probs = None if top is None else imagenet_probabilities(pooled, top)
     distance, surprise = np.full(len(labels), np.nan), np.full(len(labels), np.nan)

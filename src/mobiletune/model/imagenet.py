@@ -7,11 +7,17 @@ import functools
 
 import numpy as np
 
+from mobiletune.config import Config
+
+# Keras publishes MobileNetV2 weights trained at each of these sizes; other sizes get the 224 ones.
+KERAS_SIZES = (96, 128, 160, 192, 224)
+Top = tuple[np.ndarray, np.ndarray]  # the Dense layer's kernel [1280, 1000] and bias [1000]
+
 
 @functools.cache
-def imagenet_top(alpha: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """The top's (kernel [1280, 1000], bias [1000]) for width `alpha`, from Keras' weight file with the top (its
-    ordinary download, or $KERAS_HOME/models offline); None when that file cannot be had."""
+def _with_top(alpha: float, rows: int) -> tuple[Top, np.ndarray] | None:
+    """The top of Keras' weight file with the top at `rows` px, and that network's first convolution kernel
+    (to tell which base it belongs to); None when the file cannot be had."""
     import warnings
 
     import keras
@@ -19,21 +25,42 @@ def imagenet_top(alpha: float) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = keras.applications.MobileNetV2(include_top=True, weights="imagenet", alpha=alpha)
+            model = keras.applications.MobileNetV2(include_top=True, weights="imagenet", alpha=alpha,
+                                                   input_shape=(rows, rows, 3))
     except Exception:  # noqa: BLE001 - offline without the file, or a width Keras has no top for: do without
         return None
     kernel, bias = model.get_layer("predictions").get_weights()
-    return kernel.astype(np.float32), bias.astype(np.float32)
+    return (kernel.astype(np.float32), bias.astype(np.float32)), model.get_layer("Conv1").get_weights()[0]
 
 
-def imagenet_probabilities(pooled: np.ndarray, top: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+@functools.cache
+def _base_conv(config: Config) -> np.ndarray:
+    from mobiletune.model.network import build_base
+
+    return build_base(config).get_layer("Conv1").get_weights()[0]
+
+
+def top_for(config: Config) -> Top | None:
+    """The ImageNet top of the run's own base, or None (other weights, or no file with a top to be had).
+
+    Keras trained a network at each size, so the top must come from the same one as the base: the 224 file is
+    tried first (it is what offline copies hold, and it needs no download when it matches), then the base's
+    own size. A top whose first convolution differs from the base's would read another network's features.
+    """
+    if config.model.weights != "imagenet":
+        return None
+    size = config.data.image_size
+    base = _base_conv(config)
+    for rows in dict.fromkeys((224, size if size in KERAS_SIZES else 224)):
+        found = _with_top(config.model.alpha, rows)
+        if found is not None and np.array_equal(found[1], base):
+            return found[0]
+    return None
+
+
+def imagenet_probabilities(pooled: np.ndarray, top: Top) -> np.ndarray:
     """The 1,000 ImageNet class probabilities of each row of pooled base features."""
     import scipy.special
 
     kernel, bias = top
     return scipy.special.softmax(pooled.astype(np.float32) @ kernel + bias, axis=1)
-
-
-def top_for(config) -> tuple[np.ndarray, np.ndarray] | None:
-    """The ImageNet top matching the run's base, or None: with other weights the top would read other features."""
-    return imagenet_top(config.model.alpha) if config.model.weights == "imagenet" else None

@@ -209,8 +209,9 @@ def _unknown_inputs(run: Path, metrics: dict[str, Any]) -> str:
     correct = np.array([r["true"] == r["predicted_after"] for r in rows], dtype=float)
     return ("<h2>Unknown inputs</h2>"
             f"<p><code>mobiletune predict</code> calls an image <em>unknown</em> when its {found['score']} score "
-            f"is above {found['threshold']:.4g}: the threshold that keeps {found['validation_kept']:.1%} of the "
-            f"validation images (<code>predict.keep</code>). It keeps {found['test_kept']:.1%} of the test images.</p>"
+            f"is above {found['threshold']:.4g} (<code>predict.keep</code> of the validation images and, for knn, of "
+            f"the training images left out in turn). It keeps {found['validation_kept']:.1%} of the validation "
+            f"and {found['test_kept']:.1%} of the test images.</p>"
             + _img(_png(unknown_figure(scores, correct, found["threshold"], found["score"])),
                    "unknown-input scores and accuracy against coverage"))
 

@@ -60,7 +60,8 @@ def _unknown(metrics: dict[str, Any]) -> list[str]:
         return ["## Unknown inputs", "", "This run has no unknown-input threshold (made before mobiletune had one)."]
     return ["## Unknown inputs", "",
             f"Score: {found['score']}; an image scoring above {found['threshold']:.4g} is called unknown. The "
-            f"threshold keeps {_pct(found['validation_kept'])} of the validation images and "
+            f"threshold is the predict.keep share of the validation images (and, for knn, of the training images "
+            f"left out in turn); it keeps {_pct(found['validation_kept'])} of the validation images and "
             f"{_pct(found['test_kept'])} of the test images.",
             "The false-accept rate (images of other kinds called one of the classes) depends on those kinds, and no "
             f"set of them was given to this run; on the project's measurements ({UNKNOWN_DOC}) see the rate for "
