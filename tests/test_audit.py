@@ -59,8 +59,9 @@ def test_planted_problems_are_found(tmp_path):
     planted = plant(tmp_path / "data")
     config = load_config(overrides=[f"features.cache_dir={tmp_path / 'cache'}"])
     images = data.load_images(tmp_path / "data", config.data)
-    pooled, images = features.plain_pooled(create_model(config, 2), images, config)
-    found = [f for f in audit.run_audit(images, pooled, top=top_for(config)) if f.flagged]
+    classifier = create_model(config, 2)
+    pooled, images = features.plain_pooled(classifier, images, config)
+    found = [f for f in audit.run_audit(images, pooled, top=top_for(config, classifier.base)) if f.flagged]
     by = {issue: [f for f in found if f.issue == issue] for issue in audit.ISSUES}
     pairs = {frozenset((f.path, f.other_path)) for f in by["near_duplicate"] + by["exact_duplicate"]}
     assert sum(frozenset(p) in pairs for p in planted["near"]) >= 9  # >= 90% of planted copies
@@ -231,11 +232,13 @@ def test_a_pair_is_found_from_either_side_of_the_neighbour_lists():
     assert {(f.path, f.other_path) for f in found} == {("p1", "p0"), ("p2", "p1")}
 
 
-def _audit(root: Path, config) -> tuple[ImageSet, list, "np.ndarray"]:
-    """The images, the flagged rows, and the features."""
+def _audit(root: Path, config) -> tuple[ImageSet, list, "np.ndarray", tuple]:
+    """The images, the flagged rows, the features and the base's ImageNet top."""
     images = data.load_images(root, config.data)
-    pooled, images = features.plain_pooled(create_model(config, 2), images, config)
-    return images, [f for f in audit.run_audit(images, pooled, top=top_for(config)) if f.flagged], pooled
+    classifier = create_model(config, 2)
+    pooled, images = features.plain_pooled(classifier, images, config)
+    top = top_for(config, classifier.base)
+    return images, [f for f in audit.run_audit(images, pooled, top=top) if f.flagged], pooled, top
 
 
 def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
@@ -248,7 +251,7 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
     copy_images(CATS_DOGS / "train", root / "train", 40)
     copy_images(CATS_DOGS / "validation", root / "validation", 10)
     config = load_config(overrides=[f"features.cache_dir={tmp_path / 'cache'}"])
-    images, clean, _ = _audit(root, config)
+    images, clean, _, _ = _audit(root, config)
     assert len(images.paths) == 100 and len({f.path for f in clean}) <= 1, [(f.path, f.issue) for f in clean]
 
     rng = random.Random(0)
@@ -271,7 +274,7 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
         shutil.copy(f, root / "train" / "cats" / f"flower_{f.name}")
         flowers.append(f"train/cats/flower_{f.name}")
 
-    images, found, pooled = _audit(root, config)
+    images, found, pooled, top = _audit(root, config)
     pairs = {frozenset((f.path, f.other_path)) for f in found if f.issue in ("near_duplicate", "exact_duplicate")}
     assert all(c in pairs for c in copies) and len(pairs) == len(copies)  # every copy, and nothing else
     wrong = {f.path: f.suggested_class for f in found if f.issue == "label_error"}
@@ -280,7 +283,7 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
     assert sum(p in swaps or p in flowers for p in wrong) >= 0.5 * len(wrong)  # precision
     # the off-topic score ranks both flowers in the first 3 of 105 photos, and only planted images in the first 5:
     # a swapped image is unlike its folder too (flagging at this size: docs/audit.md)
-    ranked = [images.paths[i] for i in np.argsort(-scores.offtopic_scores(pooled, images.labels, top_for(config)))]
+    ranked = [images.paths[i] for i in np.argsort(-scores.offtopic_scores(pooled, images.labels, top))]
     assert set(flowers) <= set(ranked[:3]) and all(p in swaps or p in flowers for p in ranked[:5]), ranked[:5]
     planted = set(swaps) | set(flowers) | {p for c in copies for p in c}
     assert len({f.path for f in found} - planted) <= 1  # false positives stay at the clean set's level

@@ -91,33 +91,33 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray],
         for similarity, j in zip(similarities[i], neighbours[i], strict=True):
             if similarity >= threshold:
                 pairs[(min(i, int(j)), max(i, int(j)))] = float(similarity)
-    for i, j in enumerate(_standing_out(near)):
-        if j >= 0:
-            pairs[(min(i, j), max(i, j))] = float(similarities[i][neighbours[i] == j][0])
+    ranked, partners = _others(near)
+    for i in np.flatnonzero(_standing_out(ranked, partners)):
+        j = int(partners[i, 0])
+        pairs[(min(i, j), max(i, j))] = float(ranked[i, 0])
     found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()
               if a != b and images.hashes[a] != images.hashes[b]]  # exact copies: reported above
     return found
 
 
-def _standing_out(near: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Each image's partner where the two are each other's nearest and stand out from the rest of the
-    neighbours (`STANDOUT`), else -1: a copy that cropping or a mirror moved below NEAR_DUPLICATE_COSINE."""
+def _others(near: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`nearest`'s neighbours of each image without the image itself, most similar first: (similarities,
+    indices), the image's own column last at -inf."""
     similarities, neighbours = near
-    n = len(neighbours)
-    partner = np.full(n, -1)
-    if similarities.shape[1] < 5:  # too few neighbours to tell a standout from a close pair
-        return partner
-    others = neighbours != np.arange(n)[:, None]
-    sims = np.where(others, similarities, -np.inf)
+    sims = np.where(neighbours != np.arange(len(neighbours))[:, None], similarities, -np.inf)
     order = np.argsort(-sims, axis=1, kind="stable")
-    ranked = np.take_along_axis(sims, order, axis=1)[:, :-1]  # the image itself, last, dropped
-    nearest = np.take_along_axis(neighbours, order[:, :1], axis=1)[:, 0]
-    s1, s2, last = ranked[:, 0], ranked[:, 1], ranked[:, -1]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(neighbours, order, axis=1)
+
+
+def _standing_out(ranked: np.ndarray, partners: np.ndarray) -> np.ndarray:
+    """Which images and their nearest (`_others`) are each other's nearest and stand out from the rest of the
+    neighbours (`STANDOUT`): a copy that cropping or a mirror moved below NEAR_DUPLICATE_COSINE."""
+    if ranked.shape[1] < 5:  # too few neighbours to tell a standout from a close pair
+        return np.zeros(len(ranked), bool)
+    s1, s2, last = ranked[:, 0], ranked[:, 1], ranked[:, -2]  # -1: the image itself
     standout = (s1 - s2) / np.maximum(s2 - last, 1e-6) >= STANDOUT
-    mutual = nearest[nearest] == np.arange(n)
-    keep = standout & mutual & (s1 >= STANDOUT_FLOOR)
-    partner[keep] = nearest[keep]
-    return partner
+    nearest = partners[:, 0]
+    return standout & (nearest[nearest] == np.arange(len(nearest))) & (s1 >= STANDOUT_FLOOR)
 
 
 def duplicate_groups(images: ImageSet, findings: list[Finding]) -> dict[str, str]:
@@ -145,19 +145,11 @@ def leaks(images: ImageSet, findings: list[Finding]) -> list[Finding]:
             if f.flagged and f.issue in ISSUES[:2] and in_train[f.path] != in_train[f.other_path]]
 
 
-def _nearest_other(near: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's most similar other image among its `nearest` neighbours: (similarity, index)."""
-    similarities, neighbours = near
-    others = neighbours != np.arange(len(neighbours))[:, None]
-    first = others.argmax(axis=1)  # neighbours are sorted by similarity; the first that is not the image itself
-    rows = np.arange(len(neighbours))
-    return np.where(others.any(axis=1), similarities[rows, first], 0.0), neighbours[rows, first]
-
-
 def similarity_rows(images: ImageSet, near: tuple[np.ndarray, np.ndarray]) -> list[Finding]:
     """Every image with its nearest other image (unflagged "near_duplicate" rows), once per pair: the copies
     below the threshold, to review."""
-    similarity, partner = _nearest_other(near)
+    ranked, partners = _others(near)
+    similarity, partner = np.where(np.isfinite(ranked[:, 0]), ranked[:, 0], 0.0), partners[:, 0]  # alone: itself
     seen: set[tuple[int, int]] = set()
     rows = []
     for i in np.argsort(-similarity, kind="stable"):
@@ -180,7 +172,7 @@ def label_errors(images: ImageSet, pooled: np.ndarray) -> list[Finding]:
     wrong = scores.label_issue_mask(labels, probs)
     rows = []
     for i in np.flatnonzero(np.isfinite(probs).all(axis=1)):
-        best = int(np.nanargmax(probs[i]))
+        best = int(probs[i].argmax())
         rows.append(_finding(images, i, "label_error", 1.0 - probs[i, labels[i]], flagged=bool(wrong[i]),
                              suggested_class=images.classes[best] if best != labels[i] else ""))
     return rows

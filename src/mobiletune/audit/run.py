@@ -36,7 +36,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     classifier = create_model(config, len(images.classes))
     with progress.bar(console, "features") as update:
         pooled, images = features.plain_pooled(classifier, images, config, progress=update, file_index=index)
-    findings = run_audit(images, pooled, listing=listing, top=top_for(config))
+    findings = run_audit(images, pooled, listing=listing, top=top_for(config, classifier.base))
     out = runfolder.prepare(out, overwrite=overwrite)
     write_csv(findings, out / runfolder.AUDIT)
     found = summary(images, findings)

@@ -107,14 +107,13 @@ def label_issue_mask(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     probe is also confident (SUGGESTED_CONFIDENCE) in another class."""
     from cleanlab.filter import find_label_issues
 
-    rows = np.flatnonzero(np.isfinite(probs).all(axis=1))
+    rows = np.flatnonzero(np.isfinite(probs).all(axis=1))  # not the images of a one-image class
     kept = np.flatnonzero(np.bincount(labels[rows], minlength=probs.shape[1]))
     sub = probs[np.ix_(rows, kept)]
     wrong = np.zeros(len(labels), bool)
-    wrong[rows] = find_label_issues(np.searchsorted(kept, labels[rows]), sub, filter_by="prune_by_noise_rate")
-    best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
-    confident = np.nan_to_num(probs.max(axis=1, initial=0.0, where=np.isfinite(probs))) >= SUGGESTED_CONFIDENCE
-    return wrong & confident & (best != labels)
+    wrong[rows] = (find_label_issues(np.searchsorted(kept, labels[rows]), sub, filter_by="prune_by_noise_rate")
+                   & (sub.max(axis=1) >= SUGGESTED_CONFIDENCE) & (kept[sub.argmax(axis=1)] != labels[rows]))
+    return wrong
 
 
 def _kth_other_similarity(unit: np.ndarray, k: int) -> np.ndarray:

@@ -167,6 +167,7 @@ def embed(classifier, images, splits: tuple[str, ...], config, feats=None) -> di
 
     batch, at = config.data.batch_size, config.phase2.fine_tune_at
     top = None if feats is None else cut.top_model(classifier, at, pooled=True)
+    whole = None  # from pixels, built once for the splits the cache lacks
     out = {}
     for split in splits:
         reader = None if feats is None else _plain_reader(feats, images, split, config, classifier.augmenting)
@@ -176,7 +177,9 @@ def embed(classifier, images, splits: tuple[str, ...], config, feats=None) -> di
                                            seed=config.data.seed), top
         else:
             batches = pixels.eval_batches(images, config.data.image_size, batch, split)
-            two = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
+            if whole is None:
+                whole = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
+            two = whole
         pooled, logits = zip(*((np.asarray(p), np.asarray(z)) for p, z in
                                (two.predict_on_batch(x) for x, _ in batches)), strict=True)
         out[split] = np.concatenate(pooled), np.concatenate(logits)
@@ -188,13 +191,12 @@ def _plain_reader(feats, images, split: str, config, augmenting: bool):
     plain view is there when the run audits, the default; without it they come from pixels). Validation and
     test hold only the plain view; the training images' cached views are augmented ones, and as the knn
     reference they let through up to twice the unknowns (docs/unknown-inputs.md)."""
-    from mobiletune.features import store as store_lib
-    from mobiletune.features.compute import view_tag
+    from mobiletune.features.compute import plain_keys
 
     if split != "train" or not augmenting:
         return feats.readers[split]
     store = feats.readers[split].store
-    keys = [store_lib.item_key(images.hashes[i], view_tag(config, None)) for i in images.indices(split)]
+    keys = plain_keys([images.hashes[i] for i in images.indices(split)], config)
     return None if store.missing(keys) else store.reader(keys)
 
 

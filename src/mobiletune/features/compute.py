@@ -67,6 +67,11 @@ def view_tag(config: Config, view: int | None) -> str:
     return f"aug:{config.data.seed}:{a.flip}:{a.rotation!r}:{view}"
 
 
+def plain_keys(hashes: list[str], config: Config) -> list[bytes]:
+    """The store's keys of these images' unaugmented (plain) view."""
+    return [store_lib.item_key(h, view_tag(config, None)) for h in hashes]
+
+
 @dataclass
 class Features:
     """Where each split's cached features are: one reader per split over [views x images] rows
@@ -126,7 +131,7 @@ def compute_features(classifier: Classifier, images: ImageSet, config: Config, c
     feats = Features(kept, readers, views, where, computed=computed, cached=0, failed=len(failed))
     if plain:
         feats.pooled_plain = _pooled_plain(store, kept, config)
-        used.update(store_lib.item_key(h, view_tag(config, None)) for h in kept.hashes)
+        used.update(plain_keys(kept.hashes, config))
     feats.cached = len(used) - computed
     try:
         cache.record_use(store.folder.parent.parent, kept, feats.cache_bytes(), store.folder.name)
@@ -147,7 +152,7 @@ def plain_pooled(classifier: Classifier, images: ImageSet, config: Config, cache
 
 def _pooled_plain(store: store_lib.FeatureStore, images: ImageSet, config: Config) -> np.ndarray:
     """The pooled output (output 0) of every image's plain view, in image order, as float32."""
-    reader = store.reader([store_lib.item_key(h, view_tag(config, None)) for h in images.hashes])
+    reader = store.reader(plain_keys(images.hashes, config))
     return reader.read(np.arange(len(reader)), [0], dtype="float32")[0]
 
 

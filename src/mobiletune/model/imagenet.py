@@ -33,15 +33,9 @@ def _with_top(alpha: float, rows: int) -> tuple[Top, np.ndarray] | None:
     return (kernel.astype(np.float32), bias.astype(np.float32)), model.get_layer("Conv1").get_weights()[0]
 
 
-@functools.cache
-def _base_conv(config: Config) -> np.ndarray:
-    from mobiletune.model.network import build_base
-
-    return build_base(config).get_layer("Conv1").get_weights()[0]
-
-
-def top_for(config: Config) -> Top | None:
-    """The ImageNet top of the run's own base, or None (other weights, or no file with a top to be had).
+def top_for(config: Config, base) -> Top | None:
+    """The ImageNet top of `base` (the run's MobileNetV2, `Classifier.base`, as loaded), or None (other weights,
+    or no file with a top to be had).
 
     Keras trained a network at each size, so the top must come from the same one as the base: the 224 file is
     tried first (it is what offline copies hold, and it needs no download when it matches), then the base's
@@ -50,10 +44,10 @@ def top_for(config: Config) -> Top | None:
     if config.model.weights != "imagenet":
         return None
     size = config.data.image_size
-    base = _base_conv(config)
+    conv = base.get_layer("Conv1").get_weights()[0]
     for rows in dict.fromkeys((224, size if size in KERAS_SIZES else 224)):
         found = _with_top(config.model.alpha, rows)
-        if found is not None and np.array_equal(found[1], base):
+        if found is not None and np.array_equal(found[1], conv):
             return found[0]
     return None
 

@@ -73,15 +73,17 @@ def run_features(classifier: Classifier, images: ImageSet, config: Config, index
     return feats, near
 
 
-def audit_run(images: ImageSet, feats: features.Features | None, near: tuple | None, config: Config, out: Path,
-           say) -> dict[str, Any] | None:
+def audit_run(images: ImageSet, feats: features.Features | None, near: tuple | None, config: Config,
+              classifier: Classifier, out: Path, say) -> dict[str, Any] | None:
     """Duplicates and cross-split copies (and with data.audit=full, label errors and outliers): audit.csv and
-    a line on the console. Needs the unaugmented features, so not with --no-cache."""
+    a line on the console. Needs the unaugmented features, so not with --no-cache. `classifier`: the run's,
+    before training, whose base's own ImageNet top sharpens the off-topic score."""
     if feats is None or feats.pooled_plain is None:
         return None
     clock = time.perf_counter()
     full = config.data.audit == "full"
-    findings = audit.run_audit(images, feats.pooled_plain, full=full, near=near, top=top_for(config) if full else None)
+    top = top_for(config, classifier.base) if full else None
+    findings = audit.run_audit(images, feats.pooled_plain, full=full, near=near, top=top)
     audit.write_csv(findings, out / runfolder.AUDIT)
     found = audit.summary(images, findings)
     parts = [f"{found[i]} {i.replace('_', ' ')}(s)" for i in audit.ISSUES if found[i] or i in audit.ISSUES[:2]]

@@ -191,7 +191,7 @@ def _prepare(config: Config, data_dir: str | Path, out: Path, resuming: bool, ov
         out = _start_folder(out, overwrite, config, data_dir, images)
     say(f"images: {images.counts()} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} "
         "skipped" + (" (see skipped.csv)" if images.skipped else ""))
-    audited = inputs.audit_run(images, feats, near, config, out, say)
+    audited = inputs.audit_run(images, feats, near, config, classifier, out, say)
     _note_schedule(images, config, say)
     return _Inputs(images, classifier, feats, audited, weights_sha256, seconds), out
 
