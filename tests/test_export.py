@@ -138,8 +138,10 @@ def test_int8_io_takes_and_gives_uint8(learned_copy):
     result = export_run(learned_copy, ["tflite-int8"], learned_copy / "int8io", max_drop=5, int8_io=True)
     path = learned_copy / "int8io" / FILE_NAMES["tflite-int8"]
     interpreter = Interpreter(model_path=str(path))
-    (given,), (returned,) = interpreter.get_input_details(), interpreter.get_output_details()
-    assert given["dtype"] == np.uint8 and returned["dtype"] == np.uint8
+    (given,), (returned, unknown) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert given["dtype"] == np.uint8 and returned["dtype"] == np.uint8 and unknown["dtype"] == np.uint8
     assert given["quantization"] == pytest.approx((1.0, 0), abs=1e-6)  # pixels pass as they are
+    assert tuple(returned["shape"]) == (1, 2) and tuple(unknown["shape"]) == (1, 1)  # probabilities first
     check = next(c for c in result["checks"] if c["format"] == "tflite-int8")
     assert check["agreement"] >= 0.9 and check["accuracy"] >= 0.8, check
+    assert check["unknown_agreement"] >= 0.85, check  # the score dequantized from uint8 still draws the line

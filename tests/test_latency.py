@@ -13,6 +13,7 @@ from mobiletune.model import network as model_lib
 from mobiletune.model.network import create_model
 from mobiletune.ship import latency
 from mobiletune.ship.export import export_formats, serving_function, tflite_for_timing
+from mobiletune.ship.tflite_metadata import ModelInfo
 
 SIZE = 32  # the smallest input Keras' MobileNetV2 takes: ops and shapes are what is compared
 
@@ -31,7 +32,8 @@ def test_the_timed_model_has_the_shipped_exports_ops(fmt, tmp_path):
     config = load_config(overrides=[f"data.image_size={SIZE}", "model.weights=none"])
     model = create_model(config, 3)
     calibration = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
-    shipped = export_formats(model, [fmt], tmp_path, ["a", "b", "c"], calibration)[fmt]
+    info = ModelInfo("m", "a test model", "1", "", "", ["a", "b", "c"])
+    shipped = export_formats(model, [fmt], tmp_path, info, calibration)[fmt]
     timed = tflite_for_timing(serving_function(model), fmt, calibration)
     assert _ops(timed) == _ops(shipped)
     assert len(_ops(timed)) > 60  # the whole network, not an empty or partial graph

@@ -119,14 +119,17 @@ class Run:
         return block
 
     def export(self, formats: str | Iterable[str] = "all", out: str | Path | None = None, *, max_drop: float = 1.0,
-               int8_io: bool = False) -> dict[str, Any]:
+               int8_io: bool = False, about: dict[str, str] | None = None) -> dict[str, Any]:
         """Export the model and re-test every format with its own runtime, as `mobiletune export`.
 
         Args:
-            formats: "keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx" or "all", or a list.
+            formats: "keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx", "all" (each of
+                those) or "web" (a page running the .tflite in the browser), or a list.
             out: folder for the files; default RUN/export.
             max_drop: fail (ExportError) when a format's accuracy is more than this many points below Keras'.
             int8_io: tflite-int8 with uint8 input and output, for integer-only devices.
+            about: "name", "version", "license" and "author" for the .tflite files' metadata; by default the run
+                folder's name, the model file's digest, and no license or author.
 
         Returns:
             export.json: the folder, the Keras accuracy and one check per format.
@@ -135,7 +138,7 @@ class Run:
         from mobiletune.ship.export import export_run
 
         return export_run(self.workdir, [formats] if isinstance(formats, str) else list(formats), out,
-                          max_drop=max_drop, int8_io=int8_io)
+                          max_drop=max_drop, int8_io=int8_io, about=about)
 
     def report(self) -> Path:
         """Rebuild report.html from the folder; returns its path."""

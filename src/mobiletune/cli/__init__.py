@@ -230,22 +230,30 @@ def export_command(
     run: RunArgument,
     format_: Annotated[
         list[str],
-        typer.Option("--format", "-f", help="keras, savedmodel, tflite, tflite-fp16, tflite-int8, onnx or all "
-                     "(repeatable)."),
+        typer.Option("--format", "-f", help="keras, savedmodel, tflite, tflite-fp16, tflite-int8, onnx, all "
+                     "(each of those) or web (repeatable)."),
     ] = ["all"],  # noqa: B006 - typer reads the default, never mutates it
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder [default: RUN/export].")] = None,
     max_drop: Annotated[float, typer.Option("--max-drop", help="Fail when an export's accuracy is more than "
                                             "this many points below the Keras model's.")] = 1.0,
     int8_io: Annotated[bool, typer.Option("--int8-io", help="tflite-int8 with uint8 input and output "
                                           "(integer-only devices) instead of float.")] = False,
+    name: Annotated[str, typer.Option("--name", help="Model name in the .tflite metadata [default: the run "
+                                      "folder's name].")] = "",
+    version: Annotated[str, typer.Option("--model-version", help="Version in the metadata [default: the "
+                                         "model file's sha256, first 12 digits].")] = "",
+    license_: Annotated[str, typer.Option("--license", help="License in the metadata, e.g. Apache-2.0.")] = "",
+    author: Annotated[str, typer.Option("--author", help="Author in the metadata.")] = "",
 ) -> None:
-    """Export the run's model; re-test each format with its own runtime on the test set."""
+    """Export the run's model; re-test each format with its own runtime on the test set. `--format web` writes a
+    page that runs the .tflite in a browser (serve the folder, e.g. `python3 -m http.server`)."""
     from rich.table import Table
 
     import_tensorflow()  # before export's checks: they name a bad --format or --max-drop before the folder
     from mobiletune.ship.export import export_run
 
-    result = export_run(run, format_, out, max_drop=max_drop, int8_io=int8_io)
+    result = export_run(run, format_, out, max_drop=max_drop, int8_io=int8_io,
+                        about={"name": name, "version": version, "license": license_, "author": author})
     table = Table(title=f"exports in {result['out']} (Keras accuracy {result['keras_accuracy']:.2%})")
     for column in ("format", "accuracy", "agreement", "max abs diff", "MB", "ms/image"):
         table.add_column(column, justify="left" if column == "format" else "right")
@@ -253,6 +261,9 @@ def export_command(
         table.add_row(c["format"], f"{c['accuracy']:.2%}", f"{c['agreement']:.2%}", f"{c['max_abs_diff']:.1e}",
                       f"{c['megabytes']:.2f}", f"{c['ms_per_image']:.2f}")
     console.print(table)
+    if "web" in result:
+        console.print(f"web page: {result['web']}; serve the folder (cd there, then `python3 -m http.server`) and "
+                      "open http://localhost:8000/", markup=False)
 
 
 @app.command("predict")
@@ -282,7 +293,7 @@ def predict_command(
     if needs_tensorflow(model_path(model)):  # a missing model is refused before TensorFlow starts
         import_tensorflow()
     predictor = load_predictor(model)
-    scoring = unknown and predictor.detector is not None
+    scoring = unknown and predictor.unknown_threshold is not None
     writer = csv_lib.writer(sys.stdout, lineterminator="\n")
     if format_ == "csv":
         writer.writerow(["path", *(["unknown", "unknown_score"] if scoring else []),
@@ -302,7 +313,7 @@ def predict_command(
         else:
             shown = "  ".join(f"{c} {v:.3f}" for c, v in p.top) if p.top else f"error: {p.error}"
             if p.unknown:
-                shown = f"unknown (score {p.unknown_score:.3f} > {predictor.detector.threshold:.3f}; nearest: {shown})"
+                shown = f"unknown (score {p.unknown_score:.3f} > {predictor.unknown_threshold:.3f}; nearest: {shown})"
             print(f"{p.path}\t{shown}", flush=True)
     if errors:
         err_console.print(f"{errors} file(s) could not be read", markup=False)

@@ -83,6 +83,23 @@ def _limits(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
             *([f"- {worse}"] if (worse := worse_after(metrics.get("mcnemar", {}))) else [])]
 
 
+def _metadata(info: dict[str, Any] | None, classes: list[str]) -> list[str]:
+    """What every .tflite export carries as TFLite Model Metadata (MediaPipe Tasks reads it)."""
+    if not info:
+        return []
+    unknown = info.get("unknown_threshold")
+    return ["### What the .tflite files carry (TFLite Model Metadata, read by MediaPipe Tasks)", "",
+            f"- Name `{info['name']}`, version `{info['version']}`, license `{info['license'] or 'not set'}`, "
+            f"author `{info['author'] or 'not set'}`; the description says what the model tells apart and its "
+            "test accuracy.",
+            "- Input `image`: RGB pixels 0-255 at the trained size (normalisation mean 0, std 1: the model scales "
+            "them itself); an int8 file with uint8 input takes the pixels as they are (scale 1, zero point 0).",
+            f"- Output `probabilities`: one per class, named by `labels.txt` inside the file ({', '.join(classes)}).",
+            (f"- Output `unknown`: the unknown-input score, a second head. Its score threshold, {unknown:.6g}, is in "
+             "the metadata: MediaPipe lists the category `unknown` only for inputs above it."
+             if unknown is not None else "- No unknown head: the run has no unknown-input detector."), ""]
+
+
 def model_card_markdown(run: Path, exports: dict[str, Any] | None = None) -> str:
     """The card for the run in `run`; `exports` (export.json) adds the re-test of each exported format."""
     metrics = runfolder.read_metrics(run)
@@ -100,11 +117,13 @@ def model_card_markdown(run: Path, exports: dict[str, Any] | None = None) -> str
              "mistake is costly, without a test on the images it will really see.", ""]
     lines += _data(run, metrics) + [""] + _results(metrics) + [""] + _unknown(metrics) + [""]
     if exports:
-        lines += ["## Exports, re-tested on the test set", "", "| format | accuracy | agreement with Keras | MB |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['format']} | {_pct(c['accuracy'])} | {_pct(c['agreement'])} | {c['megabytes']:.2f} |"
-                  for c in exports["checks"]]
-        lines.append("")
+        lines += ["## Exports, re-tested on the test set", "",
+                  "| format | accuracy | agreement with Keras | unknown flags as the run's | MB |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['format']} | {_pct(c['accuracy'])} | {_pct(c['agreement'])} | "
+                  f"{'-' if c.get('unknown_agreement') is None else _pct(c['unknown_agreement'])} | "
+                  f"{c['megabytes']:.2f} |" for c in exports["checks"]]
+        lines += [""] + _metadata(exports.get("metadata"), classes)
     lines += _limits(config, metrics) + [""]
     lines += ["## Provenance", "",
               f"- Base weights sha256: `{env.get('base_weights_sha256', '?')}`",

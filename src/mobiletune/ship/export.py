@@ -31,15 +31,23 @@ from mobiletune.data import pixels
 from mobiletune.data.images import ImageSet
 from mobiletune.data.manifest import read_manifest
 from mobiletune.errors import ExportError, UsageError
+from mobiletune.evaluation.unknown import UnknownDetector
+from mobiletune.evaluation.unknown import load as load_detector
 from mobiletune.features.onnx import export_onnx
 from mobiletune.model import network as model_lib
 from mobiletune.model.network import Classifier
 from mobiletune.report.model_card import write_model_card
-from mobiletune.ship.predict import KerasPredictor, load_predictor, predict_all
+from mobiletune.ship.predict import KerasPredictor, load_predictor
+from mobiletune.ship.tflite_metadata import ModelInfo, add_metadata
+from mobiletune.ship.unknown_head import shipped_model
+from mobiletune.ship.web import tasks_vision_files, write_web
+from mobiletune.version import __version__
 
-FORMATS = ("keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")  # "all": every one of these
+WEB = "web"  # a folder with a page running the float .tflite in the browser (`ship.web`); asked for by name
 FILE_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
-              "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite", "onnx": "model.onnx"}
+              "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite", "onnx": "model.onnx",
+              WEB: "web"}
 REPRESENTATIVE_IMAGES = 200  # int8 calibration: enough training images to pin activation ranges
 
 
@@ -113,39 +121,46 @@ def _onnx_with_labels(serving: keras.Model, path: Path, classes: list[str]) -> N
     onnx.save(proto, str(path))
 
 
-def export_formats(classifier: Classifier, formats: list[str], out: Path, classes: list[str],
-                   representative: np.ndarray | None, int8_io: bool = False) -> dict[str, Path]:
-    """Write each format into `out`; returns format -> path."""
+def export_formats(classifier: Classifier, formats: list[str], out: Path, info: ModelInfo,
+                   representative: np.ndarray | None, int8_io: bool = False,
+                   detector: UnknownDetector | None = None) -> dict[str, Path]:
+    """Write each format into `out`; returns format -> path. The SavedModel and TFLite files name their outputs,
+    and with `detector` also output its score ("unknown", `ship.unknown_head`); every .tflite carries `info` as
+    its metadata."""
     with quiet.native_output_muted(), quiet.tensorflow_info_muted():  # the converters' log lines
-        return _export_formats(classifier, formats, out, classes, representative, int8_io)
+        return _export_formats(classifier, formats, out, info, representative, int8_io, detector)
 
 
-def _export_formats(classifier: Classifier, formats: list[str], out: Path, classes: list[str],
-                    representative: np.ndarray | None, int8_io: bool) -> dict[str, Path]:
+def _export_formats(classifier: Classifier, formats: list[str], out: Path, info: ModelInfo,
+                    representative: np.ndarray | None, int8_io: bool,
+                    detector: UnknownDetector | None) -> dict[str, Path]:
     serving = classifier.serving_model()
-    serving(np.zeros((1, *serving.input_shape[1:]), np.float32))  # exports need a model that has run
+    shipped = shipped_model(classifier, detector)  # SavedModel and TFLite: named outputs, the unknown head
+    for model in (serving, shipped):  # exports need a model that has run
+        model(np.zeros((1, *serving.input_shape[1:]), np.float32))
     paths: dict[str, Path] = {}
     scratch = Path(tempfile.mkdtemp(prefix="mobiletune-export-"))
     try:
         savedmodel = out / FILE_NAMES["savedmodel"] if "savedmodel" in formats else scratch / "savedmodel"
         if any(f == "savedmodel" or f.startswith("tflite") for f in formats):
             shutil.rmtree(savedmodel, ignore_errors=True)
-            serving.export(str(savedmodel), format="tf_saved_model", verbose=False)
+            shipped.export(str(savedmodel), format="tf_saved_model", verbose=False)
         for fmt in formats:
             path = out / FILE_NAMES[fmt]
             try:
                 if fmt == "keras":
                     runfolder.save_model(path, serving)
                 elif fmt.startswith("tflite"):
-                    runfolder.atomic_write_bytes(path, _tflite(savedmodel, fmt, representative, int8_io))
+                    converted = _tflite(savedmodel, fmt, representative, int8_io)
+                    runfolder.atomic_write_bytes(path, add_metadata(converted, info))
                 elif fmt == "onnx":
-                    _onnx_with_labels(serving, path, classes)
+                    _onnx_with_labels(serving, path, info.classes)
             except Exception as exc:  # noqa: BLE001 - converters raise anything; name the format
                 raise ExportError(f"export {fmt}: conversion failed ({first_line(exc)})") from None
             paths[fmt] = path
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    runfolder.write_text(out / runfolder.LABELS, "\n".join(classes) + "\n")
+    runfolder.write_text(out / runfolder.LABELS, "\n".join(info.classes) + "\n")
     return paths
 
 
@@ -161,6 +176,7 @@ class Check:
     max_abs_diff: float  # largest probability difference from the Keras model
     megabytes: float
     ms_per_image: float  # batch 1, median
+    unknown_agreement: float | None = None  # share of images the export calls unknown as the run does, if it can
 
 
 def _size_mb(path: Path) -> float:
@@ -179,13 +195,22 @@ def latency_of(predictor, image: np.ndarray, repeats: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
+def scored_all(predictor, images: ImageSet, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and unknown-input scores (None without a detector) of every test image."""
+    probs, scores = zip(*(predictor.scored(x) for x, _ in pixels.eval_batches(images, predictor.size, batch)),
+                        strict=True)
+    return np.concatenate(probs), None if scores[0] is None else np.concatenate(scores)
+
+
 def check_exports(paths: dict[str, Path], images: ImageSet, reference: np.ndarray,
-                  batch: int = 32) -> list[Check]:
-    """Load each export in its own runtime and score it against the labels and the Keras model."""
+                  unknown: np.ndarray | None = None, batch: int = 32) -> list[Check]:
+    """Load each export in its own runtime and score it against the labels and the Keras model; where both the
+    export and the run say "unknown" (`unknown`: the run's flags), how often they agree."""
     checks = []
     for fmt, path in paths.items():
         predictor = load_predictor(path)
-        probs = predict_all(predictor, images, batch)
+        probs, scores = scored_all(predictor, images, batch)
+        agree = None if scores is None or unknown is None else (scores > predictor.unknown_threshold) == unknown
         checks.append(Check(
             format=fmt,
             accuracy=float((probs.argmax(1) == images.labels).mean()),
@@ -193,6 +218,7 @@ def check_exports(paths: dict[str, Path], images: ImageSet, reference: np.ndarra
             max_abs_diff=float(np.abs(probs - reference).max()),
             megabytes=_size_mb(path),
             ms_per_image=latency_of(predictor, next(pixels.eval_batches(images, predictor.size, 1))[0][0]),
+            unknown_agreement=None if agree is None else float(agree.mean()),
         ))
     return checks
 
@@ -204,42 +230,70 @@ def report_markdown(checks: list[Check], keras_accuracy: float, n: int, max_drop
         f"Keras model: accuracy {keras_accuracy:.2%}. An export fails when its accuracy is more than "
         f"{max_drop:g} point(s) lower.",
         "",
-        "| format | accuracy | agreement with Keras | max abs prob diff | size MB | ms/image (batch 1) | ok |",
-        "|---|---|---|---|---|---|---|",
+        "| format | accuracy | agreement with Keras | unknown flags as the run's | max abs prob diff | size MB | "
+        "ms/image (batch 1) | ok |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         ok = "yes" if 100 * (keras_accuracy - c.accuracy) <= max_drop else "NO"
-        lines.append(f"| {c.format} | {c.accuracy:.2%} | {c.agreement:.2%} | {c.max_abs_diff:.2e} | "
+        unknown = "-" if c.unknown_agreement is None else f"{c.unknown_agreement:.2%}"
+        lines.append(f"| {c.format} | {c.accuracy:.2%} | {c.agreement:.2%} | {unknown} | {c.max_abs_diff:.2e} | "
                      f"{c.megabytes:.2f} | {c.ms_per_image:.2f} | {ok} |")
     return "\n".join(lines) + "\n"
 
 
+def model_info(run: Path, metrics: dict[str, Any], digest: str, detector: UnknownDetector | None,
+               about: dict[str, str] | None = None) -> ModelInfo:
+    """The metadata of the run's exports: `about`'s name, version, license and author where given, else the run
+    folder's name and the model file's digest (what a client can match against export.json)."""
+    about = {k: v for k, v in (about or {}).items() if v}
+    test = metrics["after_fine_tuning"]["test"]
+    description = (f"MobileNetV2 fine-tuned by mobiletune {__version__} to tell {', '.join(metrics['classes'])}; "
+                   f"test accuracy {test['accuracy']:.2%} on {test['n']} images")
+    return ModelInfo(name=about.get("name", run.resolve().name), description=description,
+                     version=about.get("version", digest[:12]), license=about.get("license", ""),
+                     author=about.get("author", ""), classes=list(metrics["classes"]),
+                     unknown_threshold=None if detector is None else detector.threshold)
+
+
 def export_run(run: str | Path, formats: list[str], out: str | Path | None = None, *, max_drop: float = 1.0,
-               int8_io: bool = False) -> dict[str, Any]:
-    """Export a finished run, re-test every format, write the report; raise if one lost accuracy."""
+               int8_io: bool = False, about: dict[str, str] | None = None) -> dict[str, Any]:
+    """Export a finished run, re-test every format, write the report; raise if one lost accuracy. `about`: the
+    name, version, license and author every .tflite's metadata carries (`model_info`)."""
     run = Path(run)
     if not 0 <= max_drop <= 100:
         raise UsageError(f"--max-drop {max_drop:g}: give accuracy points between 0 and 100 (default 1)")
-    unknown = [f for f in formats if f not in FORMATS and f != "all"]
+    unknown = [f for f in formats if f not in (*FORMATS, WEB, "all")]
     if unknown:
-        raise UsageError(f"--format {', '.join(unknown)}: unknown; choose from {', '.join(FORMATS)} or all")
-    formats = list(FORMATS) if "all" in formats else list(dict.fromkeys(formats))
+        raise UsageError(f"--format {', '.join(unknown)}: unknown; choose from {', '.join(FORMATS)}, {WEB} or all")
+    web = WEB in formats
+    formats = [*FORMATS] if "all" in formats else [f for f in dict.fromkeys(formats) if f != WEB]
+    if web and "tflite" not in formats:
+        formats.append("tflite")  # the page runs the float file
+    web_files = tasks_vision_files() if web else None  # before the slow conversions: a failed download is quick
     metrics = runfolder.read_metrics(run)
     config = load_config(run / runfolder.CONFIG)
     out = runfolder.make_folder(Path(out) if out else run / "export")
     classifier = Classifier(model_lib.load_model(run / runfolder.MODEL))
     images = data.load_test_images(run, None, config.data)
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None
-    paths = export_formats(classifier, formats, out, metrics["classes"], train, int8_io)
-
-    reference = predict_all(KerasPredictor(classifier.model, metrics["classes"]), images)
-    keras_accuracy = float((reference.argmax(1) == images.labels).mean())
-    checks = check_exports(paths, images, reference)
-    failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
+    detector = load_detector(run / runfolder.UNKNOWN)
     digest = hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()
+    info = model_info(run, metrics, digest, detector, about)
+    paths = export_formats(classifier, formats, out, info, train, int8_io, detector)
+    if web:
+        write_web(out / FILE_NAMES[WEB], paths["tflite"], info, config.data.image_size, web_files)
+
+    reference, scores = scored_all(KerasPredictor(classifier.model, metrics["classes"], detector), images)
+    keras_accuracy = float((reference.argmax(1) == images.labels).mean())
+    flags = None if scores is None else scores > detector.threshold
+    checks = check_exports(paths, images, reference, flags)
+    failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
     checks = _earlier_checks(out, digest, exclude=formats) + checks
     runfolder.write_text(out / "report.md", report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
     result = {"out": str(out), "keras_accuracy": keras_accuracy, "model_sha256": digest,
+              **({WEB: str(out / FILE_NAMES[WEB])} if web else {}),
+              "metadata": {k: v for k, v in info.__dict__.items() if k != "classes"},
               "checks": [c.__dict__ for c in checks]}
     runfolder.write_json(out / "export.json", result)
     write_model_card(run, out, result)

@@ -24,6 +24,7 @@ from mobiletune.data.scan import IMAGE_EXTENSIONS
 from mobiletune.errors import ModelError, UsageError
 from mobiletune.evaluation.unknown import UnknownDetector
 from mobiletune.evaluation.unknown import load as load_detector
+from mobiletune.ship.tflite_metadata import PROBABILITIES
 
 
 class Predictor:
@@ -33,6 +34,7 @@ class Predictor:
     classes: list[str]
     size: int
     detector: UnknownDetector | None = None
+    unknown_threshold: float | None = None  # scores above it are "unknown"; None: the model has no detector
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -52,6 +54,7 @@ class KerasPredictor(Predictor):
         self.detector = None if served else detector  # a served export has no features output
         if self.detector is not None:  # one pass also gives what the detector scores
             self.scoring = Classifier(model).serving_model(scoring=True)
+            self.unknown_threshold = self.detector.threshold
 
     def predict(self, pixels):
         return np.asarray(self.model.predict_on_batch(pixels.astype(np.float32)))
@@ -75,18 +78,33 @@ class SavedModelPredictor(Predictor):
 
     def predict(self, pixels):
         out = self.serve(**{self.input_name: pixels.astype(np.float32)})
-        return np.asarray(next(iter(out.values())))
+        return np.asarray(out[PROBABILITIES] if PROBABILITIES in out else next(iter(out.values())))
 
 
 class TFLitePredictor(Predictor):
-    def __init__(self, path: Path, classes: list[str]):
+    """A .tflite export; with metadata (`ship.tflite_metadata`) it names its classes itself, and one with an
+    unknown head scores each input in the same pass."""
+
+    def __init__(self, path: Path, classes: list[str] | None = None):
         from ai_edge_litert.interpreter import Interpreter
+
+        from mobiletune.ship.tflite_metadata import UNKNOWN, read_metadata
 
         self.interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
         self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self.classes, self.size = classes, int(self.input["shape"][1])
+        outputs = self.interpreter.get_output_details()
+        metadata = read_metadata(path.read_bytes()) or {"classes": None, "outputs": [], "unknown_threshold": None}
+        self.output, self.unknown = outputs[0], None
+        if UNKNOWN in metadata["outputs"]:  # the metadata lists the outputs in the model's order
+            self.unknown = outputs[metadata["outputs"].index(UNKNOWN)]
+            self.unknown_threshold = metadata["unknown_threshold"]
+        self.classes = metadata["classes"] or classes or _labels_for(path)  # the file's own names first
+        self.size = int(self.input["shape"][1])
         self._batch = 0
+
+    def scored(self, pixels):
+        probs = self.predict(pixels)
+        return probs, None if self.unknown is None else self._read(self.unknown)[:, 0].astype(np.float64)
 
     def predict(self, pixels):
         n = len(pixels)
@@ -103,9 +121,12 @@ class TFLitePredictor(Predictor):
             x = np.clip(np.round(x / scale + zero), *_int_range(self.input["dtype"])).astype(self.input["dtype"])
         self.interpreter.set_tensor(self.input["index"], x)
         self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self.output["index"])
-        if self.output["dtype"] != np.float32:
-            scale, zero = self.output["quantization"]
+        return self._read(self.output)
+
+    def _read(self, output) -> np.ndarray:
+        y = self.interpreter.get_tensor(output["index"])
+        if output["dtype"] != np.float32:
+            scale, zero = output["quantization"]
             y = (y.astype(np.float32) - zero) * scale
         return y
 
@@ -159,25 +180,29 @@ def needs_tensorflow(path: Path) -> bool:
 def load_predictor(path: str | Path) -> Predictor:
     """A run folder, .keras, SavedModel folder, .tflite or .onnx file."""
     path = model_path(path)
-    classes = _labels_for(path)
     try:
-        if path.is_dir() and (path / "saved_model.pb").exists():
-            return SavedModelPredictor(path, classes)
-        suffix = path.suffix.lower()
-        if suffix == ".keras":
-            from mobiletune.model.network import load_model
-
-            # the run's detector was fitted to its trained model's outputs: before_fine_tuning.keras has none
-            detector = load_detector(path.parent / runfolder.UNKNOWN) if path.name == runfolder.MODEL else None
-            return KerasPredictor(load_model(path), classes, detector)
-        if suffix == ".tflite":
-            return TFLitePredictor(path, classes)
-        if suffix == ".onnx":
-            return OnnxPredictor(path, classes)
-    except ModelError:
+        return _load(path)
+    except (ModelError, UsageError):
         raise
     except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a damaged file
         raise ModelError(f"{path}: cannot load ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _load(path: Path) -> Predictor:
+    suffix = path.suffix.lower()
+    if suffix == ".tflite":  # names its classes itself, where it has metadata
+        return TFLitePredictor(path)
+    classes = _labels_for(path)
+    if path.is_dir() and (path / "saved_model.pb").exists():
+        return SavedModelPredictor(path, classes)
+    if suffix == ".keras":
+        from mobiletune.model.network import load_model
+
+        # the run's detector was fitted to its trained model's outputs: before_fine_tuning.keras has none
+        detector = load_detector(path.parent / runfolder.UNKNOWN) if path.name == runfolder.MODEL else None
+        return KerasPredictor(load_model(path), classes, detector)
+    if suffix == ".onnx":
+        return OnnxPredictor(path, classes)
     raise UsageError(f"{path}: not a model: give a run folder, .keras, SavedModel folder, .tflite or .onnx")
 
 
@@ -251,7 +276,7 @@ def _predict_batch(predictor: Predictor, pixels: np.ndarray, top_k: int, unknown
     for i, p in enumerate(probs):
         top = [(predictor.classes[c], float(p[c])) for c in np.argsort(-p)[:top_k]]
         score = None if scores is None else float(scores[i])
-        rows.append((top, "", score, score is not None and score > predictor.detector.threshold))
+        rows.append((top, "", score, score is not None and score > predictor.unknown_threshold))
     return rows
 
 
