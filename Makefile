@@ -28,9 +28,12 @@ weights:
 demo: install weights
 	$(BIN)/mobiletune train "$(or $(DEMO_DATA),$$($(BIN)/mobiletune fetch cats-and-dogs))" --out $(RUN)
 
+# One pytest worker per core, each taking whole test files (their module fixtures are built once)
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+
 test: install weights
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # requirements.lock again: the newest releases pyproject.toml's ranges allow (then run make test)
 lock: install

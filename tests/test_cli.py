@@ -16,7 +16,7 @@ def _sets(*extra):
 def test_version_and_help():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output
-    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"})  # the whole path, however deep tmp_path is
     assert result.exit_code == 0
     for option in ("--out", "--config", "--set", "--overwrite", "--strict", "--quiet"):
         assert option in result.output
@@ -100,7 +100,8 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     assert metrics["peak_rss_mb"] > 100
     again = runner.invoke(app, [*args, "--overwrite"])
     assert "features: 46 cached, 0 computed" in again.output
-    listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
+    wide = {"COLUMNS": "400"}  # the whole data path in the table, however deep tmp_path is
+    listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)], env=wide)
     assert listing.exit_code == 0 and "1 store(s)" in listing.output and "1 exported extractor(s)" in listing.output
     assert str(cats_dogs_tiny.resolve()) in listing.output
     assert "removed 0 " in runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache), "--older-than",
