@@ -170,3 +170,20 @@ def test_the_web_page_classifies_like_predict(shipped):
     # the browser decodes and scales the JPEGs itself (predict: PIL): a near tie may flip, so not 100%
     assert top >= 0.95 and unknown >= 0.9, (top, unknown)
     assert "web server" in refused and "python3 -m http.server" in refused
+
+
+def test_metadata_refuses_labels_that_do_not_match_the_outputs(shipped, tmp_path):
+    """MediaPipe finds a label count that differs from the outputs only when it classifies: export refuses it."""
+    from mobiletune.model.network import Classifier, load_model
+    from mobiletune.ship.export import _tflite
+    from mobiletune.ship.unknown_head import shipped_model
+
+    run = shipped[0]
+    model = shipped_model(Classifier(load_model(run / "model.keras")), None)
+    model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
+    plain = _tflite(tmp_path / "sm", "tflite", None, False)
+    with pytest.raises(ExportError, match="3 class names for 2 outputs"):
+        add_metadata(plain, ModelInfo("m", "d", "1", "", "", ["a", "b", "c"]))
+    assert read_metadata(plain) is None  # a model without metadata reads as none
+    assert read_metadata(add_metadata(plain, ModelInfo("m", "d", "1", "", "", ["a", "b"])))["outputs"] == [
+        "probabilities"]

@@ -111,6 +111,24 @@ def _output_names(model) -> list[str]:
     return names
 
 
+def _check_tensors(graph, classes: int) -> None:
+    """What MediaPipe would only find at classify time: as many labels as class outputs, and integer input whose
+    quantisation passes pixels 0-255 as they are (uint8 scale 1, zero point 0; int8 zero point -128)."""
+    from ai_edge_litert import schema_py_generated as tfl
+
+    width = int(graph.tensors[graph.outputs[0]].shape[-1])
+    if width != classes:
+        raise ExportError(f"tflite metadata: {classes} class names for {width} outputs")
+    image = graph.tensors[graph.inputs[0]]
+    zero = {tfl.TensorType.UINT8: 0, tfl.TensorType.INT8: -128}.get(image.type)
+    if zero is not None:
+        q = image.quantization
+        scale, point = (float(q.scale[0]), int(q.zeroPoint[0])) if q is not None and len(q.scale) else (0.0, 0)
+        if abs(scale - 1.0) > 1e-6 or point != zero:
+            raise ExportError(f"tflite metadata: integer input quantised with scale {scale:g}, zero point {point}; "
+                              f"pixels 0-255 need scale 1, zero point {zero}")
+
+
 def add_metadata(model: bytes, info: ModelInfo) -> bytes:
     """`model` (a .tflite file's bytes, from the converter) with `info` as its metadata and label files."""
     from ai_edge_litert import schema_py_generated as tfl
@@ -126,6 +144,7 @@ def add_metadata(model: bytes, info: ModelInfo) -> bytes:
     graph.outputs, names = [int(graph.outputs[i]) for i in order], [names[i] for i in order]
     if (UNKNOWN in names) != (info.unknown_threshold is not None):
         raise ExportError("tflite metadata: an unknown head needs its threshold, and a threshold its head")
+    _check_tensors(graph, len(info.classes))
     buffer = tfl.BufferT()
     buffer.data = np.frombuffer(_metadata(info, names), np.uint8)  # packed as one vector, not int by int
     tree.buffers.append(buffer)
