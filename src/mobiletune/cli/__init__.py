@@ -255,11 +255,12 @@ def export_command(
     result = export_run(run, format_, out, max_drop=max_drop, int8_io=int8_io,
                         about={"name": name, "version": version, "license": license_, "author": author})
     table = Table(title=f"exports in {result['out']} (Keras accuracy {result['keras_accuracy']:.2%})")
-    for column in ("format", "accuracy", "agreement", "max abs diff", "MB", "ms/image"):
+    for column in ("format", "accuracy", "agreement", "unknown as the run", "max abs diff", "MB", "ms/image"):
         table.add_column(column, justify="left" if column == "format" else "right")
     for c in result["checks"]:
-        table.add_row(c["format"], f"{c['accuracy']:.2%}", f"{c['agreement']:.2%}", f"{c['max_abs_diff']:.1e}",
-                      f"{c['megabytes']:.2f}", f"{c['ms_per_image']:.2f}")
+        unknown = "-" if c.get("unknown_agreement") is None else f"{c['unknown_agreement']:.2%}"
+        table.add_row(c["format"], f"{c['accuracy']:.2%}", f"{c['agreement']:.2%}", unknown,
+                      f"{c['max_abs_diff']:.1e}", f"{c['megabytes']:.2f}", f"{c['ms_per_image']:.2f}")
     console.print(table)
     if "web" in result:
         console.print(f"web page: {result['web']}; serve the folder (cd there, then `python3 -m http.server`) and "

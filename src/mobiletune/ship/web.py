@@ -69,8 +69,8 @@ def tasks_vision_files() -> dict[str, bytes]:
     given = os.environ.get(TASKS_VISION_ENV)
     if given and Path(given).is_dir():  # an unpacked package (node_modules/@mediapipe/tasks-vision)
         root = Path(given)
-        version = json.loads((root / "package.json").read_text()).get("version") if (root / "package.json").is_file() \
-            else None
+        manifest = root / "package.json"
+        version = json.loads(manifest.read_text()).get("version") if manifest.is_file() else None
         if version != TASKS_VISION_VERSION:
             raise ExportError(f"{TASKS_VISION_ENV}={given}: not @mediapipe/tasks-vision {TASKS_VISION_VERSION} "
                               f"(version {version})")
