@@ -37,11 +37,12 @@ def cache_ls(cache_dir: CacheDirOption = None) -> None:
                       f"{e.megabytes:,.1f}", when(e.last_used))
     console.print(table)
     used = Table(title="data sets")
-    for column in ("data set", "store", "images", "MB", "last used"):
+    for column in ("store", "images", "MB", "last used"):
         used.add_column(column, justify="right" if column in ("images", "MB") else "left")
+    used.add_column("data set", overflow="fold")  # last, and whole: a long path wraps instead of being cut
     for d in datasets:
-        used.add_row(d["data_dir"], d["store"][:12], f"{d['images']:,}", f"{d['megabytes']:,.1f}",
-                     when(d["last_used"]))
+        used.add_row(d["store"][:12], f"{d['images']:,}", f"{d['megabytes']:,.1f}", when(d["last_used"]),
+                     d["data_dir"])
     console.print(used)
     extractors = list_extractors(cache_dir)
     extractor_mb = sum(p.stat().st_size for p in extractors) / 2**20
