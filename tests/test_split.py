@@ -320,3 +320,26 @@ def test_duplicate_groups_merge_through_chains_in_any_order():
     # two groups joined by a pair of their larger members: the smaller root names both
     joined = [_pair("near_duplicate", 1, 5), _pair("near_duplicate", 3, 6), _pair("near_duplicate", 6, 5)]
     assert audit.duplicate_groups(images, joined) == {"h1": "h1", "h5": "h1", "h3": "h1", "h6": "h1"}
+
+
+def test_an_earlier_models_training_images_stay_in_train_as_a_small_class_grows():
+    """Quotas rank a small class's draws, so new images move some old ones across the quota's edge: a model's
+    training image could land in the test set of the model retrained from it. `trained` keeps them in train,
+    with their near copies, and leaves the other images' draws alone."""
+    config = DataConfig(seed=3)
+    old, new = _digests(20, "old"), _digests(6, "new")
+    before = assign_splits(np.zeros(20, int), [None] * 20, old, config, ["a"])
+    trained = frozenset(d for d, s in zip(old, before, strict=True) if s == "train")
+    grown = old + new
+    drawn = assign_splits(np.zeros(26, int), [None] * 26, grown, config, ["a"])
+    moved = [d for d, s in zip(grown, drawn, strict=True) if d in trained and s != "train"]
+    assert moved  # without the rule, earlier training images are held out now
+    kept = assign_splits(np.zeros(26, int), [None] * 26, grown, config, ["a"], trained=trained)
+    assert all(s == "train" for d, s in zip(grown, kept, strict=True) if d in trained)
+    untouched = [i for i, d in enumerate(grown) if d not in trained]
+    assert [kept[i] for i in untouched] == [drawn[i] for i in untouched]
+    copy = grown + ["copy-of-0"]  # a near copy of a training image is grouped with it, so it trains too
+    first_trained = next(d for d in old if d in trained)
+    splits = assign_splits(np.zeros(27, int), [None] * 27, copy, config, ["a"],
+                           groups={"copy-of-0": first_trained}, trained=trained)
+    assert splits[-1] == "train"

@@ -29,6 +29,7 @@ from mobiletune.config import Config, load_config
 from mobiletune.data import folders as data
 from mobiletune.errors import UsageError
 from mobiletune.quiet import import_tensorflow
+from mobiletune.training import parent as retraining
 
 __all__ = ["Run", "load", "make_config", "sweep", "train"]
 
@@ -168,7 +169,8 @@ def load(run: str | Path) -> Run:
 def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *,
           config: str | Path | Config | None = None, overrides: Overrides = None, overwrite: bool = False,
           strict: bool = False, cache: bool = True, audit: bool = False, exclude: str | Path | None = None,
-          resume: str | Path | None = None, mlflow: str | None = None, verbose: bool = True) -> Run:
+          resume: str | Path | None = None, mlflow: str | None = None, verbose: bool = True,
+          parent: str | Path | None = None) -> Run:
     """Run the recipe on a folder of images, as `mobiletune train`: a frozen-base head, fine-tuning,
     evaluation before and after; a complete run folder in `out`.
 
@@ -187,14 +189,18 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         mlflow: an MLflow tracking URI to log the run to (default: MLFLOW_TRACKING_URI, if set);
             needs `pip install 'mobiletune[mlflow]'`. TensorBoard files are always written, in `out`/logs.
         verbose: print progress and results (rich: a terminal or Jupyter).
+        parent: a finished run folder to retrain from (`--from`), for a folder that grew: its weights start the
+            run, its training images stay in train, its config is the recipe (unless `config` is given) with a
+            shorter schedule (`training.parent.RETRAIN_SCHEDULE`; `overrides` go on top). It needs the same
+            classes, base weights, input size, width and cut.
 
     Returns:
         The finished `Run`.
     """
     if resume is not None:
-        if data_dir is not None or config is not None or overrides or audit or exclude:
+        if data_dir is not None or config is not None or overrides or audit or exclude or parent is not None:
             raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
-                             "--audit and --exclude")
+                             "--audit, --exclude and --from")
         runfolder.read_resumable(Path(resume))
     else:
         if data_dir is None:
@@ -202,7 +208,12 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         options = {**({"data.strict": True} if strict else {}), **({} if cache else {"features.cache": False}),
                    **({"data.audit": "full"} if audit else {}),
                    **({"data.exclude": str(Path(exclude).resolve())} if exclude else {})}
+        if parent is not None:  # the parent's recipe, or `config`, with the retraining schedule
+            config = make_config(config if config is not None else Path(parent) / runfolder.CONFIG,
+                                 retraining.retrain_overrides(parent))
         cfg = make_config(make_config(config, overrides), options)
+        if cfg.data.parent:  # a network the parent's weights do not fit is refused before any image is read
+            retraining.check_config(cfg)
         data.check_source(data_dir)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
     from mobiletune.tracking.tracker import mlflow_target
@@ -254,6 +265,9 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
 
     wanted = objectives_lib.parse(objectives, latency_format, max_latency_ms)
     base = make_config(config, overrides)
+    if base.data.parent:
+        raise UsageError(f"data.parent={base.data.parent!r}: a sweep's trials train from the base weights; drop it, "
+                         "and retrain the best config with `mobiletune train DATA --from RUN` later")
     data.check_source(data_dir)
     # MLflow with --workers is checked by run_sweep: whether MLflow is on is settled after TensorFlow starts
     sweep_setup.check(out, trials, grace_period, workers, space, wanted, baseline)

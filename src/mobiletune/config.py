@@ -44,6 +44,8 @@ class DataConfig:
     dedupe: bool = True  # where mobiletune makes the split, near copies stay in one split: a copy of a training
     # image in test inflates its accuracy (on by default: costs one look-up, ~1 s for 3000 images, and needs data.audit)
     exclude: str = ""  # an audit.csv or a list of paths (relative to DATA_DIR) to leave out, each reported as skipped
+    parent: str = ""  # a finished run folder (`--from`): this run starts from its weights, and its training images
+    # stay training images, so none can reach this run's test set; the same classes, base and cut
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,8 @@ def validate(config: Config) -> None:
     _check(d.audit in AUDITS, "data.audit", d.audit, f"one of {', '.join(AUDITS)}")
     _check(not d.exclude or Path(d.exclude).is_file(), "data.exclude", d.exclude,
            "the path of an existing audit.csv or list of paths, or empty")
+    _check(not d.parent or (Path(d.parent) / "metrics.json").is_file(), "data.parent", d.parent,
+           "a finished run folder (with metrics.json), or empty")
     _check(a.flip in FLIPS, "augment.flip", a.flip, f"one of {', '.join(FLIPS)}")
     _check(0 <= a.rotation < 1, "augment.rotation", a.rotation,
            "a fraction of a full turn in [0, 1), e.g. 0.2")

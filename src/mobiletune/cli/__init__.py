@@ -87,13 +87,17 @@ def train(
                                      "relative to DATA_DIR); each is listed in skipped.csv.")
     ] = None,
     mlflow: MlflowOption = None,
+    parent: Annotated[
+        Optional[Path], typer.Option("--from", help="Retrain from this finished run (same classes): its weights, "
+                                     "a shorter schedule, its training images kept in train.")
+    ] = None,
 ) -> None:
     """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
     from mobiletune import api
 
     run = api.train(data_dir, out, config=config, overrides=set_, overwrite=overwrite, strict=strict,
                     cache=not no_cache, audit=full_audit, exclude=exclude, resume=resume, mlflow=mlflow,
-                    verbose=not quiet)
+                    verbose=not quiet, parent=parent)
     if quiet:
         from mobiletune.report.summary import print_results
 

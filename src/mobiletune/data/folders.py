@@ -177,6 +177,13 @@ def _discover_csv(path: Path) -> Listing:
 # Putting it together
 
 
+def parent_training_images(parent: str) -> frozenset[str]:
+    """The digests of the training images of the run folder `parent` (its split.csv); none without one."""
+    if not parent:
+        return frozenset()
+    return frozenset(r["sha256"] for r in read_manifest(Path(parent) / runfolder.SPLIT) if r["split"] == "train")
+
+
 def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | None = None,
                 progress: Callable[[int, int], None] | None = None, exclude: dict[str, str] | None = None,
                 groups: dict[str, str] | None = None) -> ImageSet:
@@ -213,7 +220,8 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
         if not (labels_ == i).any():
             raise DataError(f"class {cls!r} has no usable images (all {len(skipped)} skipped files: see skipped.csv)")
     hashes = [hashed[i].sha256 for i in keep]
-    splits = assign_splits(labels_, [files[i][2] for i in keep], hashes, config, classes, groups)  # type: ignore[arg-type]
+    splits = assign_splits(labels_, [files[i][2] for i in keep], hashes, config, classes, groups,  # type: ignore[arg-type]
+                           parent_training_images(config.parent))
     return ImageSet(
         root=root,
         classes=classes,

@@ -51,14 +51,18 @@ def _held_out(members: np.ndarray, hashes: np.ndarray, seed: int, fraction: floa
 
 
 def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str], config: DataConfig,
-                  classes: list[str], groups: dict[str, str] | None = None) -> np.ndarray:
+                  classes: list[str], groups: dict[str, str] | None = None,
+                  trained: frozenset[str] = frozenset()) -> np.ndarray:
     """A split name per image: kept where the folders say, drawn from each image's hash where not.
 
     With class folders only, each class is divided into test, validation and train by the seeded
     hash draw (`split_unit`); with train/ and validation/ but no test/, a fraction of each class
     of validation/ becomes the test set the same way. Stratified: exact per-class quotas for
     classes under EXACT_SPLIT_BELOW images, hash thresholds above (stable as the folder grows).
-    `groups` maps an image's digest to its group's (near copies, `audit.duplicate_groups`).
+    `groups` maps an image's digest to its group's (near copies, `audit.duplicate_groups`). `trained`: the digests
+    of an earlier model's training images (`data.parent`); they, and their near copies, stay in train: a model's
+    training images never reach the test set of a model trained from it. Quotas can otherwise move the images at
+    their edge as a small class grows.
     """
     splits = np.array([s or "" for s in given], dtype=object)
     # an image in a group of near copies is split as the group: all of them land in one split
@@ -78,6 +82,9 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
             _check_splittable(classes[cls], members, digests, 2, " in validation/", "to hold some out as test (or "
                               "add a test/ folder, or test rows)")
             splits[_held_out(members, digests, config.seed, config.test_fraction, 1)[0]] = "test"
+    if trained:
+        pinned = {d for d, h in zip(digests, hashes, strict=True) if h in trained}
+        splits[np.isin(digests, list(pinned))] = "train"
     return splits.astype(str)
 
 

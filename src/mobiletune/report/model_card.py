@@ -24,6 +24,15 @@ def _pct(x: float) -> str:
     return f"{x:.1%}"
 
 
+def _parent(metrics: dict[str, Any]) -> list[str]:
+    parent = metrics.get("parent")
+    if not parent:
+        return []
+    return ["", f"Retrained from the run `{parent['run']}` (`--from`; its model.keras sha256 "
+            f"`{parent['model_sha256'][:12]}…`, test accuracy {_pct(parent['test_accuracy'])} on its own test set): "
+            "its weights, then a shorter fine-tuning on this data. Its training images stayed in train."]
+
+
 def _data(run: Path, metrics: dict[str, Any]) -> list[str]:
     splits = ("train", "validation", "test")
     counts = runfolder.split_counts(run)
@@ -110,7 +119,7 @@ def model_card_markdown(run: Path, exports: dict[str, Any] | None = None) -> str
              f"An image classifier for {len(classes)} classes ({', '.join(classes)}): MobileNetV2 (alpha "
              f"{config['model']['alpha']}, ImageNet-pretrained base) fine-tuned by mobiletune from layer "
              f"{metrics['fine_tune_at']} of {metrics['base_layers']}, input {config['data']['image_size']} px RGB "
-             "(0-255; scaling is inside the model).", "",
+             "(0-255; scaling is inside the model).", *_parent(metrics), "",
              "## Intended use", "",
              f"Telling apart {', '.join(classes)} in images like the training images. Images of other kinds should "
              "be called unknown (below), not forced into a class. Not for decisions about people, or where a "

@@ -33,7 +33,7 @@ from mobiletune.report import html as report_html
 from mobiletune.report import model_card
 from mobiletune.report import summary as report
 from mobiletune.tracking import tracker as tracking_lib
-from mobiletune.training import checkpoint, inputs, schedule
+from mobiletune.training import checkpoint, inputs, parent, schedule
 from mobiletune.training.loop import Fit, fit_recipe, seed_everything
 from mobiletune.training.state import HISTORY_COLUMNS, RunState
 
@@ -132,6 +132,7 @@ class _Inputs:
     audited: dict[str, Any] | None  # the audit's findings (`inputs.audit_run`)
     weights_sha256: str  # of the base weights as loaded, before any training
     seconds: dict[str, float]
+    parent: dict[str, Any] | None = None  # the run whose weights this one started from (`--from`)
 
 
 def _run(config: Config, data_dir: str | Path, out: Path, *, resuming: bool, overwrite: bool = False, console=None,
@@ -179,6 +180,8 @@ def _prepare(config: Config, data_dir: str | Path, out: Path, resuming: bool, ov
     classifier = create_model(config, len(images.classes))
     base = classifier.base
     weights_sha256 = weights_digest(base)
+    if config.data.parent:  # before the feature pass: minutes on a large folder
+        parent.check_data(config, images.classes, weights_sha256)
     say(f"number of layers in the base model: {len(base.layers)}; fine-tuning from layer "
         f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
     clock = time.perf_counter()
@@ -192,8 +195,10 @@ def _prepare(config: Config, data_dir: str | Path, out: Path, resuming: bool, ov
     say(f"images: {images.counts()} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} "
         "skipped" + (" (see skipped.csv)" if images.skipped else ""))
     audited = inputs.audit_run(images, feats, near, config, classifier, out, say)
+    # after the features: the parent's frozen layers are the base's, but its weights would be a new cache key
+    started_from = parent.start_from_parent(classifier, config, say) if config.data.parent else None
     _note_schedule(images, config, say)
-    return _Inputs(images, classifier, feats, audited, weights_sha256, seconds), out
+    return _Inputs(images, classifier, feats, audited, weights_sha256, seconds, started_from), out
 
 
 def _restored(saved: tuple[RunState, dict] | None, classifier: Classifier, config: Config, phase_end: _PhaseEnd,
@@ -216,7 +221,8 @@ def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str 
     (out / runfolder.CHECKPOINT).unlink(missing_ok=True)
     shutil.rmtree(out / runfolder.LOGS, ignore_errors=True)  # --overwrite: an earlier run's curves would mix in
     runfolder.write_text(out / runfolder.CONFIG, config.to_yaml())
-    runfolder.write_json(out / runfolder.RUN_INFO, {"data_dir": str(Path(data_dir).resolve())})
+    runfolder.write_json(out / runfolder.RUN_INFO, {"data_dir": str(Path(data_dir).resolve()),
+                                                    **({"parent": config.data.parent} if config.data.parent else {})})
     manifest.write_manifest(images, out / runfolder.SPLIT)
     manifest.write_skipped(images, out / runfolder.SKIPPED)
     return out
@@ -285,7 +291,8 @@ def _finish(run: _Inputs, state: RunState, config: Config, out: Path, started: f
         "features": None if feats is None else {"images_cached": feats.cached, "images_computed": feats.computed,
                                                 "cache_bytes": feats.cache_bytes()},
         "files_hashed": images.files_read, "peak_rss_mb": peak_rss_mb(), "data_sha256": images.digest(),
-        "environment": environment(run.weights_sha256), "schedule": _schedule(images, config), **provenance,
+        "environment": environment(run.weights_sha256), "schedule": _schedule(images, config), "parent": run.parent,
+        **provenance,
     }
     evaluate.write_predictions(out / runfolder.PREDICTIONS, [images.paths[i] for i in test], images.labels[test],
                                images.classes, before, after, unknown_scores)
