@@ -1,6 +1,6 @@
 """How `mobiletune train` scales with the number of images: wall time, peak RSS and cache size against N.
 
-    .venv/bin/python benchmarks/scaling.py [--sizes 2000 10000 50000] [--incremental] [--epochs 2 2]
+    .venv/bin/python benchmarks/scaling.py [--sizes 2000 10000 50000] [--incremental [--retrain]] [--epochs 2 2]
         [--views 2] [--image-size 160] [--set KEY=VALUE ...] [--workdir DIR] [--json PATH] [--plot PATH]
     .venv/bin/python benchmarks/scaling.py --json-in scaling.json --plot scaling.png   # re-plot only
 
@@ -155,10 +155,11 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     return sets + list(args.set)
 
 
-def run_train(data_dir: Path, run_dir: Path, cache: Path, overrides: list[str], log: Path) -> dict:
+def run_train(data_dir: Path, run_dir: Path, cache: Path, overrides: list[str], log: Path,
+              parent: Path | None = None) -> dict:
     """One `mobiletune train` in its own process: wall time and its peak RSS from wait4, then its metrics.json."""
     cmd = [str(MOBILETUNE), "train", str(data_dir), "--out", str(run_dir), "--overwrite", "--quiet",
-           "--set", f"features.cache_dir={cache}"]
+           "--set", f"features.cache_dir={cache}", *(["--from", str(parent)] if parent else [])]
     for item in overrides:
         cmd += ["--set", item]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
@@ -181,13 +182,14 @@ def row_from(n: int, kind: str, run: dict, cache: Path) -> dict:
     m = run["metrics"]
     features = m.get("features") or {}
     n_images = m.get("n_images") or {}
-    after = ((m.get("after_fine_tuning") or {}).get("test") or {}).get("accuracy")
+    test = (m.get("after_fine_tuning") or {}).get("test") or {}
+    after = test.get("accuracy")
     return {"n": n, "kind": kind, "n_images": n_images, "train_images": n_images.get("train"),
             "wall_s": run["wall_s"], "seconds": m.get("seconds") or {},
             "peak_rss_mb_wait4": run["peak_rss_mb_wait4"], "peak_rss_mb_metrics": m.get("peak_rss_mb"),
             "cache_mb": disk_usage(cache) / 2**20, "cache_bytes": features.get("cache_bytes"),
             "images_computed": features.get("images_computed"), "images_cached": features.get("images_cached"),
-            "test_accuracy_after": after}
+            "test_accuracy_after": after, "test_ci95": test.get("accuracy_ci95")}
 
 
 # --- reporting -------------------------------------------------------------------------------------
@@ -240,7 +242,8 @@ def print_table(rows: list[dict], host: dict) -> None:
     print("|---" * (10 + len(phases)) + "|")
     for r in rows:
         spi = per_image(r)
-        label = f"{r['n']}" if r["kind"] == "cold" else f"{r['n']} (+1%, warm cache)"
+        label = {"cold": f"{r['n']}", "incremental": f"{r['n']} (+1%, warm cache)",
+                 "from": f"{r['n']} (+1%, --from)"}[r["kind"]]
         print(f"| {label} | {fmt(r['train_images'], 'd')} | {r['wall_s']:.0f} | "
               + "".join(f"{fmt(r['seconds'].get(p), '.1f')} | " for p in phases)
               + f"{fmt(spi, '.4f')} | {fmt(spi / first if spi and first else None, '.2f')} | "
@@ -248,11 +251,13 @@ def print_table(rows: list[dict], host: dict) -> None:
               f"{fmt(r['images_computed'], 'd')} / {fmt(r['images_cached'], 'd')} | "
               f"{fmt(r['test_accuracy_after'], '.2%')} |")
     for r in rows:
-        if r["kind"] == "incremental":
+        if r["kind"] in ("incremental", "from"):
             cold = next((c for c in rows if c["kind"] == "cold" and c["n"] == r.get("from_n")), None)
             ratio = f", {r['wall_s'] / cold['wall_s']:.2f}x the cold run's {cold['wall_s']:.0f} s" if cold else ""
-            print(f"\nincremental +1% ({r.get('from_n')} -> {r['n']} images): {r['wall_s']:.0f} s{ratio}; "
-                  f"computed {fmt(r['images_computed'], 'd')}, cached {fmt(r['images_cached'], 'd')}")
+            how = "retrained --from the cold run" if r["kind"] == "from" else "from scratch, warm cache"
+            print(f"\n+1% ({r.get('from_n')} -> {r['n']} images, {how}): {r['wall_s']:.0f} s{ratio}; "
+                  f"computed {fmt(r['images_computed'], 'd')}, cached {fmt(r['images_cached'], 'd')}; "
+                  f"test accuracy {fmt(r['test_accuracy_after'], '.2%')}, Wilson 95% {r.get('test_ci95')}")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -306,6 +311,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="processes generating images")
     parser.add_argument("--incremental", action="store_true",
                         help="after the largest N's cold run, add 1%% more images and train again on its cache")
+    parser.add_argument("--retrain", action="store_true",
+                        help="with --incremental: also retrain the +1%% set --from the cold run")
     parser.add_argument("--epochs", type=int, nargs=2, metavar=("P1", "P2"), help="phase 1 and phase 2 epochs")
     parser.add_argument("--views", type=int, help="features.views")
     parser.add_argument("--image-size", type=int, help="data.image_size")
@@ -351,6 +358,12 @@ def main() -> None:
             print(f"N={grown}: training (+1% images, warm cache)", flush=True)
             run = run_train(data_dir, work / f"run-{n}-plus1pct", cache, overrides, work / f"run-{n}-plus1pct.log")
             rows.append(dict(row_from(grown, "incremental", run, cache), from_n=n))
+            if args.retrain:  # the same +1%, retrained from the cold run (its own schedule, not --epochs)
+                print(f"N={grown}: training --from the N={n} run", flush=True)
+                kept = [o for o in overrides if not o.startswith(("phase1.epochs=", "phase2.epochs="))]
+                run = run_train(data_dir, work / f"run-{n}-from", cache, kept, work / f"run-{n}-from.log",
+                                parent=work / f"run-{n}")
+                rows.append(dict(row_from(grown, "from", run, cache), from_n=n))
     result = {"host": host, "argv": sys.argv[1:], "overrides": overrides, "rows": rows}
     out = args.json or work / "scaling.json"
     out.write_text(json.dumps(result, indent=2))

@@ -46,7 +46,7 @@ def test_a_run_from_a_parent_starts_from_its_weights_and_keeps_its_training_imag
     assert json.loads((child / runfolder.RUN_INFO).read_text())["parent"] == str(parent.resolve())
     assert "Retrained from the run" in (child / runfolder.MODEL_CARD).read_text()
     history = runfolder.read_csv(child / runfolder.HISTORY)
-    assert [int(r["phase"]) for r in history] == [2, 2]  # the retraining schedule: no head-only phase, 2 epochs
+    assert [int(r["phase"]) for r in history] == [2]  # the retraining schedule: no head-only phase, 1 epoch
     # no training image of the parent is held out by the child
     trained = {r["sha256"] for r in read_manifest(parent / runfolder.SPLIT) if r["split"] == "train"}
     rows = read_manifest(child / runfolder.SPLIT)
