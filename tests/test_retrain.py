@@ -96,3 +96,17 @@ def test_a_sweep_refuses_a_parent(grown):
     data, parent = grown
     with pytest.raises(UsageError, match="a sweep's trials train from the base weights"):
         mt.sweep(data, overrides={"data.parent": str(parent)}, trials=1, verbose=False)
+
+
+def test_a_parent_that_has_gone_stops_only_training(grown, tmp_path):
+    """A run's config names its parent: loading it (evaluate, export) still works once the parent is deleted;
+    scanning a folder for training says what is missing in one line."""
+    from mobiletune.config import load_config
+    from mobiletune.data.folders import load_images
+    from mobiletune.errors import DataError
+
+    data, _ = grown
+    config = load_config(overrides=[f"data.parent={tmp_path / 'gone'}"])
+    assert config.data.parent.endswith("gone")
+    with pytest.raises(DataError, match=r"data.parent=.*gone.*: no split.csv there"):
+        load_images(data, config.data)

@@ -263,8 +263,6 @@ def validate(config: Config) -> None:
     _check(d.audit in AUDITS, "data.audit", d.audit, f"one of {', '.join(AUDITS)}")
     _check(not d.exclude or Path(d.exclude).is_file(), "data.exclude", d.exclude,
            "the path of an existing audit.csv or list of paths, or empty")
-    _check(not d.parent or (Path(d.parent) / "metrics.json").is_file(), "data.parent", d.parent,
-           "a finished run folder (with metrics.json), or empty")
     _check(a.flip in FLIPS, "augment.flip", a.flip, f"one of {', '.join(FLIPS)}")
     _check(0 <= a.rotation < 1, "augment.rotation", a.rotation,
            "a fraction of a full turn in [0, 1), e.g. 0.2")

@@ -178,10 +178,16 @@ def _discover_csv(path: Path) -> Listing:
 
 
 def parent_training_images(parent: str) -> frozenset[str]:
-    """The digests of the training images of the run folder `parent` (its split.csv); none without one."""
+    """The digests of the training images of the run folder `parent` (`data.parent`, its split.csv); none without
+    one. Checked here, where a run needs it, not in the config: a run trained from a parent that has since gone
+    still evaluates and exports."""
     if not parent:
         return frozenset()
-    return frozenset(r["sha256"] for r in read_manifest(Path(parent) / runfolder.SPLIT) if r["split"] == "train")
+    split = Path(parent) / runfolder.SPLIT
+    if not split.is_file():
+        raise DataError(f"data.parent={parent!r}: no {runfolder.SPLIT} there; give the folder of a finished run, or "
+                        "drop --from")
+    return frozenset(r["sha256"] for r in read_manifest(split) if r["split"] == "train")
 
 
 def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | None = None,
