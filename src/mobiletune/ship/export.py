@@ -37,7 +37,7 @@ from mobiletune.features.onnx import export_onnx
 from mobiletune.model import network as model_lib
 from mobiletune.model.network import Classifier
 from mobiletune.report.model_card import write_model_card
-from mobiletune.ship.predict import KerasPredictor, load_predictor
+from mobiletune.ship.predict import KerasPredictor, load_predictor, scored_all
 from mobiletune.ship.tflite_metadata import ModelInfo, add_metadata
 from mobiletune.ship.unknown_head import shipped_model
 from mobiletune.ship.web import tasks_vision_files, write_web
@@ -193,13 +193,6 @@ def latency_of(predictor, image: np.ndarray, repeats: int = 20) -> float:
         predictor.predict(image[None])
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
-
-
-def scored_all(predictor, images: ImageSet, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities and unknown-input scores (None without a detector) of every test image."""
-    probs, scores = zip(*(predictor.scored(x) for x, _ in pixels.eval_batches(images, predictor.size, batch)),
-                        strict=True)
-    return np.concatenate(probs), None if scores[0] is None else np.concatenate(scores)
 
 
 def check_exports(paths: dict[str, Path], images: ImageSet, reference: np.ndarray,

@@ -305,6 +305,8 @@ def predict_array(predictor: Predictor, images: np.ndarray, *, batch: int = 32, 
     return out
 
 
-def predict_all(predictor, images: ImageSet, batch: int = 32) -> np.ndarray:
-    """Probabilities for every test image, decoded and predicted `batch` at a time."""
-    return np.concatenate([predictor.predict(x) for x, _ in eval_batches(images, predictor.size, batch)])
+def scored_all(predictor: Predictor, images: ImageSet, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and unknown-input scores (None without a detector) of every test image, decoded and
+    predicted `batch` at a time."""
+    probs, scores = zip(*(predictor.scored(x) for x, _ in eval_batches(images, predictor.size, batch)), strict=True)
+    return np.concatenate(probs), None if scores[0] is None else np.concatenate(scores)
