@@ -73,7 +73,7 @@ def test_planted_problems_are_found(tmp_path):
     named = {f.path for f in found} | {f.other_path for f in found if f.other_path}
     assert sum(p in named for p in planted["offtopic"]) >= 4  # >= 80% of flowers flagged under some issue
     assert len(named - {p for pair in planted["near"] for p in pair} - set(planted["swap"])
-               - set(planted["offtopic"])) <= 0.015 * len(images.paths)  # the rest: 1.2% on the clean set (docs)
+               - set(planted["offtopic"])) <= 0.015 * len(images.paths)  # the rest: 1.3% on the clean set (docs)
     summary = audit.summary(images, found)
     assert summary["leaks"] >= 9  # the copies sit in validation/, their originals in train/
     print(json.dumps({k: v for k, v in summary.items() if k != "leaked_held_out"}))  # false positives, for the log
@@ -281,10 +281,10 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
     # flagged, with the true class: 1 to 4 of 4 (mean 3) over 6 plantings of this size (docs/testing.md)
     assert sum(wrong.get(p) == truth for p, truth in swaps.items()) >= 2, wrong
     assert sum(p in swaps or p in flowers for p in wrong) >= 0.5 * len(wrong)  # precision
-    # the off-topic score ranks both flowers in the first 3 of 105 photos, and only planted images in the first 5:
-    # a swapped image is unlike its folder too (flagging at this size: docs/audit.md)
+    # the off-topic score ranks both flowers first of 105 photos and flags them (its recall by size: docs/audit.md)
     ranked = [images.paths[i] for i in np.argsort(-scores.offtopic_scores(pooled, images.labels, top))]
-    assert set(flowers) <= set(ranked[:3]) and all(p in swaps or p in flowers for p in ranked[:5]), ranked[:5]
+    assert set(ranked[:2]) == set(flowers), ranked[:5]
+    assert set(flowers) <= {f.path for f in found if f.issue == "outlier"}
     planted = set(swaps) | set(flowers) | {p for c in copies for p in c}
     assert len({f.path for f in found} - planted) <= 1  # false positives stay at the clean set's level
 

@@ -7,8 +7,8 @@ seconds). Every image gets every score; a row is `flagged` where the score passe
   flagged from `NEAR_DUPLICATE_COSINE`;
 - label errors: 1 - the out-of-fold probability of the given label (`scores`), flagged by
   cleanlab's confident learning;
-- outliers (off-topic images): the distance to the image's own class relative to that class's
-  spread (`scores`), flagged far above the median.
+- outliers (off-topic images): how far the image lies from the folder, from its class and from
+  its class's ImageNet belief (`scores`), flagged far above the median.
 """
 
 from __future__ import annotations
@@ -178,11 +178,15 @@ def label_errors(images: ImageSet, pooled: np.ndarray) -> list[Finding]:
     return rows
 
 
-def outliers(images: ImageSet, pooled: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None
-             ) -> list[Finding]:
+def outliers(images: ImageSet, pooled: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None,
+             near: tuple[np.ndarray, np.ndarray] | None = None) -> list[Finding]:
     """Every image's off-topic row (`scores.offtopic_scores`, with the ImageNet `top` where there is one),
-    flagged above `scores.OFFTOPIC_MADS`."""
-    values = scores.offtopic_scores(pooled, images.labels, top)
+    flagged above `scores.OFFTOPIC_MADS`. `near`: `nearest(pooled)`, whose neighbours give the score's k-th."""
+    kth = None
+    if near is not None:
+        ranked = _others(near)[0]
+        kth = ranked[:, min(scores.OFFTOPIC_K, len(pooled) - 1) - 1] if len(pooled) > 1 else None
+    values = scores.offtopic_scores(pooled, images.labels, top, kth)
     return [_finding(images, i, "outlier", float(v), flagged=bool(v > scores.OFFTOPIC_MADS))
             for i, v in enumerate(values) if np.isfinite(v)]
 
@@ -218,7 +222,7 @@ def run_audit(images: ImageSet, pooled: np.ndarray, *, full: bool = True,
     pairs = {frozenset((f.path, f.other_path)) for f in flagged}
     rows = flagged + [f for f in similarity_rows(images, near) if frozenset((f.path, f.other_path)) not in pairs]
     if full:
-        rows += label_errors(images, pooled) + outliers(images, pooled, top)
+        rows += label_errors(images, pooled) + outliers(images, pooled, top, near)
     return _listed(rows, len(images.paths), listing)
 
 

@@ -24,10 +24,12 @@ MAX_ITER = 300  # L-BFGS steps a fit: weakly regularised probes on small folders
 # probabilities that no longer change where it matters (the ranking of the labels)
 PROBE_DIMS = 256  # principal axes the probe reads (`_projected`)
 SELECT_LIMIT = 1000  # C is chosen on at most this many images: 3,000 would cost ~10x the final fits
-OFFTOPIC_K = 5  # the k-th nearest other image of the same class: a few off-topic images alike do not vouch for
-# each other, while five neighbours still exist in a 20-image class folder
-OFFTOPIC_MADS = 5.0  # an off-topic image lies this many robust deviations (MAD) above the median score: 4 flagged
-# 2-3% of clean folders, 5 about 1% (benchmarks/data_checks.py)
+OFFTOPIC_K = 5  # the k-th nearest other image of the folder: a few off-topic images alike do not vouch for each
+# other (k = 3 ranked as well on the benchmark's sets, but three flowers among 40 photos would vouch); 10 ranked worse
+FLATTEN = 0.5  # the class's ImageNet belief is raised to this power before the overlap: a cat that MobileNetV2 calls
+# a lynx still overlaps a folder of tabbies; 0.3-1.0 ranked alike, 0.5 in the middle (benchmarks/data_checks.py)
+OFFTOPIC_MADS = 3.3  # an off-topic image lies this many robust deviations (MAD) above the median score: on the
+# unmodified sets of benchmarks/data_checks.py (7,280 images) 3.3 flagged 1% (docs/audit.md)
 CHUNK = 2048  # rows of the in-class similarity matrix at once: 2,048 x 50,000 float32 is 400 MB
 
 
@@ -138,27 +140,40 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
     return (values - median) / spread if spread > 1e-9 else np.where(np.isnan(values), np.nan, 0.0)
 
 
-def _relative_distance(unit: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """The cosine distance from each member to its k-th nearest other member, over the class's median of it."""
-    distance = 1.0 - _kth_other_similarity(unit[members], min(OFFTOPIC_K, len(members) - 1)).astype(np.float64)
-    return distance / max(float(np.median(distance)), 1e-12)
+def _class_mean_distance(unit: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The cosine distance from each row to the mean direction of the other rows of its class; NaN alone."""
+    out = np.full(len(unit), np.nan)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) > 1:
+            others = unit[members].sum(axis=0) - unit[members]  # each member's classmates, summed
+            norms = np.maximum(np.linalg.norm(others, axis=1), 1e-12)
+            out[members] = 1.0 - np.einsum("ij,ij->i", unit[members], others) / norms
+    return out
 
 
 def _surprise(probs: np.ndarray) -> np.ndarray:
     """-log of how much of each member's ImageNet belief falls where the rest of its class's belief lies: the
-    dot product of its 1,000 class probabilities with the mean of the other members'."""
-    others = (probs @ probs.sum(axis=0) - (probs * probs).sum(axis=1)) / (len(probs) - 1)
-    return -np.log(np.clip(others, 1e-30, None))
+    dot product of its 1,000 class probabilities with the other members' mean belief, flattened (`FLATTEN`)."""
+    total, out = probs.sum(axis=0), np.empty(len(probs))
+    for start in range(0, len(probs), CHUNK):  # a class of 50,000 would hold 200 MB a copy
+        rows = probs[start:start + CHUNK]
+        profile = np.maximum(total - rows, 0.0) ** FLATTEN
+        overlap = np.einsum("ij,ij->i", rows, profile) / np.maximum(profile.sum(axis=1), 1e-30)
+        out[start:start + len(rows)] = -np.log(np.clip(overlap, 1e-30, None))
+    return out
 
 
-def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None
-                    ) -> np.ndarray:
-    """How unlike the rest of its class folder each image is, in robust deviations above the typical image.
+def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None,
+                    kth_similarity: np.ndarray | None = None) -> np.ndarray:
+    """How unlike the folder and its class each image is, in robust deviations above the typical image.
 
-    Two views, each in-class because a flower filed under cats is unlike its folder even when another folder
-    is like it, and summed because each misses what the other sees (docs/audit.md):
-    - the distance to the k-th nearest other image of the class, over the class's median distance (classes
-      differ in spread: flowers of a kind vary more than cats);
+    The sum of three views, each in robust deviations (MAD) over all images, because each misses what the
+    others see (docs/audit.md):
+    - how far the image is from the OFFTOPIC_K-th nearest other image of the whole folder (a flower among
+      cats and dogs has no close neighbour in either class); `kth_similarity`: that similarity, where the
+      caller has the neighbours already (`checks.nearest`);
+    - how far it is from the mean direction of the rest of its class;
     - with MobileNetV2's ImageNet `top` (`model.imagenet`): how little of the image's ImageNet belief falls
       where its class's lies (a "daisy" among "tabby cats").
     NaN for a class of a single image.
@@ -166,13 +181,15 @@ def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarra
     if np.bincount(labels).max(initial=0) < 2:
         return np.full(len(labels), np.nan)
     unit = convention.unit_rows(pooled).astype(np.float32)
-    probs = None if top is None else imagenet_probabilities(pooled, top)
-    distance, surprise = np.full(len(labels), np.nan), np.full(len(labels), np.nan)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        if len(members) > 1:
-            distance[members] = _relative_distance(unit, members)
-            if probs is not None:
-                surprise[members] = _surprise(probs[members])
-    return _robust_z(_robust_z(distance) + (0.0 if probs is None else _robust_z(surprise)))
+    if kth_similarity is None:
+        kth_similarity = _kth_other_similarity(unit, min(OFFTOPIC_K, len(unit) - 1))
+    views = [_robust_z(1.0 - kth_similarity.astype(np.float64)), _robust_z(_class_mean_distance(unit, labels))]
+    if top is not None:
+        probs, surprise = imagenet_probabilities(pooled, top), np.full(len(labels), np.nan)
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            if len(members) > 1:
+                surprise[members] = _surprise(probs[members].astype(np.float64))
+        views.append(_robust_z(surprise))
+    return _robust_z(np.sum(views, axis=0))
 
