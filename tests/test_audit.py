@@ -73,7 +73,7 @@ def test_planted_problems_are_found(tmp_path):
     named = {f.path for f in found} | {f.other_path for f in found if f.other_path}
     assert sum(p in named for p in planted["offtopic"]) >= 4  # >= 80% of flowers flagged under some issue
     assert len(named - {p for pair in planted["near"] for p in pair} - set(planted["swap"])
-               - set(planted["offtopic"])) <= 0.015 * len(images.paths)  # the rest: 1.3% on the clean set (docs)
+               - set(planted["offtopic"])) <= 0.02 * len(images.paths)  # the rest: 1.6% on the clean set (docs)
     summary = audit.summary(images, found)
     assert summary["leaks"] >= 9  # the copies sit in validation/, their originals in train/
     print(json.dumps({k: v for k, v in summary.items() if k != "leaked_held_out"}))  # false positives, for the log
@@ -281,9 +281,10 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
     # flagged, with the true class: 1 to 4 of 4 (mean 3) over 6 plantings of this size (docs/testing.md)
     assert sum(wrong.get(p) == truth for p, truth in swaps.items()) >= 2, wrong
     assert sum(p in swaps or p in flowers for p in wrong) >= 0.5 * len(wrong)  # precision
-    # the off-topic score ranks both flowers first of 105 photos and flags them (its recall by size: docs/audit.md)
+    # the off-topic score ranks both flowers in the first 3 of 105 photos, among planted images only (a cat filed
+    # under dogs is no dog either), and flags them (its recall by size: docs/audit.md)
     ranked = [images.paths[i] for i in np.argsort(-scores.offtopic_scores(pooled, images.labels, top))]
-    assert set(ranked[:2]) == set(flowers), ranked[:5]
+    assert set(flowers) <= set(ranked[:3]) and all(p in swaps or p in flowers for p in ranked[:4]), ranked[:5]
     assert set(flowers) <= {f.path for f in found if f.issue == "outlier"}
     planted = set(swaps) | set(flowers) | {p for c in copies for p in c}
     assert len({f.path for f in found} - planted) <= 1  # false positives stay at the clean set's level
@@ -309,3 +310,37 @@ def test_off_topic_scores_stay_finite_when_most_classes_hold_two_images():
     values = scores.offtopic_scores(pooled, labels)
     assert np.isfinite(values).all() and values.max() < 20
     assert np.isnan(scores.offtopic_scores(pooled[:3], np.arange(3))).all()  # no class to compare with
+
+
+def test_the_imagenet_hierarchy_names_every_class_as_the_shared_labels_do():
+    """Each ImageNet class's deepest WordNet noun is the class itself: its word is in the label of that output
+    (../shared/weights/imagenet_labels.txt, 1,000 outputs after "background"), so the rows are in output order."""
+    from conftest import SHARED
+    from mobiletune.model.imagenet import hierarchy
+
+    nouns = hierarchy()
+    labels = (SHARED / "weights" / "imagenet_labels.txt").read_text().splitlines()[1:]
+    assert nouns.members.shape[0] == len(labels) == 1000
+    deepest = [nouns.names[max(np.flatnonzero(row), key=lambda k: nouns.depths[k])] for row in nouns.members]
+    assert all(name.replace("_", " ").lower() in label.lower() for name, label in zip(deepest, labels, strict=True))
+    assert (nouns.members[:, nouns.names.index("entity")] == 1).all()
+
+
+def test_a_class_kind_is_the_deepest_noun_that_holds_its_belief_and_a_daisy_filed_there_lacks_it():
+    """Nine photos MobileNetV2 calls tabby or Siamese cats (0.9) and one it calls a daisy: the kind is
+    "domestic_cat" (81% of the mean belief; "tabby" alone holds only 45%), the daisy lies 3.7 tenfolds below
+    KIND_BELIEF in it (counted up to KIND_DECADES), the cats none; a folder ImageNet has no class for gets a kind
+    so broad that nothing lacks it."""
+    from mobiletune.model.imagenet import hierarchy
+
+    tabby, siamese, daisy = 281, 284, 985
+    probs = np.full((10, 1000), 0.1 / 999)
+    for row, cls in enumerate([tabby, siamese] * 4 + [tabby, daisy]):
+        probs[row, cls] = 0.9
+    probs /= probs.sum(axis=1, keepdims=True)
+    deficit, kind = scores.kind_deficit(probs, hierarchy())
+    assert kind == "domestic_cat"
+    assert deficit[:9].max() == 0 and deficit[9] == pytest.approx(np.log10(0.1 / (5 * 0.1 / 999)), abs=0.05)
+    spread = np.random.default_rng(0).dirichlet(np.full(1000, 0.05), size=30)  # beliefs over everything
+    deficit, kind = scores.kind_deficit(spread, hierarchy())
+    assert hierarchy().depths[hierarchy().names.index(kind)] <= 3 and deficit.max() < 1

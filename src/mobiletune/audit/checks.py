@@ -8,7 +8,7 @@ seconds). Every image gets every score; a row is `flagged` where the score passe
 - label errors: 1 - the out-of-fold probability of the given label (`scores`), flagged by
   cleanlab's confident learning;
 - outliers (off-topic images): how far the image lies from the folder, from its class and from
-  its class's ImageNet belief (`scores`), flagged far above the median.
+  its class's ImageNet belief and kind (`scores`), flagged far above the median.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from mobiletune.model import convention
-from mobiletune.model.imagenet import imagenet_probabilities
+from mobiletune.model.imagenet import Hierarchy, hierarchy, imagenet_probabilities
 
 # The probe's inverse regularisation strengths tried by cross-validation: a few hundred images want a stronger
 # prior than thousands, so no single C served every size measured.
@@ -28,6 +28,12 @@ OFFTOPIC_K = 5  # the k-th nearest other image of the folder: a few off-topic im
 # other (k = 3 ranked as well on the benchmark's sets, but three flowers among 40 photos would vouch); 10 ranked worse
 FLATTEN = 0.5  # the class's ImageNet belief is raised to this power before the overlap: a cat that MobileNetV2 calls
 # a lynx still overlaps a folder of tabbies; 0.3-1.0 ranked alike, 0.5 in the middle (benchmarks/data_checks.py)
+KIND_SHARE = 0.8  # a class's kind is the deepest WordNet noun holding this share of its images' mean ImageNet
+# belief: "cat", "dog"; for roses, which ImageNet has no class for, "whole", which tells nothing. At 0.5 the dogs'
+# kind was "hunting dog", which many dogs are not, and 4% of clean images were flagged
+KIND_BELIEF = 0.1  # below this belief in its class's kind, each tenfold less adds one robust deviation to an
+# image's off-topic score, up to KIND_DECADES (examples in docs/audit.md)
+KIND_DECADES = 4.0
 OFFTOPIC_MADS = 3.3  # an off-topic image lies this many robust deviations (MAD) above the median score: on the
 # unmodified sets of benchmarks/data_checks.py (7,280 images) 3.3 flagged 1% (docs/audit.md)
 CHUNK = 2048  # rows of the in-class similarity matrix at once: 2,048 x 50,000 float32 is 400 MB
@@ -164,6 +170,17 @@ def _surprise(probs: np.ndarray) -> np.ndarray:
     return out
 
 
+def kind_deficit(probs: np.ndarray, nouns: Hierarchy) -> tuple[np.ndarray, str]:
+    """How many tenfolds below KIND_BELIEF each member's ImageNet belief in its class's kind lies (0 to
+    KIND_DECADES), and the kind: the deepest WordNet noun over the classes that holds KIND_SHARE of the mean
+    belief."""
+    share = probs.mean(axis=0) @ nouns.members
+    held = np.flatnonzero(share >= KIND_SHARE - 1e-6)  # "entity" holds all of it: never empty
+    kind = held[np.lexsort((share[held], nouns.depths[held]))[-1]]
+    belief = probs @ nouns.members[:, kind]
+    return np.clip(np.log10(KIND_BELIEF / np.clip(belief, 1e-30, None)), 0.0, KIND_DECADES), nouns.names[kind]
+
+
 def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None,
                     kth_similarity: np.ndarray | None = None) -> np.ndarray:
     """How unlike the folder and its class each image is, in robust deviations above the typical image.
@@ -176,7 +193,8 @@ def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarra
     - how far it is from the mean direction of the rest of its class;
     - with MobileNetV2's ImageNet `top` (`model.imagenet`): how little of the image's ImageNet belief falls
       where its class's lies (a "daisy" among "tabby cats").
-    NaN for a class of a single image.
+    With the top, `kind_deficit` is added to the sum's deviations: how little the image is what WordNet calls
+    its class's kind. NaN for a class of a single image.
     """
     if np.bincount(labels).max(initial=0) < 2:
         return np.full(len(labels), np.nan)
@@ -184,12 +202,14 @@ def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarra
     if kth_similarity is None:
         kth_similarity = _kth_other_similarity(unit, min(OFFTOPIC_K, len(unit) - 1))
     views = [_robust_z(1.0 - kth_similarity.astype(np.float64)), _robust_z(_class_mean_distance(unit, labels))]
+    kind = np.zeros(len(labels))
     if top is not None:
         probs, surprise = imagenet_probabilities(pooled, top), np.full(len(labels), np.nan)
         for c in np.unique(labels):
             members = np.flatnonzero(labels == c)
             if len(members) > 1:
                 surprise[members] = _surprise(probs[members].astype(np.float64))
+                kind[members] = kind_deficit(probs[members], hierarchy())[0]
         views.append(_robust_z(surprise))
-    return _robust_z(np.sum(views, axis=0))
+    return _robust_z(np.sum(views, axis=0)) + kind
 

@@ -4,6 +4,8 @@ base network itself calls an image, read from the pooled features the feature st
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -12,6 +14,27 @@ from mobiletune.config import Config
 # Keras publishes MobileNetV2 weights trained at each of these sizes; other sizes get the 224 ones.
 KERAS_SIZES = (96, 128, 160, 192, 224)
 Top = tuple[np.ndarray, np.ndarray]  # the Dense layer's kernel [1280, 1000] and bias [1000]
+HIERARCHY = Path(__file__).with_name("imagenet_hierarchy.txt")  # scripts/generate-imagenet-hierarchy
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """WordNet's nouns above the 1,000 ImageNet classes ("tabby" is a "cat", a "feline", ..., an "entity")."""
+
+    names: tuple[str, ...]  # each noun's first word ("domestic_cat")
+    depths: np.ndarray  # [nouns] steps below "entity" on the longest path
+    members: np.ndarray  # [1000, nouns] float32: 1 where the noun is the class or one of its hypernyms
+
+
+@functools.cache
+def hierarchy() -> Hierarchy:
+    lines = [line for line in HIERARCHY.read_text().splitlines() if not line.startswith("#")]
+    split = lines.index("---")
+    nouns = [line.split() for line in lines[:split]]
+    members = np.zeros((len(lines) - split - 1, len(nouns)), np.float32)
+    for row, line in enumerate(lines[split + 1:]):
+        members[row, [int(k) for k in line.split()]] = 1.0
+    return Hierarchy(tuple(n[2] for n in nouns), np.array([int(n[1]) for n in nouns]), members)
 
 
 @functools.cache
