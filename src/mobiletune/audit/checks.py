@@ -28,7 +28,9 @@ COLUMNS = ["path", "split", "class", "issue", "score", "suggested_class", "other
 # Resized, recompressed (JPEG 30) and 5%-cropped copies of cats-vs-dogs photos score 0.97-0.99 against their
 # originals at 160 px; distinct photos of the same class stay below ~0.93 (tests/test_audit.py plants both).
 NEAR_DUPLICATE_COSINE = 0.90
-NEIGHBOURS = 10  # how many nearest neighbours each image is compared with for near duplicates
+NEIGHBOURS = 10  # how many nearest neighbours each image is compared with for near duplicates; the off-topic
+# score reads its k-th nearest from them too
+assert NEIGHBOURS >= scores.OFFTOPIC_K
 # A pair below that cosine is a copy too when each is the other's nearest image and the gap to the next is this
 # many times the spread of the next nine (a mirrored copy, or a flower photo cropped a little, whose species look
 # alike): clean sets of 40-3,000 cats and dogs had <= 0.3% of images pass, mirrored copies 93-97%.

@@ -36,7 +36,7 @@ KIND_BELIEF = 0.1  # below this belief in its class's kind, each tenfold less ad
 KIND_DECADES = 4.0
 OFFTOPIC_MADS = 3.3  # an off-topic image lies this many robust deviations (MAD) above the median score: on the
 # unmodified sets of benchmarks/data_checks.py (7,280 images) 3.3 flagged 1% (docs/audit.md)
-CHUNK = 2048  # rows of the in-class similarity matrix at once: 2,048 x 50,000 float32 is 400 MB
+CHUNK = 2048  # rows of a similarity or belief matrix at once: 2,048 x 50,000 float32 is 400 MB
 
 
 def _probe_probabilities(unit: np.ndarray, labels: np.ndarray, c: float, folds: int) -> np.ndarray:
@@ -137,8 +137,8 @@ def _kth_other_similarity(unit: np.ndarray, k: int) -> np.ndarray:
 
 def _robust_z(values: np.ndarray) -> np.ndarray:
     """How many robust deviations (MAD) each value lies above the median of all. Where over half the values are
-    equal (classes of two images all score 1) the MAD is 0: the mean absolute deviation, scaled to match the
-    MAD of a normal distribution, stands in; all equal, all 0."""
+    equal (most images exact copies of one, all at distance 0) the MAD is 0: the mean absolute deviation, scaled
+    to match the MAD of a normal distribution, stands in; all equal, all 0."""
     median = float(np.nanmedian(values))
     spread = float(np.nanmedian(np.abs(values - median)))
     if spread < 1e-9:
@@ -152,18 +152,20 @@ def _class_mean_distance(unit: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         if len(members) > 1:
-            others = unit[members].sum(axis=0) - unit[members]  # each member's classmates, summed
-            norms = np.maximum(np.linalg.norm(others, axis=1), 1e-12)
-            out[members] = 1.0 - np.einsum("ij,ij->i", unit[members], others) / norms
+            rows = unit[members].astype(np.float64)
+            total = rows.sum(axis=0)  # each member's classmates sum to total - row: no n x 1280 copy of them
+            along, own = rows @ total, np.einsum("ij,ij->i", rows, rows)
+            norms = np.sqrt(np.maximum(total @ total - 2.0 * along + own, 1e-24))
+            out[members] = 1.0 - (along - own) / norms
     return out
 
 
 def _surprise(probs: np.ndarray) -> np.ndarray:
     """-log of how much of each member's ImageNet belief falls where the rest of its class's belief lies: the
     dot product of its 1,000 class probabilities with the other members' mean belief, flattened (`FLATTEN`)."""
-    total, out = probs.sum(axis=0), np.empty(len(probs))
-    for start in range(0, len(probs), CHUNK):  # a class of 50,000 would hold 200 MB a copy
-        rows = probs[start:start + CHUNK]
+    total, out = probs.sum(axis=0, dtype=np.float64), np.empty(len(probs))
+    for start in range(0, len(probs), CHUNK):  # a class of 50,000 would hold 400 MB a float64 copy
+        rows = probs[start:start + CHUNK].astype(np.float64)
         profile = np.maximum(total - rows, 0.0) ** FLATTEN
         overlap = np.einsum("ij,ij->i", rows, profile) / np.maximum(profile.sum(axis=1), 1e-30)
         out[start:start + len(rows)] = -np.log(np.clip(overlap, 1e-30, None))
@@ -176,9 +178,9 @@ def kind_deficit(probs: np.ndarray, nouns: Hierarchy) -> tuple[np.ndarray, str]:
     belief."""
     share = probs.mean(axis=0) @ nouns.members
     held = np.flatnonzero(share >= KIND_SHARE - 1e-6)  # "entity" holds all of it: never empty
-    kind = held[np.lexsort((share[held], nouns.depths[held]))[-1]]
-    belief = probs @ nouns.members[:, kind]
-    return np.clip(np.log10(KIND_BELIEF / np.clip(belief, 1e-30, None)), 0.0, KIND_DECADES), nouns.names[kind]
+    noun = held[np.lexsort((share[held], nouns.depths[held]))[-1]]  # the deepest; of equals, the larger share
+    belief = probs @ nouns.members[:, noun]
+    return np.clip(np.log10(KIND_BELIEF / np.clip(belief, 1e-30, None)), 0.0, KIND_DECADES), nouns.names[noun]
 
 
 def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None,
@@ -202,14 +204,15 @@ def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarra
     if kth_similarity is None:
         kth_similarity = _kth_other_similarity(unit, min(OFFTOPIC_K, len(unit) - 1))
     views = [_robust_z(1.0 - kth_similarity.astype(np.float64)), _robust_z(_class_mean_distance(unit, labels))]
-    kind = np.zeros(len(labels))
+    lack = np.zeros(len(labels))  # tenfolds short of the class's kind (`kind_deficit`)
     if top is not None:
         probs, surprise = imagenet_probabilities(pooled, top), np.full(len(labels), np.nan)
         for c in np.unique(labels):
             members = np.flatnonzero(labels == c)
             if len(members) > 1:
-                surprise[members] = _surprise(probs[members].astype(np.float64))
-                kind[members] = kind_deficit(probs[members], hierarchy())[0]
+                beliefs = probs[members]
+                surprise[members] = _surprise(beliefs)
+                lack[members] = kind_deficit(beliefs, hierarchy())[0]
         views.append(_robust_z(surprise))
-    return _robust_z(np.sum(views, axis=0)) + kind
+    return _robust_z(np.sum(views, axis=0)) + lack
 

@@ -28,8 +28,10 @@ class Hierarchy:
 
 @functools.cache
 def hierarchy() -> Hierarchy:
+    """The nouns of `HIERARCHY`: its noun lines (wnid, depth, name), then after "---" a line per class."""
     lines = [line for line in HIERARCHY.read_text().splitlines() if not line.startswith("#")]
     split = lines.index("---")
+    assert len(lines) - split - 1 == 1000, f"{HIERARCHY}: not one line per ImageNet class"
     nouns = [line.split() for line in lines[:split]]
     members = np.zeros((len(lines) - split - 1, len(nouns)), np.float32)
     for row, line in enumerate(lines[split + 1:]):
