@@ -346,3 +346,27 @@ def test_a_class_kind_is_the_deepest_noun_that_holds_its_belief_and_a_daisy_file
     spread = np.random.default_rng(0).dirichlet(np.full(1000, 0.05), size=30)  # beliefs over everything
     deficit, kind = scores.kind_deficit(spread, hierarchy())
     assert hierarchy().depths[hierarchy().names.index(kind)] <= 3 and deficit.max() < 1
+
+
+@pytest.mark.parametrize(("n", "blanks"), [(300, 7), (12, 5), (3, 3), (40, 0)])
+def test_the_neighbour_search_keeps_blank_images_apart(n, blanks):
+    """The search lists the neighbours and similarities of scikit-learn's cosine metric, and a blank image (all-zero
+    features) is alike to nothing but itself: two blank images are no copies of each other. A Euclidean search on
+    unit rows (the same neighbours otherwise) made them identical, and grouped them as near copies; measured no
+    faster on float32 features (2.8 against 2.7 s for 10,000 images)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(n)
+    pooled = np.abs(rng.normal(size=(n, 16))).astype(np.float32)
+    pooled[rng.choice(n, blanks, replace=False)] = 0
+    if n > blanks + 1:
+        pooled[np.flatnonzero(pooled.any(axis=1))[1]] = pooled[np.flatnonzero(pooled.any(axis=1))[0]]  # a copy
+    similarities, indices = audit.nearest(pooled)
+    distances, expected = NearestNeighbors(n_neighbors=similarities.shape[1], metric="cosine").fit(pooled).kneighbors(
+        pooled)
+    assert np.allclose(similarities, 1.0 - distances, atol=1e-5)
+    live = np.flatnonzero(pooled.any(axis=1))
+    assert all(set(indices[i]) == set(expected[i]) for i in live)  # random rows: no ties among the live ones
+    for i in np.flatnonzero(~pooled.any(axis=1)):
+        assert indices[i, 0] == i and similarities[i, 0] == 1 and (similarities[i, 1:] == 0).all()
+        assert len(set(indices[i])) == len(indices[i])
