@@ -100,6 +100,7 @@ def test_audit_command_writes_csv_and_page(cats_dogs_tiny, tmp_path):
     result = runner.invoke(app, ["audit", str(cats_dogs_tiny), "--out", str(out), *sets], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "label error" in result.output and "--exclude" in result.output
+    assert "what ImageNet takes each class for" in result.output  # the kinds, with the 224-px top of the base
     rows = runfolder.read_csv(out / "audit.csv")
     assert list(rows[0]) == audit.COLUMNS if rows else (out / "audit.csv").read_text().startswith("path,split")
     assert all(r["issue"] in audit.ISSUES for r in rows)
@@ -285,6 +286,9 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
     # under dogs is no dog either), and flags them (its recall by size: docs/audit.md)
     ranked = [images.paths[i] for i in np.argsort(-scores.offtopic_scores(pooled, images.labels, top))]
     assert set(flowers) <= set(ranked[:3]) and all(p in swaps or p in flowers for p in ranked[:4]), ranked[:5]
+    kinds = scores.class_kinds(pooled, images.labels, top)  # what the flowers lack
+    assert kinds[images.classes.index("dogs")] == "dog", kinds
+    assert kinds[images.classes.index("cats")] in ("carnivore", "feline", "cat", "domestic_cat"), kinds
     assert set(flowers) <= {f.path for f in found if f.issue == "outlier"}
     planted = set(swaps) | set(flowers) | {p for c in copies for p in c}
     assert len({f.path for f in found} - planted) <= 1  # false positives stay at the clean set's level

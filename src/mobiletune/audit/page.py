@@ -75,17 +75,26 @@ def _group(root: Path, rows: list[Finding], title: str, empty: str) -> str:
     return "\n".join(out)
 
 
-def _section(root: Path, issue: str, findings: list[Finding]) -> str:
+def _kinds(kinds: dict[str, str]) -> str:
+    """What MobileNetV2's ImageNet top takes each class for: an off-topic image has little belief in it."""
+    named = "; ".join(f"{html.escape(cls)}: {html.escape(kind)}" for cls, kind in kinds.items())
+    return (f'<p class="note">What ImageNet takes each class for (the deepest WordNet noun holding most of its '
+            f"images' belief): {named}. An image with little belief in its class's kind scores higher.</p>"
+            if kinds else "")
+
+
+def _section(root: Path, issue: str, findings: list[Finding], kinds: dict[str, str]) -> str:
     rows = [f for f in findings if f.issue == issue]
     flagged = [f for f in rows if f.flagged]
-    return "\n".join([f"<h2>{TITLES[issue]}: {len(flagged)}</h2>",
+    return "\n".join([f"<h2>{TITLES[issue]}: {len(flagged)}</h2>", *([_kinds(kinds)] if issue == "outlier" else []),
                       _group(root, flagged, "Flagged", "none found"),
                       *([_group(root, [f for f in rows if not f.flagged], "Next most suspicious, to review", "")]
                         if len(rows) > len(flagged) else [])])
 
 
-def build_audit_page(out: Path, root: Path, findings: list[Finding], summary: dict) -> Path:
-    """Write OUT/audit.html for the images under `root`."""
+def build_audit_page(out: Path, root: Path, findings: list[Finding], summary: dict,
+                     kinds: dict[str, str] | None = None) -> Path:
+    """Write OUT/audit.html for the images under `root`; `kinds`: {class: its ImageNet kind}, where known."""
     leaks = (f"<p>{summary['leaks']} duplicate pair(s) cross train and validation/test: those held-out images "
              "are as good as seen in training.</p>") if summary["leaks"] else ""
     header = f"# mobiletune audit of {root.resolve()}: ticked to leave out (mobiletune train DATA_DIR --exclude FILE)"
@@ -94,7 +103,7 @@ def build_audit_page(out: Path, root: Path, findings: list[Finding], summary: di
     script = constants + SCRIPT
     bar = ('<div class="bar"><button id="download" onclick="download()">Download exclude list</button> '
            '<span id="ticked">0</span> ticked; give the file to <code>--exclude</code></div>')
-    body = "\n".join(_section(root, issue, findings) for issue in ISSUES)
+    body = "\n".join(_section(root, issue, findings, kinds or {}) for issue in ISSUES)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
             f"content='width=device-width,initial-scale=1'><title>mobiletune audit</title>"
             f"<style>{CSS}{EXTRA_CSS}</style><script>{script}</script></head><body>"

@@ -8,6 +8,7 @@ from typing import Any
 
 from mobiletune import runfolder
 from mobiletune.audit.checks import read_exclusions, run_audit, summary, write_csv
+from mobiletune.audit.scores import class_kinds
 
 
 def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bool = False, console=None,
@@ -36,9 +37,12 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     classifier = create_model(config, len(images.classes))
     with progress.bar(console, "features") as update:
         pooled, images = features.plain_pooled(classifier, images, config, progress=update, file_index=index)
-    findings = run_audit(images, pooled, listing=listing, top=top_for(config, classifier.base))
+    top = top_for(config, classifier.base)
+    findings = run_audit(images, pooled, listing=listing, top=top)
+    kinds = {} if top is None else {images.classes[c]: kind.replace("_", " ")
+                                    for c, kind in class_kinds(pooled, images.labels, top).items()}
     out = runfolder.prepare(out, overwrite=overwrite)
     write_csv(findings, out / runfolder.AUDIT)
     found = summary(images, findings)
-    build_audit_page(out, images.root, findings, found)
-    return {**found, "images": len(images.paths), "skipped": len(images.skipped), "out": str(out)}
+    build_audit_page(out, images.root, findings, found, kinds)
+    return {**found, "kinds": kinds, "images": len(images.paths), "skipped": len(images.skipped), "out": str(out)}

@@ -183,6 +183,13 @@ def kind_deficit(probs: np.ndarray, nouns: Hierarchy) -> tuple[np.ndarray, str]:
     return np.clip(np.log10(KIND_BELIEF / np.clip(belief, 1e-30, None)), 0.0, KIND_DECADES), nouns.names[noun]
 
 
+def class_kinds(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarray, np.ndarray]) -> dict[int, str]:
+    """{class: its kind (`kind_deficit`)} for every class of two images or more, for people to read."""
+    probs = imagenet_probabilities(pooled, top)
+    return {int(c): kind_deficit(probs[labels == c], hierarchy())[1] for c in np.unique(labels)
+            if np.sum(labels == c) > 1}
+
+
 def offtopic_scores(pooled: np.ndarray, labels: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None,
                     kth_similarity: np.ndarray | None = None) -> np.ndarray:
     """How unlike the folder and its class each image is, in robust deviations above the typical image.

@@ -173,6 +173,9 @@ def audit_command(
         table.add_row(issue.replace("_", " "), f"{found[issue]:,}")
     table.add_row("duplicates across train and validation/test (leaks)", f"{found['leaks']:,}")
     console.print(table)
+    if found["kinds"]:
+        console.print("what ImageNet takes each class for (off-topic images have little belief in it): "
+                      + ", ".join(f"{cls}: {kind}" for cls, kind in found["kinds"].items()))
     out = Path(found["out"])
     console.print(f"details: {out / 'audit.csv'} (the findings, then the next most suspicious to review) and "
                   f"{out / 'audit.html'} (tick images, download them as an exclude list); leave the findings out "
