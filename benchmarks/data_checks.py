@@ -1,7 +1,7 @@
 """How much of a planted mess `mobiletune audit` finds: near copies, label swaps and off-topic images.
 
     .venv/bin/python benchmarks/data_checks.py [--datasets cats flowers] [--sizes 20 60 200] [--seeds 0 1 2]
-        [--recipes mild hard] [--quick] [--json results.json]
+        [--recipes mild hard stretched] [--quick] [--json results.json]
 
 Per data set, size (images a class) and seed: a subset of the shared set (../shared/data), cats_and_dogs_filtered at
 20, 60, 200 a class, flowers_mini (40 a class) at 20, 40, 100, classes above 40 topped up with images made from its
@@ -9,9 +9,11 @@ photos (seeded crop of 70-90% of the area, flipped half the time, brightness and
 From 100 a class the layout is train/ + validation/ (80/20), and near copies go to validation (leaks); below, class
 folders. The subset is audited unmodified, then once per near-copy recipe with faults planted (truth recorded):
 near copies (3%, at least 3) as new files of the same class, `mild` = 2-4% cropped a side, resized to 85%, JPEG 55,
-`hard` = 8-10% a side, 50%, JPEG 30, plus 2 mirrored `mild` copies scored apart; label swaps (3%, at least 3) moved
-to another class; off-topic photos from the other shared set (2%, at least 3) and synthetic images (1%, at least 3:
-flat colour, text lines on white, noise). Both recipes share a seed's subset, swaps and off-topic draws.
+`hard` = 8-10% a side, 50%, JPEG 30, `stretched` = 0-15% a side, 60%, the height stretched by up to 20%,
+brightness and contrast by up to 20%, JPEG 40, plus 2 mirrored `mild` copies scored apart; label swaps (3%, at
+least 3) moved to another class; off-topic photos from the other shared set (2%, at least 3) and synthetic images
+(1%, at least 3: flat colour, text lines on white, noise). Every recipe shares a seed's subset, swaps and
+off-topic draws.
 Scoring reads OUT/audit.csv (`--all`; a finding is a row flagged true): a copy is found when a duplicate
 row pairs it with its original (or with a crop made from that photo, in the topped-up sets), a swap or off-topic
 image when a row names it. The full shared sets are audited
@@ -42,7 +44,10 @@ OTHER = {"cats": "flowers", "flowers": "cats"}
 SIZES = {"cats": [20, 60, 200], "flowers": [20, 40, 100]}
 SPLIT_FOLDERS_FROM = 100  # images per class from which the set is laid out as train/ + validation/
 RECIPES = {"mild": {"crop": (0.02, 0.04), "scale": 0.85, "quality": 55},
-           "hard": {"crop": (0.08, 0.10), "scale": 0.50, "quality": 30}}
+           "hard": {"crop": (0.08, 0.10), "scale": 0.50, "quality": 30},
+           # added after the keypoint check's settings were chosen, to test it on a recipe it was not chosen on:
+           # uneven crops, the height stretched by up to a fifth, brightness and contrast changed by up to 20%
+           "stretched": {"crop": (0.0, 0.15), "scale": 0.60, "quality": 40, "stretch": 0.2, "jitter": 0.2}}
 FLIPPED = 2  # mirrored mild copies per set: features of a flipped photo differ more, so they are scored apart
 WORK = Path("/tmp/data_checks")
 WORDS = "error warning file open save cancel network loading settings user password update the of and".split()
@@ -66,14 +71,19 @@ def derived(source: Path, rng: random.Random):
 
 
 def near_copy(source: Path, recipe: dict, rng: random.Random, flip: bool = False):
-    """`source` cropped by recipe's share on each side, resized, maybe mirrored (saved at its JPEG quality)."""
-    from PIL import Image, ImageOps
+    """`source` cropped by recipe's share on each side, resized (the height stretched by up to its `stretch`),
+    brightness and contrast changed by up to its `jitter`, maybe mirrored (saved at its JPEG quality)."""
+    from PIL import Image, ImageEnhance, ImageOps
 
     image = Image.open(source).convert("RGB")
     w, h = image.size
     left, right, top, bottom = (rng.uniform(*recipe["crop"]) for _ in range(4))
     image = image.crop((int(w * left), int(h * top), w - int(w * right), h - int(h * bottom)))
-    image = image.resize((max(8, int(image.width * recipe["scale"])), max(8, int(image.height * recipe["scale"]))))
+    stretch = 1 + rng.uniform(-1, 1) * recipe["stretch"] if "stretch" in recipe else 1  # no draw: mild, hard
+    image = image.resize((max(8, int(image.width * recipe["scale"])),
+                          max(8, int(image.height * recipe["scale"] * stretch))))
+    for change in (ImageEnhance.Brightness, ImageEnhance.Contrast) if "jitter" in recipe else ():
+        image = change(image).enhance(1 + rng.uniform(-1, 1) * recipe["jitter"])
     return ImageOps.mirror(image) if flip else image
 
 

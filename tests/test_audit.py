@@ -1,6 +1,7 @@
 """The data audit: planted duplicates, label swaps and off-topic images are found; leaks are reported;
 audit.csv closes the loop through --exclude."""
 
+import hashlib
 import json
 import random
 import shutil
@@ -275,6 +276,11 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
         shutil.copy(f, root / "train" / "cats" / f"flower_{f.name}")
         flowers.append(f"train/cats/flower_{f.name}")
 
+    # and one copy as a careless re-upload makes it: a tenth cropped a side, halved, JPEG 30 (0.6-0.9 cosine)
+    f = rng.choice([o for o in originals if not any(o.relative_to(root).as_posix() in c for c in copies)])
+    _hard_copy(Image.open(f)).save(root / "validation" / f.parent.name / f"hard_{f.name}", quality=30)
+    copies.append(frozenset((f"validation/{f.parent.name}/hard_{f.name}", f.relative_to(root).as_posix())))
+
     images, found, pooled, top = _audit(root, config)
     pairs = {frozenset((f.path, f.other_path)) for f in found if f.issue in ("near_duplicate", "exact_duplicate")}
     assert all(c in pairs for c in copies) and len(pairs) == len(copies)  # every copy, and nothing else
@@ -292,6 +298,44 @@ def test_a_small_folder_40_per_class_clean_then_planted(tmp_path):
     assert set(flowers) <= {f.path for f in found if f.issue == "outlier"}
     planted = set(swaps) | set(flowers) | {p for c in copies for p in c}
     assert len({f.path for f in found} - planted) <= 1  # false positives stay at the clean set's level
+
+
+def _hard_copy(image: Image.Image, crop: float = 0.1, scale: float = 0.5) -> Image.Image:
+    image = image.convert("RGB")
+    w, h = image.size
+    image = image.crop((int(w * crop), int(h * crop * 0.8), w - int(w * crop * 0.9), h - int(h * crop)))
+    return image.resize((int(image.width * scale), int(image.height * scale)))
+
+
+def test_keypoints_tell_a_shrunk_recompressed_copy_from_look_alike_photos(tmp_path, monkeypatch):
+    """Copies cropped 8-12% a side, shrunk to 40-50% (one stretched) and saved at JPEG 25-30 match their originals,
+    and a mirrored copy where asked; no two of 12 distinct cats do, straight or mirrored, nor the two closest
+    look-alikes of the shared set (two black cats face-on, 12 matches, two tabbies 7: SAME_PHOTO is 20); an
+    unreadable file matches nothing."""
+    from mobiletune.audit import matching
+
+    look_alikes = ["validation/cats/cat.2149.jpg", "validation/cats/cat.2197.jpg", "train/cats/cat.301.jpg",
+                   "train/cats/cat.981.jpg"]
+    originals = look_alikes + [f"train/cats/cat.{k}.jpg" for k in range(8)]
+    for k, name in enumerate(originals[4:10]):
+        copy = _hard_copy(Image.open(CATS_DOGS / name), crop=0.08 + 0.01 * (k % 5), scale=0.4 + 0.02 * k)
+        copy = copy.resize((copy.width, copy.height * 4 // 5)) if k == 5 else copy
+        copy.save(tmp_path / f"copy{k}.jpg", quality=25 + k)
+    _hard_copy(Image.open(CATS_DOGS / originals[10]), 0.04, 0.8).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        tmp_path / "copy6.jpg", quality=50)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    paths = [str(CATS_DOGS / p) for p in originals] + [str(tmp_path / f"copy{k}.jpg") for k in range(7)]
+    images = ImageSet(root=Path("/"), classes=["cats"], paths=[*paths, str(tmp_path / "broken.jpg")],
+                      labels=np.zeros(len(paths) + 1, np.int32), splits=np.array(["train"] * (len(paths) + 1)),
+                      hashes=[hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths] + ["x"])
+    copies = [(4 + k, 12 + k) for k in range(6)]
+    distinct = [(a, b) for a in range(12) for b in range(a + 1, 12)]
+    found = matching.same_photo(images, [*copies, *distinct, (10, 18), (0, 19), (19, 4)],
+                                mirror=frozenset([*distinct, (10, 18), (0, 19)]))
+    assert [(a, b) for a, b, _ in found] == [*copies, (10, 18)], found
+    assert not matching.same_photo(images, [(10, 18)])  # a mirrored copy's keypoints match only mirrored
+    monkeypatch.setattr(matching, "BLOCK", 3)  # pairs taken a few images at a time find the same
+    assert matching.same_photo(images, [*copies, (0, 1), (10, 18)], mirror=frozenset([(10, 18)])) == found
 
 
 def test_the_label_probe_takes_a_4_image_class_among_1400_and_skips_a_1_image_one():

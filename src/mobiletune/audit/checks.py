@@ -1,10 +1,12 @@
 """Data audit: exact and near duplicates, copies across splits (leaks), likely label errors, off-topic images.
 
-Everything works on what mobiletune already has: the sha256 of every file and the unaugmented
-pooled ImageNet features of every image (from the feature store, so an audit after a run costs
-seconds). Every image gets every score; a row is `flagged` where the score passes its check:
+The checks work on the sha256 of every file and the unaugmented pooled ImageNet features of every
+image (from the feature store, so an audit after a run computes no features); only pairs the
+features leave in doubt are opened again. Every image gets every score; a row is `flagged` where
+the score passes its check:
 - near duplicates: the cosine similarity of an image's features to its nearest other image,
-  flagged from `NEAR_DUPLICATE_COSINE`;
+  flagged from `NEAR_DUPLICATE_COSINE`, or below it where their keypoints match under one affine
+  map (`matching`);
 - label errors: 1 - the out-of-fold probability of the given label (`scores`), flagged by
   cleanlab's confident learning;
 - outliers (off-topic images): how far the image lies from the folder, from its class and from
@@ -14,13 +16,14 @@ seconds). Every image gets every score; a row is `flagged` where the score passe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mobiletune.audit import scores
+from mobiletune.audit import matching, scores
 from mobiletune.data.images import ImageSet
 
 ISSUES = ("exact_duplicate", "near_duplicate", "label_error", "outlier")
@@ -31,12 +34,13 @@ NEAR_DUPLICATE_COSINE = 0.90
 NEIGHBOURS = 10  # how many nearest neighbours each image is compared with for near duplicates; the off-topic
 # score reads its k-th nearest from them too
 assert NEIGHBOURS >= scores.OFFTOPIC_K
-# A pair below that cosine is a copy too when each is the other's nearest image and the gap to the next is this
-# many times the spread of the next nine (a mirrored copy, or a flower photo cropped a little, whose species look
-# alike): clean sets of 40-3,000 cats and dogs had <= 0.3% of images pass, mirrored copies 93-97%.
-STANDOUT = 3.0
-STANDOUT_FLOOR = 0.80  # and never below this cosine: on the full cats_and_dogs_filtered, the 5 pairs the rule found
-# at 0.70-0.85 were different photos of look-alike animals; mild copies and mirrors measured 0.87 and up
+# Pairs the features leave in doubt go to keypoint matching (`matching`): each image with its CHECKED nearest
+# images from CHECKED_COSINE. Copies cropped a tenth a side, halved and saved at JPEG 30 measured 0.62-0.92 against
+# their originals, nearly all their original's nearest (or, where crops of one photo abound, a crop's). Pairs that
+# are each other's nearest are matched mirrored too: 31 of 36 mirrored copies (0.74-0.95) were (the other 5: a
+# crop of the same photo was nearer).
+CHECKED = 2
+CHECKED_COSINE = 0.60
 LISTINGS = ("review", "all")  # what audit.csv lists after the findings: the next to review, or everything
 REVIEW_SHARE = 0.01  # after the findings, the next most suspicious 1% of the images under each check, to look at
 
@@ -76,10 +80,11 @@ def nearest(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 1.0 - distances, indices
 
 
-def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray],
-               threshold: float = NEAR_DUPLICATE_COSINE) -> list[Finding]:
-    """Each image with an earlier identical file (sha256), or a near copy (cosine >= threshold, among the
-    `nearest` neighbours), once per pair."""
+def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], threshold: float = NEAR_DUPLICATE_COSINE,
+               progress: Callable[[int, int], None] | None = None) -> list[Finding]:
+    """Each image with an earlier identical file (sha256), or a near copy, once per pair: cosine >= threshold
+    among the `nearest` neighbours, or one of an image's CHECKED nearest whose keypoints match
+    (`matching.same_photo`; mirrored too when the two are each other's nearest), with `progress` shown."""
     found: list[Finding] = []
     first: dict[str, int] = {}
     for i, digest in enumerate(images.hashes):
@@ -94,9 +99,10 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray],
             if similarity >= threshold:
                 pairs[(min(i, int(j)), max(i, int(j)))] = float(similarity)
     ranked, partners = _others(near)
-    for i in np.flatnonzero(_standing_out(ranked, partners)):
-        j = int(partners[i, 0])
-        pairs[(min(i, j), max(i, j))] = float(ranked[i, 0])
+    doubtful = _doubtful(images, ranked, partners, pairs)
+    mutual = frozenset((a, b) for a, b in doubtful if partners[a, 0] == b and partners[b, 0] == a)
+    for a, b, _ in matching.same_photo(images, sorted(doubtful), mutual, progress):  # a mirrored copy: mutual nearest
+        pairs[(a, b)] = doubtful[(a, b)]
     found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()
               if a != b and images.hashes[a] != images.hashes[b]]  # exact copies: reported above
     return found
@@ -111,15 +117,16 @@ def _others(near: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(neighbours, order, axis=1)
 
 
-def _standing_out(ranked: np.ndarray, partners: np.ndarray) -> np.ndarray:
-    """Which images and their nearest (`_others`) are each other's nearest and stand out from the rest of the
-    neighbours (`STANDOUT`): a copy that cropping or a mirror moved below NEAR_DUPLICATE_COSINE."""
-    if ranked.shape[1] < 5:  # too few neighbours to tell a standout from a close pair
-        return np.zeros(len(ranked), bool)
-    s1, s2, last = ranked[:, 0], ranked[:, 1], ranked[:, -2]  # -1: the image itself
-    standout = (s1 - s2) / np.maximum(s2 - last, 1e-6) >= STANDOUT
-    nearest = partners[:, 0]
-    return standout & (nearest[nearest] == np.arange(len(nearest))) & (s1 >= STANDOUT_FLOOR)
+def _doubtful(images: ImageSet, ranked: np.ndarray, partners: np.ndarray,
+              flagged: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+    """{(a, b): cosine} of each image and its CHECKED nearest (`_others`) from CHECKED_COSINE, not yet flagged and
+    not identical files: what keypoint matching decides."""
+    doubtful = {}
+    for i, k in zip(*np.nonzero(ranked[:, :CHECKED] >= CHECKED_COSINE), strict=True):
+        a, b = sorted((int(i), int(partners[i, k])))
+        if (a, b) not in flagged and images.hashes[a] != images.hashes[b]:
+            doubtful[(a, b)] = float(ranked[i, k])
+    return doubtful
 
 
 def duplicate_groups(images: ImageSet, findings: list[Finding]) -> dict[str, str]:
@@ -211,16 +218,18 @@ def _listed(rows: list[Finding], n_images: int, listing: str) -> list[Finding]:
 
 def run_audit(images: ImageSet, pooled: np.ndarray, *, full: bool = True,
               near: tuple[np.ndarray, np.ndarray] | None = None, listing: str = "review",
-              top: tuple[np.ndarray, np.ndarray] | None = None) -> list[Finding]:
+              top: tuple[np.ndarray, np.ndarray] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> list[Finding]:
     """The audit's rows (`Finding.flagged` says which are findings): without `full`, duplicates only.
 
     `listing`: "review" (the findings, then the next most suspicious images of each check) or "all" (every
     image under every check). `near`: `nearest(pooled)`, when the caller has it already. `top`:
-    MobileNetV2's ImageNet top (`model.imagenet.top_for`), which sharpens the off-topic score.
+    MobileNetV2's ImageNet top (`model.imagenet.top_for`), which sharpens the off-topic score. `progress(done,
+    total)`: the keypoint matching's, the one step that opens images again.
     """
     assert listing in LISTINGS, listing
     near = near if near is not None else nearest(pooled)
-    flagged = duplicates(images, near)
+    flagged = duplicates(images, near, progress=progress)
     pairs = {frozenset((f.path, f.other_path)) for f in flagged}
     rows = flagged + [f for f in similarity_rows(images, near) if frozenset((f.path, f.other_path)) not in pairs]
     if full:

@@ -38,7 +38,8 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     with progress.bar(console, "features") as update:
         pooled, images = features.plain_pooled(classifier, images, config, progress=update, file_index=index)
     top = top_for(config, classifier.base)
-    findings = run_audit(images, pooled, listing=listing, top=top)
+    with progress.bar(console, "matching look-alike images") as update:
+        findings = run_audit(images, pooled, listing=listing, top=top, progress=update)
     kinds = {} if top is None else {images.classes[c]: kind.replace("_", " ")
                                     for c, kind in class_kinds(pooled, images.labels, top).items()}
     out = runfolder.prepare(out, overwrite=overwrite)
