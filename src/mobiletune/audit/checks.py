@@ -25,6 +25,7 @@ import numpy as np
 
 from mobiletune.audit import matching, scores
 from mobiletune.data.images import ImageSet
+from mobiletune.data.scan import FileIndex
 
 ISSUES = ("exact_duplicate", "near_duplicate", "label_error", "outlier")
 COLUMNS = ["path", "split", "class", "issue", "score", "suggested_class", "other_path", "flagged"]
@@ -35,12 +36,14 @@ NEIGHBOURS = 10  # how many nearest neighbours each image is compared with for n
 # score reads its k-th nearest from them too
 assert NEIGHBOURS >= scores.OFFTOPIC_K
 # Pairs the features leave in doubt go to keypoint matching (`matching`): each image with its CHECKED nearest
-# images from CHECKED_COSINE. Copies cropped a tenth a side, halved and saved at JPEG 30 measured 0.62-0.92 against
-# their originals, nearly all their original's nearest (or, where crops of one photo abound, a crop's). Pairs that
+# images from CHECKED_COSINE. Copies cropped a tenth a side, halved and saved at JPEG 30 measured 0.54-0.92 against
+# their originals, nearly all their original's nearest (or, where crops of one photo abound, a crop's); a copy in
+# flowers_mini given a frame and a colour filter, 0.59 (on cats_and_dogs_filtered, 97% of images have their nearest
+# above 0.60, so the floor saves little there; it spares folders of unrelated images). Pairs that
 # are each other's nearest are matched mirrored too: 31 of 36 mirrored copies (0.74-0.95) were (the other 5: a
 # crop of the same photo was nearer).
 CHECKED = 2
-CHECKED_COSINE = 0.60
+CHECKED_COSINE = 0.50
 LISTINGS = ("review", "all")  # what audit.csv lists after the findings: the next to review, or everything
 REVIEW_SHARE = 0.01  # after the findings, the next most suspicious 1% of the images under each check, to look at
 
@@ -81,10 +84,11 @@ def nearest(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], threshold: float = NEAR_DUPLICATE_COSINE,
-               progress: Callable[[int, int], None] | None = None) -> list[Finding]:
+               progress: Callable[[int, int], None] | None = None, index: FileIndex | None = None) -> list[Finding]:
     """Each image with an earlier identical file (sha256), or a near copy, once per pair: cosine >= threshold
     among the `nearest` neighbours, or one of an image's CHECKED nearest whose keypoints match
-    (`matching.same_photo`; mirrored too when the two are each other's nearest), with `progress` shown."""
+    (`matching.same_photo`; mirrored too when the two are each other's nearest; with `progress` shown, and the
+    counts recorded in `index`)."""
     found: list[Finding] = []
     first: dict[str, int] = {}
     for i, digest in enumerate(images.hashes):
@@ -100,8 +104,9 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], threshold:
                 pairs[(min(i, int(j)), max(i, int(j)))] = float(similarity)
     ranked, partners = _others(near)
     doubtful = _doubtful(images, ranked, partners, pairs)
+    # a mirrored copy is its original's nearest, and the other way round
     mutual = frozenset((a, b) for a, b in doubtful if partners[a, 0] == b and partners[b, 0] == a)
-    for a, b, _ in matching.same_photo(images, sorted(doubtful), mutual, progress):  # a mirrored copy: mutual nearest
+    for a, b, _ in matching.same_photo(images, sorted(doubtful), mutual, progress, index):
         pairs[(a, b)] = doubtful[(a, b)]
     found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()
               if a != b and images.hashes[a] != images.hashes[b]]  # exact copies: reported above
@@ -219,17 +224,18 @@ def _listed(rows: list[Finding], n_images: int, listing: str) -> list[Finding]:
 def run_audit(images: ImageSet, pooled: np.ndarray, *, full: bool = True,
               near: tuple[np.ndarray, np.ndarray] | None = None, listing: str = "review",
               top: tuple[np.ndarray, np.ndarray] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> list[Finding]:
+              progress: Callable[[int, int], None] | None = None, index: FileIndex | None = None) -> list[Finding]:
     """The audit's rows (`Finding.flagged` says which are findings): without `full`, duplicates only.
 
     `listing`: "review" (the findings, then the next most suspicious images of each check) or "all" (every
     image under every check). `near`: `nearest(pooled)`, when the caller has it already. `top`:
     MobileNetV2's ImageNet top (`model.imagenet.top_for`), which sharpens the off-topic score. `progress(done,
-    total)`: the keypoint matching's, the one step that opens images again.
+    total)`: the keypoint matching's, the one step that opens images again; `index`: the file index, whose
+    recorded keypoint matches are reused.
     """
     assert listing in LISTINGS, listing
     near = near if near is not None else nearest(pooled)
-    flagged = duplicates(images, near, progress=progress)
+    flagged = duplicates(images, near, progress=progress, index=index)
     pairs = {frozenset((f.path, f.other_path)) for f in flagged}
     rows = flagged + [f for f in similarity_rows(images, near) if frozenset((f.path, f.other_path)) not in pairs]
     if full:

@@ -18,6 +18,7 @@ import numpy as np
 
 from mobiletune.data.images import ImageSet
 from mobiletune.data.pixels import BadImage, read_image
+from mobiletune.data.scan import FileIndex
 
 SIDE = 160  # pixels a side images are compared at (squared, as the features see them): 3 ms an image, 1 core
 KEYPOINTS = 400  # ORB keypoints an image (13 KB of descriptors): halved copies of 500 x 375 photos keep 40-150
@@ -28,21 +29,42 @@ TOLERANCE = 2.5  # pixels (at SIDE) a matched keypoint may land from where the f
 # 150 copies a set, those cropped 8-10% a side, halved, JPEG 30 reached 20 in 97-100%; cropped up to 20% a side
 # and stretched 99%; rotated up to 8 degrees 100%; cropped 12-18% a side to a third of the size at JPEG 20 77-82%.
 SAME_PHOTO = 20
+SETTINGS = f"orb{SIDE}/{KEYPOINTS}/{RATIO}/{TOLERANCE}"  # what a recorded count was measured with
 BLOCK = 4096  # images whose keypoints are held at once (~60 MB): memory does not grow with the folder
 
 Keypoints = tuple[np.ndarray, np.ndarray]  # (positions float32 [k, 2], ORB descriptors uint8 [k, 32])
 
 
 def same_photo(images: ImageSet, pairs: list[tuple[int, int]], mirror: frozenset[tuple[int, int]] = frozenset(),
-               progress: Callable[[int, int], None] | None = None) -> list[tuple[int, int, int]]:
+               progress: Callable[[int, int], None] | None = None, index: FileIndex | None = None
+               ) -> list[tuple[int, int, int]]:
     """Those of `pairs` (positions in `images`) that are one photo: (i, j, keypoints matched), in the order given.
 
-    A pair in `mirror` that does not match as it is is tried again with j mirrored (keypoints are not). Images that
-    cannot be read match nothing. `progress(done, total)` counts images opened and pairs matched.
+    A pair in `mirror` that does not match as it is is tried again with one image mirrored (keypoints are not).
+    Images that cannot be read match nothing. `progress(done, total)` counts images opened and pairs matched.
+    `index`: where the counts of pairs matched before (by content) are read from and new ones recorded, so a grown
+    folder matches only its new pairs.
     """
+    ordered = {p: p if images.hashes[p[0]] <= images.hashes[p[1]] else (p[1], p[0]) for p in pairs}  # by content
+    keys = {p: f"{images.hashes[a]}:{images.hashes[b]}:{SETTINGS}{':mirror' * (p in mirror)}"
+            for p, (a, b) in ordered.items()}
+    counts = index.matched(keys.values()) if index is not None else {}
+    todo = [p for p in pairs if keys[p] not in counts]
+    computed = _counts(images, [ordered[p] for p in todo], frozenset(ordered[p] for p in todo if p in mirror),
+                       progress)
+    new = {keys[p]: n for p, n in zip(todo, computed, strict=True)}
+    if index is not None and new:
+        index.record_matched(new.items())
+    counts.update(new)
+    return [(i, j, counts[keys[(i, j)]]) for i, j in pairs if counts[keys[(i, j)]] >= SAME_PHOTO]
+
+
+def _counts(images: ImageSet, pairs: list[tuple[int, int]], mirror: frozenset[tuple[int, int]],
+            progress: Callable[[int, int], None] | None) -> list[int]:
+    """Keypoints matched of each pair, a block of images at a time."""
     blocks = _blocks(pairs, mirror)
     total, done = sum(len(b) + len(m) for b, m in blocks), 0
-    found: list[tuple[int, int, int]] = []
+    counts: list[int] = []
 
     def step() -> None:
         nonlocal done
@@ -56,11 +78,10 @@ def same_photo(images: ImageSet, pairs: list[tuple[int, int]], mirror: frozenset
             for i, keypoints in zip(members, pool.map(lambda i: _keypoints(images, i), members), strict=True):
                 points[i] = keypoints
                 step()
-            for (i, j), n in zip(block, pool.map(partial(_count, points, mirror), block), strict=True):
+            for n in pool.map(partial(_count, points, mirror), block):
                 step()
-                if n >= SAME_PHOTO:
-                    found.append((i, j, n))
-    return found
+                counts.append(n)
+    return counts
 
 
 def _blocks(pairs: list[tuple[int, int]], mirror: frozenset[tuple[int, int]]

@@ -39,7 +39,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
         pooled, images = features.plain_pooled(classifier, images, config, progress=update, file_index=index)
     top = top_for(config, classifier.base)
     with progress.bar(console, "matching look-alike images") as update:
-        findings = run_audit(images, pooled, listing=listing, top=top, progress=update)
+        findings = run_audit(images, pooled, listing=listing, top=top, progress=update, index=index)
     kinds = {} if top is None else {images.classes[c]: kind.replace("_", " ")
                                     for c, kind in class_kinds(pooled, images.labels, top).items()}
     out = runfolder.prepare(out, overwrite=overwrite)

@@ -4,8 +4,9 @@ The sha256 of a file's bytes names the image everywhere: in the split, the featu
 manifest. Hashing 10^6 files means reading them all, so digests are kept in a small SQLite index
 in the cache folder, keyed by the file's absolute path, size, mtime and ctime: a re-run over
 unchanged files reads none of them. Files that turned out not to decode are remembered there by
-content, so later runs skip them without trying again. SQLite serialises writers, so several
-processes can share one index.
+content, so later runs skip them without trying again, and so are the audit's keypoint matches of
+two images (a pair of digests), so a run on a grown folder matches only its new pairs. SQLite
+serialises writers, so several processes can share one index.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def stamp(path: Path) -> Stamp:
 
 
 class FileIndex:
-    """(path, stamp) -> sha256, and sha256 -> why it does not decode. `None` path: kept in memory only."""
+    """(path, stamp) -> sha256, sha256 -> why it does not decode, and (sha256, sha256, how) -> how many keypoints
+    of the two matched. `None` path: kept in memory only."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -56,6 +58,7 @@ class FileIndex:
                 db.execute("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INT, mtime_ns INT, "
                            "ctime_ns INT, sha256 TEXT)")
                 db.execute("CREATE TABLE IF NOT EXISTS bad (sha256 TEXT PRIMARY KEY, reason TEXT)")
+                db.execute("CREATE TABLE IF NOT EXISTS matched (pair TEXT PRIMARY KEY, keypoints INT)")
                 return db
             except sqlite3.DatabaseError:
                 if path is None or attempt == 2:
@@ -82,17 +85,28 @@ class FileIndex:
             self.db.execute("DELETE FROM files WHERE path = ?", (os.fsencode(str(path)),))
 
     def bad_reasons(self, digests: Iterable[str]) -> dict[str, str]:
-        digests = list(digests)
-        found: dict[str, str] = {}
-        for start in range(0, len(digests), 500):  # SQLite caps the number of bound parameters
-            part = digests[start : start + 500]
-            marks = ",".join("?" * len(part))
-            found.update(self.db.execute(f"SELECT sha256, reason FROM bad WHERE sha256 IN ({marks})", part))
-        return found
+        return self._lookup("SELECT sha256, reason FROM bad WHERE sha256 IN ({marks})", digests)
 
     def mark_bad(self, sha256: str, reason: str) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO bad VALUES (?, ?)", (sha256, reason))
+
+    def matched(self, pairs: Iterable[str]) -> dict[str, int]:
+        """{pair: keypoints matched} of those `pairs` (keys made by the caller from two digests and its settings)
+        that were recorded."""
+        return self._lookup("SELECT pair, keypoints FROM matched WHERE pair IN ({marks})", pairs)
+
+    def record_matched(self, rows: Iterable[tuple[str, int]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO matched VALUES (?, ?)", list(rows))
+
+    def _lookup(self, query: str, keys: Iterable[str]) -> dict:
+        keys = list(keys)
+        found: dict = {}
+        for start in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
+            part = keys[start : start + 500]
+            found.update(self.db.execute(query.format(marks=",".join("?" * len(part))), part))
+        return found
 
     def close(self) -> None:
         self.db.close()

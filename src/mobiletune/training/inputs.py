@@ -63,7 +63,7 @@ def run_features(classifier: Classifier, images: ImageSet, config: Config, index
         feats = compute(scan_images(images.source or images.root, config, index))
     if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
         near, near_paths = audit.nearest(feats.pooled_plain), feats.images.paths
-        groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near))
+        groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near, index=index))
         regrouped = scan_images(images.source or images.root, config, index, groups=groups) if groups else feats.images
         if list(regrouped.splits) != list(feats.images.splits):
             feats = compute(regrouped)
@@ -74,16 +74,17 @@ def run_features(classifier: Classifier, images: ImageSet, config: Config, index
 
 
 def audit_run(images: ImageSet, feats: features.Features | None, near: tuple | None, config: Config,
-              classifier: Classifier, out: Path, say) -> dict[str, Any] | None:
+              classifier: Classifier, out: Path, say, index: scan.FileIndex | None = None) -> dict[str, Any] | None:
     """Duplicates and cross-split copies (and with data.audit=full, label errors and outliers): audit.csv and
     a line on the console. Needs the unaugmented features, so not with --no-cache. `classifier`: the run's,
-    before training, whose base's own ImageNet top sharpens the off-topic score."""
+    before training, whose base's own ImageNet top sharpens the off-topic score. `index`: the run's file index, so
+    pairs the split's duplicate check matched are not matched again."""
     if feats is None or feats.pooled_plain is None:
         return None
     clock = time.perf_counter()
     full = config.data.audit == "full"
     top = top_for(config, classifier.base) if full else None
-    findings = audit.run_audit(images, feats.pooled_plain, full=full, near=near, top=top)
+    findings = audit.run_audit(images, feats.pooled_plain, full=full, near=near, top=top, index=index)
     audit.write_csv(findings, out / runfolder.AUDIT)
     found = audit.summary(images, findings)
     parts = [f"{found[i]} {i.replace('_', ' ')}(s)" for i in audit.ISSUES if found[i] or i in audit.ISSUES[:2]]

@@ -194,7 +194,7 @@ def _prepare(config: Config, data_dir: str | Path, out: Path, resuming: bool, ov
         out = _start_folder(out, overwrite, config, data_dir, images)
     say(f"images: {images.counts()} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} "
         "skipped" + (" (see skipped.csv)" if images.skipped else ""))
-    audited = inputs.audit_run(images, feats, near, config, classifier, out, say)
+    audited = inputs.audit_run(images, feats, near, config, classifier, out, say, index)
     # after the features: the parent's frozen layers are the base's, but its weights would be a new cache key
     started_from = parent.start_from_parent(classifier, config, say) if config.data.parent else None
     _note_schedule(images, config, say)
