@@ -29,7 +29,8 @@ first 5,000 rows, their query time scaled by N / 5,000 and marked "est.", their 
 --full-exact. faiss-cpu's wheels bring their own OpenBLAS (0.3.15), which takes a CPU it does not know (here a
 model-207 Xeon) for a Prescott and multiplies on SSE3: the flat index runs as shipped (every row only up to 10,000)
 and again with OPENBLAS_CORETYPE=Haswell, as does IVF (its k-means). Above 50,000, without --full-grid, only the
-settings that did best up to 50,000 run (faiss HNSW efC 40, hnswlib M 32, usearch f16), for the run's time.
+settings that did best up to 50,000 run (faiss HNSW efC 40 built on 1 thread, hnswlib M 32, usearch f16 at
+expansion_search 64 and 128), for the run's time. numpy's exact result is kept in /tmp/ann/work for --reuse-exact.
 
 Rows are made from real pooled MobileNetV2 features in /tmp/exp/sets (full-cats_and_dogs_filtered.npz, 3,000
 photos, 2 classes, and full-flowers_mini.npz, 200 photos, 5 classes; or --features: one array [n, 1280], one
@@ -358,7 +359,7 @@ def candidates(n: int, full_exact: bool, full_grid: bool) -> list[dict]:
              ("faiss", "faiss IndexFlatIP (exact)", {"kind": "flat"}, [{}], slow_q, None, {}),
              ("faiss", "faiss IndexFlatIP (exact), OPENBLAS_CORETYPE=Haswell", {"kind": "flat"}, [{}], exact_q, None,
               haswell),
-             ("faiss", "faiss HNSWFlat M=32 efC=40", hnsw, ef, n, None, {}),
+             ("faiss", "faiss HNSWFlat M=32 efC=40", hnsw, ef, n, small, {}),
              ("faiss", "faiss HNSWFlat M=32 efC=40, 1 build thread", {**hnsw, "build_threads": 1}, ef, n, None, {}),
              ("faiss", "faiss HNSWFlat M=32 efC=80", {**hnsw, "efc": 80}, ef, n, small, {}),
              ("faiss", f"faiss IVFFlat nlist={nlist}, OPENBLAS_CORETYPE=Haswell", {"kind": "ivf", "nlist": nlist},
@@ -366,7 +367,8 @@ def candidates(n: int, full_exact: bool, full_grid: bool) -> list[dict]:
              ("hnswlib", "hnswlib ip M=16 efC=80", {"M": 16, "efc": 80}, ef, n, small, {}),
              ("hnswlib", "hnswlib ip M=32 efC=80", {"M": 32, "efc": 80}, ef, n, None, {}),
              ("usearch", "usearch ip f32 (connectivity 16)", {"dtype": "f32"}, ef, n, small, {}),
-             ("usearch", "usearch ip f16 (connectivity 16)", {"dtype": "f16"}, ef3, n, None, {})]
+             ("usearch", "usearch ip f16 (connectivity 16)", {"dtype": "f16"},
+              ef3 if full_grid or n <= GRID_UP_TO else ef, n, None, {})]
     return [{"lib": lib, "label": label, "build": build, "search": search, "queries": q, "up_to": up_to, "env": env}
             for lib, label, build, search, q, up_to, env in specs]
 
@@ -468,10 +470,15 @@ def summarise(spec: dict, runs: list[dict], exact: tuple, planted: dict, n: int)
     return records
 
 
+def cached_exact(n: int, seed: int, real: np.ndarray) -> tuple[Path, str]:
+    """Where numpy's exact result for these rows is kept, and the fingerprint of the features they come from."""
+    return WORK / f"exact-{n}-{seed}.npz", f"{real.shape}:{float(real.sum(dtype=np.float64)):.6e}"
+
+
 def run_size(n: int, real: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Every candidate at size n (numpy's exact search first: the truth); (the size's facts, its records)."""
     WORK.mkdir(parents=True, exist_ok=True)
-    rows = WORK / f"rows-{n}.npy"
+    rows, (keep, stamp) = WORK / f"rows-{n}.npy", cached_exact(n, args.seed, real)
     started = time.perf_counter()
     planted = make_rows(real, labels, n, args.seed, rows)
     info = {"n": n, "rows_mb": n * real.shape[1] * 4 / 2**20, "make_s": time.perf_counter() - started,
@@ -479,8 +486,11 @@ def run_size(n: int, real: np.ndarray, labels: np.ndarray, args: argparse.Namesp
             **{f"planted_{k}_cosine": [float(v["cosine"].min()), float(v["cosine"].max())] for k, v in planted.items()}}
     print(f"\nN={n}: rows made in {info['make_s']:.0f} s; load average {info['load_average']:.1f}", flush=True)
     exact, records = None, []
+    if args.reuse_exact and keep.exists() and str(np.load(keep)["stamp"]) == stamp:
+        exact = (np.load(keep)["sims"], np.load(keep)["idx"])
+        print(f"  exact neighbours from {keep} (numpy's search not timed in this run)", flush=True)
     for c, spec in enumerate(candidates(n, args.full_exact, args.full_grid)):
-        if spec["lib"] != "numpy" and (args.only and spec["lib"] not in args.only):
+        if (spec["lib"] == "numpy" and exact is not None) or (args.only and spec["lib"] not in {"numpy", *args.only}):
             continue
         if spec["up_to"] and n > spec["up_to"]:
             print(f"  {spec['label']}: left out above {spec['up_to']:,} (time; --full-grid runs it)", flush=True)
@@ -493,14 +503,16 @@ def run_size(n: int, real: np.ndarray, labels: np.ndarray, args: argparse.Namesp
             continue
         if exact is None:
             exact = runs[0]["arrays"][0]
-            nearest_other = others(*exact)[0]
-            info.update({f"exact_{q}": [float(v) for v in np.percentile(nearest_other[:, k], [5, 50, 95])]
-                         for q, k in (("1st_other_cosine", 0), ("5th_other_cosine", OFFTOPIC_K - 1))})
+            np.savez(keep, sims=exact[0], idx=exact[1], stamp=stamp)
         records += summarise(spec, runs, exact, planted, n)
         r = records[-1]
         print(f"  {spec['label']}: build {r['build_s']:.1f} s, query {r['query_s']:.1f} s{' (est.)' * r['estimated']}"
               f", recall@10 {r['recall10']:.4f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
     rows.unlink()
+    nearest_other = others(*exact)[0]
+    info.update({f"exact_{q}": [float(v) for v in np.percentile(nearest_other[:, k], [5, 50, 95])]
+                 for q, k in (("1st_other_cosine", 0), ("5th_other_cosine", OFFTOPIC_K - 1))})
+    info["exact_scores"] = scores(exact, exact, planted, n)
     return info, records
 
 
@@ -513,7 +525,7 @@ def print_table(info: dict, records: list[dict]) -> None:
     print(f"\n### N = {info['n']:,} (rows {info['rows_mb']:.0f} MB; exact nearest-other cosine 5/50/95th percentile "
           f"{'/'.join(f'{v:.2f}' for v in info['exact_1st_other_cosine'])}, 5th nearest "
           f"{'/'.join(f'{v:.2f}' for v in info['exact_5th_other_cosine'])}; load average {info['load_average']:.1f})")
-    r0 = records[0]
+    r0 = info["exact_scores"]
     print(f"exact pairs: {r0['near_pairs']} near-duplicate (>= {NEAR}), {r0['checked_pairs']} keypoint candidates; "
           f"exact search finds {r0['exact_planted_near']:.1%} of the planted near copies "
           f"(cosine {info['planted_near_cosine'][0]:.3f}-{info['planted_near_cosine'][1]:.3f}) and "
@@ -589,6 +601,8 @@ def main() -> None:
     parser.add_argument("--full-grid", action="store_true", help=f"every setting above {GRID_UP_TO:,} too")
     parser.add_argument("--twice-up-to", type=int, default=10000, help="run sizes up to this twice (medians)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-exact", action="store_true",
+                        help=f"take exact neighbours from an earlier run's {WORK}/exact-N-SEED.npz (numpy not timed)")
     parser.add_argument("--wheels", action="store_true", help="also list wheels for Python 3.10-3.13 (pip download)")
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -603,16 +617,22 @@ def main() -> None:
     print(f"host: {host}; load average {os.getloadavg()[0]:.1f}", flush=True)
     versions = {m: getattr(__import__(m), "__version__", "?") for m in MODULES.values() if find_spec(m)}
     print("versions: " + ", ".join(f"{m} {v}" for m, v in versions.items()), flush=True)
-    sizes = [run_size(n, real, labels, args) for n in args.sizes]
-    for info, records in sizes:
-        print_table(info, records)
+    sizes = []
+    for n in args.sizes:
+        sizes.append(run_size(n, real, labels, args))
+        print_table(*sizes[-1])
+        write_json(args.json, host, versions, started, sizes)
     matrix = wheel_matrix() if args.wheels else None
-    wall = time.perf_counter() - started
-    print(f"\nwall time {wall:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps({"host": host, "versions": versions, "wall_s": wall, "wheels": matrix,
-                                         "sizes": [{"info": i, "records": r} for i, r in sizes]}, indent=1))
+    write_json(args.json, host, versions, started, sizes, matrix)
+    print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
+
+def write_json(path: Path | None, host: str, versions: dict, started: float, sizes: list, wheels=None) -> None:
+    """Everything so far (rewritten after each size, so a long run that is stopped keeps what it measured)."""
+    if path:
+        path.write_text(json.dumps({"host": host, "versions": versions, "wall_s": time.perf_counter() - started,
+                                    "wheels": wheels, "sizes": [{"info": i, "records": r} for i, r in sizes]},
+                                   indent=1))
 
 if __name__ == "__main__":
     main()

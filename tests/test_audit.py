@@ -309,7 +309,7 @@ def _hard_copy(image: Image.Image, crop: float = 0.1, scale: float = 0.5) -> Ima
 
 def test_keypoints_tell_a_shrunk_recompressed_copy_from_look_alike_photos(tmp_path, monkeypatch):
     """Copies cropped 8-12% a side, shrunk to 40-50% (one stretched) and saved at JPEG 25-30 match their originals,
-    and a mirrored copy where asked; no two of 12 distinct cats do, straight or mirrored, nor the two closest
+    and a mirrored copy; no two of 12 distinct cats do, straight or mirrored, nor the two closest
     look-alikes of the shared set (two black cats face-on, 12 matches, two tabbies 7: SAME_PHOTO is 20); an
     unreadable file matches nothing. The counts recorded in the file index are reused."""
     from mobiletune.audit import matching
@@ -331,18 +331,18 @@ def test_keypoints_tell_a_shrunk_recompressed_copy_from_look_alike_photos(tmp_pa
                       hashes=[hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths] + ["x"])
     copies = [(4 + k, 12 + k) for k in range(6)]
     distinct = [(a, b) for a in range(12) for b in range(a + 1, 12)]
-    found = matching.same_photo(images, [*copies, *distinct, (10, 18), (0, 19), (19, 4)],
-                                mirror=frozenset([*distinct, (10, 18), (0, 19)]))
+    found = matching.same_photo(images, [*copies, *distinct, (10, 18), (0, 19), (19, 4)])
     assert [(a, b) for a, b, _ in found] == [*copies, (10, 18)], found
-    assert not matching.same_photo(images, [(10, 18)])  # a mirrored copy's keypoints match only mirrored
+    straight = matching._matches(matching._keypoints(images, 10), matching._keypoints(images, 18))
+    assert straight < matching.SAME_PHOTO  # a mirrored copy's keypoints match only mirrored
     monkeypatch.setattr(matching, "BLOCK", 3)  # pairs taken a few images at a time find the same
     asked = [*copies, (0, 1), (18, 10)]  # (18, 10): the same two files, asked the other way round
     index = FileIndex(tmp_path / "index.sqlite")
-    again = matching.same_photo(images, asked, mirror=frozenset([(18, 10)]), index=index)
+    again = matching.same_photo(images, asked, index=index)
     assert [(a, b, n) for a, b, n in again] == [*found[:6], (18, 10, found[6][2])]
     # a grown folder's run reads the counts of the pairs it has seen, and opens no image for them
     monkeypatch.setattr(matching, "_keypoints", lambda *a: pytest.fail("a recorded pair was matched again"))
-    assert matching.same_photo(images, asked, mirror=frozenset([(18, 10)]), index=index) == again
+    assert matching.same_photo(images, asked, index=index) == again
 
 
 def test_the_label_probe_takes_a_4_image_class_among_1400_and_skips_a_1_image_one():

@@ -39,9 +39,9 @@ assert NEIGHBOURS >= scores.OFFTOPIC_K
 # images from CHECKED_COSINE. Copies cropped a tenth a side, halved and saved at JPEG 30 measured 0.54-0.92 against
 # their originals, nearly all their original's nearest (or, where crops of one photo abound, a crop's); a copy in
 # flowers_mini given a frame and a colour filter, 0.59 (on cats_and_dogs_filtered, 97% of images have their nearest
-# above 0.60, so the floor saves little there; it spares folders of unrelated images). Pairs that
-# are each other's nearest are matched mirrored too: 31 of 36 mirrored copies (0.74-0.95) were (the other 5: a
-# crop of the same photo was nearer).
+# above 0.60, so the floor saves little there; it spares folders of unrelated images). A pair is matched mirrored
+# too: where a photo has several crops, some mirrored, a copy's nearest are often mirrored crops of its photo (in the
+# benchmark's flowers at 300 a class, copies found 76-83% -> 98-100%).
 CHECKED = 2
 CHECKED_COSINE = 0.50
 LISTINGS = ("review", "all")  # what audit.csv lists after the findings: the next to review, or everything
@@ -87,8 +87,7 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], threshold:
                progress: Callable[[int, int], None] | None = None, index: FileIndex | None = None) -> list[Finding]:
     """Each image with an earlier identical file (sha256), or a near copy, once per pair: cosine >= threshold
     among the `nearest` neighbours, or one of an image's CHECKED nearest whose keypoints match
-    (`matching.same_photo`; mirrored too when the two are each other's nearest; with `progress` shown, and the
-    counts recorded in `index`)."""
+    (`matching.same_photo`, straight or mirrored; with `progress` shown, and the counts recorded in `index`)."""
     found: list[Finding] = []
     first: dict[str, int] = {}
     for i, digest in enumerate(images.hashes):
@@ -104,9 +103,7 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], threshold:
                 pairs[(min(i, int(j)), max(i, int(j)))] = float(similarity)
     ranked, partners = _others(near)
     doubtful = _doubtful(images, ranked, partners, pairs)
-    # a mirrored copy is its original's nearest, and the other way round
-    mutual = frozenset((a, b) for a, b in doubtful if partners[a, 0] == b and partners[b, 0] == a)
-    for a, b, _ in matching.same_photo(images, sorted(doubtful), mutual, progress, index):
+    for a, b, _ in matching.same_photo(images, sorted(doubtful), progress, index):
         pairs[(a, b)] = doubtful[(a, b)]
     found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()
               if a != b and images.hashes[a] != images.hashes[b]]  # exact copies: reported above

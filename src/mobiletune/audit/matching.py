@@ -29,29 +29,26 @@ TOLERANCE = 2.5  # pixels (at SIDE) a matched keypoint may land from where the f
 # 150 copies a set, those cropped 8-10% a side, halved, JPEG 30 reached 20 in 97-100%; cropped up to 20% a side
 # and stretched 99%; rotated up to 8 degrees 100%; cropped 12-18% a side to a third of the size at JPEG 20 77-82%.
 SAME_PHOTO = 20
-SETTINGS = f"orb{SIDE}/{KEYPOINTS}/{RATIO}/{TOLERANCE}"  # what a recorded count was measured with
+SETTINGS = f"orb{SIDE}/{KEYPOINTS}/{RATIO}/{TOLERANCE}/mirrored"  # what a recorded count was measured with
 BLOCK = 4096  # images whose keypoints are held at once (~60 MB): memory does not grow with the folder
 
 Keypoints = tuple[np.ndarray, np.ndarray]  # (positions float32 [k, 2], ORB descriptors uint8 [k, 32])
 
 
-def same_photo(images: ImageSet, pairs: list[tuple[int, int]], mirror: frozenset[tuple[int, int]] = frozenset(),
-               progress: Callable[[int, int], None] | None = None, index: FileIndex | None = None
-               ) -> list[tuple[int, int, int]]:
+def same_photo(images: ImageSet, pairs: list[tuple[int, int]], progress: Callable[[int, int], None] | None = None,
+               index: FileIndex | None = None) -> list[tuple[int, int, int]]:
     """Those of `pairs` (positions in `images`) that are one photo: (i, j, keypoints matched), in the order given.
 
-    A pair in `mirror` that does not match as it is is tried again with one image mirrored (keypoints are not).
+    A pair that does not match as it is is tried again with one image mirrored (keypoints are not).
     Images that cannot be read match nothing. `progress(done, total)` counts images opened and pairs matched.
     `index`: where the counts of pairs matched before (by content) are read from and new ones recorded, so a grown
     folder matches only its new pairs.
     """
     ordered = {p: p if images.hashes[p[0]] <= images.hashes[p[1]] else (p[1], p[0]) for p in pairs}  # by content
-    keys = {p: f"{images.hashes[a]}:{images.hashes[b]}:{SETTINGS}{':mirror' * (p in mirror)}"
-            for p, (a, b) in ordered.items()}
+    keys = {p: f"{images.hashes[a]}:{images.hashes[b]}:{SETTINGS}" for p, (a, b) in ordered.items()}
     counts = index.matched(keys.values()) if index is not None else {}
     todo = [p for p in pairs if keys[p] not in counts]
-    computed = _counts(images, [ordered[p] for p in todo], frozenset(ordered[p] for p in todo if p in mirror),
-                       progress)
+    computed = _counts(images, [ordered[p] for p in todo], progress)
     new = {keys[p]: n for p, n in zip(todo, computed, strict=True)}
     if index is not None and new:
         index.record_matched(new.items())
@@ -59,10 +56,10 @@ def same_photo(images: ImageSet, pairs: list[tuple[int, int]], mirror: frozenset
     return [(i, j, counts[keys[(i, j)]]) for i, j in pairs if counts[keys[(i, j)]] >= SAME_PHOTO]
 
 
-def _counts(images: ImageSet, pairs: list[tuple[int, int]], mirror: frozenset[tuple[int, int]],
-            progress: Callable[[int, int], None] | None) -> list[int]:
+def _counts(images: ImageSet, pairs: list[tuple[int, int]], progress: Callable[[int, int], None] | None
+            ) -> list[int]:
     """Keypoints matched of each pair, a block of images at a time."""
-    blocks = _blocks(pairs, mirror)
+    blocks = _blocks(pairs)
     total, done = sum(len(b) + len(m) for b, m in blocks), 0
     counts: list[int] = []
 
@@ -78,20 +75,19 @@ def _counts(images: ImageSet, pairs: list[tuple[int, int]], mirror: frozenset[tu
             for i, keypoints in zip(members, pool.map(lambda i: _keypoints(images, i), members), strict=True):
                 points[i] = keypoints
                 step()
-            for n in pool.map(partial(_count, points, mirror), block):
+            for n in pool.map(partial(_count, points), block):
                 step()
                 counts.append(n)
     return counts
 
 
-def _blocks(pairs: list[tuple[int, int]], mirror: frozenset[tuple[int, int]]
-            ) -> list[tuple[list[tuple[int, int]], list[int]]]:
+def _blocks(pairs: list[tuple[int, int]]) -> list[tuple[list[tuple[int, int]], list[int]]]:
     """`pairs` in runs of at most BLOCK images, each with its images (~j: j mirrored), so memory stays bounded."""
     blocks: list[tuple[list[tuple[int, int]], list[int]]] = []
     block: list[tuple[int, int]] = []
     members: set[int] = set()
     for i, j in pairs:
-        needed = {i, j, ~j} if (i, j) in mirror else {i, j}
+        needed = {i, j, ~j}
         if len(members) + len(needed - members) > BLOCK:
             blocks.append((block, sorted(members)))
             block, members = [], set()
@@ -100,10 +96,10 @@ def _blocks(pairs: list[tuple[int, int]], mirror: frozenset[tuple[int, int]]
     return [*blocks, (block, sorted(members))] if block else blocks
 
 
-def _count(points: dict[int, Keypoints | None], mirror: frozenset[tuple[int, int]], pair: tuple[int, int]) -> int:
+def _count(points: dict[int, Keypoints | None], pair: tuple[int, int]) -> int:
     i, j = pair
     straight = _matches(points[i], points[j])
-    return max(straight, _matches(points[i], points[~j])) if straight < SAME_PHOTO and pair in mirror else straight
+    return max(straight, _matches(points[i], points[~j])) if straight < SAME_PHOTO else straight
 
 
 _local = threading.local()  # one ORB detector a thread: OpenCV's are not safe to share
