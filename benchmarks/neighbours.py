@@ -25,12 +25,13 @@ off-topic score); and the planted copies found (near copies by the 0.90 rule, lo
 Exact truth is numpy: each 2048 x 2048 block of the upper triangle of X X^T once, each row's top 11 kept (itself a
 timed candidate, with no new dependency). Where scikit-learn or faiss's flat index searches every row, the script
 says how far they are from it. Above 50,000 rows scikit-learn and faiss's flat index (both exact) search only the
-first 5,000 rows, their query time scaled by N / 5,000 and marked "est.", their scores taken on those rows, unless
---full-exact. faiss-cpu's wheels bring their own OpenBLAS (0.3.15), which takes a CPU it does not know (here a
-model-207 Xeon) for a Prescott and multiplies on SSE3: the flat index runs as shipped (every row only up to 10,000)
-and again with OPENBLAS_CORETYPE=Haswell, as does IVF (its k-means). Above 50,000, without --full-grid, only the
-settings that did best up to 50,000 run (faiss HNSW efC 40 built on 1 thread, hnswlib M 32, usearch f16 at
-expansion_search 64 and 128), for the run's time. numpy's exact result is kept in /tmp/ann/work for --reuse-exact.
+first 5,000 rows, their query time scaled by N / 5,000 and marked "est.", their scores taken on those rows (planted
+copies: "-", as a pair is often found from its other row), unless --full-exact. faiss-cpu's wheels bring their own
+OpenBLAS (0.3.15), which takes a CPU it does not know (here a model-207 Xeon) for a Prescott and multiplies on
+SSE3: the flat index runs as shipped (every row only up to 10,000) and again with OPENBLAS_CORETYPE=Haswell, as
+does IVF (its k-means). Above 50,000, without --full-grid, only the settings that did best up to 50,000 run (faiss
+HNSW efC 40 built on 1 thread, hnswlib M 32, usearch f16 at expansion_search 64 and 128), for the run's time.
+numpy's exact result is kept in /tmp/ann/work for --reuse-exact.
 
 Rows are made from real pooled MobileNetV2 features in /tmp/exp/sets (full-cats_and_dogs_filtered.npz, 3,000
 photos, 2 classes, and full-flowers_mini.npz, 200 photos, 5 classes; or --features: one array [n, 1280], one
@@ -544,12 +545,13 @@ def print_table(info: dict, records: list[dict]) -> None:
         est = " est." if r["estimated"] else ""
         first = f" (first {r['queries']:,} rows)" if r["estimated"] else ""
         same = "-" if r["same_twice"] is None else "yes" if r["same_twice"] else "no"
+        planted = "-" if r["estimated"] else f"{fmt(r['planted_near'], '.1%')} / {fmt(r['planted_loose'], '.1%')}"
         print(f"| {r['label']} | {setting_label(r['search'])} | {r['build_s']:.1f} | {r['query_s']:.1f}{est} "
               f"| {r['total_s']:.1f}{est} | {r['total_cpu_s']:.1f} | {fmt(base[0] and base[0] / r['total_s'], '.1f')} "
               f"({fmt(base[1] and base[1] / r['total_cpu_s'], '.1f')}) | {r['recall10']:.4f}{first} "
               f"| {fmt(r['near_recall'], '.2%')} ({r['near_pairs']}, +{r['near_extra']}) "
               f"| {fmt(r['checked_recall'], '.2%')} | {r['kth_mae']:.1e} "
-              f"| {fmt(r['planted_near'], '.1%')} / {fmt(r['planted_loose'], '.1%')} "
+              f"| {planted} "
               f"| {r['lib_bytes_per_image']:.0f} | {r['rss_delta_bytes_per_image']:.0f} | {r['peak_rss_mb']:.0f} "
               f"| {same} |")
 
