@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mobiletune.config import UNKNOWN_SCORES
+from mobiletune.features import neighbours
 from mobiletune.model import convention
 
 __all__ = ["UnknownDetector", "fit", "load", "scores"]
@@ -45,13 +46,9 @@ def msp(logits: np.ndarray) -> np.ndarray:
 
 
 def knn(pooled: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
-    """Cosine distance to the k-th nearest row of `reference` (unit rows), by scikit-learn's search."""
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(k, len(reference))
-    search = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(reference)
-    distance = search.kneighbors(convention.unit_rows(pooled), return_distance=True)[0][:, -1]
-    return distance.astype(np.float64) ** 2 / 2  # |a - b|^2 / 2 = 1 - cos(a, b) for unit vectors
+    """Cosine distance to the k-th nearest row of `reference` (`neighbours.search`)."""
+    similarity = neighbours.search(pooled, reference, k)[0][:, -1]
+    return 1.0 - similarity.astype(np.float64)
 
 
 def scores(name: str, pooled: np.ndarray, logits: np.ndarray, reference: np.ndarray | None = None,
