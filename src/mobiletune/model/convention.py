@@ -29,5 +29,6 @@ def two_logits(values: np.ndarray) -> np.ndarray:
 def unit_rows(features: np.ndarray) -> np.ndarray:
     """Pooled features scaled to length 1 (float32), as everything compares them: by angle, not by size (an
     all-zero row stays zero)."""
-    features = features.astype(np.float32)
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    rows = np.array(features, dtype=np.float32)  # one copy, scaled in place: at 200,000 images each is 1 GB
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return rows
