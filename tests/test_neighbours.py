@@ -63,10 +63,11 @@ def test_queries_find_their_nearest_reference_rows(monkeypatch):
 
 def test_large_sets_go_to_the_graph_and_keep_their_copies(monkeypatch):
     """Above EXACT_UP_TO rows the search is faiss's HNSW graph: nearly every neighbour exact search finds, and
-    every planted copy."""
+    every planted copy; rows go in and are searched in chunks."""
     rows = _rows(3000, 4)
     exact = neighbours.nearest(rows, 11)
     monkeypatch.setattr(neighbours, "EXACT_UP_TO", 1000)
+    monkeypatch.setattr(neighbours, "CHUNK", 700)
     similarities, ids = neighbours.nearest(rows, 11)
     recall = np.mean([len(set(a[1:]) & set(b[1:])) / 10 for a, b in zip(ids, exact[1], strict=True)])
     assert recall > 0.97

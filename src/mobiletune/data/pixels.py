@@ -170,11 +170,13 @@ def prefetched(batches, load):
     return batches.map(load, num_parallel_calls=os.cpu_count() or 2).prefetch(2).with_options(options)
 
 
-def eval_batches(images: ImageSet, size: int, batch: int, split: str = "test"
+def eval_batches(images: ImageSet, size: int, batch: int, split: str = "test", rows: np.ndarray | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(float32 pixels, labels) of `split` in order, unaugmented, for `statistics.predict_logits`. A file
-    that changed or broke since it was scanned is an error: a test set must not shrink unseen."""
-    for rows, pixels, failed in iter_pixels(images, images.indices(split), size, batch):
+    """(float32 pixels, labels) of `split` in order (or of its images at `rows`, positions within the split),
+    unaugmented, for `statistics.predict_logits`. A file that changed or broke since it was scanned is an error:
+    a test set must not shrink unseen."""
+    positions = images.indices(split) if rows is None else images.indices(split)[rows]
+    for rows, pixels, failed in iter_pixels(images, positions, size, batch):
         if failed:
             i, reason = next(iter(failed.items()))
             raise DataError(f"{images.root / images.paths[i]}: {reason}; run again")

@@ -22,17 +22,18 @@ BLOCK = 2048  # rows a side of each block of X X^T: 16 MB of float32, large enou
 # The graph as measured (faiss's M, efConstruction, efSearch): recall@10 0.995-0.999 against exact search from
 # 10,000 to 200,000 rows, and every near-copy pair (cosine >= 0.90) of 500 planted at 50,000
 HNSW_LINKS, HNSW_BUILD_DEPTH, HNSW_SEARCH_DEPTH = 32, 40, 64
+CHUNK = 16_384  # rows scaled, added and searched at a time above EXACT_UP_TO: 80 MB of float32
 
 
 def nearest(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k most similar rows by cosine, the row itself included, most similar first: (similarities
     [n, k], indices [n, k]); k is capped at n. A row is similar to itself (1); an all-zero row to nothing else (0)."""
-    rows = unit_rows(features)
-    k = min(k, len(rows))
+    k = min(k, len(features))
     if k == 0:
-        return np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
-    if len(rows) > EXACT_UP_TO:
-        return _graph(rows, k)
+        return np.zeros((len(features), 0), np.float32), np.zeros((len(features), 0), np.int64)
+    if len(features) > EXACT_UP_TO:
+        return _graph(features, k)
+    rows = unit_rows(features)
     best, ids = np.empty((len(rows), k), np.float32), np.empty((len(rows), k), np.int64)
     step = max(BLOCK, k)  # so the first column block holds k columns
     for a in range(0, len(rows), step):
@@ -88,13 +89,18 @@ def _sorted(best: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(best, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def _graph(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate `nearest` by a faiss HNSW graph on inner products (cosine, as the rows are unit length)."""
+def _graph(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate `nearest` by a faiss HNSW graph on inner products (cosine: rows scaled to unit length). Rows go
+    in and are searched CHUNK at a time: the graph's own copy (5,120 bytes a row and 256 of links) is the only one
+    of the whole set."""
     import faiss
 
-    graph = faiss.IndexHNSWFlat(rows.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+    graph = faiss.IndexHNSWFlat(features.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = HNSW_BUILD_DEPTH
-    graph.add(rows)
+    for a in range(0, len(features), CHUNK):
+        graph.add(unit_rows(features[a:a + CHUNK]))
     graph.hnsw.efSearch = max(HNSW_SEARCH_DEPTH, k)
-    best, ids = graph.search(rows, k)
-    return _sorted(best, ids.astype(np.int64))
+    best, ids = np.empty((len(features), k), np.float32), np.empty((len(features), k), np.int64)
+    for a in range(0, len(features), CHUNK):
+        best[a:a + CHUNK], ids[a:a + CHUNK] = graph.search(unit_rows(features[a:a + CHUNK]), k)
+    return _sorted(best, ids)

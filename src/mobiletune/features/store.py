@@ -244,6 +244,10 @@ class RowReader:
     def __len__(self) -> int:
         return len(self.where)
 
+    def subset(self, positions: np.ndarray) -> RowReader:
+        """A reader of this one's rows at `positions`, in that order."""
+        return RowReader(self.store, self.where[positions])
+
     def nbytes(self) -> int:
         return len(self.where) * self.store.row_bytes()
 
