@@ -22,17 +22,17 @@ from mobiletune.model.network import Classifier
 
 
 def features_or_checked_images(classifier: Classifier, images: ImageSet, config: Config, index: scan.FileIndex,
-                                console, fine_tune_ats: list[int] | None
+                                console, fine_tune_ats: list[int] | None, seconds: dict[str, float] | None = None
                                 ) -> tuple[features.Features | None, ImageSet, tuple | None]:
-    """The cached features on the run's split (`run_features`), the images that decoded, and each image's nearest
-    neighbours when data.dedupe looked for them; with --no-cache, no features, and every image decoded once up
-    front so none fails mid-epoch."""
+    """The cached features on the run's split (`run_features`, which times its steps into `seconds`), the images
+    that decoded, and each image's nearest neighbours when data.dedupe looked for them; with --no-cache, no
+    features, and every image decoded once up front so none fails mid-epoch."""
     clock = time.perf_counter()
     if not config.features.cache:
         with progress.bar(console, "checking images") as update:
             return None, data.check_decodable(images, config.data.image_size, config.data.batch_size, update), None
     with progress.bar(console, "features") as update:
-        feats, near = run_features(classifier, images, config, index, fine_tune_ats, update)
+        feats, near = run_features(classifier, images, config, index, fine_tune_ats, update, seconds)
     if console is not None:
         console.print(f"features: {feats.cached:,} cached, {feats.computed:,} computed"
                       + (f", {feats.failed} image(s) failed to decode" if feats.failed else "")
@@ -42,11 +42,14 @@ def features_or_checked_images(classifier: Classifier, images: ImageSet, config:
 
 
 def run_features(classifier: Classifier, images: ImageSet, config: Config, index: scan.FileIndex,
-                 fine_tune_ats: list[int] | None = None, update=None) -> tuple[features.Features, tuple | None]:
+                 fine_tune_ats: list[int] | None = None, update=None, seconds: dict[str, float] | None = None
+                 ) -> tuple[features.Features, tuple | None]:
     """The cached features (computing what is missing) on the split a run of `config` trains on: scanned again
     without the images that failed to decode, and with data.dedupe, with near copies regrouped into one split.
     Also each image's nearest neighbours when dedupe looked for them (`audit.nearest`, for the audit to reuse).
-    A sweep's trials come here too, so a trial validates on the split its run in best/ tests on."""
+    A sweep's trials come here too, so a trial validates on the split its run in best/ tests on. `seconds`, when
+    given, gets the time of the neighbour search ("neighbours") and of the duplicate check after it ("duplicates"),
+    the steps that grow faster than N."""
     plain = config.data.audit != "none"  # the audit compares every image unaugmented
     computed = 0  # over every pass below: a later pass finds an earlier one's work cached
     near = None
@@ -62,8 +65,12 @@ def run_features(classifier: Classifier, images: ImageSet, config: Config, index
     if feats.failed:  # now known to the index: scan again, so the split is the one any later run (--resume) makes
         feats = compute(scan_images(images.source or images.root, config, index))
     if config.data.dedupe and feats.pooled_plain is not None:  # near copies into one split, where it is ours
+        clock = time.perf_counter()
         near, near_paths = audit.nearest(feats.pooled_plain), feats.images.paths
+        searched = time.perf_counter()
         groups = audit.duplicate_groups(feats.images, audit.duplicates(feats.images, near, index=index))
+        if seconds is not None:
+            seconds.update(neighbours=searched - clock, duplicates=time.perf_counter() - searched)
         regrouped = scan_images(images.source or images.root, config, index, groups=groups) if groups else feats.images
         if list(regrouped.splits) != list(feats.images.splits):
             feats = compute(regrouped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +186,19 @@ def _prepare(config: Config, data_dir: str | Path, out: Path, resuming: bool, ov
         f"{config.phase2.fine_tune_at} ({base.layers[config.phase2.fine_tune_at].name})")
     clock = time.perf_counter()
     feats, images, near = inputs.features_or_checked_images(classifier, images, config, index, console,
-                                                           fine_tune_ats)
-    seconds["features"] = time.perf_counter() - clock
+                                                           fine_tune_ats, seconds)
+    seconds["features"] = time.perf_counter() - clock  # the two steps timed inside it included
     if resuming:
         _check_same_data(out, images)
     else:
         out = _start_folder(out, overwrite, config, data_dir, images)
     say(f"images: {images.counts()} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} "
         "skipped" + (" (see skipped.csv)" if images.skipped else ""))
+    clock = time.perf_counter()
     audited = inputs.audit_run(images, feats, near, config, classifier, out, say, index)
+    seconds["audit"] = time.perf_counter() - clock
+    if feats is not None:  # the audit was the last to need every image's pooled features: 1 GB at 200,000
+        feats = replace(feats, pooled_plain=None)
     # after the features: the parent's frozen layers are the base's, but its weights would be a new cache key
     started_from = parent.start_from_parent(classifier, config, say) if config.data.parent else None
     _note_schedule(images, config, say)
