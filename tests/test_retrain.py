@@ -63,6 +63,40 @@ def test_a_run_from_a_parent_starts_from_its_weights_and_keeps_its_training_imag
         assert all(abs(float(before[t][f"p_before_{c}"]) - parent_p[c]) < 1e-4 for c in ("cats", "dogs")), t
 
 
+def test_before_is_the_parents_own_test_predictions_where_it_tested_the_same_content(tmp_path, monkeypatch):
+    """A --from run's model before fine-tuning is the parent's: on the images the parent tested, its predictions
+    are taken from the parent's test_predictions.csv; only the others pass through the network."""
+    from mobiletune.training import run as training
+
+    data, parent = tmp_path / "data", tmp_path / "parent"  # split folders: the parent's test images stay in test
+    copy_images(CATS_DOGS / "train", data / "train", 8)
+    copy_images(CATS_DOGS / "validation", data / "validation", 3)
+    copy_images(CATS_DOGS / "validation", data / "test", 3, offset=3)
+    assert runner.invoke(app, ["train", str(data), "--out", str(parent), *_sets(SMALL)]).exit_code == 0
+    copy_images(CATS_DOGS / "validation", data / "test", 2, offset=6)
+    tested, evaluate = [], training.pixels.eval_batches
+
+    def counting(images, size, batch, split="test", rows=None):
+        tested.append(len(images.indices(split)) if rows is None else len(rows))
+        return evaluate(images, size, batch, split, rows)
+
+    monkeypatch.setattr(training.pixels, "eval_batches", counting)
+    child = tmp_path / "child"
+    result = runner.invoke(app, ["train", str(data), "--from", str(parent), "--out", str(child),
+                                 "--set", "data.batch_size=4"])
+    assert result.exit_code == 0, result.output
+    digests = {r["path"]: r["sha256"] for r in read_manifest(parent / runfolder.SPLIT)}
+    theirs = {digests[r["path"]]: r for r in runfolder.read_csv(parent / runfolder.PREDICTIONS)}
+    rows = {r["path"]: r["sha256"] for r in read_manifest(child / runfolder.SPLIT) if r["split"] == "test"}
+    ours = runfolder.read_csv(child / runfolder.PREDICTIONS)
+    reused = [r for r in ours if rows[r["path"]] in theirs]
+    assert len(reused) >= 3 and len(ours) == len(rows) > len(reused)  # (a copy of a training image goes to train)
+    for r in reused:
+        parents = theirs[rows[r["path"]]]
+        assert all(float(r[f"p_before_{c}"]) == float(parents[f"p_after_{c}"]) for c in ("cats", "dogs"))
+    assert tested == [len(ours) - len(reused), len(ours)]  # before: the rest only; after: every test image
+
+
 @pytest.mark.parametrize(("change", "says"), [
     (["--set", "data.image_size=48"], "its data.image_size is 32, this run's 48"),
     (["--set", "phase2.fine_tune_at=120"], "its phase2.fine_tune_at is 100, this run's 120"),

@@ -148,7 +148,10 @@ def write_predictions(path, paths: list[str], labels: np.ndarray, classes: list[
 
     header = ["path", "true", "predicted_before", "predicted_after",
               *[f"p_before_{c}" for c in classes], *[f"p_after_{c}" for c in classes]]
-    rows = [[p, classes[y], classes[b.argmax()], classes[a.argmax()], *np.round(b, 6), *np.round(a, 6)]
+    def digits(probs: np.ndarray) -> list[float]:  # 9 significant: a --from run reads them back as its "before"
+        return [float(f"{p:.9g}") for p in probs]
+
+    rows = [[p, classes[y], classes[b.argmax()], classes[a.argmax()], *digits(b), *digits(a)]
             for p, y, b, a in zip(paths, labels, before, after, strict=True)]
     if unknown_scores is not None:
         header.append("unknown_score")

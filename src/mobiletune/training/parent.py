@@ -10,6 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from mobiletune import runfolder
 from mobiletune.config import Config, load_config
 from mobiletune.errors import UsageError
@@ -17,7 +19,8 @@ from mobiletune.errors import UsageError
 if TYPE_CHECKING:
     from mobiletune.model.network import Classifier
 
-__all__ = ["RETRAIN_SCHEDULE", "check_config", "check_data", "retrain_overrides", "start_from_parent"]
+__all__ = ["RETRAIN_SCHEDULE", "check_config", "check_data", "known_probabilities", "retrain_overrides",
+           "start_from_parent"]
 
 # The parent's head and fine-tuned layers already fit most of the images: no head-only phase, and one epoch of
 # phase 2 at its rate over old and new images. On cats vs dogs +1% (benchmarks/retrain.py, docs/scaling.md) 1, 2
@@ -73,3 +76,23 @@ def start_from_parent(classifier: Classifier, config: Config, say) -> dict[str, 
         f"{config.phase2.epochs} epoch(s) of fine-tuning on this data")
     return {"run": str(run.resolve()), "test_accuracy": accuracy,
             "model_sha256": hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()}
+
+
+def known_probabilities(config: Config, hashes: list[str], classes: list[str]) -> np.ndarray:
+    """The parent's (`config.data.parent`) final probabilities of the images with these digests, [n, classes], from
+    its test_predictions.csv; NaN rows where it did not test that content, or wrote a probability too small to
+    keep (older runs rounded to 6 decimals: a 0 would change the loss). A --from run's model "before" is the
+    parent's, so on its test images these are what it would compute again (8 of 69 s at 10,000 images)."""
+    run = Path(config.data.parent)
+    known = np.full((len(hashes), len(classes)), np.nan)
+    if not (run / runfolder.PREDICTIONS).is_file() or not (run / runfolder.SPLIT).is_file():
+        return known
+    digests = {row["path"]: row["sha256"] for row in runfolder.read_csv(run / runfolder.SPLIT)}
+    tested = {}
+    for row in runfolder.read_csv(run / runfolder.PREDICTIONS):
+        probs = [float(row.get(f"p_after_{c}") or 0) for c in classes]
+        if row["path"] in digests and min(probs) > 0:
+            tested[digests[row["path"]]] = probs
+    for i, digest in enumerate(hashes):
+        known[i] = tested.get(digest, known[i])
+    return known

@@ -108,8 +108,7 @@ class _PhaseEnd:
 
     def __call__(self, phase: int, state: RunState) -> None:
         config, out, history = self.config, self.out, state.phase_history(phase)
-        test = pixels.eval_batches(self.images, config.data.image_size, config.data.batch_size)
-        state.test_probs[phase] = evaluate.probabilities(evaluate.predict_logits(self.classifier.model, test)[0])
+        state.test_probs[phase] = self._test_probabilities(phase == 1 and bool(config.data.parent))
         self.seconds[f"phase{phase}"] = time.perf_counter() - self.clock
         runfolder.write_csv(out / runfolder.HISTORY, HISTORY_COLUMNS,
                             [[row[c] for c in HISTORY_COLUMNS] for row in history])
@@ -120,6 +119,20 @@ class _PhaseEnd:
             report.plot_curves(history, out / runfolder.CURVES_AFTER, "After fine-tuning (phases 1 and 2)",
                                fine_tune_from=config.phase1.epochs + 1)
         self.clock = time.perf_counter()
+
+    def _test_probabilities(self, from_parent: bool) -> np.ndarray:
+        """The classifier's on the test pixels; with `from_parent`, where the parent run tested the same content,
+        its own test predictions (`parent.known_probabilities`), and the rest from pixels."""
+        images, config = self.images, self.config
+        test = images.indices("test")
+        probs = np.full((len(test), len(images.classes)), np.nan)
+        if from_parent:
+            probs = parent.known_probabilities(config, [images.hashes[i] for i in test], images.classes)
+        missing = np.flatnonzero(np.isnan(probs).any(axis=1))
+        if len(missing):
+            batches = pixels.eval_batches(images, config.data.image_size, config.data.batch_size, "test", missing)
+            probs[missing] = evaluate.probabilities(evaluate.predict_logits(self.classifier.model, batches)[0])
+        return probs
 
 
 @dataclass
