@@ -7,7 +7,7 @@ pooled features. Candidates, each in a fresh process on 2 threads (OMP/OPENBLAS/
 own setting); wall and CPU seconds are the whole search, normalising included, after its imports and the rows' load:
 - mobiletune exact: `features.neighbours.nearest`, EXACT_UP_TO forced above N. Its result is the truth the others
   are scored against (tests/test_neighbours.py holds it to scikit-learn's);
-- mobiletune graph: `nearest`, EXACT_UP_TO forced to 0: what it ships above 100,000 rows (faiss HNSWFlat);
+- mobiletune graph: `nearest`, EXACT_UP_TO forced to 0: what it ships above 100,000 rows (faiss HNSWSQ, float16 rows);
 - scikit-learn brute cosine, the search `nearest` replaced; above 50,000 rows (tens of minutes) only on the first
   5,000 rows, its times scaled by N / 5,000 ("est.");
 - hnswlib and usearch at their best settings in the earlier grid, where importable (the venv, else /tmp/ann/lib).
@@ -57,7 +57,7 @@ SHIPPED = "mobiletune.features.neighbours"
 # label, search (SEARCHES), the modules it imports before the clock starts (import time is no candidate's); the
 # first is the truth
 CANDIDATES = (("mobiletune exact", "exact", [SHIPPED]),
-              ("mobiletune graph (faiss HNSWFlat M=32 efC=40 ef 64)", "graph", [SHIPPED, "faiss"]),
+              ("mobiletune graph (faiss HNSWSQ fp16 M=32 efC=40 ef 64)", "graph", [SHIPPED, "faiss"]),
               ("scikit-learn brute cosine (previous)", "sklearn", ["sklearn.neighbors", "threadpoolctl"]),
               ("hnswlib ip M=32 efC=80 ef 64", "hnswlib", ["hnswlib"]),
               ("usearch ip f16 connectivity 16 ef 64", "usearch", ["usearch.index"]))

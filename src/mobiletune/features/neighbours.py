@@ -19,7 +19,7 @@ __all__ = ["EXACT_UP_TO", "nearest", "search"]
 # the two measured 36.5 against 55 s at 50,000 rows and 487 against 277 s at 200,000
 EXACT_UP_TO = 100_000
 BLOCK = 2048  # rows a side of each block of X X^T: 16 MB of float32, large enough for BLAS to run at full speed
-# The graph as measured (faiss's M, efConstruction, efSearch): recall@10 0.995-0.999 against exact search from
+# The graph as measured (faiss's M, efConstruction, efSearch): recall@10 0.993-0.999 against exact search from
 # 10,000 to 200,000 rows, and every near-copy pair (cosine >= 0.90) of 500 planted at 50,000
 HNSW_LINKS, HNSW_BUILD_DEPTH, HNSW_SEARCH_DEPTH = 32, 40, 64
 CHUNK = 16_384  # rows scaled, added and searched at a time above EXACT_UP_TO: 80 MB of float32
@@ -90,12 +90,13 @@ def _sorted(best: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _graph(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate `nearest` by a faiss HNSW graph on inner products (cosine: rows scaled to unit length). Rows go
-    in and are searched CHUNK at a time: the graph's own copy (5,120 bytes a row and 256 of links) is the only one
-    of the whole set."""
+    """Approximate `nearest` by a faiss HNSW graph on inner products (cosine: rows scaled to unit length), the rows
+    kept as float16: on 30,000 realistic rows recall@10 0.9934 against 0.9935 kept as float32, and faster (23.7
+    against 34.5 s). Rows go in and are searched CHUNK at a time: the graph's copy (2,560 bytes a row and ~256 of
+    links) is the only one of the whole set it makes."""
     import faiss
 
-    graph = faiss.IndexHNSWFlat(features.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+    graph = faiss.IndexHNSWSQ(features.shape[1], faiss.ScalarQuantizer.QT_fp16, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = HNSW_BUILD_DEPTH
     for a in range(0, len(features), CHUNK):
         graph.add(unit_rows(features[a:a + CHUNK]))
