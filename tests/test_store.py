@@ -91,3 +91,33 @@ def test_a_truncated_shard_is_detected_and_dropped(tmp_path):
         f.truncate(100)
     again = store.FeatureStore(tmp_path / "s", [((4,), "float32")])
     assert again.damaged == 1 and again.missing(keys) == keys and not shard.exists()
+
+
+def test_stored_rows_read_what_they_are_asked_for_and_a_search_over_them_matches(tmp_path, monkeypatch):
+    """`StoredRows` (a run's pooled features, read as used): slices and np.asarray give the stored rows as float32,
+    in the reader's order (shards of 7 rows: reads cross them), and the neighbour search over them, exact or by
+    the graph in chunks, finds what it finds over the array."""
+    from mobiletune.features import neighbours
+
+    monkeypatch.setattr(store, "SHARD_BYTES", 7 * 16 * 2)
+    values = np.abs(np.random.default_rng(0).normal(size=(60, 16))).astype(np.float16)
+    st = store.FeatureStore(tmp_path / "s", [((16,), "float16")])
+    keys = [store.item_key(str(i), "plain") for i in range(60)]
+
+    def compute(chunk, out, heartbeat):
+        np.save(out / "0.npy", values[[keys.index(k) for k in chunk]])
+        return set()
+
+    st.fill(keys, compute)
+    order = np.random.default_rng(1).permutation(60)
+    rows = store.StoredRows(st.reader([keys[i] for i in order]), 0)
+    expected = values[order].astype(np.float32)
+    assert len(rows) == 60 and rows.shape == (60, 16)
+    assert rows[5:19].dtype == np.float32 and np.array_equal(rows[5:19], expected[5:19])
+    assert np.array_equal(np.asarray(rows), expected) and np.array_equal(np.asarray(rows, np.float64), expected)
+    exact = neighbours.nearest(expected, 6)
+    assert all(np.array_equal(a, b) for a, b in zip(neighbours.nearest(rows, 6), exact, strict=True))
+    monkeypatch.setattr(neighbours, "EXACT_UP_TO", 10)
+    monkeypatch.setattr(neighbours, "CHUNK", 11)
+    graph = neighbours.nearest(rows, 6)
+    assert np.mean([len(set(a) & set(b)) / 6 for a, b in zip(graph[1], exact[1], strict=True)]) > 0.95

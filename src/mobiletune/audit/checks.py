@@ -233,6 +233,7 @@ def run_audit(images: ImageSet, pooled: np.ndarray, *, full: bool = True,
     pairs = {frozenset((f.path, f.other_path)) for f in flagged}
     rows = flagged + [f for f in similarity_rows(images, near) if frozenset((f.path, f.other_path)) not in pairs]
     if full:
+        pooled = np.asarray(pooled)  # features.StoredRows too: every image's, read once
         rows += label_errors(images, pooled) + outliers(images, pooled, top, near)
     return _listed(rows, len(images.paths), listing)
 

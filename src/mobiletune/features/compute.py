@@ -87,7 +87,8 @@ class Features:
     computed: int  # item (image view) counts of this run
     cached: int
     failed: int
-    pooled_plain: np.ndarray | None = None  # [n images, channels]: every image unaugmented (compute_features plain)
+    # [n images, channels]: every image unaugmented (compute_features plain), read from the store as it is used
+    pooled_plain: store_lib.StoredRows | None = None
 
     def cache_bytes(self) -> int:
         return sum(r.nbytes() for r in self.readers.values())
@@ -147,13 +148,12 @@ def plain_pooled(classifier: Classifier, images: ImageSet, config: Config, cache
     store, _, _, failed = _fill(classifier, images, config, [(i, None) for i in range(len(images.paths))], cache_dir,
                                 None, progress, file_index)
     kept = images.without(failed)
-    return _pooled_plain(store, kept, config), kept
+    return np.asarray(_pooled_plain(store, kept, config)), kept
 
 
-def _pooled_plain(store: store_lib.FeatureStore, images: ImageSet, config: Config) -> np.ndarray:
+def _pooled_plain(store: store_lib.FeatureStore, images: ImageSet, config: Config) -> store_lib.StoredRows:
     """The pooled output (output 0) of every image's plain view, in image order, as float32."""
-    reader = store.reader(plain_keys(images.hashes, config))
-    return reader.read(np.arange(len(reader)), [0], dtype="float32")[0]
+    return store_lib.StoredRows(store.reader(plain_keys(images.hashes, config)), 0)
 
 
 def _fill(classifier: Classifier, images: ImageSet, config: Config, items: list[tuple[int, int | None]],

@@ -27,7 +27,8 @@ CHUNK = 16_384  # rows scaled, added and searched at a time above EXACT_UP_TO: 8
 
 def nearest(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k most similar rows by cosine, the row itself included, most similar first: (similarities
-    [n, k], indices [n, k]); k is capped at n. A row is similar to itself (1); an all-zero row to nothing else (0)."""
+    [n, k], indices [n, k]); k is capped at n. A row is similar to itself (1); an all-zero row to nothing else (0).
+    `features`: [n, d], an array or rows read as used (`store.StoredRows`), which the graph reads CHUNK at a time."""
     k = min(k, len(features))
     if k == 0:
         return np.zeros((len(features), 0), np.float32), np.zeros((len(features), 0), np.int64)

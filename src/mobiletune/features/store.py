@@ -293,3 +293,26 @@ def remove_tree(path: Path) -> None:
     except OSError:
         aside = path
     shutil.rmtree(aside, ignore_errors=True)
+
+
+class StoredRows:
+    """One output of a reader's rows as float32, read when used: a slice reads those rows, `np.asarray` all of them.
+    What holds every image's pooled features for a run (1 GB at 200,000 images) without keeping them in memory: a
+    search over them in chunks never reads them all at once."""
+
+    def __init__(self, reader: RowReader, output: int):
+        self.reader, self.output = reader, output
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.reader), *self.reader.shapes[self.output])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.reader.read(np.arange(len(self.reader))[rows], [self.output], dtype="float32")[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
