@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +210,6 @@ def _prepare(config: Config, data_dir: str | Path, out: Path, resuming: bool, ov
     clock = time.perf_counter()
     audited = inputs.audit_run(images, feats, near, config, classifier, out, say, index)
     seconds["audit"] = time.perf_counter() - clock
-    if feats is not None:  # the audit was the last to need every image's pooled features: 1 GB at 200,000
-        feats = replace(feats, pooled_plain=None)
     # after the features: the parent's frozen layers are the base's, but its weights would be a new cache key
     started_from = parent.start_from_parent(classifier, config, say) if config.data.parent else None
     _note_schedule(images, config, say)
