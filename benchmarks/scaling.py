@@ -1,7 +1,8 @@
 """How `mobiletune train` scales with the number of images: wall time, peak RSS and cache size against N.
 
     .venv/bin/python benchmarks/scaling.py [--sizes 2000 10000 50000] [--incremental [--retrain]] [--epochs 2 2]
-        [--views 2] [--image-size 160] [--set KEY=VALUE ...] [--workdir DIR] [--json PATH] [--plot PATH]
+        [--views 2] [--image-size 160] [--set KEY=VALUE ...] [--drop-caches] [--workdir DIR] [--json PATH]
+        [--plot PATH]
     .venv/bin/python benchmarks/scaling.py --json-in scaling.json --plot scaling.png   # re-plot only
 
 cats_and_dogs_filtered has 1000 training images per class, too few to see how time and memory grow,
@@ -317,6 +318,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--views", type=int, help="features.views")
     parser.add_argument("--image-size", type=int, help="data.image_size")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on (repeatable)")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="delete each N's cache after its runs (its size is in the row): one on disk at a time")
     parser.add_argument("--generate-only", action="store_true", help="build the sets and stop")
     parser.add_argument("--json", type=Path, help="where to write the rows (default WORKDIR/scaling.json)")
     parser.add_argument("--json-in", type=Path, help="with --plot: re-plot a saved JSON, run nothing")
@@ -364,6 +367,8 @@ def main() -> None:
                 run = run_train(data_dir, work / f"run-{n}-from", cache, kept, work / f"run-{n}-from.log",
                                 parent=work / f"run-{n}")
                 rows.append(dict(row_from(grown, "from", run, cache), from_n=n))
+        if args.drop_caches:
+            shutil.rmtree(cache, ignore_errors=True)
     result = {"host": host, "argv": sys.argv[1:], "overrides": overrides, "rows": rows}
     out = args.json or work / "scaling.json"
     out.write_text(json.dumps(result, indent=2))
