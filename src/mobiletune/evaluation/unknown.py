@@ -210,8 +210,9 @@ def fit_run(classifier, images, config, feats=None) -> tuple[UnknownDetector, np
     """The detector of a trained run (`config.predict`) and its scores of the test images."""
     p = config.predict
     knn = p.unknown_score == "knn"  # only knn compares with training images
+    splits = ("train", "validation", "test") if knn else ("validation", "test")
     rows = {"train": reference_rows(len(images.indices("train")), config.data.seed)}
-    emb = embed(classifier, images, ("train", "validation", "test")[0 if knn else 1:], config, feats, rows)
+    emb = embed(classifier, images, splits, config, feats, rows)
     detector = fit(p.unknown_score, emb["train"][0] if knn else np.zeros((0, 0)), *emb["validation"], keep=p.keep,
                    k=p.knn_k, seed=config.data.seed)
     return detector, detector.scores(*emb["test"])

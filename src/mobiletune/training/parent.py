@@ -14,6 +14,7 @@ import numpy as np
 
 from mobiletune import runfolder
 from mobiletune.config import Config, load_config
+from mobiletune.data.manifest import read_manifest
 from mobiletune.errors import UsageError
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def known_probabilities(config: Config, hashes: list[str], classes: list[str]) -
     known = np.full((len(hashes), len(classes)), np.nan)
     if not (run / runfolder.PREDICTIONS).is_file() or not (run / runfolder.SPLIT).is_file():
         return known
-    digests = {row["path"]: row["sha256"] for row in runfolder.read_csv(run / runfolder.SPLIT)}
+    digests = {row["path"]: row["sha256"] for row in read_manifest(run / runfolder.SPLIT)}
     tested = {}
     for row in runfolder.read_csv(run / runfolder.PREDICTIONS):
         probs = [float(row.get(f"p_after_{c}") or 0) for c in classes]
