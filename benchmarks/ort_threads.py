@@ -34,7 +34,7 @@ def export(path: Path) -> None:
 
     config = load_config(overrides=[])
     extract, _ = cut.extractor(create_model(config, 2), [config.phase2.fine_tune_at])
-    OnnxRunner._export(extract, path)  # noqa: SLF001 - exactly what a run exports
+    OnnxRunner.for_extractor(extract, path)  # exactly what a run exports
 
 
 def main() -> None:

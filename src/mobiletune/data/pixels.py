@@ -89,6 +89,12 @@ def read_image(path: Path, size: int, sha256: str | None = None) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror or exc})") from None
+    return decode_checked(data, size, sha256)
+
+
+def decode_checked(data: bytes, size: int, sha256: str | None) -> np.ndarray:
+    """`decode_image`, refusing bytes that are not the ones scanned (when `sha256` is given): where a file's
+    bytes are decoded away from the machine that read them (a Ray actor), the same rule holds."""
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise BadImage(CHANGED)
     return decode_image(data, size)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,13 @@ from mobiletune import runfolder
 from mobiletune.config import Config
 from mobiletune.data import pixels as pixels_lib
 from mobiletune.data.images import ImageSet
-from mobiletune.errors import MobiletuneError
+from mobiletune.errors import MobiletuneError, UsageError
 from mobiletune.features import cache
+from mobiletune.features import cluster as cluster_lib
 from mobiletune.features import store as store_lib
 from mobiletune.features.onnx import OnnxRunner
 from mobiletune.features.store import RowReader
-from mobiletune.model import augment, convention
+from mobiletune.features.views import ViewPass, output_files, store_dtype, views_wanted
 from mobiletune.model.cut import extractor, weights_digest
 from mobiletune.model.network import Classifier
 
@@ -48,15 +51,9 @@ def _runner(extract: keras.Model, engine: str, onnx_path: Path):
     import tensorflow as tf
 
     if engine == "onnxruntime":
-        return OnnxRunner(extract, onnx_path)
+        return OnnxRunner.for_extractor(extract, onnx_path)
     forward = tf.function(lambda x: extract(x, training=False))
     return lambda x: [np.asarray(o) for o in forward(x)]
-
-
-def _store_dtype(output_index: int) -> str:
-    # Pooled features are small: kept exact. Boundary activations are large: float16 halves the
-    # cache and the page-cache traffic; the rounding (~1e-3 relative) is far below augmentation noise.
-    return "float32" if output_index == 0 else "float16"
 
 
 def view_tag(config: Config, view: int | None) -> str:
@@ -174,7 +171,7 @@ def _fill(classifier: Classifier, images: ImageSet, config: Config, items: list[
         "fine_tune_at": fine_tune_ats,
         "engine": config.features.engine,  # engines agree to ~1e-5, not bit for bit
     }
-    outputs = [(tuple(o.shape[1:]), _store_dtype(k)) for k, o in enumerate(extract.outputs)]
+    outputs = [(tuple(o.shape[1:]), store_dtype(k)) for k, o in enumerate(extract.outputs)]
     item_of = {store_lib.item_key(images.hashes[i], view_tag(config, v)): (i, v) for i, v in items}
     failed: dict[int, str] = {}
     try:
@@ -191,9 +188,9 @@ def _fill(classifier: Classifier, images: ImageSet, config: Config, items: list[
             if progress:
                 progress(done[0], len(todo))
 
-        compute = _Computer(extract, config, images, item_of, failed,
-                            cache_dir / "onnx" / f"{_key(**common, keras=keras.__version__)}.onnx")
-        computed, _ = store.fill(todo, compute, advance)
+        onnx_path = cache_dir / "onnx" / f"{_key(**common, keras=keras.__version__)}.onnx"
+        with _computer(extract, config, images, item_of, failed, onnx_path, bool(todo)) as compute:
+            computed, _ = store.fill(todo, compute, advance)
     except OSError as exc:  # a full disk; a read-only cache_dir, or one that is a file
         raise MobiletuneError(
             f"features.cache_dir {cache_dir}: cannot write the feature cache ({exc.strerror or exc}); free "
@@ -207,39 +204,53 @@ def _fill(classifier: Classifier, images: ImageSet, config: Config, items: list[
     return store, where, computed, failed
 
 
+@contextmanager
+def _computer(extract, config: Config, images: ImageSet, item_of: dict, failed: dict[int, str], onnx_path: Path,
+              missing: bool) -> Iterator[Callable]:
+    """What computes the missing items: this process, or the Ray cluster connected (`cluster.connected`), whose
+    actors are stopped after the pass."""
+    cluster = cluster_lib.active()
+    if cluster is None or not missing:
+        yield _Computer(extract, config, images, item_of, failed, onnx_path)
+        return
+    if config.features.engine != "onnxruntime":
+        raise UsageError(f"features.engine={config.features.engine}: --ray runs the frozen pass on ONNX Runtime; "
+                         "drop the setting (onnxruntime is the default)")
+    model = OnnxRunner.for_extractor(extract, onnx_path).model
+    compute = cluster_lib.ClusterComputer(cluster, extract, config, images, item_of, failed, model)
+    try:
+        yield compute
+    finally:
+        compute.close()
+
+
 class _Computer:
-    """Computes a chunk of store items: decode (threads), augment (per-image draws), extract, write."""
+    """Computes a chunk of store items in this process: decode (threads), augment (per-image draws), extract,
+    write. With a Ray cluster connected, `cluster.ClusterComputer` does the same on the cluster's actors."""
 
     def __init__(self, extract, config: Config, images: ImageSet, item_of: dict, failed: dict[int, str],
                  onnx_path: Path):
         self.extract, self.config, self.images, self.item_of = extract, config, images, item_of
         self.failed, self.onnx_path = failed, onnx_path
-        self.run = self.augment = None  # built on the first miss only: a warm cache never converts the model
+        self.views = None  # built on the first miss only: a warm cache never converts the model
 
     def __call__(self, chunk: list[bytes], folder: Path, heartbeat) -> set[bytes]:
-        if self.run is None:
-            self.run = _runner(self.extract, self.config.features.engine, self.onnx_path)
-            self.augment = augment.view_augmenter(self.config.augment.flip, self.config.augment.rotation)
+        if self.views is None:
+            self.views = ViewPass(_runner(self.extract, self.config.features.engine, self.onnx_path), self.config)
         rows = {k: r for r, k in enumerate(chunk)}
-        files = [np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=_store_dtype(k),
-                                           shape=(len(chunk), *o.shape[1:]))
-                 for k, o in enumerate(self.extract.outputs)]
-        wanted: dict[int, list[tuple[int | None, bytes]]] = {}  # image position -> its (view, key) in the chunk
-        for k in chunk:
-            position, view = self.item_of[k]
-            wanted.setdefault(position, []).append((view, k))
+        files = output_files(folder, self.extract, len(chunk))
+        wanted = views_wanted(chunk, self.item_of)
         bad: set[bytes] = set()
-        # each image decoded once, however many of its views the chunk holds (chunks are image-major)
-        batches = pixels_lib.iter_pixels(self.images, np.array(sorted(wanted)), self.config.data.image_size,
+        batches = pixels_lib.iter_pixels(self.images, np.array(list(wanted)), self.config.data.image_size,
                                          self.config.data.batch_size)
         for done, pixels, broken in batches:
             for i, reason in broken.items():
                 self.failed[i] = reason
                 bad.update(k for _, k in wanted[i])
-            for view in sorted({v for i in done.tolist() for v, _ in wanted[i]}, key=lambda v: -1 if v is None else v):
-                pick = [(j, k) for j, i in enumerate(done.tolist()) for v, k in wanted[i] if v == view]
-                outs = self._extract(pixels[[j for j, _ in pick]], [self.images.hashes[done[j]] for j, _ in pick], view)
-                at = [rows[k] for _, k in pick]
+            done = done.tolist()
+            views = [[v for v, _ in wanted[i]] for i in done]
+            for batch_rows, view, outs in self.views(pixels, [self.images.hashes[i] for i in done], views):
+                at = [rows[k] for j in batch_rows for v, k in wanted[done[j]] if v == view]
                 for f, o in zip(files, outs, strict=True):
                     f[at] = o
             heartbeat()
@@ -247,10 +258,3 @@ class _Computer:
             f.flush()
         del files
         return bad
-
-    def _extract(self, pixels: np.ndarray, digests: list[str], view: int | None) -> list[np.ndarray]:
-        """Augment (the images' own draws for `view`; none for plain), scale as the model does, extract."""
-        x = pixels.astype(np.float32)
-        if view is not None:
-            x = self.augment(x, *augment.view_draws(self.config, digests, view))
-        return self.run(convention.to_unit(x))  # what the model's Rescaling layer does

@@ -48,36 +48,35 @@ class OnnxRunner:
     """The extractor exported to ONNX and run by ONNX Runtime: about 1.9x TensorFlow's speed on
     this CPU for MobileNetV2's forward pass, the same numbers to ~1e-5 (benchmarks/).
 
-    The export (~1.3 s) is cached at `path`, so a new data set, augmentation or seed with the same
-    base, size and boundaries reuses it; a damaged file there is exported again.
+    `model`: the exported file's bytes; `threads`: images run side by side (default: one per core). Every
+    image runs alone on one thread, so a Ray actor with the same file gives the same numbers to the bit.
     """
 
-    def __init__(self, extract: keras.Model, path: Path):
+    def __init__(self, model: bytes, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # parallel over images instead (__call__)
+        self.model = model  # what a Ray actor loads the same session from
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.threads = threads or os.cpu_count() or 1
+
+    @classmethod
+    def for_extractor(cls, extract: keras.Model, path: Path) -> OnnxRunner:
+        """A runner of `extract`, exported once to `path` (~1.3 s) and loaded from there after: a new data set,
+        augmentation or seed with the same base, size and boundaries reuses it; a damaged file is exported again."""
         if path.exists():
             try:
-                self.session = self._session(path)
+                return cls(path.read_bytes())
             except Exception:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
                 path.unlink()
-        if not path.exists():
-            self._export(extract, path)
-            self.session = self._session(path)
-        self.input = self.session.get_inputs()[0].name
-
-    @staticmethod
-    def _export(extract: keras.Model, path: Path) -> None:
         extract(np.zeros((1, *extract.input_shape[1:]), np.float32))  # Keras exports only a called model
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
             export_onnx(extract, Path(tmp) / path.name)
             os.replace(Path(tmp) / path.name, path)  # whole or absent, even with workers racing
-
-    @staticmethod
-    def _session(path: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # parallel over images instead (__call__)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return cls(path.read_bytes())
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         # One image per call (its activations stay in the core's caches), one call per core side by
@@ -86,6 +85,7 @@ class OnnxRunner:
         # 16.8 s for one call at a time on 2 ORT threads (benchmarks/ort_threads.py: the calls alone).
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(self.threads) as pool:
             per_image = list(pool.map(lambda i: self.session.run(None, {self.input: x[i : i + 1]}), range(len(x))))
         return [np.concatenate(outputs) for outputs in zip(*per_image, strict=True)]
+
