@@ -37,7 +37,7 @@ test: install weights
 
 # requirements.lock again: the newest releases pyproject.toml's ranges allow (then run make test)
 lock: install
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra mlflow --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra mlflow --extra ray --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --upgrade --no-header --annotation-style line -o requirements.lock.new
 	{ sed -n 1,2p requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock && rm requirements.lock.new

@@ -170,7 +170,7 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
           config: str | Path | Config | None = None, overrides: Overrides = None, overwrite: bool = False,
           strict: bool = False, cache: bool = True, audit: bool = False, exclude: str | Path | None = None,
           resume: str | Path | None = None, mlflow: str | None = None, verbose: bool = True,
-          parent: str | Path | None = None) -> Run:
+          parent: str | Path | None = None, ray: str | Any | None = None) -> Run:
     """Run the recipe on a folder of images, as `mobiletune train`: a frozen-base head, fine-tuning,
     evaluation before and after; a complete run folder in `out`.
 
@@ -193,6 +193,7 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
             run, its training images stay in train, its config is the recipe (unless `config` is given) with a
             shorter schedule (`training.parent.RETRAIN_SCHEDULE`; `overrides` go on top). It needs the same
             classes, base weights, input size, width and cut.
+        ray: run the feature pass on this Ray cluster ("auto", "HOST:PORT" or a `features.cluster.RayCluster`).
 
     Returns:
         The finished `Run`.
@@ -216,14 +217,14 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
             retraining.check_config(cfg)
         data.check_source(data_dir)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
+    from mobiletune.features.cluster import connected
     from mobiletune.tracking.tracker import mlflow_target
     from mobiletune.training.run import resume_run, train_and_evaluate
 
     console, target = _console(verbose), mlflow_target(mlflow)
-    if resume is not None:
-        result = resume_run(resume, console=console, mlflow=target)
-    else:
-        result = train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=console, mlflow=target)
+    with connected(ray):
+        result = (resume_run(resume, console=console, mlflow=target) if resume is not None else
+                  train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=console, mlflow=target))
     return load(result.workdir)
 
 

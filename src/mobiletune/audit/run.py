@@ -12,9 +12,10 @@ from mobiletune.audit.scores import class_kinds
 
 
 def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bool = False, console=None,
-                 listing: str = "review") -> dict[str, Any]:
+                 listing: str = "review", ray=None) -> dict[str, Any]:
     """`mobiletune audit`: every check on DATA_DIR, into OUT/audit.csv and OUT/audit.html; returns the summary.
-    `listing`: which rows audit.csv holds besides the findings (`checks.run_audit`).
+    `listing`: which rows audit.csv holds besides the findings (`checks.run_audit`); `ray`: a Ray cluster's
+    address (or `features.cluster.RayCluster`) to run the feature pass on.
 
     The features come from the feature store (computed once, shared with `train`), so an audit
     after a run, or a run after an audit, costs only the checks.
@@ -23,7 +24,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     from mobiletune.audit.page import build_audit_page
     from mobiletune.data import folders as data
     from mobiletune.data import scan
-    from mobiletune.features import cache
+    from mobiletune.features import cache, cluster
     from mobiletune.features import compute as features
     from mobiletune.model.imagenet import top_for
     from mobiletune.model.network import create_model
@@ -35,7 +36,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     with progress.bar(console, "hashing new files") as update:
         images = data.load_images(data_dir, config.data, index, update, exclude)
     classifier = create_model(config, len(images.classes))
-    with progress.bar(console, "features") as update:
+    with cluster.connected(ray), progress.bar(console, "features") as update:
         pooled, images = features.plain_pooled(classifier, images, config, progress=update, file_index=index)
     top = top_for(config, classifier.base)
     with progress.bar(console, "matching look-alike images") as update:

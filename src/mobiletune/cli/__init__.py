@@ -51,6 +51,11 @@ MlflowOption = Annotated[
     typer.Option("--mlflow", help="Log to this MLflow tracking server (URI) [default: $MLFLOW_TRACKING_URI]; "
                  "needs pip install 'mobiletune\\[mlflow]'.", metavar="URI"),
 ]
+RayOption = Annotated[
+    Optional[str],
+    typer.Option("--ray", help="Run the frozen-feature pass on this Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+                 "(needs mobiletune[ray]).", metavar="ADDRESS"),
+]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override one key, e.g. --set phase2.fine_tune_at=80 (repeatable)."),
@@ -91,13 +96,14 @@ def train(
         Optional[Path], typer.Option("--from", help="Retrain from this finished run (same classes): its weights, "
                                      "a shorter schedule, its training images kept in train.")
     ] = None,
+    ray: RayOption = None,
 ) -> None:
     """Run the recipe: train a head on the frozen base, fine-tune the top, evaluate before and after."""
     from mobiletune import api
 
     run = api.train(data_dir, out, config=config, overrides=set_, overwrite=overwrite, strict=strict,
                     cache=not no_cache, audit=full_audit, exclude=exclude, resume=resume, mlflow=mlflow,
-                    verbose=not quiet, parent=parent)
+                    verbose=not quiet, parent=parent, ray=ray)
     if quiet:
         from mobiletune.report.summary import print_results
 
@@ -152,6 +158,7 @@ def audit_command(
     all_: Annotated[bool, typer.Option("--all", help="List every image under every check in audit.csv, ranked "
                                        "(by default: the findings, then the next most suspicious 1% to review).")
                     ] = False,
+    ray: RayOption = None,
 ) -> None:
     """Find duplicates, copies across splits, likely label errors and off-topic images; write audit.csv and .html."""
     from rich.table import Table
@@ -165,7 +172,7 @@ def audit_command(
     check_source(data_dir)
     import_tensorflow()
     found = audit_folder(recipe, data_dir, out, overwrite=overwrite, console=console,
-                         listing="all" if all_ else "review")
+                         listing="all" if all_ else "review", ray=ray)
     table = Table(title=f"audit of {found['images']:,} images ({found['skipped']} skipped)")
     table.add_column("issue")
     table.add_column("images", justify="right")

@@ -1,0 +1,232 @@
+"""The frozen-feature pass on a Ray cluster: images decoded and their views computed by actors, each holding one
+ONNX Runtime session, while this process keeps the feature store.
+
+Results come back to the process that runs the pass and go into its store through the store's own `fill`: it
+claims a shard's items, the actors compute them, the shard is written whole, then the claim is released. The
+store's rules hold unchanged (an item in one shard only, claims taken over when their owner dies), and no
+machine but this one needs the store or the images: an actor gets each image's bytes with its task. A shared
+store written by every node would need a file system whose locks and renames hold across machines, which
+network file systems do not promise. An actor lost with its node loses only its batches in flight; they go to
+the actors left.
+
+Without `--ray` (`connected(None)`) nothing here runs and Ray is never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobiletune.config import Config, from_flat
+from mobiletune.errors import MobiletuneError, UsageError
+from mobiletune.features.views import output_files, views_wanted
+
+ENV_QUIET = {"RAY_USAGE_STATS_ENABLED": "0"}  # no usage report, no line about it
+IN_FLIGHT = 2  # batches queued per actor: the next one is on its way while one is computed
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """Where the feature pass runs, and how it is split up."""
+
+    address: str  # "auto" (RAY_ADDRESS, or the cluster this machine is part of), "HOST:PORT" or "ray://HOST:PORT"
+    # actors computing features; 0: as many as the cluster's CPUs hold at `cpus_per_actor` each
+    actors: int = 0
+    # CPUs (images run side by side) per actor: 1 keeps every core's images on one process, and measured as
+    # fast as 2 per actor on 2 one-CPU nodes (docs/scaling.md, benchmarks/ray_features.py)
+    cpus_per_actor: int = 1
+    # images per task: enough to hide the round trip (about 2 ms), few enough that a lost node loses little
+    batch: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("actors", "cpus_per_actor", "batch"):
+            value, least = getattr(self, name), 0 if name == "actors" else 1
+            if not isinstance(value, int) or value < least:
+                raise UsageError(f"--ray-{name.replace('_', '-')} {value!r}: give a whole number of at least {least}")
+
+
+_active: RayCluster | None = None
+
+
+def active() -> RayCluster | None:
+    """The cluster the feature pass runs on, while `connected` holds it; None: this process."""
+    return _active
+
+
+def import_ray() -> Any:
+    """Ray, or a one-line error naming the extra that installs it."""
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--ray: Ray is not installed; pip install 'mobiletune[ray]'")
+    os.environ.update({k: v for k, v in ENV_QUIET.items() if k not in os.environ})
+    import ray
+
+    return ray
+
+
+@contextmanager
+def connected(cluster: RayCluster | str | None) -> Iterator[RayCluster | None]:
+    """Connect to `cluster` (an address, or RayCluster) for what runs inside; None: nothing changes.
+    A connection this made is closed after; one the caller made (`ray.init` in a notebook) is kept."""
+    global _active
+    if cluster is None:
+        yield None
+        return
+    cluster = cluster if isinstance(cluster, RayCluster) else RayCluster(cluster)
+    ray = import_ray()
+    ours = not ray.is_initialized()
+    if ours:
+        try:
+            ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR",
+                     configure_logging=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
+            raise UsageError(f"--ray {cluster.address}: cannot connect ({str(exc).splitlines()[0][:200]}); start "
+                             "a cluster with `ray start --head`, or give its address") from None
+    _active = cluster
+    try:
+        yield cluster
+    finally:
+        _active = None
+        if ours:
+            ray.shutdown()
+
+
+class _Extractor:
+    """A Ray actor: one ONNX Runtime session of the extractor, loaded once, computing batches of images' views."""
+
+    def __init__(self, model: bytes, config: dict[str, Any], threads: int):
+        from mobiletune.features.onnx import OnnxRunner
+        from mobiletune.features.views import ViewPass
+
+        self.config = from_flat(config)
+        self.views = ViewPass(OnnxRunner(model, threads), self.config)
+
+    def compute(self, batch: list[tuple[str, bytes | str, list[int | None]]]
+                ) -> tuple[list[tuple[list[int], int | None, list[np.ndarray]]], dict[int, str]]:
+        """`batch`: each image's sha256, its file's bytes (or why they could not be read) and the views it needs.
+        Returns (rows of the batch, view, outputs) per view, and {row: reason} of the images that failed."""
+        from mobiletune.data.pixels import BadImage, decode_checked
+
+        size = self.config.data.image_size
+        pixels, kept, failed = [], [], {}
+        for j, (digest, data, _) in enumerate(batch):
+            try:
+                if isinstance(data, str):
+                    raise BadImage(data)
+                pixels.append(decode_checked(data, size, digest))
+                kept.append(j)
+            except BadImage as exc:
+                failed[j] = str(exc)
+        if not kept:
+            return [], failed
+        results = self.views(np.stack(pixels), [batch[j][0] for j in kept], [batch[j][2] for j in kept])
+        return [([kept[r] for r in rows], view, outs) for rows, view, outs in results], failed
+
+
+def _read(path: Path) -> bytes | str:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+
+
+class ClusterComputer:
+    """Computes a chunk of store items on the cluster's actors (the `compute` of `FeatureStore.fill`), writing
+    the rows into the shard this process writes. The actors start on the first chunk and stop with `close`."""
+
+    def __init__(self, cluster: RayCluster, extract, config: Config, images, item_of: dict, failed: dict[int, str],
+                 model: bytes):
+        self.cluster, self.extract, self.config, self.images = cluster, extract, config, images
+        self.item_of, self.failed, self.model = item_of, failed, model
+        self.actors: list[Any] = []
+
+    def _start(self) -> None:
+        ray = import_ray()
+        count = self.cluster.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.cluster.cpus_per_actor)
+        actor = ray.remote(num_cpus=self.cluster.cpus_per_actor, max_restarts=0)(_Extractor)
+        model = ray.put(self.model)
+        self.actors = [actor.options(scheduling_strategy="SPREAD").remote(model, self.config.flat(),
+                                                                          self.cluster.cpus_per_actor)
+                       for _ in range(count)]
+
+    def close(self) -> None:
+        """Stop the actors: their CPUs are the cluster's again (a sweep's trials need them next)."""
+        if self.actors:
+            ray = import_ray()
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+
+    def __call__(self, chunk: list[bytes], folder: Path, heartbeat) -> set[bytes]:
+        if not self.actors:
+            self._start()
+        rows = {k: r for r, k in enumerate(chunk)}
+        wanted = views_wanted(chunk, self.item_of)
+        positions = list(wanted)
+        size = self.cluster.batch
+        batches = deque(positions[s : s + size] for s in range(0, len(positions), size))
+        files = output_files(folder, self.extract, len(chunk))
+        bad: set[bytes] = set()
+        for batch, (results, broken) in self._map(batches, wanted):
+            for j, reason in broken.items():
+                self.failed[batch[j]] = reason
+                bad.update(k for _, k in wanted[batch[j]])
+            for batch_rows, view, outs in results:
+                at = [rows[k] for j in batch_rows for v, k in wanted[batch[j]] if v == view]
+                for f, o in zip(files, outs, strict=True):
+                    f[at] = o
+            heartbeat()
+        for f in files:
+            f.flush()
+        del files
+        return bad
+
+    def _map(self, batches: deque, wanted: dict) -> Iterator[tuple[list[int], Any]]:
+        """(batch, its result) as actors finish them; a batch whose actor died goes to another actor."""
+        ray = import_ray()
+        pending: dict[Any, tuple[list[int], Any]] = {}
+
+        def submit(actor) -> None:
+            batch = batches.popleft()
+            task = [(self.images.hashes[i], _read(self.images.root / self.images.paths[i]), [v for v, _ in wanted[i]])
+                    for i in batch]
+            pending[actor.compute.remote(task)] = (batch, actor)
+
+        for _ in range(IN_FLIGHT):
+            for actor in self.actors:
+                if batches:
+                    submit(actor)
+        while pending:
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            batch, actor = pending.pop(ready)
+            try:
+                result = ray.get(ready)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                self._lose(actor, pending, batches, batch)
+                if not self.actors:
+                    raise MobiletuneError("--ray: every feature actor was lost (their nodes died or ran out of "
+                                          "memory); run again to go on from what is stored") from None
+                for alive in self.actors:  # the lost batches go to the actors left
+                    while batches and sum(a is alive for _, a in pending.values()) < IN_FLIGHT:
+                        submit(alive)
+                continue
+            if batches:
+                submit(actor)
+            yield batch, result
+
+    def _lose(self, actor, pending: dict, batches: deque, batch: list[int]) -> None:
+        """Forget a dead actor; its batches (the one that failed and those queued on it) are done again."""
+        if actor in self.actors:
+            self.actors.remove(actor)
+        batches.appendleft(batch)
+        for ref, (queued, owner) in list(pending.items()):
+            if owner is actor:
+                del pending[ref]
+                batches.appendleft(queued)

@@ -1,0 +1,134 @@
+"""`--ray`: the feature pass and the sweep on a real Ray cluster started here on 127.0.0.1 (a head and a second
+node, one CPU each, as separate processes), against the same work done in this process."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from conftest import TINY, require
+from mobiletune.config import load_config
+from mobiletune.data import folders as data
+from mobiletune.errors import UsageError
+from mobiletune.features import cluster as cluster_lib
+from mobiletune.features import compute as features
+from mobiletune.model.network import create_model
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require("Ray", HAS_RAY, "pip install 'mobiletune[ray]'; .ci/run installs it")
+    from ray_local import LocalCluster
+
+    started = LocalCluster(nodes=2)
+    yield started
+    started.stop()
+
+
+def _all_rows(feats: features.Features) -> dict[str, list[np.ndarray]]:
+    outputs = range(len(feats.readers["train"].shapes))
+    return {split: reader.read(np.arange(len(reader)), list(outputs)) for split, reader in feats.readers.items()}
+
+
+def _stored_once(feats: features.Features) -> bool:
+    """Every item of the store in one shard only: rows over all shards = distinct keys."""
+    store = feats.readers["train"].store
+    return sum(shard.rows for shard in store.shards) == len(store)
+
+
+def _truncated_copy(folder) -> None:
+    victim = sorted((folder / "train" / "cats").iterdir())[0]
+    (folder / "train" / "cats" / "truncated.jpg").write_bytes(victim.read_bytes()[:2000])
+
+
+def test_features_on_the_cluster_equal_a_local_pass(cluster, cats_dogs_tiny, tmp_path):
+    _truncated_copy(cats_dogs_tiny)
+    config = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2"])
+    model = create_model(config, 2)
+    images = data.load_images(cats_dogs_tiny, config.data)
+    local = features.compute_features(model, images, config, tmp_path / "here", plain=True)
+    with cluster_lib.connected(cluster_lib.RayCluster(cluster.address, batch=3)):
+        remote = features.compute_features(model, images, config, tmp_path / "ray", plain=True)
+        again = features.compute_features(model, images, config, tmp_path / "ray", plain=True)
+    # the truncated copy fails in both
+    assert (remote.computed, remote.failed) == (local.computed, local.failed) == (12 * 2 + 10 + 12, 1)
+    assert (again.computed, again.cached) == (0, remote.computed)  # a warm store: no actor starts
+    assert remote.images.paths == local.images.paths
+    ours, theirs = _all_rows(local), _all_rows(remote)
+    for split in ours:
+        for a, b in zip(ours[split], theirs[split], strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)  # float16 boundaries included, to the bit
+    assert np.array_equal(np.asarray(local.pooled_plain), np.asarray(remote.pooled_plain))
+    assert _stored_once(remote)
+
+
+def test_a_node_lost_mid_pass_costs_only_its_batches(cluster, tmp_path, monkeypatch):
+    from conftest import FLOWERS, copy_images
+
+    copy_images(FLOWERS, tmp_path / "flowers", 12)
+    config = load_config(overrides=[*TINY, "data.image_size=64", "features.views=2"])
+    model = create_model(config, 5)
+    images = data.load_images(tmp_path / "flowers", config.data)
+    seen = {}
+    original = cluster_lib.ClusterComputer.__call__
+
+    def losing_a_node(self, chunk, folder, heartbeat):
+        beats = [0]
+
+        def beat():  # after the actors' first results, with batches in flight on both nodes
+            beats[0] += 1
+            if beats[0] == 2:
+                seen["actors before"] = len(self.actors)
+                cluster.kill(1)
+            heartbeat()
+
+        bad = original(self, chunk, folder, beat)
+        seen["actors after"] = len(self.actors)
+        return bad
+
+    monkeypatch.setattr(cluster_lib.ClusterComputer, "__call__", losing_a_node)
+    with cluster_lib.connected(cluster_lib.RayCluster(cluster.address, batch=2)):
+        remote = features.compute_features(model, images, config, tmp_path / "ray")
+    assert seen == {"actors before": 2, "actors after": 1}
+    local = features.compute_features(model, images, config, tmp_path / "here")
+    assert remote.computed == local.computed == 2 * len(images.indices("train")) + len(
+        images.indices("validation")) + len(images.indices("test"))
+    ours, theirs = _all_rows(local), _all_rows(remote)
+    for split in ours:
+        for a, b in zip(ours[split], theirs[split], strict=True):
+            assert np.array_equal(a, b)
+    assert _stored_once(remote)
+    assert not list((tmp_path / "ray" / "features").glob("*/claims/*.json"))  # every claim released
+
+
+def test_without_ray_installed_asking_for_it_is_one_line(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else object())
+    with pytest.raises(UsageError, match=r"pip install 'mobiletune\[ray\]'"):
+        with cluster_lib.connected("auto"):
+            pass
+
+
+def test_bad_settings_are_one_line():
+    with pytest.raises(UsageError, match="--ray-batch 0"):
+        cluster_lib.RayCluster("auto", batch=0)
+    with pytest.raises(UsageError, match="--ray-actors -1"):
+        cluster_lib.RayCluster("auto", actors=-1)
+
+
+def test_train_on_the_cluster_gives_the_same_run(cluster, cats_dogs_tiny, tmp_path):
+    import mobiletune as mt
+
+    runs = {}
+    for name, ray in (("here", None), ("ray", cluster.address)):
+        run = mt.train(cats_dogs_tiny, tmp_path / name, overrides=[*TINY, f"features.cache_dir={tmp_path / name}-c"],
+                       verbose=False, ray=ray)
+        runs[name] = run.metrics
+    for phase in ("before_fine_tuning", "after_fine_tuning"):
+        ours, theirs = runs["here"][phase]["test"], runs["ray"][phase]["test"]
+        # the features are equal to the bit (above); two trainings in one process agree to ~1e-6
+        assert theirs["accuracy"] == ours["accuracy"] and theirs["loss"] == pytest.approx(ours["loss"], rel=1e-5)
+    assert runs["ray"]["features"]["images_computed"] == runs["here"]["features"]["images_computed"] > 0
