@@ -27,7 +27,7 @@ import numpy as np
 
 from mobiletune.config import Config, from_flat
 from mobiletune.errors import MobiletuneError, UsageError
-from mobiletune.features.views import output_files, views_wanted
+from mobiletune.features.views import ShardRows
 
 ENV_QUIET = {"RAY_USAGE_STATS_ENABLED": "0"}  # no usage report, no line about it
 IN_FLIGHT = 2  # batches queued per actor: the next one is on its way while one is computed
@@ -167,26 +167,16 @@ class ClusterComputer:
     def __call__(self, chunk: list[bytes], folder: Path, heartbeat) -> set[bytes]:
         if not self.actors:
             self._start()
-        rows = {k: r for r, k in enumerate(chunk)}
-        wanted = views_wanted(chunk, self.item_of)
-        positions = list(wanted)
+        shard = ShardRows(folder, self.extract, chunk, self.item_of, self.failed)
+        positions = list(shard.wanted)
         size = self.cluster.batch
         batches = deque(positions[s : s + size] for s in range(0, len(positions), size))
-        files = output_files(folder, self.extract, len(chunk))
-        bad: set[bytes] = set()
-        for batch, (results, broken) in self._map(batches, wanted):
+        for batch, (results, broken) in self._map(batches, shard.wanted):
             for j, reason in broken.items():
-                self.failed[batch[j]] = reason
-                bad.update(k for _, k in wanted[batch[j]])
-            for batch_rows, view, outs in results:
-                at = [rows[k] for j in batch_rows for v, k in wanted[batch[j]] if v == view]
-                for f, o in zip(files, outs, strict=True):
-                    f[at] = o
+                shard.fail(batch[j], reason)
+            shard.write(batch, results)
             heartbeat()
-        for f in files:
-            f.flush()
-        del files
-        return bad
+        return shard.close()
 
     def _map(self, batches: deque, wanted: dict) -> Iterator[tuple[list[int], Any]]:
         """(batch, its result) as actors finish them; a batch whose actor died goes to another actor."""

@@ -34,7 +34,7 @@ from mobiletune.features import cluster as cluster_lib
 from mobiletune.features import store as store_lib
 from mobiletune.features.onnx import OnnxRunner
 from mobiletune.features.store import RowReader
-from mobiletune.features.views import ViewPass, output_files, store_dtype, views_wanted
+from mobiletune.features.views import ShardRows, ViewPass, store_dtype
 from mobiletune.model.cut import extractor, weights_digest
 from mobiletune.model.network import Classifier
 
@@ -237,24 +237,14 @@ class _Computer:
     def __call__(self, chunk: list[bytes], folder: Path, heartbeat) -> set[bytes]:
         if self.views is None:
             self.views = ViewPass(_runner(self.extract, self.config.features.engine, self.onnx_path), self.config)
-        rows = {k: r for r, k in enumerate(chunk)}
-        files = output_files(folder, self.extract, len(chunk))
-        wanted = views_wanted(chunk, self.item_of)
-        bad: set[bytes] = set()
-        batches = pixels_lib.iter_pixels(self.images, np.array(list(wanted)), self.config.data.image_size,
+        shard = ShardRows(folder, self.extract, chunk, self.item_of, self.failed)
+        batches = pixels_lib.iter_pixels(self.images, np.array(list(shard.wanted)), self.config.data.image_size,
                                          self.config.data.batch_size)
         for done, pixels, broken in batches:
             for i, reason in broken.items():
-                self.failed[i] = reason
-                bad.update(k for _, k in wanted[i])
+                shard.fail(i, reason)
             done = done.tolist()
-            views = [[v for v, _ in wanted[i]] for i in done]
-            for batch_rows, view, outs in self.views(pixels, [self.images.hashes[i] for i in done], views):
-                at = [rows[k] for j in batch_rows for v, k in wanted[done[j]] if v == view]
-                for f, o in zip(files, outs, strict=True):
-                    f[at] = o
+            views = [[v for v, _ in shard.wanted[i]] for i in done]
+            shard.write(done, self.views(pixels, [self.images.hashes[i] for i in done], views))
             heartbeat()
-        for f in files:
-            f.flush()
-        del files
-        return bad
+        return shard.close()

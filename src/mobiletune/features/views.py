@@ -38,6 +38,35 @@ def views_wanted(chunk: list[bytes], item_of: dict) -> dict[int, list[tuple[int 
 
 
 
+class ShardRows:
+    """A chunk's shard files being filled: a batch's outputs into the rows of their items, an image that failed
+    remembered (`failed`: position -> reason) with its items, which the shard then leaves out."""
+
+    def __init__(self, folder: Path, extract: keras.Model, chunk: list[bytes], item_of: dict, failed: dict[int, str]):
+        self.rows = {k: r for r, k in enumerate(chunk)}
+        self.wanted = views_wanted(chunk, item_of)
+        self.files = output_files(folder, extract, len(chunk))
+        self.failed, self.bad = failed, set()
+
+    def fail(self, position: int, reason: str) -> None:
+        self.failed[position] = reason
+        self.bad.update(k for _, k in self.wanted[position])
+
+    def write(self, positions: list[int], results) -> None:
+        """`results`: (rows of the batch, view, outputs) as `ViewPass` yields them; `positions[row]` is the image."""
+        for batch_rows, view, outs in results:
+            at = [self.rows[k] for j in batch_rows for v, k in self.wanted[positions[j]] if v == view]
+            for f, o in zip(self.files, outs, strict=True):
+                f[at] = o
+
+    def close(self) -> set[bytes]:
+        """Flush the files; the keys that could not be computed."""
+        for f in self.files:
+            f.flush()
+        self.files = []
+        return self.bad
+
+
 Runner = Callable[[np.ndarray], list[np.ndarray]]  # scaled pixels -> the extractor's outputs
 
 
