@@ -17,6 +17,7 @@ from pathlib import Path
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_period_ms": "500",
        "RAY_health_check_failure_threshold": "6", "RAY_health_check_initial_delay_ms": "0"}
 RAY = Path(sys.executable).with_name("ray")
+COMMON = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
 def _free_port() -> int:
@@ -26,21 +27,21 @@ def _free_port() -> int:
 
 
 class LocalCluster:
-    """`nodes` one-CPU nodes; `address` for `--ray`; `kill(n)` loses node n (0 is the head)."""
+    """`nodes` nodes of `cpus` CPUs each; `address` for `--ray`; `kill(n)` loses node n (0 is the head)."""
 
-    def __init__(self, nodes: int = 2):
+    def __init__(self, nodes: int = 2, cpus: int = 1):
         os.environ.update(ENV)  # the driver (the test's process) reads some of them too
         # a short temporary folder: Ray's socket paths must stay under the 107-character limit
         self.temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         self.address = f"127.0.0.1:{_free_port()}"
         self.processes: list[subprocess.Popen] = []
-        common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        self.common = [*COMMON, f"--num-cpus={cpus}"]
         self._start(["--head", f"--port={self.address.split(':')[1]}", "--include-dashboard=false",
-                     f"--temp-dir={self.temp}", *common])
+                     f"--temp-dir={self.temp}", *self.common])
         self._wait(lambda: subprocess.run([str(RAY), "status", f"--address={self.address}"], capture_output=True,
                                           env={**os.environ, **ENV}).returncode == 0, "the head")
         for _ in range(nodes - 1):
-            self._start([f"--address={self.address}", *common])
+            self._start([f"--address={self.address}", *self.common])
         self._wait(lambda: self._alive() == nodes, f"{nodes} nodes")
 
     def _start(self, args: list[str]) -> None:
@@ -61,6 +62,16 @@ class LocalCluster:
             if time.time() > deadline:
                 raise TimeoutError(f"the local Ray cluster: {what} not up in {timeout:.0f} s")
             time.sleep(0.5)
+
+    def restart(self, node: int) -> None:
+        """Node `node` again, after `kill` (a new node to Ray, as a machine rebooted)."""
+        self.kill(node)
+        self.processes[node].wait()
+        started = self.processes[:]
+        self._start([f"--address={self.address}", *self.common])
+        started[node] = self.processes[-1]
+        self.processes = started
+        self._wait(lambda: self._alive() == len(self.processes), f"node {node} again")
 
     def kill(self, node: int) -> None:
         """Lose node `node`: SIGKILL to its raylet, object store and workers (its process group)."""

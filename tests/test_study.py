@@ -59,7 +59,7 @@ def test_bad_spaces(tmp_path, text, needle):
 def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypatch):
     import gc
 
-    from mobiletune.tuning import study
+    from mobiletune.tuning import search
 
     frozen = []  # objects left out of collections while each trial ran: what was alive before the trials
 
@@ -67,7 +67,7 @@ def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypa
         run_trial = objective(*args)
         return lambda trial: (frozen.append(gc.get_freeze_count()), run_trial(trial))[1]
 
-    monkeypatch.setattr(study, "objective", watched)
+    monkeypatch.setattr(search, "objective", watched)
     config = load_config(overrides=TINY)
     out = tmp_path / "sweep"
     results = run_sweep(config, cats_dogs_tiny, out, n_trials=3, space_path=_space_file(tmp_path))
@@ -94,12 +94,12 @@ def test_a_heap_frozen_before_the_sweep_stays_frozen():
     """A notebook or a forking server may have frozen its heap itself: the sweep leaves that as it was."""
     import gc
 
-    from mobiletune.tuning.study import _heap_frozen
+    from mobiletune.tuning.search import heap_frozen
 
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        with _heap_frozen():
+        with heap_frozen():
             assert gc.get_freeze_count() == frozen
         assert gc.get_freeze_count() == frozen
     finally:
@@ -282,14 +282,14 @@ def test_workers_sharing_a_sweep_folder_take_turns_to_retrain(tmp_path, monkeypa
 def test_a_worker_joining_a_study_in_the_folder_draws_its_own_trials(tmp_path):
     """Two workers sharing a sweep folder (and its SQLite study) once drew the same startup trials: the
     joining one had the same sampler seed. The lone worker that makes the study keeps the seed itself."""
-    from mobiletune.tuning import study
+    from mobiletune.tuning import search
 
-    first, created = study.open_study(tmp_path, None, "s", 0, 60)
-    joined, joined_created = study.open_study(tmp_path, None, "s", 0, 60)
+    first, created = search.open_study(tmp_path, None, "s", 0, 60)
+    joined, joined_created = search.open_study(tmp_path, None, "s", 0, 60)
     assert created and not joined_created
     drawn = [s.ask().suggest_float("lr", 0.0, 1.0) for s in (first, joined)]
     (tmp_path / "other").mkdir()
-    again, _ = study.open_study(tmp_path / "other", None, "s", 0, 60)
+    again, _ = search.open_study(tmp_path / "other", None, "s", 0, 60)
     assert drawn[0] != drawn[1]
     assert again.ask().suggest_float("lr", 0.0, 1.0) == drawn[0]  # a new study from the seed: the same draw
 

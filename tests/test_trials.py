@@ -50,7 +50,7 @@ def test_a_trial_trains_on_the_split_its_run_makes(flowers_tiny, tmp_path):
     from PIL import Image
 
     from mobiletune.training.run import train_and_evaluate
-    from mobiletune.tuning import study
+    from mobiletune.tuning import search
 
     originals = [sorted((flowers_tiny / c).iterdir())[i] for i, c in enumerate(["daisy", "roses", "tulips"])]
     for f in originals:  # 80%-size copies: near duplicates at 128 px (tests/test_audit.py)
@@ -61,7 +61,7 @@ def test_a_trial_trains_on_the_split_its_run_makes(flowers_tiny, tmp_path):
     config = load_config(overrides=[*TINY, "data.image_size=128", f"data.exclude={tmp_path / 'exclude.txt'}"])
 
     cache.cache_root(config).mkdir(parents=True, exist_ok=True)  # as run_sweep makes it
-    index, images, cuts = study._inputs(config, flowers_tiny, {})
+    index, images, cuts = search.inputs(config, flowers_tiny, {})
     shared = trials.Shared(config, images, cuts, index, tmp_path / "logs", objectives.Objectives())
     trial = shared.features_for(config).images
     train_and_evaluate(config, flowers_tiny, tmp_path / "run")

@@ -233,7 +233,7 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
           grace_period: int = 60, baseline: str | Path | None = None, config: str | Path | Config | None = None,
           overrides: Overrides = None, mlflow: str | None = None, objectives: str = "accuracy",
           max_latency_ms: float | None = None, latency_format: str = "tflite", workers: int = 1,
-          verbose: bool = True) -> dict[str, Any]:
+          ray: str | Any | None = None, verbose: bool = True) -> dict[str, Any]:
     """Tune the recipe with Optuna, then test the best config once in `out`/best, as `mobiletune sweep`.
 
     Args:
@@ -254,7 +254,9 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         max_latency_ms: take the most accurate trial within this latency (measures latency either way).
         latency_format: whose latency counts: "tflite" (float) or "tflite-int8".
         workers: worker processes on this machine sharing the study; more than 1 pays where a trial leaves
-            cores idle (small data sets, many cores).
+            cores idle (small data sets, many cores). With `ray`: trial workers on the cluster's nodes.
+        ray: run the trials on this Ray cluster ("auto", "HOST:PORT" or a `features.cluster.RayCluster`), `workers`
+            of them side by side, one CPU each; DATA_DIR, `out` and the feature cache on storage every node sees.
         verbose: print progress and results.
 
     Returns:
@@ -279,4 +281,4 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
     return run_sweep(base, data_dir, out, n_trials=trials, space_path=space,
                      storage=storage, study_name=study, timeout=timeout, grace_period=grace_period,
                      baseline=baseline, console=_console(verbose), mlflow=mlflow_target(mlflow), objectives=wanted,
-                     workers=workers)
+                     workers=workers, ray=ray)

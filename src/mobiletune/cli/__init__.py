@@ -223,7 +223,11 @@ def sweep(
     latency_format: Annotated[str, typer.Option("--format", help="Whose latency counts: tflite (float) or "
                                                 "tflite-int8.")] = "tflite",
     workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes on this machine; more than 1 "
-                                         "pays where a trial leaves cores idle (small data, many cores).")] = 1,
+                                         "pays where a trial leaves cores idle (small data, many cores). With "
+                                         "--ray: trial workers on the cluster's nodes, one CPU each.")] = 1,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="ADDRESS", help="Run the trials (--workers of them) on this Ray cluster: auto, HOST:PORT or "
+        "ray://HOST:PORT (needs mobiletune[ray]); DATA_DIR, --out and the cache on storage every node sees.")] = None,
 ) -> None:
     """Tune the recipe with Optuna: pruned trials on cached features, then test the best config once."""
     from mobiletune import api
@@ -231,7 +235,7 @@ def sweep(
     results = api.sweep(data_dir, out, trials=trials, space=space, storage=storage, study=study, timeout=timeout,
                         grace_period=grace_period, baseline=baseline, config=config, overrides=set_,
                         mlflow=mlflow, objectives=objectives, max_latency_ms=max_latency_ms,
-                        latency_format=latency_format, workers=workers, verbose=not quiet)
+                        latency_format=latency_format, workers=workers, ray=ray, verbose=not quiet)
     after = results["best"]["after_fine_tuning"]["test"]
     default = results["default"]["after_fine_tuning"]["test"]
     console.print(f"best config (trial {results['best_trial']}): test accuracy {after['accuracy']:.2%} after "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,6 +90,7 @@ def connected(cluster: RayCluster | str | None) -> Iterator[RayCluster | None]:
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
             raise UsageError(f"--ray {cluster.address}: cannot connect ({str(exc).splitlines()[0][:200]}); start "
                              "a cluster with `ray start --head`, or give its address") from None
+        _quiet_node_deaths()
     _active = cluster
     try:
         yield cluster
@@ -96,6 +98,24 @@ def connected(cluster: RayCluster | str | None) -> Iterator[RayCluster | None]:
         _active = None
         if ours:
             ray.shutdown()
+
+
+def _quiet_node_deaths() -> None:
+    """Ray's driver prints the cluster's "node ... has been marked dead" (with Ray's advice) to stdout from a
+    thread of its own, whatever `log_to_driver` says; the pass goes on without that node, and the sweep says what
+    the loss cost in a line of its own. That message alone is dropped; Ray's other messages still show."""
+    worker = sys.modules.get("ray._private.worker")
+    original = getattr(worker, "print_to_stdstream", None)  # private: without it, Ray's line simply shows
+    if original is None or getattr(original, "quiet_node_deaths", False):
+        return
+
+    def filtered(data: dict, *args, **kwargs) -> None:
+        if data.get("pid") == "raylet" and any("has been marked dead" in line for line in data.get("lines", [])):
+            return
+        original(data, *args, **kwargs)
+
+    filtered.quiet_node_deaths = True
+    worker.print_to_stdstream = filtered
 
 
 class _Extractor:

@@ -17,7 +17,7 @@ from mobiletune.features import cache
 from mobiletune.tuning import objectives as objectives_lib
 from mobiletune.tuning.space import load_space
 
-WORKER_TASK = "MOBILETUNE_WORKER"  # the environment variable that hands a helper worker its task (`study._helpers`)
+WORKER_TASK = "MOBILETUNE_WORKER"  # the environment variable that hands a helper worker its task (`helpers.local`)
 
 
 def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space_path: str | Path | None,

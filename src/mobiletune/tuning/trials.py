@@ -96,6 +96,7 @@ class Shared:
     trained: dict[int, Trained] = field(default_factory=dict)
     # compiled trainees with their traced steps: a trial of a size and cut seen before skips ~1 s of tracing
     trainees: Trainees = field(default_factory=Trainees)
+    node: str | None = None  # the Ray node this worker runs on (`helpers.on_ray`), recorded with each trial
 
     def extractor(self, size: int) -> Classifier:
         """The classifier at `size` px with the base's ImageNet weights (Keras has a file per size), built once:
@@ -154,12 +155,14 @@ def objective(shared: Shared, space: dict[str, dict[str, Any]]):
 
         params = suggest(trial, space)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if shared.node is not None:  # a trial running on a node the cluster lost is failed at once by that
+            trial.set_user_attr("node", shared.node)
         config = from_flat({**shared.base.flat(), **params})
         wanted = shared.objectives
         if wanted.measures_latency:  # before training, so a pruned trial has it too; cached per size
             _measure_latency(trial, config, len(shared.images.classes), wanted.latency_format)
         feats = shared.features_for(config)
-        # without its gc.collect (0.35 s a trial; Python's own collections suffice, `study._heap_frozen`): the
+        # without its gc.collect (0.35 s a trial; Python's own collections suffice, `search.heap_frozen`): the
         # same results and peak memory over 12 trials
         keras.backend.clear_session(free_memory=False)
         seed_everything(config.data.seed)

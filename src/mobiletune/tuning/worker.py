@@ -1,6 +1,6 @@
 """A helper worker of `mobiletune sweep --workers N`: more trials of the same study, in a process of its own.
 
-Started by `study._helpers` with its task (JSON) in the environment variable MOBILETUNE_WORKER. It runs
+Started by `helpers.local` with its task (JSON) in the environment variable MOBILETUNE_WORKER. It runs
 trials until the study holds its trials, then stops; the worker that started it chooses and makes best/.
 """
 
@@ -22,7 +22,7 @@ def main() -> int:
     from mobiletune.quiet import import_tensorflow
 
     import_tensorflow()
-    from mobiletune.tuning.study import run_helper
+    from mobiletune.tuning.search import run_helper
 
     try:
         run_helper(json.loads(os.environ[TASK]), say=lambda *a, **k: print(*a, flush=True))
