@@ -28,7 +28,7 @@ import numpy as np
 
 from mobiletune.config import Config, from_flat
 from mobiletune.errors import MobiletuneError, UsageError
-from mobiletune.features.views import ShardRows
+from mobiletune.features.views import ShardRows, store_dtype
 
 ENV_QUIET = {"RAY_USAGE_STATS_ENABLED": "0"}  # no usage report, no line about it
 IN_FLIGHT = 2  # batches queued per actor: the next one is on its way while one is computed
@@ -41,10 +41,12 @@ class RayCluster:
     address: str  # "auto" (RAY_ADDRESS, or the cluster this machine is part of), "HOST:PORT" or "ray://HOST:PORT"
     # actors computing features; 0: as many as the cluster's CPUs hold at `cpus_per_actor` each
     actors: int = 0
-    # CPUs (images run side by side) per actor: 1 keeps every core's images on one process, and measured as
-    # fast as 2 per actor on 2 one-CPU nodes (docs/scaling.md, benchmarks/ray_features.py)
+    # CPUs (ONNX Runtime threads) per actor: an actor decodes its images on one thread, so one actor per CPU
+    # keeps every core busy; on a 2-CPU node two 1-CPU actors took 14.9 s where one 2-CPU actor took 18.9
+    # (benchmarks/ray_features.py, docs/scaling.md)
     cpus_per_actor: int = 1
-    # images per task: enough to hide the round trip (about 2 ms), few enough that a lost node loses little
+    # images per task: 16 and 64 measured alike (18.2 and 18.0 s on 2 one-CPU nodes), 4 slower (20.5 s: a round
+    # trip per 4 images); the smaller of the fast two, so a lost node loses less work
     batch: int = 16
 
     def __post_init__(self) -> None:
@@ -147,7 +149,9 @@ class _Extractor:
         if not kept:
             return [], failed
         results = self.views(np.stack(pixels), [batch[j][0] for j in kept], [batch[j][2] for j in kept])
-        return [([kept[r] for r in rows], view, outs) for rows, view, outs in results], failed
+        # in the store's types here: the float16 boundaries are half the bytes to ship, the same numbers stored
+        return [([kept[r] for r in rows], view, [o.astype(store_dtype(k), copy=False) for k, o in enumerate(outs)])
+                for rows, view, outs in results], failed
 
 
 def _read(path: Path) -> bytes | str:
