@@ -58,6 +58,7 @@ SHIPPED = "mobiletune.features.neighbours"
 # first is the truth
 CANDIDATES = (("mobiletune exact", "exact", [SHIPPED]),
               ("mobiletune graph (faiss HNSWSQ fp16 M=32 efC=40 ef 64)", "graph", [SHIPPED, "faiss"]),
+              ("mobiletune graph, 8-bit rows (HNSWSQ QT_8bit)", "graph8", [SHIPPED, "faiss"]),
               ("scikit-learn brute cosine (previous)", "sklearn", ["sklearn.neighbors", "threadpoolctl"]),
               ("hnswlib ip M=32 efC=80 ef 64", "hnswlib", ["hnswlib"]),
               ("usearch ip f16 connectivity 16 ef 64", "usearch", ["usearch.index"]))
@@ -147,10 +148,11 @@ def unit(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def search_mobiletune(rows: np.ndarray, k: int, queries: int, exact_up_to: int) -> tuple:
+def search_mobiletune(rows: np.ndarray, k: int, queries: int, exact_up_to: int, graph_rows: str = "fp16") -> tuple:
     from mobiletune.features import neighbours
 
-    neighbours.EXACT_UP_TO = exact_up_to  # `nearest` reads it at each call: exact at or below, graph above
+    # `nearest` reads them at each call: exact at or below EXACT_UP_TO, the graph above, its rows kept so
+    neighbours.EXACT_UP_TO, neighbours.GRAPH_ROWS = exact_up_to, graph_rows
     return neighbours.nearest(rows, k)
 
 
@@ -190,6 +192,7 @@ def search_usearch(rows: np.ndarray, k: int, queries: int) -> tuple:
 
 SEARCHES = {"exact": lambda rows, k, q: search_mobiletune(rows, k, q, exact_up_to=len(rows)),
             "graph": lambda rows, k, q: search_mobiletune(rows, k, q, exact_up_to=0),
+            "graph8": lambda rows, k, q: search_mobiletune(rows, k, q, exact_up_to=0, graph_rows="sq8"),
             "sklearn": search_sklearn, "hnswlib": search_hnswlib, "usearch": search_usearch}
 
 
@@ -278,8 +281,9 @@ def agreement(got: tuple, truth: tuple) -> dict:
     return {"rows": q, "rows_differing": int(differ.sum()), "max_similarity_gap": float(gap)}
 
 
-def run_size(n: int, real: np.ndarray, labels: np.ndarray, seed: int, work: Path) -> tuple[dict, list[dict]]:
-    """Every candidate at size n, the truth first: (the size's facts, a record per candidate)."""
+def run_size(n: int, real: np.ndarray, labels: np.ndarray, seed: int, work: Path,
+             searches: set[str]) -> tuple[dict, list[dict]]:
+    """The candidates in `searches` at size n, the truth first: (the size's facts, a record per candidate)."""
     from mobiletune.audit.checks import NEIGHBOURS
 
     rows, started = work / f"rows-{n}.npy", time.perf_counter()
@@ -289,7 +293,7 @@ def run_size(n: int, real: np.ndarray, labels: np.ndarray, seed: int, work: Path
             **{f"planted_{k}_cosine": [float(v["cosine"].min()), float(v["cosine"].max())] for k, v in planted.items()}}
     print(f"\nN={n:,}: rows made in {info['make_s']:.0f} s; load average {info['load_average']:.1f}", flush=True)
     truth, records = None, []
-    for label, search, imports in CANDIDATES:
+    for label, search, imports in (c for c in CANDIDATES if c[1] in searches):
         missing = [m.split(".")[0] for m in imports if find_spec(m.split(".")[0]) is None]
         if missing:
             print(f"  {label}: skipped ({', '.join(missing)} not installed)", flush=True)
@@ -371,6 +375,8 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help="real pooled features: .npy [n, 1280] or .npz (pooled, labels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every record here (rewritten after each size)")
+    parser.add_argument("--searches", nargs="+", choices=list(SEARCHES), default=list(SEARCHES),
+                        help="the candidates to run (exact, the truth, always runs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -387,7 +393,7 @@ def main() -> None:
     sizes = []
     with tempfile.TemporaryDirectory(prefix="neighbours-") as work:
         for n in args.sizes:
-            sizes.append(run_size(n, real, labels, args.seed, Path(work)))
+            sizes.append(run_size(n, real, labels, args.seed, Path(work), {"exact", *args.searches}))
             print_table(*sizes[-1])
             if args.json:  # after each size, so a long run that is stopped keeps what it measured
                 args.json.write_text(json.dumps({"host": host, "versions": installed, "features": source,

@@ -26,6 +26,12 @@ BLOCK = 2048  # rows a side of each block of X X^T: 16 MB of float32, large enou
 # 10,000 to 200,000 rows, and every near-copy pair (cosine >= 0.90) of 500 planted at 50,000
 HNSW_LINKS, HNSW_BUILD_DEPTH, HNSW_SEARCH_DEPTH = 32, 40, 64
 CHUNK = 16_384  # rows scaled, added and searched at a time above EXACT_UP_TO: 80 MB of float32
+# The graph's copy of the rows: "sq8", 1,280 bytes a row (8 bits a feature over the range that feature spans in
+# SQ_SAMPLE rows spread over the set), or "fp16", 2,560. At 200,000 rows sq8 holds 256 MB less, the margin a
+# 200,000-image run needed under 2.5 GB; at 50,000 realistic rows it kept every near-copy pair (500 of 500, as
+# fp16 did) at recall@10 0.9926 against 0.9984 (benchmarks/neighbours.py, docs/scaling.md)
+GRAPH_ROWS = "sq8"
+SQ_SAMPLE = 16_384
 
 
 def nearest(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +102,17 @@ def _sorted(best: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _graph(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Approximate `nearest` by a faiss HNSW graph on inner products (cosine: rows scaled to unit length), the rows
-    kept as float16: on 30,000 realistic rows recall@10 0.9934 against 0.9935 kept as float32, and faster (23.7
-    against 34.5 s). Rows go in and are searched CHUNK at a time: the graph's copy (2,560 bytes a row and ~256 of
+    kept as GRAPH_ROWS says (float16 rows: recall@10 0.9934 on 30,000 realistic rows against 0.9935 as float32, and
+    faster). Rows go in and are searched CHUNK at a time: the graph's copy (1,280 bytes a row as sq8 and ~256 of
     links) is the only one of the whole set it makes."""
     import faiss
 
-    graph = faiss.IndexHNSWSQ(features.shape[1], faiss.ScalarQuantizer.QT_fp16, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+    kind = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}[GRAPH_ROWS]
+    graph = faiss.IndexHNSWSQ(features.shape[1], kind, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = HNSW_BUILD_DEPTH
+    if not graph.is_trained:  # each feature's range, from rows spread over the whole set
+        sample = np.random.default_rng(0).choice(len(features), min(len(features), SQ_SAMPLE), replace=False)
+        graph.train(unit_rows(features[np.sort(sample)]))
     for a in range(0, len(features), CHUNK):
         graph.add(unit_rows(features[a:a + CHUNK]))
     graph.hnsw.efSearch = max(HNSW_SEARCH_DEPTH, k)
