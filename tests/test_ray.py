@@ -174,11 +174,17 @@ def test_without_ray_installed_asking_for_it_is_one_line(monkeypatch):
             pass
 
 
-def test_bad_settings_are_one_line():
+def test_bad_settings_are_one_line(tmp_path):
+    from mobiletune.tracking.tracker import Mlflow
+    from mobiletune.tuning.study import run_sweep
+
     with pytest.raises(UsageError, match="--ray-batch 0"):
         cluster_lib.RayCluster("auto", batch=0)
     with pytest.raises(UsageError, match="--ray-actors -1"):
         cluster_lib.RayCluster("auto", actors=-1)
+    with pytest.raises(UsageError, match="--ray with MLflow tracking"):  # before any image is read
+        run_sweep(load_config(overrides=TINY), tmp_path / "no-data", tmp_path / "sweep", ray="auto",
+                  mlflow=Mlflow("http://127.0.0.1:1"))
 
 
 def test_train_on_the_cluster_gives_the_same_run(cluster, cats_dogs_tiny, tmp_path):

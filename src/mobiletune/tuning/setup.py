@@ -22,9 +22,9 @@ WORKER_TASK = "MOBILETUNE_WORKER"  # the environment variable that hands a helpe
 
 def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space_path: str | Path | None,
           wanted: objectives_lib.Objectives, baseline: str | Path | None,
-          tracked: bool = False) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+          tracked: bool = False, on_ray: bool = False) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """The search space and the baseline run's metrics (None: the base recipe is run), or a UsageError naming
-    the argument. `tracked`: the sweep logs to MLflow."""
+    the argument. `tracked`: the sweep logs to MLflow; `on_ray`: its trials run on a Ray cluster."""
     if n_trials < 1:
         raise UsageError(f"--trials {n_trials}: give at least 1")
     if grace_period < 2:
@@ -34,6 +34,9 @@ def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space
     if workers > 1 and tracked:
         raise UsageError(f"--workers {workers} with MLflow tracking (--mlflow or MLFLOW_TRACKING_URI): only one "
                          "worker per machine logs to MLflow; give --workers 1, or unset the tracking URI")
+    if on_ray and tracked:
+        raise UsageError("--ray with MLflow tracking (--mlflow or MLFLOW_TRACKING_URI): the trial workers on the "
+                         "cluster log no runs; leave out --ray, or unset the tracking URI")
     space = load_space(space_path)
     if workers > 1 and wanted.measures_latency and space.get("data.image_size", {}).get("type") == "int":
         raise UsageError(f"--workers {workers} with a data.image_size range: each size would be timed while the "

@@ -58,7 +58,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     started = time.perf_counter()
     wanted, out = objectives or objectives_lib.Objectives(), Path(out)
     space, baseline_metrics = sweep_setup.check(out, n_trials, grace_period, workers, space_path, wanted, baseline,
-                                                tracked=mlflow is not None)
+                                                tracked=mlflow is not None, on_ray=ray is not None)
     sweep_setup.prepare_folder(out, base, space, n_trials, study_name, wanted)
     say = console.print if console is not None else (lambda *a, **k: None)
     # Our own line per trial; Optuna's warning for a failed trial carries a traceback (Ctrl-C printed one),
