@@ -66,8 +66,6 @@ def local(count: int, task: dict[str, Any], out: Path, say) -> Iterator[None]:
                 process.wait()
 
 
-
-
 def on_ray(count: int, task: dict[str, Any], study, wanted: objectives_lib.Objectives, say) -> None:
     """`count` trial workers as Ray tasks of one CPU each, spread over the cluster's nodes, until the study
     holds its trials; each finished trial said here as it lands in the study. A worker lost with its node costs
@@ -77,15 +75,14 @@ def on_ray(count: int, task: dict[str, Any], study, wanted: objectives_lib.Objec
     if count < 1:
         return
     worker = ray.remote(_trial_worker).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
-    running = {worker.remote(task): n for n in range(count)}
+    running = [worker.remote(task) for _ in range(count)]
     say(f"{count} trial worker(s) on the Ray cluster; their output: the cluster's logs (`ray logs`)")
     said = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     lost: list[str] = []
     try:
         while running:
-            done, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_SECONDS)
+            done, running = ray.wait(running, num_returns=len(running), timeout=POLL_SECONDS)
             for ref in done:
-                running.pop(ref)
                 reason = _stopped(ray, ref)
                 if reason is not None:
                     lost.append(reason)
