@@ -256,7 +256,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         workers: worker processes on this machine sharing the study; more than 1 pays where a trial leaves
             cores idle (small data sets, many cores). With `ray`: trial workers on the cluster's nodes.
         ray: run the trials on this Ray cluster ("auto", "HOST:PORT" or a `features.cluster.RayCluster`), `workers`
-            of them side by side, one CPU each; DATA_DIR, `out` and the feature cache on storage every node sees.
+            of them side by side, one CPU each; on several machines DATA_DIR at the same path on each, and `storage`
+            a PostgreSQL URL.
         verbose: print progress and results.
 
     Returns:

@@ -227,7 +227,8 @@ def sweep(
                                          "--ray: trial workers on the cluster's nodes, one CPU each.")] = 1,
     ray: Annotated[Optional[str], typer.Option(
         "--ray", metavar="ADDRESS", help="Run the trials (--workers of them) on this Ray cluster: auto, HOST:PORT or "
-        "ray://HOST:PORT (needs mobiletune[ray]); DATA_DIR, --out and the cache on storage every node sees.")] = None,
+        "ray://HOST:PORT (needs mobiletune[ray]); on several machines, DATA_DIR at the same path on each and a "
+        "PostgreSQL --storage.")] = None,
 ) -> None:
     """Tune the recipe with Optuna: pruned trials on cached features, then test the best config once."""
     from mobiletune import api

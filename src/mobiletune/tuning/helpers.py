@@ -5,9 +5,9 @@ study; choosing and making best/ stay with the sweep that started them.
 On Ray the study stays the one Optuna storage every worker opens (SQLite in the sweep folder, or a shared
 PostgreSQL URL), rather than Ray Tune's `OptunaSearch`: that searcher replaces the study's pruner with Tune's
 schedulers, while the workers here keep MedianPruner, the heartbeats that fail a dead worker's trial, and a
-study a rerun (with or without Ray) carries on. The trial workers read the images and the feature cache
-themselves, so on more than one machine DATA_DIR, --out (or --storage) and `features.cache_dir` must be on
-storage every node sees at the same path.
+study a rerun (with or without Ray) carries on. On more than one machine: DATA_DIR at the same path on every node,
+and the study in a PostgreSQL `--storage` (an SQLite file must not be shared over a network file system); the
+feature cache may be each node's own disk (each node computes the features its trials use once).
 """
 
 from __future__ import annotations

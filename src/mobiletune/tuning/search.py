@@ -175,6 +175,8 @@ def run_helper(task: dict[str, Any], say=print, node: str | None = None) -> None
     names, latency_format, max_latency_ms = task["objectives"]
     wanted = objectives_lib.Objectives(tuple(names), latency_format, max_latency_ms)
     space = task["space"]
+    # on a Ray node of its own, a cache folder of its own: made here, as the first worker made its own
+    runfolder.make_folder(cache.cache_root(base), "features.cache_dir")
     index, images, fine_tune_ats = inputs(base, task["data_dir"], space)
     study, _ = open_study(out, task["storage"], task["study"], base.data.seed, task["grace_period"], wanted.directions)
     shared = Shared(base, images, fine_tune_ats, index, out / runfolder.LOGS, wanted, keeps_models=False,
