@@ -178,9 +178,9 @@ def test_bad_settings_are_one_line(tmp_path):
     from mobiletune.tracking.tracker import Mlflow
     from mobiletune.tuning.study import run_sweep
 
-    with pytest.raises(UsageError, match="--ray-batch 0"):
+    with pytest.raises(UsageError, match=r"RayCluster\(batch=0\)"):
         cluster_lib.RayCluster("auto", batch=0)
-    with pytest.raises(UsageError, match="--ray-actors -1"):
+    with pytest.raises(UsageError, match=r"RayCluster\(actors=-1\)"):
         cluster_lib.RayCluster("auto", actors=-1)
     with pytest.raises(UsageError, match="--ray with MLflow tracking"):  # before any image is read
         run_sweep(load_config(overrides=TINY), tmp_path / "no-data", tmp_path / "sweep", ray="auto",

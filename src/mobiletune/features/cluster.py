@@ -53,7 +53,7 @@ class RayCluster:
         for name in ("actors", "cpus_per_actor", "batch"):
             value, least = getattr(self, name), 0 if name == "actors" else 1
             if not isinstance(value, int) or value < least:
-                raise UsageError(f"--ray-{name.replace('_', '-')} {value!r}: give a whole number of at least {least}")
+                raise UsageError(f"RayCluster({name}={value!r}): give a whole number of at least {least}")
 
 
 _active: RayCluster | None = None
