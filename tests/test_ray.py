@@ -167,6 +167,25 @@ def test_a_node_lost_mid_pass_costs_only_its_batches(cluster, tmp_path, monkeypa
     assert not list((tmp_path / "ray" / "features").glob("*/claims/*.json"))  # every claim released
 
 
+def test_without_ray_nothing_imports_it(cats_dogs_tiny, tmp_path):
+    """A train without `ray=`, and the sweep's modules, never import Ray, though it is installed (its import alone
+    costs ~1 s)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import mobiletune as mt
+overrides = {TINY!r} + ["features.cache_dir={tmp_path / 'cache'}"]
+mt.train({str(cats_dogs_tiny)!r}, {str(tmp_path / 'run')!r}, overrides=overrides, verbose=False)
+import mobiletune.tuning.study, mobiletune.tuning.helpers, mobiletune.tuning.worker
+print("ray imported:", "ray" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "ray imported: False"
+
+
 def test_without_ray_installed_asking_for_it_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else object())
     with pytest.raises(UsageError, match=r"pip install 'mobiletune\[ray\]'"):
