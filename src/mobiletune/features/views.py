@@ -37,7 +37,6 @@ def views_wanted(chunk: list[bytes], item_of: dict) -> dict[int, list[tuple[int 
     return dict(sorted(wanted.items()))
 
 
-
 class ShardRows:
     """A chunk's shard files being filled: a batch's outputs into the rows of their items, an image that failed
     remembered (`failed`: position -> reason) with its items, which the shard then leaves out."""

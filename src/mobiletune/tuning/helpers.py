@@ -24,7 +24,7 @@ from mobiletune.errors import MobiletuneError
 from mobiletune.features import cluster as cluster_lib
 from mobiletune.tuning import objectives as objectives_lib
 from mobiletune.tuning import setup as sweep_setup
-from mobiletune.tuning.search import run_helper, trial_line
+from mobiletune.tuning.search import finished, run_helper, trial_line
 
 POLL_SECONDS = 2.0  # how often the sweep looks for finished trials and lost workers while the cluster works
 
@@ -96,7 +96,7 @@ def on_ray(count: int, task: dict[str, Any], study, wanted: objectives_lib.Objec
     finally:
         for ref in running:  # interrupted: the cluster's CPUs are freed now, not when Ray notices we left
             ray.cancel(ref, force=True)
-    if lost and _unfinished(study, task["trials"]):
+    if lost and finished(study) < task["trials"]:
         raise MobiletuneError(f"--ray: every trial worker stopped before the study had {task['trials']} trials "
                               f"(last: {lost[-1]}); run the same command again to carry on the study")
 
@@ -117,8 +117,8 @@ def _stopped(ray, ref) -> str | None:
         ray.get(ref)
     except ray.exceptions.RayTaskError as exc:  # raised inside the worker: our own errors keep their message
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        return str(cause).splitlines()[0][:200] if isinstance(cause, MobiletuneError) else (
-            f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
+        message = (str(cause).splitlines() or [""])[0][:200]
+        return message if isinstance(cause, MobiletuneError) else f"{type(cause).__name__}: {message}"
     except ray.exceptions.RayError as exc:  # its node or process died
         return f"lost: {type(exc).__name__}"
     return None
@@ -135,7 +135,3 @@ def _fail_dead_nodes(ray, study) -> None:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except ValueError:  # finished meanwhile (failed by a worker's stale-trial check)
                 pass
-
-
-def _unfinished(study, n_trials: int) -> bool:
-    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False)) < n_trials

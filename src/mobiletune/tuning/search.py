@@ -76,6 +76,12 @@ def counts(study) -> dict[str, int]:
     return counts
 
 
+def finished(study) -> int:
+    """The trials that count towards a study's total: completed or pruned."""
+    done = counts(study)
+    return done.get("COMPLETE", 0) + done.get("PRUNED", 0)
+
+
 def inputs(base: Config, data_dir, space: dict[str, Any]) -> tuple[scan.FileIndex, ImageSet, list[int]]:
     """What every worker of a sweep starts from: the file index, the images, and the cut points whose
     boundaries one feature pass provides (the base recipe's and the space's). Seeds everything."""
@@ -119,11 +125,11 @@ def search(study, created: bool, shared: Shared, space: dict[str, Any], n_trials
     import optuna
 
     begin(study, created, shared.base, space, n_trials, say)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    if sum(t.state in finished for t in study.trials) < n_trials:
+    if finished(study) < n_trials:
         with heap_frozen():
             study.optimize(objective(shared, space), timeout=timeout, gc_after_trial=False,
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished),
+                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(
+                               optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)),
                                       lambda study, trial: say(trial_line(study, trial, shared.objectives)),
                                       shared.keep_chosen, *callbacks])
     optuna.storages.fail_stale_trials(study)

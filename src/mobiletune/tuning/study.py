@@ -92,8 +92,7 @@ def _run_workers(study, created: bool, shared: Shared, space: dict[str, Any], ta
     the Ray cluster while this process says how they do."""
     import optuna
 
-    counts = search.counts(study)
-    left = task["trials"] - counts.get("COMPLETE", 0) - counts.get("PRUNED", 0)  # none to start for a study done
+    left = task["trials"] - search.finished(study)  # none to start for a study done
     timeout = None if task["deadline"] is None else task["deadline"] - time.time()
     if on_ray:
         search.begin(study, created, shared.base, space, task["trials"], say)
