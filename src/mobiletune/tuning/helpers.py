@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,6 +97,8 @@ def on_ray(count: int, task: dict[str, Any], study, wanted: objectives_lib.Objec
     finally:
         for ref in running:  # interrupted: the cluster's CPUs are freed now, not when Ray notices we left
             ray.cancel(ref, force=True)
+    if lost:  # a task can end before Ray marks its node dead: its trial is failed once Ray has
+        _await_dead_nodes(ray, study)
     if lost and finished(study) < task["trials"]:
         raise MobiletuneError(f"--ray: every trial worker stopped before the study had {task['trials']} trials "
                               f"(last: {lost[-1]}); run the same command again to carry on the study")
@@ -135,3 +138,18 @@ def _fail_dead_nodes(ray, study) -> None:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except ValueError:  # finished meanwhile (failed by a worker's stale-trial check)
                 pass
+
+
+def _await_dead_nodes(ray, study, seconds: float = 60.0) -> None:
+    """Trials still running on this cluster's nodes once every worker has stopped: failed as Ray marks their
+    nodes dead (its health check takes up to ~30 s by default), waited for at most `seconds`."""
+    import optuna
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        _fail_dead_nodes(ray, study)
+        nodes = {node["NodeID"] for node in ray.nodes()}
+        if not any(t.user_attrs.get("node") in nodes
+                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
+            return
+        time.sleep(POLL_SECONDS / 4)
