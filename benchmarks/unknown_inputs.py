@@ -8,9 +8,10 @@ known set, size and image size trains the default recipe (`train_and_evaluate`, 
 --set overrides, e.g. phase2.epochs=2 for the 1000-a-class cells, are printed with the table) and scores from
 pixels with the library's predictor, as `mobiletune predict RUN` does: the model's own test images (kept),
 every image of the other set and 90 synthetic images (flat colours, text screenshots, noise; flagged), with
-the detector the run stored (unknown.npz). Near-OOD: trained on flowers_mini without one class (at the
-second --px), AUROC of that class against
-the test images. Prints the host first.
+the detector refitted on the run's images with one view (the pooled base output) and with two (block 14's
+beside it); a run stores the second where its base's last map is 3x3 or smaller (96 px and below). Near-OOD:
+trained on flowers_mini without one class (at the second --px), AUROC of that class against the test images.
+Prints the host first (counts, not speeds, are the result).
 """
 
 from __future__ import annotations
@@ -31,34 +32,54 @@ from scaling import host_line  # noqa: E402
 OTHER = {"cats_dogs": "flowers_all", "flowers": "cats_dogs_other"}
 
 
-def scored(run: Path, folder: Path, split: str | None = None):
-    """(unknown scores, class names) of `folder`'s images (one split, or all) through the run's predictor."""
+def predictor_of(run: Path, views: int):
+    """The run's model with its detector refitted on `views` views, on the same run and images: 1, the pooled base
+    output alone; 2, block 14's pooled output beside it (`unknown.VIEWS`), at any size. The run itself uses 2 where
+    the base's last map is at most `unknown.SMALL_MAP` a side (96 px and below), as `mobiletune predict RUN`."""
+    from mobiletune import runfolder
+    from mobiletune.config import load_config
+    from mobiletune.data import folders
+    from mobiletune.evaluation import unknown
+    from mobiletune.model.network import Classifier, load_model
+    from mobiletune.ship.predict import KerasPredictor
+
+    config = load_config(run / runfolder.CONFIG)
+    classifier = Classifier(load_model(run / runfolder.MODEL))
+    images = folders.load_images(Path(runfolder.read_metrics(run)["data_dir"]), config.data)
+    saved = unknown.VIEWS, unknown.SMALL_MAP
+    unknown.VIEWS, unknown.SMALL_MAP = (saved[0], 10**6) if views == 2 else ((), 0)
+    try:
+        detector, _ = unknown.fit_run(classifier, images, config)
+    finally:
+        unknown.VIEWS, unknown.SMALL_MAP = saved
+    return KerasPredictor(classifier.model, images.classes, detector)
+
+
+def scored(run: Path, predictor, folder: Path, split: str | None = None):
+    """(unknown scores, class names) of `folder`'s images (one split, or all, as the run reads folders) through
+    `predictor`."""
     import numpy as np
 
     from mobiletune.config import load_config
     from mobiletune.data import folders, pixels
-    from mobiletune.ship.predict import load_predictor
 
-    predictor = load_predictor(run)
     images = folders.load_images(folder, load_config(run / "config.yaml").data)
     positions = np.arange(len(images.paths)) if split is None else images.indices(split)
     out = [predictor.scored(x)[1] for _, x, _ in pixels.iter_pixels(images, positions, predictor.size, 32)]
     return np.concatenate(out), np.array([images.classes[c] for c in images.labels[positions]])
 
 
-def measure(run: Path, data: Path, others: dict[str, Path]) -> dict[str, float]:
-    """Test kept, each unknown set's share flagged and the AUROC (other set against test) of the run's detector."""
+def measure(run: Path, predictor, data: Path, others: dict[str, Path]) -> dict[str, float]:
+    """Test kept, each unknown set's share flagged and the AUROC (other set against test) of `predictor`'s
+    detector."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from mobiletune import runfolder
-    from mobiletune.evaluation import unknown
-
-    threshold = unknown.load(run / runfolder.UNKNOWN).threshold
-    test, _ = scored(run, data, "test")
+    threshold = predictor.detector.threshold
+    test, _ = scored(run, predictor, data, "test")
     row = {"kept": float(np.mean(test <= threshold)), "n_test": len(test)}
     for name, folder in others.items():
-        s, kinds = scored(run, folder)
+        s, kinds = scored(run, predictor, folder)
         if name == "synthetic":
             row.update({k: float(np.mean(s[kinds == k] > threshold)) for k in ("flat", "text", "noise")})
         else:
@@ -67,16 +88,21 @@ def measure(run: Path, data: Path, others: dict[str, Path]) -> dict[str, float]:
     return row
 
 
-def near_ood(root: Path, held: str, px: int, overrides: list[str], tmp: Path) -> float:
-    """AUROC of flowers_mini's `held` class against the test images of a model trained on the other four."""
+def near_ood(root: Path, held: str, px: int, overrides: list[str], tmp: Path) -> tuple[float, float]:
+    """AUROC of flowers_mini's `held` class against the test images of a model trained on the other four: (one
+    view, two views)."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
     run = train(root / "near" / held, px, overrides, tmp / f"near-{held}-{px}")
-    test, _ = scored(run, root / "near" / held, "test")
-    s, kinds = scored(run, unknown_sets.SHARED / "flowers_mini")
-    s = s[kinds == held]
-    return float(roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(s))], np.r_[test, s]))
+    aurocs = []
+    for views in (1, 2):
+        predictor = predictor_of(run, views)
+        test, _ = scored(run, predictor, root / "near" / held, "test")
+        s, kinds = scored(run, predictor, unknown_sets.SHARED / "flowers_mini")
+        s = s[kinds == held]
+        aurocs.append(float(roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(s))], np.r_[test, s])))
+    return tuple(aurocs)
 
 
 def train(data: Path, px: int, overrides: list[str], out: Path) -> Path:
@@ -110,16 +136,20 @@ def main() -> None:
                     data = args.root / known / str(n)
                     run = train(data, px, args.overrides, Path(tmp) / f"{known}-{n}-{px}")
                     others = {"other": args.root / OTHER[known], "synthetic": args.root / "synthetic"}
-                    rows.append({"known": known, "n": n, "px": px, **measure(run, data, others)})
+                    for views in (1, 2):
+                        rows.append({"known": known, "n": n, "px": px, "views": views,
+                                     **measure(run, predictor_of(run, views), data, others)})
+                    print(rows[-2:], flush=True)
         near = {(held, px): near_ood(args.root, held, px, args.overrides, Path(tmp))
                 for held in args.near for px in args.px[1:2] or args.px}
-    print("\n| known | per class | px | test kept | other set flagged | AUROC | flat | text | noise |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| known | per class | px | views | test kept | other set flagged | AUROC | flat | text | noise |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['known']} | {r['n']} | {r['px']} | {r['kept']:.0%} ({r['n_test']}) | {r['flagged']:.0%} "
-              f"({r['n_other']}) | {r['auroc']:.3f} | {r['flat']:.0%} | {r['text']:.0%} | {r['noise']:.0%} |")
-    for (held, px), auroc in near.items():
-        print(f"near-OOD: flowers_mini without {held}, {px} px: AUROC {auroc:.3f}")
+        print(f"| {r['known']} | {r['n']} | {r['px']} | {r['views']} | {r['kept']:.0%} ({r['n_test']}) | "
+              f"{r['flagged']:.0%} ({r['n_other']}) | {r['auroc']:.3f} | {r['flat']:.0%} | {r['text']:.0%} | "
+              f"{r['noise']:.0%} |")
+    for (held, px), (one, two) in near.items():
+        print(f"near-OOD: flowers_mini without {held}, {px} px: AUROC {one:.3f} one view, {two:.3f} two views")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The unknown-input scores and detector: synthetic features where the answer is known, then a real run."""
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +61,7 @@ def test_a_run_carries_its_detector_and_predict_says_unknown(tiny_run, tmp_path)
     assert found["score"] == "knn" and found["validation_kept"] >= 0.95 and 0 <= found["test_kept"] <= 1
     image = CATS_DOGS / "train" / "cats" / "cat.10.jpg"
     scored = json.loads(runner.invoke(app, ["predict", str(run), str(image), "--format", "json"]).stdout)
-    assert scored["unknown_score"] >= 0 and scored["unknown"] == (scored["unknown_score"] > found["threshold"])
+    assert np.isfinite(scored["unknown_score"]) and scored["unknown"] == (scored["unknown_score"] > found["threshold"])
     plain = json.loads(runner.invoke(app, ["predict", str(run), str(image), "--format", "json",
                                            "--no-unknown"]).stdout)
     assert "unknown" not in plain and plain["top"] == scored["top"]
@@ -68,10 +70,10 @@ def test_a_run_carries_its_detector_and_predict_says_unknown(tiny_run, tmp_path)
     strict = tmp_path / "run"
     shutil.copytree(run, strict)
     detector = unknown.load(strict / runfolder.UNKNOWN)
-    unknown.UnknownDetector(detector.score, -1.0, 0.0, detector.k, detector.reference).save(strict / runfolder.UNKNOWN)
+    dataclasses.replace(detector, threshold=-1000.0, validation_kept=0.0).save(strict / runfolder.UNKNOWN)
     table = runner.invoke(app, ["predict", str(strict), str(image)])
     assert table.exit_code == 0 and "\tunknown (score " in table.stdout
-    assert "> -1.000; nearest: cats" in table.stdout or "> -1.000; nearest: dogs" in table.stdout
+    assert "> -1000.000; nearest: cats" in table.stdout or "> -1000.000; nearest: dogs" in table.stdout
     csv = runner.invoke(app, ["predict", str(strict), str(image), "--format", "csv"]).stdout.splitlines()
     assert csv[0].startswith("path,unknown,unknown_score,class1") and csv[1].split(",")[1] == "True"
 
@@ -101,7 +103,6 @@ def test_a_cats_and_dogs_model_flags_flowers_and_keeps_its_own_test_photos(learn
 def test_a_run_references_its_training_images_unaugmented(learned_run):
     """The stored reference is the training images' features as a test image's are computed (no flip, no
     rotation): an augmented view sits farther from any unseen photo and blurs the score."""
-    import keras
 
     from mobiletune.config import load_config
     from mobiletune.data import folders
@@ -113,19 +114,21 @@ def test_a_run_references_its_training_images_unaugmented(learned_run):
     config = load_config(run / "config.yaml")
     classifier = Classifier(load_model(run / runfolder.MODEL))
     images = folders.load_images(run.parent / "data", config.data)
-    pooled = keras.Model(classifier.model.input, classifier.pool.output)
-    plain = np.concatenate([np.asarray(pooled.predict_on_batch(x)) for x, _ in
+    detector = unknown.load(run / runfolder.UNKNOWN)
+    assert detector.views == () and detector.widths == ()  # at 128 px the last view alone (4x4 maps)
+    scoring = classifier.scoring_model(detector.views)
+    plain = np.concatenate([np.asarray(scoring.predict_on_batch(x)[0]) for x, _ in
                             eval_batches(images, config.data.image_size, 32, "train")])
-    reference = unknown.load(run / runfolder.UNKNOWN).reference
-    assert reference.shape == plain.shape
-    cosine = np.sum(reference * convention.unit_rows(plain), axis=1)
-    assert cosine.min() > 0.999  # the augmented views' own cosines to these are ~0.9
+    assert detector.reference.shape == plain.shape
+    for reference, view in zip(unknown.split_views(detector.reference, detector.widths),
+                               unknown.split_views(plain, detector.widths), strict=True):
+        cosine = np.sum(reference * convention.unit_rows(view), axis=1)
+        assert cosine.min() > 0.999  # the augmented views' own cosines to these are ~0.9
 
 
 def test_a_large_run_embeds_only_the_reference_sample(learned_run, monkeypatch):
     """Above REFERENCE_LIMIT training images, only the sampled ones are embedded, and the detector is the one
     fitted on all of them and sampled after."""
-    import keras
 
     from mobiletune.config import load_config
     from mobiletune.data import folders
@@ -136,7 +139,7 @@ def test_a_large_run_embeds_only_the_reference_sample(learned_run, monkeypatch):
     config = load_config(run / "config.yaml")
     classifier = Classifier(load_model(run / runfolder.MODEL))
     images = folders.load_images(run.parent / "data", config.data)
-    whole = keras.Model(classifier.model.input, [classifier.pool.output, classifier.model.output])
+    whole = classifier.scoring_model()  # at 128 px the last view alone
     embedded = {split: [np.concatenate(a) for a in zip(*((np.asarray(p), np.asarray(z)) for p, z in (
         whole.predict_on_batch(x) for x, _ in eval_batches(images, config.data.image_size, 32, split))), strict=True)]
         for split in ("train", "validation")}
@@ -148,7 +151,59 @@ def test_a_large_run_embeds_only_the_reference_sample(learned_run, monkeypatch):
     assert given == [17]
     p = config.predict
     expected = fit(p.unknown_score, embedded["train"][0], *embedded["validation"], keep=p.keep, k=p.knn_k,
-                           seed=config.data.seed)
+                   seed=config.data.seed, views=detector.views, widths=detector.widths)
     assert len(detector.reference) == 17 and len(embedded["train"][0]) == len(images.indices("train")) > 17
     assert np.allclose(detector.reference, expected.reference, atol=2e-3)
     assert detector.threshold == pytest.approx(expected.threshold, abs=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# At 96 px: the second view
+
+
+@pytest.fixture(scope="module")
+def run_at_96(tmp_path_factory):
+    """The learned run's recipe and photos at 96 px, where the base's last map is 3x3."""
+    from conftest import LEARNED, _finished_run
+
+    overrides = [o for o in LEARNED if not o.startswith("data.image_size")] + ["data.image_size=96"]
+    return _finished_run(tmp_path_factory, "run_at_96", {"train": ("train", 30, 0), "validation": ("validation", 20, 0),
+                                                         "test": ("validation", 20, 100)}, overrides).workdir
+
+
+def _unknowns(predictor, paths) -> tuple[np.ndarray, np.ndarray]:
+    from mobiletune.ship.predict import predict_paths
+
+    got = {p.path: p for p in predict_paths(predictor, [str(p) for p in paths])}
+    return (np.array([got[str(p)].unknown for p in paths]), np.array([got[str(p)].unknown_score for p in paths]))
+
+
+def test_at_96_px_the_score_reads_block_14_and_calls_flowers_unknown(run_at_96):
+    """The pooled 3x3 maps let half of the flowers through as cats or dogs (measured: 50-57%); with block 14's view
+    beside them the run calls most flowers unknown and keeps most of its own test images."""
+    from conftest import FLOWERS
+    from mobiletune.ship.predict import load_predictor
+
+    detector = unknown.load(run_at_96 / runfolder.UNKNOWN)
+    assert detector.views == unknown.VIEWS and detector.widths == (960, 1280)
+    assert len(detector.centre) == len(detector.spread) == 2
+    predictor = load_predictor(run_at_96)
+    flowers = [p for d in sorted(FLOWERS.iterdir()) for p in sorted(d.iterdir())[:8]]
+    test = sorted((run_at_96.parent / "data" / "test").rglob("*.jpg"))
+    assert np.mean(_unknowns(predictor, flowers)[0]) >= 0.85
+    assert np.mean(~_unknowns(predictor, test)[0]) >= 0.8
+
+
+def test_at_96_px_the_tflite_head_scores_as_the_run(run_at_96, tmp_path):
+    """The exported graph computes both views, their deviations and the larger, as `predict RUN` does."""
+    from conftest import FLOWERS
+    from mobiletune.ship.export import FILE_NAMES, export_run
+    from mobiletune.ship.predict import load_predictor
+
+    result = export_run(run_at_96, ["tflite"], tmp_path / "export", max_drop=5)
+    images = sorted((run_at_96.parent / "data" / "test").rglob("*.jpg"))[::2] + [
+        p for d in sorted(FLOWERS.iterdir()) for p in sorted(d.iterdir())[:4]]
+    run_flags, run_scores = _unknowns(load_predictor(run_at_96), images)
+    file_flags, file_scores = _unknowns(load_predictor(Path(result["out"]) / FILE_NAMES["tflite"]), images)
+    assert np.allclose(file_scores, run_scores, atol=0.05, rtol=1e-3)
+    assert np.mean(file_flags == run_flags) >= 0.97 and run_flags.any() and not run_flags.all()

@@ -31,16 +31,17 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     images = data.load_test_images(run, data_dir, config.data)
     test = pixels.eval_batches(images, config.data.image_size, config.data.batch_size)
     before = probabilities(predict_logits(load_model(run / runfolder.MODEL_BEFORE), test)[0])
-    # the fine-tuned model's one pass gives its logits and the pooled features its unknown score reads
-    pooled, logits = unknown.embed(Classifier(load_model(run / runfolder.MODEL)), images, ("test",), config)["test"]
+    detector, scores = unknown.load(run / runfolder.UNKNOWN), None
+    # the fine-tuned model's one pass gives its logits and the features its unknown score reads
+    features, logits = unknown.embed(Classifier(load_model(run / runfolder.MODEL)), images, ("test",), config,
+                                     views=detector.views if detector else ())["test"]
     after = probabilities(logits)
     block = compare_stages(before, after, images.labels, images.classes)
     if data_dir is not None:
         metrics.update(data_dir=str(Path(data_dir).resolve()), n_images={"test": len(images.labels)})
     metrics.update(block)
-    detector, scores = unknown.load(run / runfolder.UNKNOWN), None
     if detector is not None:
-        scores = detector.scores(pooled, logits)
+        scores = detector.scores(features, logits)
         metrics["unknown"] = detector.summary(scores)
     write_predictions(run / runfolder.PREDICTIONS, images.paths, images.labels, images.classes, before, after,
                       scores)

@@ -84,6 +84,11 @@ class Classifier:
         return 2 if self.binary else self.logits.units
 
     @property
+    def pool_width(self) -> int:
+        """Channels of the pooled base output."""
+        return int(self.base.output.shape[-1])
+
+    @property
     def augmenting(self) -> bool:
         return bool(self.augment.layers)
 
@@ -114,19 +119,44 @@ class Classifier:
         else:
             self.unfreeze_from(config.phase2.fine_tune_at, config.model.bn_mode)
 
-    def serving_model(self, scoring: bool = False) -> keras.Model:
+    def viewed(self, x, views: tuple[str, ...] = ()) -> tuple:
+        """Rescaled pixels -> (pooled base output, the unknown-input score's features): the pooled output of each
+        base layer named in `views`, then the pooled base output, side by side (`views` empty: the pooled output)."""
+        if not views:
+            pooled = self.pool(self.base(x))
+            return pooled, pooled
+        base = self.base
+        *middle, last = keras.Model(base.input, [*(base.get_layer(v).output for v in views), base.output])(x)
+        pooled = self.pool(last)
+        return pooled, pooled_side_by_side(middle, pooled)
+
+    def scoring_model(self, views: tuple[str, ...] = ()) -> keras.Model:
+        """Pixels 0-255 -> [the unknown-input score's features (`viewed`), logits as the training model has them],
+        unaugmented and without dropout."""
+        inputs = keras.Input(self.model.input_shape[1:], name=self.INPUT)
+        pooled, features = self.viewed(self.rescale(inputs), views)
+        return keras.Model(inputs, [features, self.logits(pooled)], name="mobiletune_scoring")
+
+    def serving_model(self, scoring: bool = False, views: tuple[str, ...] = ()) -> keras.Model:
         """Pixels 0-255 -> probabilities [n, classes], from the trained layers: no augmentation, no dropout. A
         binary model's logit layer becomes Dense(2) with logits (0, z) (`convention.two_logits`), so every
-        export has the same output. `scoring`: also the logits and pooled features, for the unknown-input score.
+        export has the same output. `scoring`: also the logits and the features of the unknown-input score
+        (`viewed`).
         """
         kernel, bias = (convention.two_logits(w) for w in self.logits.get_weights())
         inputs = keras.Input(self.model.input_shape[1:], name=self.INPUT)
-        pooled = self.pool(self.base(self.rescale(inputs)))
+        pooled, features = self.viewed(self.rescale(inputs), views)
         dense = keras.layers.Dense(kernel.shape[1], name=self.LOGITS)
         logits = dense(pooled)
         dense.set_weights([kernel, bias])
         outputs = keras.layers.Softmax(name="probabilities")(logits)
-        return keras.Model(inputs, [outputs, logits, pooled] if scoring else outputs, name="mobiletune_serving")
+        return keras.Model(inputs, [outputs, logits, features] if scoring else outputs, name="mobiletune_serving")
+
+
+def pooled_side_by_side(middle: list, pooled):
+    """The global averages of the `middle` feature maps, then `pooled` (the pooled base output the head reads),
+    side by side [n, their channels]."""
+    return keras.layers.Concatenate(axis=-1)([*(keras.layers.GlobalAveragePooling2D()(m) for m in middle), pooled])
 
 
 def create_model(config: Config, num_classes: int, base: keras.Model | None = None) -> Classifier:

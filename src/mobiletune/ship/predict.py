@@ -53,7 +53,7 @@ class KerasPredictor(Predictor):
         self.classes, self.size = classes, model.input_shape[1]
         self.detector = None if served else detector  # a served export has no features output
         if self.detector is not None:  # one pass also gives what the detector scores
-            self.scoring = Classifier(model).serving_model(scoring=True)
+            self.scoring = Classifier(model).serving_model(scoring=True, views=self.detector.views)
             self.unknown_threshold = self.detector.threshold
 
     def predict(self, pixels):
@@ -62,8 +62,8 @@ class KerasPredictor(Predictor):
     def scored(self, pixels):
         if self.detector is None:
             return self.predict(pixels), None
-        probs, logits, pooled = (np.asarray(t) for t in self.scoring.predict_on_batch(pixels.astype(np.float32)))
-        return probs, self.detector.scores(pooled, logits)
+        probs, logits, features = (np.asarray(t) for t in self.scoring.predict_on_batch(pixels.astype(np.float32)))
+        return probs, self.detector.scores(features, logits)
 
 
 class SavedModelPredictor(Predictor):
