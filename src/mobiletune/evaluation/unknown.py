@@ -82,7 +82,7 @@ class UnknownDetector:
     k: int
     reference: np.ndarray | None  # the training images' features [n, channels], each view unit-length (knn only)
     views: tuple[str, ...] = ()  # base layers whose pooled outputs precede the pooled base output in the features
-    widths: tuple[int, ...] = ()  # channels of each view, the pooled base output last; () for one view, as made
+    widths: tuple[int, ...] = ()  # channels of each view, the pooled base output last; (): one view, raw distances
     centre: tuple[float, ...] = ()  # each view's median in-distribution knn distance ...
     spread: tuple[float, ...] = ()  # ... and its median absolute deviation: the views' distances made comparable
 
@@ -101,7 +101,7 @@ class UnknownDetector:
     def summary(self, test_scores: np.ndarray) -> dict[str, Any]:
         """metrics.json["unknown"]: the score, its threshold, and the share of validation and test images kept."""
         return {"score": self.score, "threshold": self.threshold, "validation_kept": self.validation_kept,
-                **({"k": self.k} if self.score == "knn" else {}),
+                **({"k": self.k} if self.score == "knn" else {}), **({"views": list(self.views)} if self.views else {}),
                 "test_kept": float(np.mean(test_scores <= self.threshold))}
 
     def save(self, path: Path) -> None:
@@ -173,9 +173,9 @@ def fit(score: str, train_features: np.ndarray, val_features: np.ndarray, val_lo
         pairs = [(np.zeros(0), val) for _, val in pairs]
     centre, spread = (), ()
     if views:
-        pooled = [np.concatenate(pair) for pair in pairs]
-        centre = tuple(float(np.median(d)) for d in pooled)
-        spread = tuple(max(float(np.median(np.abs(d - c))), 1e-6) for d, c in zip(pooled, centre, strict=True))
+        seen = [np.concatenate(pair) for pair in pairs]  # each view's in-distribution distances
+        centre = tuple(float(np.median(d)) for d in seen)
+        spread = tuple(max(float(np.median(np.abs(d - c))), 1e-6) for d, c in zip(seen, centre, strict=True))
         pairs = [tuple((d - c) / m for d in pair) for pair, c, m in zip(pairs, centre, spread, strict=True)]
     inside, val = (np.max(np.stack(side), axis=0) for side in zip(*pairs, strict=True))
     threshold = float(np.quantile(np.concatenate([inside, val]), keep, method="higher"))
