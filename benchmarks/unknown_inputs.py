@@ -8,7 +8,7 @@ known set, size and image size trains the default recipe (`train_and_evaluate`, 
 --set overrides, e.g. phase2.epochs=2 for the 1000-a-class cells, are printed with the table) and scores from
 pixels with the library's predictor, as `mobiletune predict RUN` does: the model's own test images (kept),
 every image of the other set and 90 synthetic images (flat colours, text screenshots, noise; flagged), with
-the detector refitted on the run's images with one view (the pooled base output) and with two (block 14's
+the detector refitted on the run's images with one layer (the pooled base output) and with two (block 14's
 beside it); a run stores the second where its base's last map is 3x3 or smaller (96 px and below). Near-OOD:
 trained on flowers_mini without one class (at the second --px), AUROC of that class against the test images.
 Cats-vs-dogs models are also scored on 400 further unseen cats and dogs ("further kept").
@@ -36,9 +36,9 @@ OTHER = {"cats_dogs": "flowers_all", "flowers": "cats_dogs_other"}
 FURTHER = {"cats_dogs": "cats_dogs_other"}
 
 
-def predictor_of(run: Path, views: int):
-    """The run's model with its detector refitted on `views` views, on the same run and images: 1, the pooled base
-    output alone; 2, block 14's pooled output beside it (`unknown.VIEWS`), at any size. The run itself uses 2 where
+def predictor_of(run: Path, layers: int):
+    """The run's model with its detector refitted on `layers` layers, on the same run and images: 1, the pooled base
+    output alone; 2, block 14's pooled output beside it (`unknown.LAYERS`), at any size. The run itself uses 2 where
     the base's last map is at most `unknown.SMALL_MAP` a side (96 px and below), as `mobiletune predict RUN`."""
     from mobiletune import runfolder
     from mobiletune.config import load_config
@@ -50,12 +50,12 @@ def predictor_of(run: Path, views: int):
     config = load_config(run / runfolder.CONFIG)
     classifier = Classifier(load_model(run / runfolder.MODEL))
     images = folders.load_images(Path(runfolder.read_metrics(run)["data_dir"]), config.data)
-    saved = unknown.VIEWS, unknown.SMALL_MAP
-    unknown.VIEWS, unknown.SMALL_MAP = (saved[0], 10**6) if views == 2 else ((), 0)
+    saved = unknown.LAYERS, unknown.SMALL_MAP
+    unknown.LAYERS, unknown.SMALL_MAP = (saved[0], 10**6) if layers == 2 else ((), 0)
     try:
         detector, _ = unknown.fit_run(classifier, images, config)
     finally:
-        unknown.VIEWS, unknown.SMALL_MAP = saved
+        unknown.LAYERS, unknown.SMALL_MAP = saved
     return KerasPredictor(classifier.model, images.classes, detector)
 
 
@@ -96,14 +96,14 @@ def measure(run: Path, predictor, data: Path, others: dict[str, Path]) -> dict[s
 
 def near_ood(root: Path, held: str, px: int, overrides: list[str], tmp: Path) -> tuple[float, float]:
     """AUROC of flowers_mini's `held` class against the test images of a model trained on the other four: (one
-    view, two views)."""
+    layer, two layers)."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
     run = train(root / "near" / held, px, overrides, tmp / f"near-{held}-{px}")
     aurocs = []
-    for views in (1, 2):
-        predictor = predictor_of(run, views)
+    for layers in (1, 2):
+        predictor = predictor_of(run, layers)
         test, _ = scored(run, predictor, root / "near" / held, "test")
         s, kinds = scored(run, predictor, unknown_sets.SHARED / "flowers_mini")
         s = s[kinds == held]
@@ -143,22 +143,22 @@ def main() -> None:
                     run = train(data, px, args.overrides, Path(tmp) / f"{known}-{n}-{px}")
                     others = {"other": args.root / OTHER[known], "synthetic": args.root / "synthetic",
                               **({"further": args.root / FURTHER[known]} if known in FURTHER else {})}
-                    for views in (1, 2):
-                        rows.append({"known": known, "n": n, "px": px, "views": views,
-                                     **measure(run, predictor_of(run, views), data, others)})
+                    for layers in (1, 2):
+                        rows.append({"known": known, "n": n, "px": px, "layers": layers,
+                                     **measure(run, predictor_of(run, layers), data, others)})
                     print(rows[-2:], flush=True)
         near = {(held, px): near_ood(args.root, held, px, args.overrides, Path(tmp))
                 for held in args.near for px in args.px[1:2] or args.px}
-    print("\n| known | per class | px | views | test kept | further kept | other set flagged | AUROC | flat | text "
+    print("\n| known | per class | px | layers | test kept | further kept | other set flagged | AUROC | flat | text "
           "| noise |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         further = f"{r['further_kept']:.1%} ({r['n_further']})" if "further_kept" in r else "-"
-        print(f"| {r['known']} | {r['n']} | {r['px']} | {r['views']} | {r['kept']:.0%} ({r['n_test']}) | {further} | "
+        print(f"| {r['known']} | {r['n']} | {r['px']} | {r['layers']} | {r['kept']:.0%} ({r['n_test']}) | {further} | "
               f"{r['flagged']:.0%} ({r['n_other']}) | {r['auroc']:.3f} | {r['flat']:.0%} | {r['text']:.0%} | "
               f"{r['noise']:.0%} |")
     for (held, px), (one, two) in near.items():
-        print(f"near-OOD: flowers_mini without {held}, {px} px: AUROC {one:.3f} one view, {two:.3f} two views")
+        print(f"near-OOD: flowers_mini without {held}, {px} px: AUROC {one:.3f} one layer, {two:.3f} two layers")
 
 
 if __name__ == "__main__":

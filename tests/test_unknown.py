@@ -100,65 +100,38 @@ def test_a_cats_and_dogs_model_flags_flowers_and_keeps_its_own_test_photos(learn
     assert all(p.unknown == (p.unknown_score > detector.threshold) for p in flowers + own)
 
 
-def test_a_run_references_its_training_images_unaugmented(learned_run):
-    """The stored reference is the training images' features as a test image's are computed (no flip, no
-    rotation): an augmented view sits farther from any unseen photo and blurs the score."""
-
+def _reference_is_plain(run: Path) -> None:
+    """The stored reference (from the feature cache, through the layers above the cut) is each layer's features of
+    the training images as a test image's are computed from pixels (no flip, no rotation)."""
     from mobiletune.config import load_config
     from mobiletune.data import folders
     from mobiletune.data.pixels import eval_batches
     from mobiletune.model import convention
     from mobiletune.model.network import Classifier, load_model
 
-    run = learned_run.workdir
     config = load_config(run / "config.yaml")
     classifier = Classifier(load_model(run / runfolder.MODEL))
     images = folders.load_images(run.parent / "data", config.data)
     detector = unknown.load(run / runfolder.UNKNOWN)
-    assert detector.views == () and detector.widths == ()  # at 128 px the last view alone (4x4 maps)
-    scoring = classifier.scoring_model(detector.views)
+    scoring = classifier.scoring_model(detector.layers)
     plain = np.concatenate([np.asarray(scoring.predict_on_batch(x)[0]) for x, _ in
                             eval_batches(images, config.data.image_size, 32, "train")])
     assert detector.reference.shape == plain.shape
-    for reference, view in zip(unknown.split_views(detector.reference, detector.widths),
-                               unknown.split_views(plain, detector.widths), strict=True):
-        cosine = np.sum(reference * convention.unit_rows(view), axis=1)
+    for reference, layer in zip(unknown.split_layers(detector.reference, detector.widths),
+                                unknown.split_layers(plain, detector.widths), strict=True):
+        cosine = np.sum(reference * convention.unit_rows(layer), axis=1)
         assert cosine.min() > 0.999  # the augmented views' own cosines to these are ~0.9
 
 
-def test_a_large_run_embeds_only_the_reference_sample(learned_run, monkeypatch):
-    """Above REFERENCE_LIMIT training images, only the sampled ones are embedded, and the detector is the one
-    fitted on all of them and sampled after."""
-
-    from mobiletune.config import load_config
-    from mobiletune.data import folders
-    from mobiletune.data.pixels import eval_batches
-    from mobiletune.model.network import Classifier, load_model
-
-    run = learned_run.workdir
-    config = load_config(run / "config.yaml")
-    classifier = Classifier(load_model(run / runfolder.MODEL))
-    images = folders.load_images(run.parent / "data", config.data)
-    whole = classifier.scoring_model()  # at 128 px the last view alone
-    embedded = {split: [np.concatenate(a) for a in zip(*((np.asarray(p), np.asarray(z)) for p, z in (
-        whole.predict_on_batch(x) for x, _ in eval_batches(images, config.data.image_size, 32, split))), strict=True)]
-        for split in ("train", "validation")}
-    monkeypatch.setattr(unknown, "REFERENCE_LIMIT", 17)
-    fit, given = unknown.fit, []
-    monkeypatch.setattr(unknown, "fit", lambda score, train, *a, **kw: given.append(len(train)) or fit(score, train,
-                                                                                                         *a, **kw))
-    detector, _ = unknown.fit_run(classifier, images, config)
-    assert given == [17]
-    p = config.predict
-    expected = fit(p.unknown_score, embedded["train"][0], *embedded["validation"], keep=p.keep, k=p.knn_k,
-                   seed=config.data.seed, views=detector.views, widths=detector.widths)
-    assert len(detector.reference) == 17 and len(embedded["train"][0]) == len(images.indices("train")) > 17
-    assert np.allclose(detector.reference, expected.reference, atol=2e-3)
-    assert detector.threshold == pytest.approx(expected.threshold, abs=2e-3)
+def test_a_run_references_its_training_images_unaugmented(learned_run):
+    """An augmented view sits farther from any unseen photo and blurs the score: the reference is plain."""
+    detector = unknown.load(learned_run.workdir / runfolder.UNKNOWN)
+    assert detector.layers == () and detector.widths == ()  # at 128 px the pooled base output alone (4x4 maps)
+    _reference_is_plain(learned_run.workdir)
 
 
 # ---------------------------------------------------------------------------------------------
-# At 96 px: the second view
+# At 96 px: the second layer
 
 
 @pytest.fixture(scope="module")
@@ -179,31 +152,49 @@ def _unknowns(predictor, paths) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_at_96_px_the_score_reads_block_14_and_calls_flowers_unknown(run_at_96):
-    """The pooled 3x3 maps let half of the flowers through as cats or dogs (measured: 50-57%); with block 14's view
+    """The pooled 3x3 maps let half of the flowers through as cats or dogs (measured: 50-57%); with block 14's layer
     beside them the run calls most flowers unknown and keeps most of its own test images."""
     from conftest import FLOWERS
     from mobiletune.ship.predict import load_predictor
 
     detector = unknown.load(run_at_96 / runfolder.UNKNOWN)
-    assert detector.views == unknown.VIEWS and detector.widths == (960, 1280)
+    assert detector.layers == unknown.LAYERS and detector.widths == (960, 1280)
     assert len(detector.centre) == len(detector.spread) == 2
     predictor = load_predictor(run_at_96)
     flowers = [p for d in sorted(FLOWERS.iterdir()) for p in sorted(d.iterdir())[:8]]
     test = sorted((run_at_96.parent / "data" / "test").rglob("*.jpg"))
     assert np.mean(_unknowns(predictor, flowers)[0]) >= 0.85
     assert np.mean(~_unknowns(predictor, test)[0]) >= 0.8
+    _reference_is_plain(run_at_96)  # block 14 from the cache's boundary activations, as from pixels
 
 
-def test_at_96_px_the_tflite_head_scores_as_the_run(run_at_96, tmp_path):
-    """The exported graph computes both views, their deviations and the larger, as `predict RUN` does."""
+def test_a_middle_layer_below_the_cut_comes_from_pixels():
+    """Block 14 lies above the default cut (100), where the cached boundary activations reach it; a cut above it
+    (fine_tune_at 130) makes `embed` compute the features from pixels."""
+    import keras
+
+    from mobiletune.model import cut
+
+    base = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False, weights=None)
+    assert cut.above_cut(base, 100, unknown.LAYERS) and cut.above_cut(base, 100, ())
+    assert not cut.above_cut(base, 130, unknown.LAYERS) and cut.above_cut(base, 130, ())
+
+
+def test_at_96_px_the_tflite_heads_score_as_the_run(run_at_96, tmp_path):
+    """The exported graphs compute both layers, their deviations and the larger, as `predict RUN` does; the int8
+    file too, whose stranger inputs must not be clamped to the least typical training image's score."""
     from conftest import FLOWERS
     from mobiletune.ship.export import FILE_NAMES, export_run
     from mobiletune.ship.predict import load_predictor
 
-    result = export_run(run_at_96, ["tflite"], tmp_path / "export", max_drop=5)
+    result = export_run(run_at_96, ["tflite", "tflite-int8"], tmp_path / "export", max_drop=10)
     images = sorted((run_at_96.parent / "data" / "test").rglob("*.jpg"))[::2] + [
         p for d in sorted(FLOWERS.iterdir()) for p in sorted(d.iterdir())[:4]]
     run_flags, run_scores = _unknowns(load_predictor(run_at_96), images)
+    assert run_flags.any() and not run_flags.all()
     file_flags, file_scores = _unknowns(load_predictor(Path(result["out"]) / FILE_NAMES["tflite"]), images)
     assert np.allclose(file_scores, run_scores, atol=0.05, rtol=1e-3)
-    assert np.mean(file_flags == run_flags) >= 0.97 and run_flags.any() and not run_flags.all()
+    assert np.mean(file_flags == run_flags) >= 0.97
+    int8_flags, int8_scores = _unknowns(load_predictor(Path(result["out"]) / FILE_NAMES["tflite-int8"]), images)
+    assert np.mean(int8_flags == run_flags) >= 0.85  # the floor test_clients sets for int8
+    assert int8_scores.max() > 2 * float(unknown.load(run_at_96 / runfolder.UNKNOWN).threshold)

@@ -34,7 +34,7 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
     detector, scores = unknown.load(run / runfolder.UNKNOWN), None
     # the fine-tuned model's one pass gives its logits and the features its unknown score reads
     features, logits = unknown.embed(Classifier(load_model(run / runfolder.MODEL)), images, ("test",), config,
-                                     views=detector.views if detector else ())["test"]
+                                     layers=detector.layers if detector else ())["test"]
     after = probabilities(logits)
     block = compare_stages(before, after, images.labels, images.classes)
     if data_dir is not None:

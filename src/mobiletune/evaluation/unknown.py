@@ -6,8 +6,9 @@ shares all belief among the classes it knows. Three scores, each higher for stra
 - "energy": -logsumexp(logits) (Liu et al., 2020); a binary model's one logit z is the pair (0, z);
 - "knn": the cosine distance from an input's pooled base features to those of its k-th nearest
   training image (Sun et al., 2022). It needs the training features (`unknown.npz` in the run). At small
-  image sizes it reads a second view of the network (`VIEWS`), the pooled output of a middle layer; each view's
-  distance is then put in robust deviations from its in-distribution median, and the score is the larger.
+  image sizes it also reads the pooled output of a middle layer of the base (`LAYERS`), with its own reference;
+  each layer's distance is then put in robust deviations from its in-distribution median, and the score is the
+  larger.
 The threshold is the `predict.keep` quantile of in-distribution scores, whatever the score's scale:
 the validation images', and for knn also each training image's leave-one-out score (its distance to
 the k-th nearest *other* training image). A small set's few validation images alone make a noisy
@@ -31,11 +32,12 @@ from mobiletune.model import convention
 __all__ = ["UnknownDetector", "fit", "load", "scores"]
 
 # The middle layer the knn score reads beside the pooled base output where the base's last map is at most
-# SMALL_MAP a side (96 px and below): block 14's expanded features (960 channels at alpha 1, at 1/16 of the input's
-# size). At 96 px the pooled 3x3 maps tell cats and dogs from flowers at AUROC 0.73-0.82 and let text screenshots
-# through; with block 14 beside them 0.99 and every synthetic image flagged. From 128 px the last view alone flags
-# 96-100% at 96-98% kept, and block 14 only costs kept test images, 4-7 points (docs/unknown-inputs.md).
-VIEWS = ("block_14_expand_relu",)
+# SMALL_MAP a side (96 px and below): block 14's expansion (960 channels at alpha 1; 3x3 at 96 px like the last map,
+# but two blocks and the 1x1 Conv_1 before the features the head was tuned on). At 96 px the pooled base output
+# tells cats and dogs from flowers at AUROC 0.73-0.87 and lets text screenshots through; with block 14 beside it
+# 0.98-0.99 and every synthetic image flagged. From 128 px the pooled base output alone flags 90-100% at 92-98%
+# kept, and block 14 costs 4-10 points of kept test images (docs/unknown-inputs.md).
+LAYERS = ("block_14_expand_relu",)
 SMALL_MAP = 3
 REFERENCE_LIMIT = 20_000  # training images kept for knn: distances to 20k rows stay a few ms per image
 LOO_LIMIT = 2_000  # training images scored leave-one-out for the threshold: plenty for a 0.95 quantile
@@ -80,28 +82,29 @@ class UnknownDetector:
     threshold: float
     validation_kept: float  # share of validation images at or under the threshold
     k: int
-    reference: np.ndarray | None  # the training images' features [n, channels], each view unit-length (knn only)
-    views: tuple[str, ...] = ()  # base layers whose pooled outputs precede the pooled base output in the features
-    widths: tuple[int, ...] = ()  # channels of each view, the pooled base output last; (): one view, raw distances
-    centre: tuple[float, ...] = ()  # each view's median in-distribution knn distance ...
-    spread: tuple[float, ...] = ()  # ... and its median absolute deviation: the views' distances made comparable
+    reference: np.ndarray | None  # the training images' features [n, channels], each layer unit-length (knn only)
+    layers: tuple[str, ...] = ()  # base layers whose pooled outputs precede the pooled base output in the features
+    widths: tuple[int, ...] = ()  # channels of each layer, the pooled base output last; (): one layer, raw distances
+    centre: tuple[float, ...] = ()  # each layer's median in-distribution knn distance ...
+    spread: tuple[float, ...] = ()  # ... and its median absolute deviation: the layers' distances made comparable
 
     def scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """Scores of inputs with these features (`Classifier.viewed` of this detector's `views`) and logits."""
+        """Scores of inputs with these features (`Classifier.pooled_layers` of this detector's `layers`) and logits."""
         if self.score != "knn" or not self.widths:
             return scores(self.score, features, logits, self.reference, self.k)
         return np.max(self.deviations(features), axis=0)
 
     def deviations(self, features: np.ndarray) -> np.ndarray:
-        """[views, n]: each view's knn distance in robust deviations from its in-distribution median."""
-        parts = zip(split_views(features, self.widths), split_views(self.reference, self.widths), strict=True)
+        """[layers, n]: each layer's knn distance in robust deviations from its in-distribution median."""
+        parts = zip(split_layers(features, self.widths), split_layers(self.reference, self.widths), strict=True)
         return np.stack([(knn(f, r, self.k) - c) / s for (f, r), c, s in zip(parts, self.centre, self.spread,
                                                                              strict=True)])
 
     def summary(self, test_scores: np.ndarray) -> dict[str, Any]:
         """metrics.json["unknown"]: the score, its threshold, and the share of validation and test images kept."""
         return {"score": self.score, "threshold": self.threshold, "validation_kept": self.validation_kept,
-                **({"k": self.k} if self.score == "knn" else {}), **({"views": list(self.views)} if self.views else {}),
+                **({"k": self.k} if self.score == "knn" else {}),
+                **({"layers": list(self.layers)} if self.layers else {}),
                 "test_kept": float(np.mean(test_scores <= self.threshold))}
 
     def save(self, path: Path) -> None:
@@ -112,7 +115,7 @@ class UnknownDetector:
         reference = np.zeros((0, 0)) if self.reference is None else self.reference
         buffer = io.BytesIO()  # float16 rows: half the file, distances equal to ~1e-3
         np.savez(buffer, score=self.score, threshold=self.threshold, validation_kept=self.validation_kept, k=self.k,
-                 reference=reference.astype(np.float16), views=np.array(self.views, dtype=str),
+                 reference=reference.astype(np.float16), layers=np.array(self.layers, dtype=str),
                  widths=np.array(self.widths, dtype=np.int64), centre=np.array(self.centre, dtype=np.float64),
                  spread=np.array(self.spread, dtype=np.float64))
         atomic_write_bytes(path, buffer.getvalue())
@@ -151,40 +154,41 @@ def _copies_inside(inside: np.ndarray, val: np.ndarray) -> bool:
 
 
 def fit(score: str, train_features: np.ndarray, val_features: np.ndarray, val_logits: np.ndarray, *, keep: float,
-        k: int, seed: int = 0, views: tuple[str, ...] = (), widths: tuple[int, ...] = ()) -> UnknownDetector:
+        k: int, seed: int = 0, layers: tuple[str, ...] = (), widths: tuple[int, ...] = ()) -> UnknownDetector:
     """The detector whose threshold accepts `keep` of the in-distribution scores: the validation images', and
     for knn also the training images' leave-one-out scores (`train_features` should be unaugmented: a test image
     is, and augmented references sit farther from it, which blurred 96-160 px detectors: docs/unknown-inputs.md).
-    knn with `views` (the features hold their pooled outputs and the pooled base output, `widths` channels each):
-    each view's distances are put in robust deviations from their in-distribution median, and the score is the
+    knn with `layers` (the features hold their pooled outputs and the pooled base output, `widths` channels each):
+    each layer's distances are put in robust deviations from their in-distribution median, and the score is the
     largest."""
     if score != "knn":
         val = scores(score, val_features, val_logits)
         threshold = float(np.quantile(val, keep, method="higher"))
         return UnknownDetector(score, threshold, float(np.mean(val <= threshold)), k, None)
-    widths = widths if views else ()
+    assert not layers or len(widths) == len(layers) + 1, (layers, widths)  # each layer's and the pooled output's
+    widths = widths if layers else ()
     rows = train_features[reference_rows(len(train_features), seed)]
-    # each view unit-length, as saved (float16), so the threshold holds after load
-    reference = np.concatenate([convention.unit_rows(r) for r in split_views(rows, widths)], axis=1)
+    # each layer unit-length, as saved (float16), so the threshold holds after load
+    reference = np.concatenate([convention.unit_rows(r) for r in split_layers(rows, widths)], axis=1)
     reference = reference.astype(np.float16).astype(np.float32)
     pairs = [(leave_one_out(r, k, seed), knn(v, r, k))
-             for r, v in zip(split_views(reference, widths), split_views(val_features, widths), strict=True)]
+             for r, v in zip(split_layers(reference, widths), split_layers(val_features, widths), strict=True)]
     if any(_copies_inside(inside, val) for inside, val in pairs):
         pairs = [(np.zeros(0), val) for _, val in pairs]
     centre, spread = (), ()
-    if views:
-        seen = [np.concatenate(pair) for pair in pairs]  # each view's in-distribution distances
+    if layers:
+        seen = [np.concatenate(pair) for pair in pairs]  # each layer's in-distribution distances
         centre = tuple(float(np.median(d)) for d in seen)
         spread = tuple(max(float(np.median(np.abs(d - c))), 1e-6) for d, c in zip(seen, centre, strict=True))
         pairs = [tuple((d - c) / m for d in pair) for pair, c, m in zip(pairs, centre, spread, strict=True)]
     inside, val = (np.max(np.stack(side), axis=0) for side in zip(*pairs, strict=True))
     threshold = float(np.quantile(np.concatenate([inside, val]), keep, method="higher"))
-    return UnknownDetector(score, threshold, float(np.mean(val <= threshold)), k, reference, views, widths, centre,
+    return UnknownDetector(score, threshold, float(np.mean(val <= threshold)), k, reference, layers, widths, centre,
                            spread)
 
 
-def split_views(features: np.ndarray, widths: tuple[int, ...]) -> list[np.ndarray]:
-    """`features` [n, sum(widths)] as one block per view (one block where `widths` is empty)."""
+def split_layers(features: np.ndarray, widths: tuple[int, ...]) -> list[np.ndarray]:
+    """`features` [n, sum(widths)] as one block per layer (one block where `widths` is empty)."""
     if not widths:
         return [features]
     assert features.shape[1] == sum(widths), (features.shape, widths)
@@ -197,11 +201,11 @@ def load(path: Path) -> UnknownDetector | None:
         return None
     with np.load(path) as f:
         reference = f["reference"].astype(np.float32)
-        # files made before the views hold one view and no deviations: they score as they did
-        views, widths, centre, spread = (tuple(f[key].tolist()) if key in f else ()
-                                         for key in ("views", "widths", "centre", "spread"))
+        # files made before the layers hold one layer and no deviations: they score as they did
+        layers, widths, centre, spread = (tuple(f[key].tolist()) if key in f else ()
+                                         for key in ("layers", "widths", "centre", "spread"))
         return UnknownDetector(str(f["score"]), float(f["threshold"]), float(f["validation_kept"]), int(f["k"]),
-                               reference if reference.size else None, views, widths, centre, spread)
+                               reference if reference.size else None, layers, widths, centre, spread)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,20 +214,20 @@ def load(path: Path) -> UnknownDetector | None:
 
 def embed(classifier, images, splits: tuple[str, ...], config, feats=None,
           rows: dict[str, np.ndarray] | None = None,
-          views: tuple[str, ...] = ()) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The unknown-input score's features (`Classifier.viewed` of `views`: the pooled base output alone where
+          layers: tuple[str, ...] = ()) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The unknown-input score's features (`Classifier.pooled_layers` of `layers`: the pooled base output alone where
     empty) and logits of each split's images (or of those at `rows[split]`, positions within the split) under the
     trained `classifier` (`network.Classifier`), unaugmented: from the cached boundary activations where there are
-    some and the views lie above the cut (the layers below stay frozen, so they still hold: 0.127 of 0.306 GFLOP
+    some and the layers lie above the cut (the layers below stay frozen, so they still hold: 0.127 of 0.306 GFLOP
     an image), else from pixels."""
     from mobiletune.data import pixels
     from mobiletune.features.dataset import feature_dataset
     from mobiletune.model import cut
 
     batch, at = config.data.batch_size, config.phase2.fine_tune_at
-    if feats is not None and not cut.above_cut(classifier.base, at, views):
+    if feats is not None and not cut.above_cut(classifier.base, at, layers):
         feats = None
-    top = None if feats is None else cut.top_model(classifier, at, pooled=True, views=views)
+    top = None if feats is None else cut.top_model(classifier, at, pooled=True, layers=layers)
     whole = None  # from pixels, built once for the splits the cache lacks
     out = {}
     for split in splits:
@@ -236,7 +240,7 @@ def embed(classifier, images, splits: tuple[str, ...], config, feats=None,
         else:
             batches = pixels.eval_batches(images, config.data.image_size, batch, split, chosen)
             if whole is None:
-                whole = classifier.scoring_model(views)
+                whole = classifier.scoring_model(layers)
             two = whole
         features, logits = zip(*((np.asarray(f), np.asarray(z)) for f, z in
                                  (two.predict_on_batch(x) for x, _ in batches)), strict=True)
@@ -263,10 +267,10 @@ def fit_run(classifier, images, config, feats=None) -> tuple[UnknownDetector, np
     p = config.predict
     knn = p.unknown_score == "knn"  # only knn compares with training images
     splits = ("train", "validation", "test") if knn else ("validation", "test")
-    views = VIEWS if knn and classifier.base.output.shape[1] <= SMALL_MAP else ()
-    widths = tuple(int(classifier.base.get_layer(v).output.shape[-1]) for v in views) + (classifier.pool_width,)
+    layers = LAYERS if knn and classifier.base.output.shape[1] <= SMALL_MAP else ()
+    widths = tuple(int(classifier.base.get_layer(v).output.shape[-1]) for v in layers) + (classifier.pool_width,)
     rows = {"train": reference_rows(len(images.indices("train")), config.data.seed)}
-    emb = embed(classifier, images, splits, config, feats, rows, views)
+    emb = embed(classifier, images, splits, config, feats, rows, layers)
     detector = fit(p.unknown_score, emb["train"][0] if knn else np.zeros((0, 0)), *emb["validation"], keep=p.keep,
-                   k=p.knn_k, seed=config.data.seed, views=views, widths=widths)
+                   k=p.knn_k, seed=config.data.seed, layers=layers, widths=widths)
     return detector, detector.scores(*emb["test"])

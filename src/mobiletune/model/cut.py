@@ -50,33 +50,33 @@ def extractor(classifier: Classifier, fine_tune_ats: list[int]) -> tuple[keras.M
 
 
 def top_model(classifier: Classifier, fine_tune_at: int, *, fast: bool = True, pooled: bool = False,
-              views: tuple[str, ...] = (), head=None) -> keras.Model:
+              layers: tuple[str, ...] = (), head=None) -> keras.Model:
     """Boundary activations -> logits through base layers >= fine_tune_at and the head (phase 2): the
     classifier's own layers and weights, computed by faster kernels (`kernels.fast_clone`; `fast=False`
     runs Keras' own layers, for benchmarks/phase2.py to compare). `pooled`: [pooled base output, logits], or
-    with `views` (base layers at or above the cut, `Classifier.viewed`) [their pooled outputs and the pooled base
-    output side by side, logits]. `head`: base output -> logits in place of the classifier's own head (a
-    trainee's, `trainees`)."""
+    with `layers` (base layers at or above the cut, `Classifier.pooled_layers`) [their pooled outputs and the
+    pooled base output side by side, logits]. `head`: base output -> logits in place of the classifier's own head
+    (a trainee's, `trainees`)."""
     base = classifier.base
     cut = boundary_tensors(base, fine_tune_at)
     inputs = [keras.Input(t.shape[1:], name=f"boundary_{i}") for i, t in enumerate(cut)]
     if len(cut) == 1:  # Keras wants a lone tensor, not a list of one
         cut, inputs = cut[0], inputs[0]
-    upper = keras.Model(cut, [*(base.get_layer(v).output for v in views), base.output], name="upper_base")
+    upper = keras.Model(cut, [*(base.get_layer(v).output for v in layers), base.output], name="upper_base")
     *middle, x = keras.tree.flatten((kernels.fast_clone(upper) if fast else upper)(inputs))
     if head is not None:
         assert not pooled, "a trainee's head gives logits only"
         return keras.Model(inputs, head(x), name="top")
-    base_pooled = classifier.pool(x)
-    features = model_lib.pooled_side_by_side(middle, base_pooled) if views else base_pooled
-    logits = classifier.head(base_pooled)
+    parts = [*(keras.layers.GlobalAveragePooling2D()(m) for m in middle), classifier.pool(x)]
+    features = model_lib.side_by_side(parts)
+    logits = classifier.head(parts[-1])
     return keras.Model(inputs, [features, logits] if pooled else logits, name="top")
 
 
-def above_cut(base: keras.Model, fine_tune_at: int, views: tuple[str, ...]) -> bool:
-    """Whether every layer in `views` is at or above the cut, where `top_model` can compute it."""
+def above_cut(base: keras.Model, fine_tune_at: int, layers: tuple[str, ...]) -> bool:
+    """Whether every layer in `layers` is at or above the cut, where `top_model` can compute it."""
     names = [layer.name for layer in base.layers]
-    return all(names.index(v) >= fine_tune_at for v in views)
+    return all(names.index(v) >= fine_tune_at for v in layers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,44 +119,46 @@ class Classifier:
         else:
             self.unfreeze_from(config.phase2.fine_tune_at, config.model.bn_mode)
 
-    def viewed(self, x, views: tuple[str, ...] = ()) -> tuple:
-        """Rescaled pixels -> (pooled base output, the unknown-input score's features): the pooled output of each
-        base layer named in `views`, then the pooled base output, side by side (`views` empty: the pooled output)."""
-        if not views:
-            pooled = self.pool(self.base(x))
-            return pooled, pooled
+    def pooled_layers(self, x: keras.KerasTensor, layers: tuple[str, ...] = ()) -> list[keras.KerasTensor]:
+        """Rescaled pixels -> the pooled output of each base layer named in `layers`, then the pooled base output
+        (the tensor the head reads, last): the parts of the unknown-input score's features."""
+        if not layers:  # the base called as it is: the graph every export had before the middle layer
+            return [self.pool(self.base(x))]
         base = self.base
-        *middle, last = keras.Model(base.input, [*(base.get_layer(v).output for v in views), base.output])(x)
-        pooled = self.pool(last)
-        return pooled, pooled_side_by_side(middle, pooled)
+        *middle, last = keras.Model(base.input, [*(base.get_layer(v).output for v in layers), base.output])(x)
+        return [*(keras.layers.GlobalAveragePooling2D()(m) for m in middle), self.pool(last)]
 
-    def scoring_model(self, views: tuple[str, ...] = ()) -> keras.Model:
-        """Pixels 0-255 -> [the unknown-input score's features (`viewed`), logits as the training model has them],
-        unaugmented and without dropout."""
+    def scoring_model(self, layers: tuple[str, ...] = ()) -> keras.Model:
+        """Pixels 0-255 -> [the unknown-input score's features (`pooled_layers` side by side), logits as the
+        training model has them (one for two classes)], unaugmented and without dropout: what the detector is
+        fitted on. `serving_model` gives the same features beside probabilities for predict and exports."""
         inputs = keras.Input(self.model.input_shape[1:], name=self.INPUT)
-        pooled, features = self.viewed(self.rescale(inputs), views)
-        return keras.Model(inputs, [features, self.logits(pooled)], name="mobiletune_scoring")
+        parts = self.pooled_layers(self.rescale(inputs), layers)
+        return keras.Model(inputs, [side_by_side(parts), self.logits(parts[-1])], name="mobiletune_scoring")
 
-    def serving_model(self, scoring: bool = False, views: tuple[str, ...] = ()) -> keras.Model:
+    def serving_model(self, scoring: bool = False, layers: tuple[str, ...] = (), apart: bool = False) -> keras.Model:
         """Pixels 0-255 -> probabilities [n, classes], from the trained layers: no augmentation, no dropout. A
         binary model's logit layer becomes Dense(2) with logits (0, z) (`convention.two_logits`), so every
-        export has the same output. `scoring`: also the logits and the features of the unknown-input score
-        (`viewed`).
+        export has the same output. `scoring`: also the logits and the unknown-input score's features
+        (`pooled_layers` of `layers`): side by side, or with `apart` one output each (an int8 export then gives
+        each its own scale).
         """
         kernel, bias = (convention.two_logits(w) for w in self.logits.get_weights())
         inputs = keras.Input(self.model.input_shape[1:], name=self.INPUT)
-        pooled, features = self.viewed(self.rescale(inputs), views)
+        parts = self.pooled_layers(self.rescale(inputs), layers)
         dense = keras.layers.Dense(kernel.shape[1], name=self.LOGITS)
-        logits = dense(pooled)
+        logits = dense(parts[-1])
         dense.set_weights([kernel, bias])
         outputs = keras.layers.Softmax(name="probabilities")(logits)
-        return keras.Model(inputs, [outputs, logits, features] if scoring else outputs, name="mobiletune_serving")
+        if not scoring:
+            return keras.Model(inputs, outputs, name="mobiletune_serving")
+        features = parts if apart else [side_by_side(parts)]
+        return keras.Model(inputs, [outputs, logits, *features], name="mobiletune_serving")
 
 
-def pooled_side_by_side(middle: list, pooled):
-    """The global averages of the `middle` feature maps, then `pooled` (the pooled base output the head reads),
-    side by side [n, their channels]."""
-    return keras.layers.Concatenate(axis=-1)([*(keras.layers.GlobalAveragePooling2D()(m) for m in middle), pooled])
+def side_by_side(parts: list[keras.KerasTensor]) -> keras.KerasTensor:
+    """Pooled outputs [n, channels] side by side (one part: itself)."""
+    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(axis=-1)(parts)
 
 
 def create_model(config: Config, num_classes: int, base: keras.Model | None = None) -> Classifier:

@@ -53,7 +53,7 @@ class KerasPredictor(Predictor):
         self.classes, self.size = classes, model.input_shape[1]
         self.detector = None if served else detector  # a served export has no features output
         if self.detector is not None:  # one pass also gives what the detector scores
-            self.scoring = Classifier(model).serving_model(scoring=True, views=self.detector.views)
+            self.scoring = Classifier(model).serving_model(scoring=True, layers=self.detector.layers)
             self.unknown_threshold = self.detector.threshold
 
     def predict(self, pixels):
