@@ -122,7 +122,7 @@ class Classifier:
     def pooled_layers(self, x: keras.KerasTensor, layers: tuple[str, ...] = ()) -> list[keras.KerasTensor]:
         """Rescaled pixels -> the pooled output of each base layer named in `layers`, then the pooled base output
         (the tensor the head reads, last): the parts of the unknown-input score's features."""
-        if not layers:  # the base called as it is: the graph every export had before the middle layer
+        if not layers:  # the base called whole: one nested model in the serving graph, as exports expect
             return [self.pool(self.base(x))]
         base = self.base
         *middle, last = keras.Model(base.input, [*(base.get_layer(v).output for v in layers), base.output])(x)
