@@ -130,6 +130,37 @@ def test_a_run_references_its_training_images_unaugmented(learned_run):
     _reference_is_plain(learned_run.workdir)
 
 
+def test_a_large_run_embeds_only_the_reference_sample(learned_run, monkeypatch):
+    """Above REFERENCE_LIMIT training images, only the sampled ones are embedded, and the detector is the one
+    fitted on all of them and sampled after."""
+
+    from mobiletune.config import load_config
+    from mobiletune.data import folders
+    from mobiletune.data.pixels import eval_batches
+    from mobiletune.model.network import Classifier, load_model
+
+    run = learned_run.workdir
+    config = load_config(run / "config.yaml")
+    classifier = Classifier(load_model(run / runfolder.MODEL))
+    images = folders.load_images(run.parent / "data", config.data)
+    whole = classifier.scoring_model()  # at 128 px the pooled base output alone
+    embedded = {split: [np.concatenate(a) for a in zip(*((np.asarray(p), np.asarray(z)) for p, z in (
+        whole.predict_on_batch(x) for x, _ in eval_batches(images, config.data.image_size, 32, split))), strict=True)]
+        for split in ("train", "validation")}
+    monkeypatch.setattr(unknown, "REFERENCE_LIMIT", 17)
+    fit, given = unknown.fit, []
+    monkeypatch.setattr(unknown, "fit", lambda score, train, *a, **kw: given.append(len(train)) or fit(score, train,
+                                                                                                         *a, **kw))
+    detector, _ = unknown.fit_run(classifier, images, config)
+    assert given == [17]
+    p = config.predict
+    expected = fit(p.unknown_score, embedded["train"][0], *embedded["validation"], keep=p.keep, k=p.knn_k,
+                   seed=config.data.seed, layers=detector.layers, widths=detector.widths)
+    assert len(detector.reference) == 17 and len(embedded["train"][0]) == len(images.indices("train")) > 17
+    assert np.allclose(detector.reference, expected.reference, atol=2e-3)
+    assert detector.threshold == pytest.approx(expected.threshold, abs=2e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # At 96 px: the second layer
 
