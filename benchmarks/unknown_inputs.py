@@ -39,7 +39,7 @@ FURTHER = {"cats_dogs": "cats_dogs_other"}
 def predictor_of(run: Path, layers: int):
     """The run's model with its detector refitted on `layers` layers, on the same run and images: 1, the pooled base
     output alone; 2, block 14's pooled output beside it (`unknown.LAYERS`), at any size. The run itself uses 2 where
-    the base's last map is at most `unknown.SMALL_MAP` a side (96 px and below), as `mobiletune predict RUN`."""
+    `unknown.layers_for` says so (the base's last map 3x3 or smaller: 96 px and below), as `mobiletune predict RUN`."""
     from mobiletune import runfolder
     from mobiletune.config import load_config
     from mobiletune.data import folders
@@ -50,12 +50,7 @@ def predictor_of(run: Path, layers: int):
     config = load_config(run / runfolder.CONFIG)
     classifier = Classifier(load_model(run / runfolder.MODEL))
     images = folders.load_images(Path(runfolder.read_metrics(run)["data_dir"]), config.data)
-    saved = unknown.LAYERS, unknown.SMALL_MAP
-    unknown.LAYERS, unknown.SMALL_MAP = (saved[0], 10**6) if layers == 2 else ((), 0)
-    try:
-        detector, _ = unknown.fit_run(classifier, images, config)
-    finally:
-        unknown.LAYERS, unknown.SMALL_MAP = saved
+    detector, _ = unknown.fit_run(classifier, images, config, layers=unknown.LAYERS if layers == 2 else ())
     return KerasPredictor(classifier.model, images.classes, detector)
 
 

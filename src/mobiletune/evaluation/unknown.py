@@ -29,7 +29,7 @@ from mobiletune.config import UNKNOWN_SCORES
 from mobiletune.features import neighbours
 from mobiletune.model import convention
 
-__all__ = ["UnknownDetector", "fit", "load", "scores"]
+__all__ = ["UnknownDetector", "fit", "fit_run", "layers_for", "load", "scores"]
 
 # The middle layer the knn score reads beside the pooled base output where the base's last map is at most
 # SMALL_MAP a side (96 px and below): block 14's expansion (960 channels at alpha 1; 3x3 at 96 px like the last map,
@@ -165,8 +165,7 @@ def fit(score: str, train_features: np.ndarray, val_features: np.ndarray, val_lo
         val = scores(score, val_features, val_logits)
         threshold = float(np.quantile(val, keep, method="higher"))
         return UnknownDetector(score, threshold, float(np.mean(val <= threshold)), k, None)
-    assert not layers or len(widths) == len(layers) + 1, (layers, widths)  # each layer's and the pooled output's
-    widths = widths if layers else ()
+    assert len(widths) == (len(layers) + 1 if layers else 0), (layers, widths)  # each layer's and the pooled output's
     rows = train_features[reference_rows(len(train_features), seed)]
     # each layer unit-length, as saved (float16), so the threshold holds after load
     reference = np.concatenate([convention.unit_rows(r) for r in split_layers(rows, widths)], axis=1)
@@ -262,13 +261,22 @@ def _plain_reader(feats, images, split: str, config, augmenting: bool):
     return None if store.missing(keys) else store.reader(keys)
 
 
-def fit_run(classifier, images, config, feats=None) -> tuple[UnknownDetector, np.ndarray]:
-    """The detector of a trained run (`config.predict`) and its scores of the test images."""
+def layers_for(classifier, score: str) -> tuple[str, ...]:
+    """The middle layers `score` reads beside the pooled base output of `classifier` (`network.Classifier`):
+    `LAYERS` for knn where the base's last map is at most `SMALL_MAP` a side, else none."""
+    return LAYERS if score == "knn" and classifier.base.output.shape[1] <= SMALL_MAP else ()
+
+
+def fit_run(classifier, images, config, feats=None, layers: tuple[str, ...] | None = None
+            ) -> tuple[UnknownDetector, np.ndarray]:
+    """The detector of a trained run (`config.predict`) and its scores of the test images; `layers` (knn only)
+    overrides `layers_for`, e.g. to measure one layer against two on the same run."""
     p = config.predict
     knn = p.unknown_score == "knn"  # only knn compares with training images
     splits = ("train", "validation", "test") if knn else ("validation", "test")
-    layers = LAYERS if knn and classifier.base.output.shape[1] <= SMALL_MAP else ()
+    layers = layers_for(classifier, p.unknown_score) if layers is None or not knn else layers
     widths = tuple(int(classifier.base.get_layer(v).output.shape[-1]) for v in layers) + (classifier.pool_width,)
+    widths = widths if layers else ()
     rows = {"train": reference_rows(len(images.indices("train")), config.data.seed)}
     emb = embed(classifier, images, splits, config, feats, rows, layers)
     detector = fit(p.unknown_score, emb["train"][0] if knn else np.zeros((0, 0)), *emb["validation"], keep=p.keep,
