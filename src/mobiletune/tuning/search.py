@@ -76,10 +76,14 @@ def counts(study) -> dict[str, int]:
     return counts
 
 
+# the trial states that count towards a study's total (`finished`, and where the sweep stops)
+FINISHED = ("COMPLETE", "PRUNED")
+
+
 def finished(study) -> int:
     """The trials that count towards a study's total: completed or pruned."""
     done = counts(study)
-    return done.get("COMPLETE", 0) + done.get("PRUNED", 0)
+    return sum(done.get(state, 0) for state in FINISHED)
 
 
 def inputs(base: Config, data_dir, space: dict[str, Any]) -> tuple[scan.FileIndex, ImageSet, list[int]]:
@@ -128,8 +132,8 @@ def search(study, created: bool, shared: Shared, space: dict[str, Any], n_trials
     if finished(study) < n_trials:
         with heap_frozen():
             study.optimize(objective(shared, space), timeout=timeout, gc_after_trial=False,
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(
-                               optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)),
+                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=tuple(
+                               optuna.trial.TrialState[state] for state in FINISHED)),
                                       lambda study, trial: say(trial_line(study, trial, shared.objectives)),
                                       shared.keep_chosen, *callbacks])
     optuna.storages.fail_stale_trials(study)
