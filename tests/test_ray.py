@@ -193,6 +193,29 @@ def test_without_ray_installed_asking_for_it_is_one_line(monkeypatch):
             pass
 
 
+def test_an_address_where_nothing_listens_is_one_line_at_once(cats_dogs_tiny, tmp_path):
+    """Ray itself would retry a dead address for about a minute; the probe answers in well under PROBE_S."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from mobiletune.cli import app
+
+    require("Ray", HAS_RAY, "pip install 'mobiletune[ray]'; .ci/run installs it")
+    with closing(socket.socket()) as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["audit", str(cats_dogs_tiny), "--out", str(tmp_path / "audit"),
+                                          "--ray", f"127.0.0.1:{port}"])
+    assert result.exit_code != 0 and time.perf_counter() - started < 10
+    assert result.output.strip() == (f"error: --ray 127.0.0.1:{port}: nothing answers there (Connection refused); "
+                                     "start a cluster with `ray start --head`, or give its address")
+    for bad in ("127.0.0.1", "host:port"):
+        with pytest.raises(UsageError, match="give HOST:PORT"):
+            cluster_lib.probe(bad)
+
+
 def test_bad_settings_are_one_line(tmp_path):
     from mobiletune.tracking.tracker import Mlflow
     from mobiletune.tuning.study import run_sweep

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -26,12 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from mobiletune import quiet
 from mobiletune.config import Config, from_flat
 from mobiletune.errors import MobiletuneError, UsageError
 from mobiletune.features.views import ShardRows, store_dtype
 
 ENV_QUIET = {"RAY_USAGE_STATS_ENABLED": "0"}  # no usage report, no line about it
 IN_FLIGHT = 2  # batches queued per actor: the next one is on its way while one is computed
+# seconds to wait for HOST:PORT to accept a connection before Ray is asked to join it: Ray itself retries a dead
+# address for about a minute and then raises; a head on the same network answers in milliseconds
+PROBE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,11 @@ def connected(cluster: RayCluster | str | None) -> Iterator[RayCluster | None]:
     ray = import_ray()
     ours = not ray.is_initialized()
     if ours:
-        try:
-            ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR",
-                     configure_logging=False)
+        probe(cluster.address)
+        try:  # muted: retrying an address that answers but is no Ray head, Ray's C++ client logs a line a second
+            with quiet.native_output_muted():
+                ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR",
+                         configure_logging=False)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
             raise UsageError(f"--ray {cluster.address}: cannot connect ({str(exc).splitlines()[0][:200]}); start "
                              "a cluster with `ray start --head`, or give its address") from None
@@ -100,6 +107,23 @@ def connected(cluster: RayCluster | str | None) -> Iterator[RayCluster | None]:
         _active = None
         if ours:
             ray.shutdown()
+
+
+def probe(address: str) -> None:
+    """A one-line error at once where `address` ("HOST:PORT" or "ray://HOST:PORT") accepts no connection; "auto"
+    is Ray's to resolve."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray {address}: give HOST:PORT (the head's address, e.g. 10.0.0.5:6379), "
+                         "ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise UsageError(f"--ray {address}: nothing answers there ({reason}); start a cluster with "
+                         "`ray start --head`, or give its address") from None
 
 
 def _quiet_node_deaths() -> None:
