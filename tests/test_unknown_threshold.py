@@ -266,7 +266,7 @@ def test_several_views_score_the_largest_robust_deviation():
     odd_second = np.array([[5.5, 5.5, 5.5, 9.0, 0.0, 0.0]])  # in the second only
     plain = val[:1]
     for query, strange in ((odd_first, 0), (odd_second, 1)):
-        deviations = detector.deviations(query)[:, 0]
+        deviations = detector.deviations(detector.distances(query))[:, 0]
         assert deviations[strange] > detector.threshold >= deviations[1 - strange]  # the other layer finds it usual
         assert detector.scores(query, np.zeros((1, 2)))[0] > detector.threshold
     assert detector.scores(plain, np.zeros((1, 2)))[0] <= detector.threshold

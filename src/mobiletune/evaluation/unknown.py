@@ -19,7 +19,7 @@ and image sizes (benchmarks/unknown_inputs.py, docs/unknown-inputs.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +92,21 @@ class UnknownDetector:
         """Scores of inputs with these features (`Classifier.pooled_layers` of this detector's `layers`) and logits."""
         if self.score != "knn" or not self.widths:
             return scores(self.score, features, logits, self.reference, self.k)
-        return np.max(self.deviations(features), axis=0)
+        return self.combined(self.distances(features))
 
-    def deviations(self, features: np.ndarray) -> np.ndarray:
-        """[layers, n]: each layer's knn distance in robust deviations from its in-distribution median."""
+    def distances(self, features: np.ndarray) -> list[np.ndarray]:
+        """Each layer's knn distances of inputs with these features (knn only)."""
         parts = zip(split_layers(features, self.widths), split_layers(self.reference, self.widths), strict=True)
-        return np.stack([(knn(f, r, self.k) - c) / s for (f, r), c, s in zip(parts, self.centre, self.spread,
-                                                                             strict=True)])
+        return [knn(f, r, self.k) for f, r in parts]
+
+    def deviations(self, distances: list[np.ndarray]) -> np.ndarray:
+        """[layers, n]: each layer's knn `distances` in robust deviations from its in-distribution median."""
+        return np.stack([(d - c) / s for d, c, s in zip(distances, self.centre, self.spread, strict=True)])
+
+    def combined(self, distances: list[np.ndarray]) -> np.ndarray:
+        """The knn score of each layer's `distances`: the distance itself (one layer, no deviations: files made
+        before the layers), else the largest deviation."""
+        return distances[0] if not self.widths else np.max(self.deviations(distances), axis=0)
 
     def summary(self, test_scores: np.ndarray) -> dict[str, Any]:
         """metrics.json["unknown"]: the score, its threshold, and the share of validation and test images kept."""
@@ -170,20 +178,19 @@ def fit(score: str, train_features: np.ndarray, val_features: np.ndarray, val_lo
     # each layer unit-length, as saved (float16), so the threshold holds after load
     reference = np.concatenate([convention.unit_rows(r) for r in split_layers(rows, widths)], axis=1)
     reference = reference.astype(np.float16).astype(np.float32)
-    pairs = [(leave_one_out(r, k, seed), knn(v, r, k))
-             for r, v in zip(split_layers(reference, widths), split_layers(val_features, widths), strict=True)]
-    if any(_copies_inside(inside, val) for inside, val in pairs):
-        pairs = [(np.zeros(0), val) for _, val in pairs]
-    centre, spread = (), ()
-    if layers:
-        seen = [np.concatenate(pair) for pair in pairs]  # each layer's in-distribution distances
+    detector = UnknownDetector(score, np.nan, np.nan, k, reference, layers, widths)
+    val = detector.distances(val_features)
+    inside = [leave_one_out(r, k, seed) for r in split_layers(reference, widths)]
+    if any(_copies_inside(i, v) for i, v in zip(inside, val, strict=True)):
+        inside = [np.zeros(0) for _ in inside]
+    if layers:  # each layer's in-distribution distances give its centre and spread
+        seen = [np.concatenate(pair) for pair in zip(inside, val, strict=True)]
         centre = tuple(float(np.median(d)) for d in seen)
         spread = tuple(max(float(np.median(np.abs(d - c))), 1e-6) for d, c in zip(seen, centre, strict=True))
-        pairs = [tuple((d - c) / m for d in pair) for pair, c, m in zip(pairs, centre, spread, strict=True)]
-    inside, val = (np.max(np.stack(side), axis=0) for side in zip(*pairs, strict=True))
+        detector = replace(detector, centre=centre, spread=spread)
+    inside, val = detector.combined(inside), detector.combined(val)
     threshold = float(np.quantile(np.concatenate([inside, val]), keep, method="higher"))
-    return UnknownDetector(score, threshold, float(np.mean(val <= threshold)), k, reference, layers, widths, centre,
-                           spread)
+    return replace(detector, threshold=threshold, validation_kept=float(np.mean(val <= threshold)))
 
 
 def split_layers(features: np.ndarray, widths: tuple[int, ...]) -> list[np.ndarray]:
