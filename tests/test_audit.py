@@ -403,6 +403,29 @@ def test_a_class_kind_is_the_deepest_noun_that_holds_its_belief_and_a_daisy_file
     assert hierarchy().depths[hierarchy().names.index(kind)] <= 3 and deficit.max() < 1
 
 
+def test_where_a_class_has_no_kind_a_photo_of_another_kind_is_scored_by_the_contrast():
+    """Twenty photos MobileNetV2 spreads over many classes (as it does roses: their kind is "whole") and a tabby at
+    0.9: the rest of the class holds 1e-4 of "tabby", so the cat lies ~3.5 tenfolds beyond it, ~0.5 beyond
+    CONTRAST_FROM; the spread photos none. In a class of cats with a kind, the lack is the deficit alone: a
+    Siamese among tabbies has no contrast to count."""
+    from mobiletune.model.imagenet import hierarchy
+
+    tabby, siamese = 281, 284
+    spread = np.random.default_rng(0).dirichlet(np.full(1000, 0.05), size=20)
+    spread[:, tabby] = 1e-4
+    probs = np.vstack([spread / spread.sum(axis=1, keepdims=True), np.full((1, 1000), 0.1 / 999)])
+    probs[-1, tabby] = 0.9
+    contrast = scores.kind_contrast(probs, hierarchy())
+    assert contrast[:-1].max() == 0 and contrast[-1] > 0.3
+    lack = scores._kind_lack(probs, hierarchy())
+    assert lack[-1] == pytest.approx(max(contrast[-1], scores.kind_deficit(probs, hierarchy())[0][-1]))
+    cats = np.full((10, 1000), 0.1 / 999)
+    for row, cls in enumerate([tabby] * 9 + [siamese]):
+        cats[row, cls] = 0.9
+    assert np.array_equal(scores._kind_lack(cats, hierarchy()), scores.kind_deficit(cats, hierarchy())[0])
+    assert scores.kind_contrast(cats, hierarchy())[-1] > 0  # the Siamese stands out, but the class has a kind
+
+
 @pytest.mark.parametrize(("n", "blanks"), [(300, 7), (12, 5), (3, 3), (40, 0)])
 def test_the_neighbour_search_keeps_blank_images_apart(n, blanks):
     """The search lists the neighbours and similarities of scikit-learn's cosine metric, and a blank image (all-zero
