@@ -40,7 +40,7 @@ CONTRAST_HELD = 0.5  # `kind_contrast` reads the nouns an image holds at least t
 CONTRAST_FROM = 3.0  # ... and counts the tenfolds by which the rest of its class holds less of one, beyond this many:
 # a cat among roses is a "tabby" at 0.6 where roses hold 1e-5. From 3 tenfolds, cats and dogs among flowers were
 # found at 90-97% instead of 84-91% (sets of 60-100 a class; 95% instead of 76% at 20-40) for 0.1 points more
-# clean flowers flagged; from 2, 92-100% for 0.7 more (benchmarks/data_checks.py, docs/audit.md)
+# clean flowers flagged; from 2, 92% at 60-100 for 0.7 more (benchmarks/data_checks.py, docs/audit.md)
 OFFTOPIC_MADS = 3.3  # an off-topic image lies this many robust deviations (MAD) above the median score: on the
 # unmodified sets of benchmarks/data_checks.py (7,280 images) 3.3 flagged 1% (docs/audit.md)
 CHUNK = 2048  # rows of a similarity or belief matrix at once: 2,048 x 50,000 float32 is 400 MB
