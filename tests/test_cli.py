@@ -77,6 +77,9 @@ os.makedirs(finished)
 with open(finished + "/metrics.json", "w") as f:
     f.write("{{}}")
 cases.append(["evaluate", finished, "--data", here + "/nope"])
+cases.append(["evaluate", finished, "--out", here + "/elsewhere"])  # --out without --data
+os.makedirs(here + "/data/a")
+cases.append(["evaluate", finished, "--data", here + "/data", "--out", here])  # a non-empty folder of the user's
 for args in cases:
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and result.output.startswith("error: "), (args, result.output)

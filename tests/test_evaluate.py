@@ -83,7 +83,23 @@ def test_evaluate_run_again_and_on_new_data(tiny_run, tmp_path):
                                                                        rel=1e-5)
     new = tmp_path / "new"
     copy_images(CATS_DOGS / "validation", new, 4, offset=200)
+    own = {name: (run / name).read_bytes() for name in ("metrics.json", "test_predictions.csv", "report.html")}
     block = evaluation_run.evaluate_run(run, new)
     assert block["after_fine_tuning"]["test"]["n"] == 8
+    # the run's own files are untouched (its report and exports read its own test split); the new images'
+    # results are in a folder of their own
+    assert all((run / name).read_bytes() == content for name, content in own.items())
+    saved = json.loads((run / "evaluations" / "new" / "evaluation.json").read_text())
+    assert saved["n_images"] == {"test": 8} and saved["data_dir"] == str(new.resolve())
+    assert saved["after_fine_tuning"] == block["after_fine_tuning"]
+    assert len((run / "evaluations" / "new" / "test_predictions.csv").read_text().splitlines()) == 1 + 8
+    assert evaluation_run.evaluate_run(run)["after_fine_tuning"]["test"]["n"] == original["after_fine_tuning"][
+        "test"]["n"]  # the run's own test split, still
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty"):
+        evaluation_run.evaluate_run(run, new, mine)
+    assert (mine / "notes.txt").read_text() == "mine"
     with pytest.raises(UsageError, match="not a finished mobiletune run"):
         evaluation_run.evaluate_run(tmp_path / "new")

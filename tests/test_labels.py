@@ -71,7 +71,8 @@ def test_a_csv_labelled_run_equals_the_folder_run(cats_dogs_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "csv"), "--data", str(labels)])
     assert result.exit_code == 0, result.output
-    assert runfolder.read_metrics(tmp_path / "csv")["n_images"] == {"test": 22}  # every row, whatever its split
+    evaluation = runfolder.read_json(tmp_path / "csv" / "evaluations" / labels.stem / "evaluation.json")
+    assert evaluation["n_images"] == {"test": 22}  # every row, whatever its split
 
 
 def test_bad_rows_are_skipped_and_named_by_line(cats_dogs_tiny):
@@ -171,5 +172,6 @@ def test_evaluate_takes_a_csv_of_test_rows_only(tiny_run, cats_dogs_tiny, tmp_pa
     shutil.copytree(tiny_run.workdir, run)
     result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(labels)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("McNemar") == 1 and f"report: {run / 'report.html'}" in result.output.replace("\n", "")
-    assert runfolder.read_metrics(run)["n_images"] == {"test": 22}
+    where = run / "evaluations" / "test" / "evaluation.json"
+    assert result.output.count("McNemar") == 1 and f"results: {where}" in result.output.replace("\n", "")
+    assert runfolder.read_json(where)["n_images"] == {"test": 22}

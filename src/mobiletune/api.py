@@ -100,22 +100,26 @@ class Run:
         return list(predict_paths(self._predictor, [str(i) for i in items], batch=batch, top_k=top_k,
                                   unknown=unknown))
 
-    def evaluate(self, data_dir: str | Path | None = None) -> dict[str, Any]:
+    def evaluate(self, data_dir: str | Path | None = None, out: str | Path | None = None, *,
+                 overwrite: bool = False) -> dict[str, Any]:
         """Re-evaluate both models (before and after fine-tuning), as `mobiletune evaluate`.
 
         Args:
             data_dir: class folders (or a labels CSV) of other labelled images; None re-evaluates the
                 run's own test split.
+            out: with `data_dir`, the folder for evaluation.json and test_predictions.csv (default
+                RUN/evaluations/<data_dir's name>); the run's own files are left as they are.
+            overwrite: reuse a non-empty `out`.
 
         Returns:
-            The before/after block of metrics.json (also written there, with report.html rebuilt).
+            The before/after block (without `data_dir` also written to metrics.json, with report.html rebuilt).
         """
         from mobiletune.evaluation.run import evaluate_run
 
         if data_dir is not None:
             data.check_source(data_dir)  # a missing folder is refused before TensorFlow starts
         import_tensorflow()
-        block = evaluate_run(self.workdir, data_dir)
+        block = evaluate_run(self.workdir, data_dir, out, overwrite)
         self.metrics = runfolder.read_metrics(self.workdir)
         return block
 

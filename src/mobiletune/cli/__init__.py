@@ -121,20 +121,33 @@ def evaluate_command(
         Optional[Path], typer.Option("--data", help="Evaluate on every image of these class folders (or "
                                                                   "every row of this labels CSV) instead.")
     ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="With --data: folder for evaluation.json and test_predictions.csv (default: "
+                            "RUN/evaluations/NAME of --data). The run's own files are left as they are.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty --out folder.")] = False,
 ) -> None:
-    """Re-evaluate a run before and after fine-tuning, with intervals and McNemar's test; rebuild report.html."""
+    """Re-evaluate a run before and after fine-tuning, with intervals and McNemar's test: on its test split
+    (report.html rebuilt), or with --data on other labelled images (into a folder of their own)."""
     from mobiletune import runfolder
     from mobiletune.data.folders import check_source
-    from mobiletune.evaluation.run import evaluate_run
+    from mobiletune.errors import UsageError
+    from mobiletune.evaluation.run import default_folder, evaluate_run
     from mobiletune.report.summary import print_results
 
     runfolder.read_metrics(run)  # a folder that is no finished run is refused before TensorFlow starts
+    if data is None and out is not None:
+        raise UsageError("--out: only with --data (without it the run's own files are rebuilt)")
     if data is not None:
         check_source(data)  # so is a missing --data
+    if out is not None:
+        runfolder.check_out(out, overwrite=overwrite)
     import_tensorflow()
-    block = evaluate_run(run, data)
+    block = evaluate_run(run, data, out, overwrite)
     print_results(console, block, title="Test set" if data is None else f"Images in {data}")
-    console.print(f"report: {run / 'report.html'}")  # McNemar's test is in print_results' lines
+    if data is None:
+        console.print(f"report: {run / runfolder.REPORT}")  # McNemar's test is in print_results' lines
+    else:
+        console.print(f"results: {(out or default_folder(run, data)) / runfolder.EVALUATION}")
 
 
 @app.command("report")

@@ -1,21 +1,29 @@
-"""`mobiletune evaluate RUN [DATA_DIR]`: a finished run's models scored again, on its own test split or on a
-new labelled folder, with the same statistics and files as the run."""
+"""`mobiletune evaluate RUN [--data DIR]`: a finished run's models scored again, on its own test split or on a
+new labelled folder (into a folder of its own), with the same statistics and files as the run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mobiletune.evaluation.statistics import compare_stages, predict_logits, probabilities, write_predictions
 
 
-def evaluate_run(run, data_dir=None) -> dict[str, Any]:
-    """Re-evaluate a finished run's two models (before and after fine-tuning) and rebuild its report.
+def default_folder(run, data_dir) -> Path:
+    """Where `evaluate RUN --data DIR` writes without --out: RUN/evaluations/<DIR's name> (a labels CSV's stem)."""
+    from mobiletune import runfolder
 
-    On the run's own test split by default, or on every image of `data_dir`. Updates
-    metrics.json and test_predictions.csv in place; returns the new before/after block.
+    return Path(run) / runfolder.EVALUATIONS / Path(data_dir).resolve().stem
+
+
+def evaluate_run(run, data_dir=None, out=None, overwrite: bool = False) -> dict[str, Any]:
+    """Re-evaluate a finished run's two models (before and after fine-tuning); returns the before/after block.
+
+    On the run's own test split by default: metrics.json, test_predictions.csv and the report are rebuilt in
+    place. On every image of `data_dir`: into `out` (default RUN/evaluations/<data_dir's name>, which is replaced),
+    evaluation.json and test_predictions.csv; the run's own files stay as they are, so its report, later
+    evaluations and exports still read its own test split.
     """
-    from pathlib import Path
-
     from mobiletune import runfolder
     from mobiletune.config import load_config
     from mobiletune.data import folders as data
@@ -27,6 +35,8 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
 
     run = Path(run)
     metrics = runfolder.read_metrics(run)  # first: a clear error for a folder that is no run
+    if data_dir is not None:
+        out = runfolder.check_out(out or default_folder(run, data_dir), overwrite=overwrite or out is None)
     config = load_config(run / runfolder.CONFIG)
     images = data.load_test_images(run, data_dir, config.data)
     test = pixels.eval_batches(images, config.data.image_size, config.data.batch_size)
@@ -37,12 +47,18 @@ def evaluate_run(run, data_dir=None) -> dict[str, Any]:
                                      layers=detector.layers if detector else ())["test"]
     after = probabilities(logits)
     block = compare_stages(before, after, images.labels, images.classes)
-    if data_dir is not None:
-        metrics.update(data_dir=str(Path(data_dir).resolve()), n_images={"test": len(images.labels)})
-    metrics.update(block)
     if detector is not None:
         scores = detector.scores(features, logits)
-        metrics["unknown"] = detector.summary(scores)
+        block["unknown"] = detector.summary(scores)
+    if data_dir is not None:
+        runfolder.make_folder(out)
+        write_predictions(out / runfolder.PREDICTIONS, images.paths, images.labels, images.classes, before, after,
+                          scores)
+        runfolder.write_json(out / runfolder.EVALUATION, {
+            "run": str(run.resolve()), "data_dir": str(Path(data_dir).resolve()), "classes": images.classes,
+            "n_images": {"test": len(images.labels)}, **block})
+        return block
+    metrics.update(block)
     write_predictions(run / runfolder.PREDICTIONS, images.paths, images.labels, images.classes, before, after,
                       scores)
     runfolder.write_json(run / runfolder.METRICS, metrics)
