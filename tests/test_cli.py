@@ -101,8 +101,14 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["features"]["images_computed"] == 46 and metrics["features"]["cache_bytes"] > 0
     assert metrics["peak_rss_mb"] > 100
+    # what the earlier model left (an export, an evaluation) goes with it; a file of the user's stays
+    for made in ("export/model.onnx", "export/export.json", "evaluations/new/evaluation.json", "notes.txt"):
+        (out / made).parent.mkdir(parents=True, exist_ok=True)
+        (out / made).write_text("earlier")
     again = runner.invoke(app, [*args, "--overwrite"])
     assert "features: 46 cached, 0 computed" in again.output
+    assert not (out / "export").exists() and not (out / "evaluations").exists()
+    assert (out / "notes.txt").read_text() == "earlier"
     listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)])
     assert listing.exit_code == 0 and "1 store(s)" in listing.output and "1 exported extractor(s)" in listing.output
     # the data set's whole path, wrapped in its table's last column however narrow the terminal

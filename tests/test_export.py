@@ -81,6 +81,45 @@ def test_a_later_export_of_one_format_keeps_the_others_listed(exported):
     assert "| tflite-int8 |" in (run / "export" / "model_card.md").read_text()
 
 
+def test_a_users_folder_is_refused_and_another_models_export_is_replaced(exported, tmp_path):
+    """export --out never writes beside a user's own files unasked; an earlier export of another model in the
+    folder is removed, so its formats are not left beside this model's labels."""
+    from mobiletune.errors import UsageError
+
+    run, _ = exported
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "labels.txt").write_text("old labels\n")
+    with pytest.raises(UsageError, match="not empty"):
+        export_run(run, ["keras"], mine, max_drop=100)
+    assert (mine / "labels.txt").read_text() == "old labels\n" and len(list(mine.iterdir())) == 1
+    other = tmp_path / "other"
+    shutil.copytree(run / "export", other)
+    record = json.loads((other / "export.json").read_text())
+    (other / "export.json").write_text(json.dumps({**record, "model_sha256": "another model"}))
+    (other / "notes.txt").write_text("mine")
+    result = export_run(run, ["keras"], other, max_drop=100)
+    assert [c["format"] for c in result["checks"]] == ["keras"]
+    assert not any((other / FILE_NAMES[f]).exists() for f in FORMATS if f != "keras")
+    assert (other / "notes.txt").read_text() == "mine"  # not an export's file
+
+
+def test_onnx_names_its_classes_itself_and_labels_of_another_model_are_an_error(exported, tmp_path):
+    import onnx
+
+    from mobiletune.errors import ModelError
+
+    run, _ = exported
+    shutil.copy(run / "export" / "model.onnx", tmp_path / "model.onnx")
+    (tmp_path / "labels.txt").write_text("daisy\nroses\ntulips\n")  # another model's, left beside it
+    assert load_predictor(tmp_path / "model.onnx").classes == ["cats", "dogs"]  # the file's own names
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "model.onnx"))  # an ONNX file without names: labels.txt must fit it
+    with pytest.raises(ModelError, match="gives 2 class probabilities but its labels name 3"):
+        load_predictor(tmp_path / "model.onnx")
+
+
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_predict_with_a_tflite_or_onnx_file_runs_without_tensorflow(exported, tiny_run, fmt):
     """Mobile developers' check of a shipped file: its own runtime only, no TensorFlow start-up. A fresh

@@ -124,7 +124,7 @@ class Run:
         return block
 
     def export(self, formats: str | Iterable[str] = "all", out: str | Path | None = None, *, max_drop: float = 1.0,
-               int8_io: bool = False, about: dict[str, str] | None = None) -> dict[str, Any]:
+               int8_io: bool = False, about: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, Any]:
         """Export the model and re-test every format with its own runtime, as `mobiletune export`.
 
         Args:
@@ -135,6 +135,7 @@ class Run:
             int8_io: tflite-int8 with uint8 input and output, for integer-only devices.
             about: "name", "version", "license" and "author" for the .tflite files' metadata; by default the run
                 folder's name, the model file's digest, and no license or author.
+            overwrite: write into a non-empty `out` that holds no export (one of another model is replaced).
 
         Returns:
             export.json: the folder, the Keras accuracy and one check per format.
@@ -143,7 +144,7 @@ class Run:
         from mobiletune.ship.export import export_run
 
         return export_run(self.workdir, [formats] if isinstance(formats, str) else list(formats), out,
-                          max_drop=max_drop, int8_io=int8_io, about=about)
+                          max_drop=max_drop, int8_io=int8_io, about=about, overwrite=overwrite)
 
     def report(self) -> Path:
         """Rebuild report.html from the folder; returns its path."""

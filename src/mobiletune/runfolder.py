@@ -41,6 +41,7 @@ AUDIT_PAGE = "audit.html"
 LOGS = "logs"  # TensorBoard's folder (in a sweep folder, one subfolder per trial)
 TRIALS = "trials.csv"  # a sweep's trials: state, validation accuracy, knobs, latency, cost
 LABELS = "labels.txt"  # beside an export: its class names, one a line, in output order
+EXPORT = "export"  # `mobiletune export RUN`'s default folder
 EVALUATIONS = "evaluations"  # `evaluate RUN --data DIR`'s default home: one subfolder per DIR, never the run's files
 EVALUATION = "evaluation.json"  # there: the numbers of metrics.json for those images (and which images)
 

@@ -276,6 +276,7 @@ def export_command(
                                          "model file's sha256, first 12 digits].")] = "",
     license_: Annotated[str, typer.Option("--license", help="License in the metadata, e.g. Apache-2.0.")] = "",
     author: Annotated[str, typer.Option("--author", help="Author in the metadata.")] = "",
+    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out folder that holds no export.")] = False,
 ) -> None:
     """Export the run's model; re-test each format with its own runtime on the test set. `--format web` writes a
     page that runs the .tflite in a browser (serve the folder, e.g. `python3 -m http.server`)."""
@@ -285,7 +286,8 @@ def export_command(
     from mobiletune.ship.export import export_run
 
     result = export_run(run, format_, out, max_drop=max_drop, int8_io=int8_io,
-                        about={"name": name, "version": version, "license": license_, "author": author})
+                        about={"name": name, "version": version, "license": license_, "author": author},
+                        overwrite=overwrite)
     table = Table(title=f"exports in {result['out']} (Keras accuracy {result['keras_accuracy']:.2%})")
     for column in ("format", "accuracy", "agreement", "unknown as the run", "max abs diff", "MB", "ms/image"):
         table.add_column(column, justify="left" if column == "format" else "right")

@@ -240,7 +240,7 @@ def _misclassified(run: Path, metrics: dict[str, Any], classes: list[str], limit
 
 def _exports(run: Path) -> str:
     """The re-test table of `mobiletune export`, when the run has been exported."""
-    path = run / "export" / "export.json"
+    path = run / runfolder.EXPORT / "export.json"
     if not path.is_file():
         return ""
     result = read_json(path)

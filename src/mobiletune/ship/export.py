@@ -250,9 +250,10 @@ def model_info(run: Path, metrics: dict[str, Any], digest: str, detector: Unknow
 
 
 def export_run(run: str | Path, formats: list[str], out: str | Path | None = None, *, max_drop: float = 1.0,
-               int8_io: bool = False, about: dict[str, str] | None = None) -> dict[str, Any]:
+               int8_io: bool = False, about: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Export a finished run, re-test every format, write the report; raise if one lost accuracy. `about`: the
-    name, version, license and author every .tflite's metadata carries (`model_info`)."""
+    name, version, license and author every .tflite's metadata carries (`model_info`). `out` (default RUN/export)
+    is refused where it holds files but no export, unless `overwrite` (`_claimed`)."""
     run = Path(run)
     if not 0 <= max_drop <= 100:
         raise UsageError(f"--max-drop {max_drop:g}: give accuracy points between 0 and 100 (default 1)")
@@ -266,12 +267,12 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     web_files = tasks_vision_files() if web else None  # before the slow conversions: a failed download is quick
     metrics = runfolder.read_metrics(run)
     config = load_config(run / runfolder.CONFIG)
-    out = runfolder.make_folder(Path(out) if out else run / "export")
+    digest = hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()
+    out = _claimed(Path(out) if out else run / runfolder.EXPORT, digest, overwrite=overwrite or not out)
     classifier = Classifier(model_lib.load_model(run / runfolder.MODEL))
     images = data.load_test_images(run, None, config.data)
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None
     detector = load_detector(run / runfolder.UNKNOWN)
-    digest = hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()
     info = model_info(run, metrics, digest, detector, about)
     paths = export_formats(classifier, formats, out, info, train, int8_io, detector)
     if web:
@@ -300,6 +301,26 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
                           f"{100 * (keras_accuracy - worst.accuracy):.1f} points below the Keras model's "
                           f"{keras_accuracy:.2%} (allowed: {max_drop:g}); see {out / 'report.md'}")
     return result
+
+
+def _claimed(out: Path, model_sha256: str, overwrite: bool) -> Path:
+    """`out`, made ready for this model's files. An earlier export of another model there (its export.json names
+    another digest) has its files removed: its formats would stay beside this model's labels and be read with
+    them. A non-empty folder without an export is someone's own: refused unless `overwrite`."""
+    runfolder.check_out(out, overwrite=overwrite or (out / "export.json").is_file())
+    try:
+        earlier = json.loads((out / "export.json").read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("model_sha256") != model_sha256:
+        stale = [FILE_NAMES.get(c.get("format"), "") for c in earlier.get("checks", [])]
+        for name in [*stale, FILE_NAMES[WEB], runfolder.LABELS, runfolder.MODEL_CARD, "report.md", "export.json"]:
+            path = out / name
+            if name and path.is_dir():
+                shutil.rmtree(path)
+            elif name:
+                path.unlink(missing_ok=True)
+    return runfolder.make_folder(out)
 
 
 def _earlier_checks(out: Path, model_sha256: str, exclude: list[str]) -> list[Check]:

@@ -99,6 +99,7 @@ class TFLitePredictor(Predictor):
             self.unknown = outputs[metadata["outputs"].index(UNKNOWN)]
             self.unknown_threshold = metadata["unknown_threshold"]
         self.classes = metadata["classes"] or classes or _labels_for(path)  # the file's own names first
+        _check_width(path, self.classes, int(self.output["shape"][-1]))
         self.size = int(self.input["shape"][1])
         self._batch = 0
 
@@ -137,17 +138,34 @@ def _int_range(dtype) -> tuple[int, int]:
 
 
 class OnnxPredictor(Predictor):
-    def __init__(self, path: Path, classes: list[str]):
+    """A .onnx export: it names its classes itself (the "classes" metadata property mobiletune writes), else
+    labels.txt beside it names them."""
+
+    def __init__(self, path: Path, classes: list[str] | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = os.cpu_count() or 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
-        self.classes, self.size = classes, int(self.input.shape[1])
+        named = self.session.get_modelmeta().custom_metadata_map.get("classes")
+        self.classes = named.split("\n") if named else classes or _labels_for(path)  # the file's own names first
+        width = self.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int):
+            _check_width(path, self.classes, width)
+        self.size = int(self.input.shape[1])
 
     def predict(self, pixels):
         return self.session.run(None, {self.input.name: pixels.astype(np.float32)})[0]
+
+
+def _check_width(path: Path, classes: list[str], width: int) -> None:
+    """Class names that do not fit the model's output (labels.txt of another model beside it) are an error:
+    every prediction would carry a wrong name."""
+    if len(classes) != width:
+        raise ModelError(f"{path}: the model gives {width} class probabilities but its labels name {len(classes)} "
+                         f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); the labels.txt beside "
+                         "it belongs to another model: export again into this folder, or predict with the run folder")
 
 
 def _labels_for(path: Path) -> list[str]:
@@ -192,6 +210,8 @@ def _load(path: Path) -> Predictor:
     suffix = path.suffix.lower()
     if suffix == ".tflite":  # names its classes itself, where it has metadata
         return TFLitePredictor(path)
+    if suffix == ".onnx":  # so does this
+        return OnnxPredictor(path)
     classes = _labels_for(path)
     if path.is_dir() and (path / "saved_model.pb").exists():
         return SavedModelPredictor(path, classes)
@@ -201,8 +221,6 @@ def _load(path: Path) -> Predictor:
         # the run's detector was fitted to its trained model's outputs: before_fine_tuning.keras has none
         detector = load_detector(path.parent / runfolder.UNKNOWN) if path.name == runfolder.MODEL else None
         return KerasPredictor(load_model(path), classes, detector)
-    if suffix == ".onnx":
-        return OnnxPredictor(path, classes)
     raise UsageError(f"{path}: not a model: give a run folder, .keras, SavedModel folder, .tflite or .onnx")
 
 

@@ -235,6 +235,8 @@ def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str 
     out = runfolder.prepare(workdir, overwrite=overwrite)
     (out / runfolder.CHECKPOINT).unlink(missing_ok=True)
     shutil.rmtree(out / runfolder.LOGS, ignore_errors=True)  # --overwrite: an earlier run's curves would mix in
+    for derived in (runfolder.EXPORT, runfolder.EVALUATIONS):  # made from the model this run replaces: an export
+        shutil.rmtree(out / derived, ignore_errors=True)  # left there would serve the old model under the new name
     runfolder.write_text(out / runfolder.CONFIG, config.to_yaml())
     runfolder.write_json(out / runfolder.RUN_INFO, {"data_dir": str(Path(data_dir).resolve()),
                                                     **({"parent": config.data.parent} if config.data.parent else {})})
