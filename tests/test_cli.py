@@ -20,6 +20,10 @@ def test_version_and_help():
     assert result.exit_code == 0
     for option in ("--out", "--config", "--set", "--overwrite", "--strict", "--quiet"):
         assert option in result.output
+    # square brackets in help texts are text, not markup to drop
+    assert "(needs mobiletune[ray])" in result.output and "[default: $MLFLOW_TRACKING_URI]" in result.output
+    result = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"})
+    assert "Folder [default: RUN/export]." in result.output
 
 
 def test_train_multiclass_end_to_end(flowers_tiny, tmp_path):

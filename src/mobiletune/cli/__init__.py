@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # help texts are plain text: rich markup would eat "[default: ...]", "mobiletune[ray]"
 )
 app.add_typer(cache_app, name="cache")
 

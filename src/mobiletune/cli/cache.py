@@ -9,7 +9,7 @@ import typer
 
 from mobiletune.cli.common import console, one_line_errors
 
-cache_app = typer.Typer(help="The feature cache: list or clear it.", no_args_is_help=True)
+cache_app = typer.Typer(help="The feature cache: list or clear it.", no_args_is_help=True, rich_markup_mode="markdown")
 CacheDirOption = Annotated[
     Optional[Path], typer.Option("--cache-dir", help="Cache folder [default: ~/.cache/mobiletune].")
 ]
