@@ -46,7 +46,8 @@ def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
     manifest.write_skipped(images, out)
     assert len(out.read_text().splitlines()) == 8
 
-    with pytest.raises(DataError, match="7 file.*--strict"):
+    # --strict stops on the images that cannot be used (6): notes.txt is no image, so no failed one
+    with pytest.raises(DataError, match="6 image.*--strict"):
         data.load_images(cats_dogs_tiny, DataConfig(image_size=32, strict=True))
 
 
@@ -218,6 +219,8 @@ def test_a_folder_unzipped_from_a_mac_or_copied_off_a_nas_trains_as_its_classes(
     assert junk == sorted([f"{p}__MACOSX" for p in prefix] + [f"{p}{c}/@eaDir" for p in prefix for c in ("cats",
                                                                                                           "dogs")])
     assert {s.reason for s in images.skipped} == {data.JUNK_REASON}
+    strict = data.load_images(root, DataConfig(image_size=32, strict=True))  # junk is no failed image
+    assert strict.paths == images.paths
 
 
 def test_a_class_of_near_copies_too_few_to_split_is_one_line_naming_it():

@@ -25,7 +25,7 @@ from mobiletune.data import labels
 from mobiletune.data.images import SPLITS, ImageSet, Skipped, display_path
 from mobiletune.data.manifest import read_manifest
 from mobiletune.data.pixels import iter_pixels, probe_image
-from mobiletune.data.scan import FileIndex, hash_files
+from mobiletune.data.scan import NOT_AN_IMAGE, FileIndex, hash_files
 from mobiletune.data.split import assign_splits
 from mobiletune.errors import DataError
 
@@ -213,12 +213,11 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
     unusable = sorted([*listing.skipped, *(Skipped(display_path(files[i][0]), f"{where[i]}: {h.reason}" if where[i]
                                                    else h.reason) for i, h in enumerate(hashed) if h.reason)],
                       key=lambda s: s.path)
-    if unusable and config.strict:
-        first = unusable[0]
-        raise DataError(
-            f"{len(unusable)} file(s) cannot be used, first {first.path}: {first.reason}; "
-            "remove them, or drop --strict to skip them"
-        )
+    # --strict stops on images that cannot be used; junk folders and files that are no image are passed over still
+    failed = [s for s in unusable if s.reason != JUNK_REASON and not s.reason.startswith(NOT_AN_IMAGE)]
+    if failed and config.strict:
+        raise DataError(f"{len(failed)} image(s) cannot be used, first {failed[0].path}: {failed[0].reason}; "
+                        "remove them, or drop --strict to skip them")
     skipped = sorted([*unusable, *left_out], key=lambda s: s.path)
     keep = [i for i, h in enumerate(hashed) if not h.reason]
     labels_ = np.array([classes.index(files[i][1]) for i in keep], np.int32)

@@ -121,9 +121,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+NOT_AN_IMAGE = "not an image file extension"  # a readme.txt beside the photos: no image, so never a failed one
+
+
 def _hash_file(path: Path, check: Callable[[Path], str | None] | None) -> tuple[Hashed, Stamp | None]:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return Hashed(None, f"not an image file extension (expected one of {', '.join(IMAGE_EXTENSIONS)})"), None
+        return Hashed(None, f"{NOT_AN_IMAGE} (expected one of {', '.join(IMAGE_EXTENSIONS)})"), None
     try:
         before = stamp(path)
         digest = _sha256(path)
