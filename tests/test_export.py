@@ -120,6 +120,20 @@ def test_onnx_names_its_classes_itself_and_labels_of_another_model_are_an_error(
         load_predictor(tmp_path / "model.onnx")
 
 
+def test_predict_says_once_when_a_model_cannot_say_unknown(exported, tiny_run):
+    """The ONNX file has no unknown-input score: every image gets a class, and predict says so (once, on stderr)
+    instead of leaving the user to think strange inputs would be flagged; the .tflite scores them."""
+    from typer.testing import CliRunner
+
+    from mobiletune.cli import app
+
+    run, images = exported[0], tiny_run.workdir.parent / "data" / "validation"
+    for fmt, noted in (("onnx", True), ("tflite", False)):
+        result = CliRunner().invoke(app, ["predict", str(run / "export" / FILE_NAMES[fmt]), str(images)])
+        assert result.exit_code == 0, result.output
+        assert " ".join(result.output.split()).count("has no unknown-input score") == int(noted), (fmt, result.output)
+
+
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_predict_with_a_tflite_or_onnx_file_runs_without_tensorflow(exported, tiny_run, fmt):
     """Mobile developers' check of a shipped file: its own runtime only, no TensorFlow start-up. A fresh

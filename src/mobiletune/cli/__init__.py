@@ -312,11 +312,12 @@ def predict_command(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 1,
     batch: Annotated[int, typer.Option("--batch", "-b", help="Images decoded and predicted at a time.")] = 32,
     unknown: Annotated[bool, typer.Option(
-        "--unknown/--no-unknown", help="With a run folder: call images unlike the training images 'unknown'.")] = True,
+        "--unknown/--no-unknown", help="With a run folder or .tflite: call images unlike the training images "
+                                       "'unknown'.")] = True,
 ) -> None:
     """Classify images with any exported model; bad files are reported on their own line.
 
-    Given a run folder, each image also gets the run's unknown-input score, and is called
+    Given a run folder or a .tflite export, each image also gets the run's unknown-input score, and is called
     "unknown" beyond its threshold (metrics.json["unknown"]); --no-unknown turns that off."""
     import csv as csv_lib
     import json
@@ -330,6 +331,9 @@ def predict_command(
         import_tensorflow()
     predictor = load_predictor(model)
     scoring = unknown and predictor.unknown_threshold is not None
+    if unknown and not scoring and format_ == "table":  # every image gets a class: say so once, on stderr
+        err_console.print(f"note: {model} has no unknown-input score; every image gets one of its classes (the run "
+                          "folder and the .tflite exports say 'unknown')", markup=False)
     writer = csv_lib.writer(sys.stdout, lineterminator="\n")
     if format_ == "csv":
         writer.writerow(["path", *(["unknown", "unknown_score"] if scoring else []),
