@@ -62,5 +62,5 @@ def test_an_epoch_of_three_passes_trains_as_three_epochs_of_one(cats_dogs_tiny, 
         a, b = (model_lib.load_model(run / name).get_weights() for run in (tmp_path / "a", tmp_path / "b"))
         assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), name
     summary = (tmp_path / "a" / "summary.md").read_text()
-    assert "Phase 1: 1 epochs of 3 pass(es) over the training images, 9 steps each" in summary
+    assert "Phase 1: 1 epoch(s), each 3 pass(es) over the training images in 9 optimizer steps" in summary
     assert "phase1.min_steps=9" in summary

@@ -79,8 +79,11 @@ def fit_recipe(fit: Fit, state: RunState) -> list[dict[str, Any]]:
     if not resumed_at or resumed_at < config.phase1.epochs + config.phase2.epochs:  # unfreeze from fine_tune_at
         classifier.unfreeze_from(config.phase2.fine_tune_at, config.model.bn_mode)
         if fit.console is not None:
-            fit.console.print(f"fine-tuning {sum(layer.trainable for layer in classifier.base.layers)} base layers "
-                              f"from layer {config.phase2.fine_tune_at} at lr {config.phase_lr(2):g}")
+            at, layers = config.phase2.fine_tune_at, classifier.base.layers
+            kept = sum(not layer.trainable for layer in layers[at:])  # BatchNorm in inference mode
+            frozen = f" ({kept} BatchNorm layers among them frozen)" if kept else ""
+            fit.console.print(f"fine-tuning the {len(layers) - at} base layers from layer {at} at lr "
+                              f"{config.phase_lr(2):g}{frozen}")
         _fit_phase(fit, state, Phase.of(2, fit.images, config, state))
     return state.history
 

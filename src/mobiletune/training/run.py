@@ -251,8 +251,9 @@ def _note_schedule(images: ImageSet, config: Config, say) -> None:
     passes = config.passes_per_epoch(1, schedule.steps_per_pass(images, config))
     steps = schedule.steps_per_epoch(images, config, 1)
     if passes > 1:
-        say(f"phase 1: {config.phase1.epochs} epochs of {passes} passes over the training images ({steps} steps "
-            f"each), for at least phase1.min_steps={config.phase1.min_steps} optimizer steps (0: one pass an epoch)")
+        say(f"phase 1: each epoch passes over the training images {passes} times ({steps} optimizer steps an epoch, "
+            f"{config.phase1.epochs} epoch{'s' if config.phase1.epochs != 1 else ''}), for at least "
+            f"phase1.min_steps={config.phase1.min_steps} steps (0: one pass an epoch)")
     elif 0 < steps * config.phase1.epochs < FEW_HEAD_STEPS:
         say(f"note: phase 1 is only {steps * config.phase1.epochs} optimizer steps ({images.counts()['train']} "
             f"training images, batch {config.data.batch_size}, {config.phase1.epochs} epochs); the new head may "
