@@ -234,7 +234,8 @@ def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str 
     """A fresh run folder: the config, where the data is, the split and what was skipped."""
     out = runfolder.prepare(workdir, overwrite=overwrite)
     (out / runfolder.CHECKPOINT).unlink(missing_ok=True)
-    shutil.rmtree(out / runfolder.LOGS, ignore_errors=True)  # --overwrite: an earlier run's curves would mix in
+    for events in (out / runfolder.LOGS).rglob("events.out.tfevents.*"):  # --overwrite: an earlier run's curves
+        events.unlink()  # would mix in; anything else a user keeps there stays
     for derived in (runfolder.EXPORT, runfolder.EVALUATIONS):  # made from the model this run replaces: an export
         shutil.rmtree(out / derived, ignore_errors=True)  # left there would serve the old model under the new name
     runfolder.write_text(out / runfolder.CONFIG, config.to_yaml())
