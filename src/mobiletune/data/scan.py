@@ -137,6 +137,9 @@ def _hash_file(path: Path, check: Callable[[Path], str | None] | None) -> tuple[
     return Hashed(digest, check(path) if check else None), before
 
 
+RECORD_EVERY = 512  # digests written to the index at a time while hashing (one transaction each)
+
+
 def hash_files(paths: list[Path], index: FileIndex, check: Callable[[Path], str | None] | None = None,
                progress: Callable[[int, int], None] | None = None) -> tuple[list[Hashed], int]:
     """The sha256 of each file and why it cannot be used (None: usable), and how many files had to be read.
@@ -173,6 +176,9 @@ def hash_files(paths: list[Path], index: FileIndex, check: Callable[[Path], str 
                 fresh.append((os.fsencode(str(paths[i])), st, hashed.sha256))
                 if hashed.reason:
                     index.mark_bad(hashed.sha256, hashed.reason)
+            if len(fresh) >= RECORD_EVERY:  # an interrupted first scan of a large folder keeps what it read
+                index.record(fresh)
+                fresh.clear()
             if progress:
                 progress(done, len(todo))
     index.record(fresh)
