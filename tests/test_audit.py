@@ -191,6 +191,8 @@ def test_every_run_reports_its_audit(cats_dogs_tiny, tmp_path, level):
     assert set(audit.ISSUES) <= set(metrics["audit"]) and "test_without_leaks" in metrics["audit"]
     issues = {r["issue"] for r in runfolder.read_csv(tmp_path / "run" / "audit.csv")}
     assert issues <= ({"exact_duplicate", "near_duplicate"} if level == "duplicates" else set(audit.ISSUES))
+    # --audit's findings can be ticked on the page, as `mobiletune audit`'s; the cheap default check writes none
+    assert (tmp_path / "run" / "audit.html").exists() == (level == "full")
 
 
 @pytest.mark.parametrize("dedupe", [True, False])

@@ -1,10 +1,12 @@
 """`mobiletune audit DATA_DIR`: the audit of a folder on its own, without training: features from the
-shared store, then audit.csv and audit.html."""
+shared store, then audit.csv and audit.html (`write_findings`, which a run's audit writes too)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mobiletune import runfolder
 from mobiletune.audit.checks import read_exclusions, run_audit, summary, write_csv
@@ -21,7 +23,6 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     after a run, or a run after an audit, costs only the checks.
     """
     from mobiletune import progress
-    from mobiletune.audit.page import build_audit_page
     from mobiletune.data import folders as data
     from mobiletune.data import scan
     from mobiletune.features import cache, cluster
@@ -41,10 +42,20 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     top = top_for(config, classifier.base)
     with progress.bar(console, "matching look-alike images") as update:
         findings = run_audit(images, pooled, listing=listing, top=top, progress=update, index=index)
-    kinds = {} if top is None else {images.classes[c]: kind.replace("_", " ")
-                                    for c, kind in class_kinds(pooled, images.labels, top).items()}
     out = runfolder.prepare(out, overwrite=overwrite)
+    found, kinds = write_findings(out, images, pooled, findings, top, page=True)
+    return {**found, "kinds": kinds, "images": len(images.paths), "skipped": len(images.skipped), "out": str(out)}
+
+
+def write_findings(out: Path, images, pooled, findings, top=None, *, page: bool) -> tuple[dict[str, Any], dict]:
+    """OUT/audit.csv and, with `page`, OUT/audit.html (with each class's ImageNet kind, where `top` gives one);
+    returns the summary and the kinds."""
+    from mobiletune.audit.page import build_audit_page
+
     write_csv(findings, out / runfolder.AUDIT)
     found = summary(images, findings)
-    build_audit_page(out, images.root, findings, found, kinds)
-    return {**found, "kinds": kinds, "images": len(images.paths), "skipped": len(images.skipped), "out": str(out)}
+    kinds = {} if top is None else {images.classes[c]: kind.replace("_", " ")  # `pooled` may be StoredRows
+                                    for c, kind in class_kinds(np.asarray(pooled), images.labels, top).items()}
+    if page:
+        build_audit_page(out, images.root, findings, found, kinds)
+    return found, kinds

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from mobiletune import progress, runfolder
+from mobiletune import progress
 from mobiletune.audit import checks as audit
+from mobiletune.audit.run import write_findings
 from mobiletune.config import Config
 from mobiletune.data import folders as data
 from mobiletune.data import scan
@@ -92,12 +93,11 @@ def audit_run(images: ImageSet, feats: features.Features | None, near: tuple | N
     full = config.data.audit == "full"
     top = top_for(config, classifier.base) if full else None
     findings = audit.run_audit(images, feats.pooled_plain, full=full, near=near, top=top, index=index)
-    audit.write_csv(findings, out / runfolder.AUDIT)
-    found = audit.summary(images, findings)
+    found, _ = write_findings(out, images, feats.pooled_plain, findings, top, page=full)  # the page: with --audit
     parts = [f"{found[i]} {i.replace('_', ' ')}(s)" for i in audit.ISSUES if found[i] or i in audit.ISSUES[:2]]
     say(f"audit: {', '.join(parts)}; {found['leaks']} cross train and validation/test" + (
         " (leaks: the test accuracy without them is reported too)" if found["leaks"] else "")
-        + f" ({time.perf_counter() - clock:.1f} s; audit.csv)")
+        + f" ({time.perf_counter() - clock:.1f} s; audit.csv{' and audit.html' if full else ''})")
     return found
 
 
