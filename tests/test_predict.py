@@ -43,6 +43,10 @@ def test_predict_cli_formats(tiny_run, tmp_path):
                                "--top-k", "2"])
     assert glob.stdout.splitlines()[0] == "path,unknown,unknown_score,class1,p1,class2,p2,error"  # a run folder scores
     assert len(glob.stdout.splitlines()) == 4  # header + broken + two cats
+    nothing = runner.invoke(app, ["predict", str(tiny_run.workdir), str(folder / "*.gif"), str(folder / "gone.jpg"),
+                                  "--format", "json"])
+    errors = [json.loads(line)["error"] for line in nothing.stdout.splitlines()]
+    assert nothing.exit_code == 1 and errors[0] == "no file matches" and errors[1].startswith("cannot read (No such")
 
 
 def test_predict_bad_model_is_one_line(tmp_path):

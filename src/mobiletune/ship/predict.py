@@ -281,7 +281,8 @@ def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32
         except BadImage as exc:
             pending.append((path, None, str(exc)))
         except OSError as exc:
-            pending.append((path, None, f"cannot read ({exc.strerror or exc})"))
+            pattern = not path.exists() and any(c in str(path) for c in "*?[")  # a glob that matched nothing
+            pending.append((path, None, "no file matches" if pattern else f"cannot read ({exc.strerror or exc})"))
         if len(pending) >= batch:
             yield from flush()
     yield from flush()
