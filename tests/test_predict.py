@@ -49,13 +49,21 @@ def test_predict_cli_formats(tiny_run, tmp_path):
     assert nothing.exit_code == 1 and errors[0] == "no file matches" and errors[1].startswith("cannot read (No such")
 
 
+def _image(folder):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "cat.jpg")
+    return folder / "cat.jpg"
+
+
 def test_predict_bad_model_is_one_line(tmp_path):
     bogus = tmp_path / "model.keras"
     bogus.write_bytes(b"PK\x03\x04 damaged")
     (tmp_path / "labels.txt").write_text("a\nb\n")
     for args, needle in (([str(bogus), "x.jpg"], "not a loadable .keras model"),
                          ([str(tmp_path / "nothing.onnx"), "x.jpg"], "no such model"),
-                         ([str(tmp_path / "labels.txt"), "x.jpg"], "not a model")):
+                         ([str(tmp_path / "labels.txt"), "x.jpg"], "not a model"),
+                         ([str(_image(tmp_path)), str(tmp_path)], "an image, not a model; the model comes first")):
         result = runner.invoke(app, ["predict", *args])
         assert result.exit_code in (1, 2) and needle in result.output and "Traceback" not in result.output
 

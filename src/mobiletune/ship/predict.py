@@ -208,6 +208,8 @@ def load_predictor(path: str | Path) -> Predictor:
 
 def _load(path: Path) -> Predictor:
     suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        raise UsageError(f"{path}: an image, not a model; the model comes first: mobiletune predict MODEL IMAGES...")
     if suffix == ".tflite":  # names its classes itself, where it has metadata
         return TFLitePredictor(path)
     if suffix == ".onnx":  # so does this
