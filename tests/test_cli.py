@@ -105,17 +105,22 @@ def test_cache_ls_and_clear(cats_dogs_tiny, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["features"]["images_computed"] == 46 and metrics["features"]["cache_bytes"] > 0
     assert metrics["peak_rss_mb"] > 100
-    # what the earlier model left (an export, an evaluation) goes with it; a file of the user's stays
+    # what the earlier model left (an export, an evaluation, an --audit page) goes with it; a file of the user's
+    # stays, in those folders too
     earlier_curves = sorted((out / "logs").rglob("events.out.tfevents.*"))
     assert earlier_curves
-    for made in ("export/model.onnx", "export/export.json", "evaluations/new/evaluation.json", "notes.txt",
-                 "logs/mine.txt"):
+    for made in ("export/model.onnx", "export/labels.txt", "evaluations/new/evaluation.json", "audit.html",
+                 "notes.txt", "logs/mine.txt", "export/mine.txt", "evaluations/mine.txt"):
         (out / made).parent.mkdir(parents=True, exist_ok=True)
         (out / made).write_text("earlier")
+    (out / "export" / "export.json").write_text(json.dumps({"model_sha256": "earlier", "checks": [
+        {"format": "onnx"}, "odd", None, {"format": ["odd"]}]}))
     again = runner.invoke(app, [*args, "--overwrite"])
     assert "features: 46 cached, 0 computed" in again.output
-    assert not (out / "export").exists() and not (out / "evaluations").exists()
-    assert (out / "notes.txt").read_text() == "earlier" and (out / "logs" / "mine.txt").read_text() == "earlier"
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["mine.txt"]
+    assert sorted(p.name for p in (out / "evaluations").iterdir()) == ["mine.txt"] and not (out / "audit.html").exists()
+    for mine in ("notes.txt", "logs/mine.txt", "export/mine.txt", "evaluations/mine.txt"):
+        assert (out / mine).read_text() == "earlier"
     assert not any(p.exists() for p in earlier_curves)  # the earlier run's TensorBoard curves, not mixed in
     listing = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache)])
     assert listing.exit_code == 0 and "1 store(s)" in listing.output and "1 exported extractor(s)" in listing.output

@@ -102,6 +102,17 @@ def test_a_users_folder_is_refused_and_another_models_export_is_replaced(exporte
     assert [c["format"] for c in result["checks"]] == ["keras"]
     assert not any((other / FILE_NAMES[f]).exists() for f in FORMATS if f != "keras")
     assert (other / "notes.txt").read_text() == "mine"  # not an export's file
+    # a file named export.json that is no export's record (another tool's, or damaged) makes no export folder
+    for text in ('{"name": "another tool"}', "{damaged", '{"model_sha256": 1, "checks": []}'):
+        theirs = tmp_path / f"theirs{len(text)}"
+        (theirs / "web").mkdir(parents=True)
+        (theirs / "export.json").write_text(text)
+        (theirs / "labels.txt").write_text("theirs\n")
+        with pytest.raises(UsageError, match="not empty"):
+            export_run(run, ["keras"], theirs, max_drop=100)
+        assert sorted(p.name for p in theirs.iterdir()) == ["export.json", "labels.txt", "web"]
+    with pytest.raises(UsageError, match="the run folder itself"):
+        export_run(run, ["keras"], run, max_drop=100)
 
 
 def test_onnx_names_its_classes_itself_and_labels_of_another_model_are_an_error(exported, tmp_path):
@@ -118,6 +129,9 @@ def test_onnx_names_its_classes_itself_and_labels_of_another_model_are_an_error(
     onnx.save(proto, str(tmp_path / "model.onnx"))  # an ONNX file without names: labels.txt must fit it
     with pytest.raises(ModelError, match="gives 2 class probabilities but its labels name 3"):
         load_predictor(tmp_path / "model.onnx")
+    shutil.copytree(run / "export" / "savedmodel", tmp_path / "savedmodel")  # labels.txt beside it: not its own
+    with pytest.raises(ModelError, match="gives 2 class probabilities but its labels name 3"):
+        load_predictor(tmp_path / "savedmodel")
 
 
 def test_predict_says_once_when_a_model_cannot_say_unknown(exported, tiny_run):

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,6 +43,11 @@ LOGS = "logs"  # TensorBoard's folder (in a sweep folder, one subfolder per tria
 TRIALS = "trials.csv"  # a sweep's trials: state, validation accuracy, knobs, latency, cost
 LABELS = "labels.txt"  # beside an export: its class names, one a line, in output order
 EXPORT = "export"  # `mobiletune export RUN`'s default folder
+EXPORT_FILES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",  # by format
+                "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite", "onnx": "model.onnx",
+                "web": "web"}
+EXPORT_RECORD = "export.json"  # in an export folder: the model's sha256 and one re-test per format
+EXPORT_REPORT = "report.md"  # ... and the re-tests as a table
 EVALUATIONS = "evaluations"  # `evaluate RUN --data DIR`'s default home: one subfolder per DIR, never the run's files
 EVALUATION = "evaluation.json"  # there: the numbers of metrics.json for those images (and which images)
 
@@ -207,3 +213,45 @@ def save_model(path: Path, model) -> None:
         raise _naming(exc, path) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What commands write from a run's model: exports and evaluations
+
+
+def read_export_record(folder: Path) -> dict[str, Any] | None:
+    """`folder`'s export.json, or None where it holds none that `mobiletune export` wrote (a file of that name that
+    is no such record is someone else's)."""
+    try:
+        record = json.loads((Path(folder) / EXPORT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("model_sha256"), str)
+            and isinstance(record.get("checks"), list)):
+        return None
+    return record
+
+
+def remove_export(folder: Path, record: dict[str, Any]) -> None:
+    """The files `record`'s export wrote into `folder` (`read_export_record`): its formats, labels, card, report
+    and record; nothing else there."""
+    formats = [c.get("format") for c in record["checks"] if isinstance(c, dict)]
+    names = [EXPORT_FILES[f] for f in formats if isinstance(f, str) and f in EXPORT_FILES]
+    for name in {*names, EXPORT_FILES["web"], LABELS, MODEL_CARD, EXPORT_REPORT, EXPORT_RECORD}:
+        path = Path(folder) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_evaluations(run: Path) -> None:
+    """The folders `evaluate RUN --data` wrote under RUN/evaluations (each holding an evaluation.json): their two
+    files, and the folders once empty; anything else a user keeps there stays."""
+    for folder in sorted(Path(run, EVALUATIONS).glob(f"*/{EVALUATION}")):
+        for name in (EVALUATION, PREDICTIONS):
+            (folder.parent / name).unlink(missing_ok=True)
+        if not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+    if Path(run, EVALUATIONS).is_dir() and not any(Path(run, EVALUATIONS).iterdir()):
+        Path(run, EVALUATIONS).rmdir()

@@ -22,7 +22,7 @@ from mobiletune.errors import UsageError
 from mobiletune.report import figures
 from mobiletune.report import summary as report
 from mobiletune.report.results import STAGES, results_table
-from mobiletune.runfolder import read_csv, read_json, write_text
+from mobiletune.runfolder import read_csv, write_text
 
 CSS = """
 body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:980px;padding:12px;color:#222}
@@ -240,10 +240,9 @@ def _misclassified(run: Path, metrics: dict[str, Any], classes: list[str], limit
 
 def _exports(run: Path) -> str:
     """The re-test table of `mobiletune export`, when the run has been exported."""
-    path = run / runfolder.EXPORT / "export.json"
-    if not path.is_file():
+    result = runfolder.read_export_record(run / runfolder.EXPORT)
+    if result is None:
         return ""
-    result = read_json(path)
     rows = [[c["format"], f"{c['accuracy']:.2%}", f"{c['agreement']:.2%}", f"{c['max_abs_diff']:.1e}",
              f"{c['megabytes']:.2f}", f"{c['ms_per_image']:.2f}"] for c in result["checks"]]
     return (f"<h2>Exports (Keras accuracy {result['keras_accuracy']:.2%})</h2>"

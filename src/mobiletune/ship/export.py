@@ -10,7 +10,6 @@ the table in `export/report.md` has been written.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import statistics
@@ -45,9 +44,7 @@ from mobiletune.version import __version__
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-fp16", "tflite-int8", "onnx")  # "all": every one of these
 WEB = "web"  # a folder with a page running the float .tflite in the browser (`ship.web`); asked for by name
-FILE_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
-              "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite", "onnx": "model.onnx",
-              WEB: "web"}
+FILE_NAMES = runfolder.EXPORT_FILES  # each format's file or folder in the export folder
 REPRESENTATIVE_IMAGES = 200  # int8 calibration: enough training images to pin activation ranges
 
 
@@ -267,6 +264,9 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     web_files = tasks_vision_files() if web else None  # before the slow conversions: a failed download is quick
     metrics = runfolder.read_metrics(run)
     config = load_config(run / runfolder.CONFIG)
+    if out and Path(out).resolve() == run.resolve():
+        raise UsageError(f"--out {out}: the run folder itself (its model.keras and model card would be replaced); "
+                         f"give another folder, or none for {run / runfolder.EXPORT}")
     digest = hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()
     out = _claimed(Path(out) if out else run / runfolder.EXPORT, digest, overwrite=overwrite or not out)
     classifier = Classifier(model_lib.load_model(run / runfolder.MODEL))
@@ -284,12 +284,13 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     checks = check_exports(paths, images, reference, flags)
     failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
     checks = _earlier_checks(out, digest, exclude=formats) + checks
-    runfolder.write_text(out / "report.md", report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
+    runfolder.write_text(out / runfolder.EXPORT_REPORT,
+                         report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
     result = {"out": str(out), "keras_accuracy": keras_accuracy, "model_sha256": digest,
               **({WEB: str(out / FILE_NAMES[WEB])} if web else {}),
               "metadata": {k: v for k, v in info.__dict__.items() if k != "classes"},
               "checks": [c.__dict__ for c in checks]}
-    runfolder.write_json(out / "export.json", result)
+    runfolder.write_json(out / runfolder.EXPORT_RECORD, result)
     write_model_card(run, out, result)
     if (run / runfolder.REPORT).exists():
         from mobiletune.report.html import build_report
@@ -299,41 +300,36 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
         worst = max(failed, key=lambda c: keras_accuracy - c.accuracy)
         raise ExportError(f"export {worst.format}: accuracy {worst.accuracy:.2%} is "
                           f"{100 * (keras_accuracy - worst.accuracy):.1f} points below the Keras model's "
-                          f"{keras_accuracy:.2%} (allowed: {max_drop:g}); see {out / 'report.md'}")
+                          f"{keras_accuracy:.2%} (allowed: {max_drop:g}); see {out / runfolder.EXPORT_REPORT}")
     return result
 
 
 def _claimed(out: Path, model_sha256: str, overwrite: bool) -> Path:
     """`out`, made ready for this model's files. An earlier export of another model there (its export.json names
     another digest) has its files removed: its formats would stay beside this model's labels and be read with
-    them. A non-empty folder without an export is someone's own: refused unless `overwrite`."""
-    runfolder.check_out(out, overwrite=overwrite or (out / "export.json").is_file())
-    try:
-        earlier = json.loads((out / "export.json").read_text())
-    except (OSError, ValueError):
-        earlier = None
-    if isinstance(earlier, dict) and earlier.get("model_sha256") != model_sha256:
-        stale = [FILE_NAMES.get(c.get("format"), "") for c in earlier.get("checks", [])]
-        for name in [*stale, FILE_NAMES[WEB], runfolder.LABELS, runfolder.MODEL_CARD, "report.md", "export.json"]:
-            path = out / name
-            if name and path.is_dir():
-                shutil.rmtree(path)
-            elif name:
-                path.unlink(missing_ok=True)
+    them. A non-empty folder that holds no export is someone's own: refused unless `overwrite`."""
+    earlier = runfolder.read_export_record(out)
+    runfolder.check_out(out, overwrite=overwrite or earlier is not None)
+    if earlier is not None and earlier["model_sha256"] != model_sha256:
+        runfolder.remove_export(out, earlier)
     return runfolder.make_folder(out)
 
 
 def _earlier_checks(out: Path, model_sha256: str, exclude: list[str]) -> list[Check]:
     """The re-tests of formats an earlier `export` of the same model left in `out` (their files still
     there), so export.json, report.md and the model card list every file in the folder."""
-    try:
-        earlier = json.loads((out / "export.json").read_text())
-    except (OSError, ValueError):
-        return []
-    if earlier.get("model_sha256") != model_sha256:
+    earlier = runfolder.read_export_record(out)
+    if earlier is None or earlier["model_sha256"] != model_sha256:
         return []  # another model, or an export from before the digest was recorded
-    return [Check(**c) for c in earlier.get("checks", [])
-            if c["format"] not in exclude and (out / FILE_NAMES[c["format"]]).exists()]
+    checks = []
+    for c in earlier["checks"]:
+        fmt = c.get("format") if isinstance(c, dict) else None
+        if fmt in FORMATS and fmt not in exclude and (out / FILE_NAMES[fmt]).exists():
+            try:
+                checks.append(Check(**c))
+            except TypeError:  # a record of another mobiletune version: re-test that format to list it again
+                continue
+    return checks
 
 
 def _representative(run: Path, metrics: dict[str, Any], config) -> np.ndarray:

@@ -216,13 +216,18 @@ def _load(path: Path) -> Predictor:
         return OnnxPredictor(path)
     classes = _labels_for(path)
     if path.is_dir() and (path / "saved_model.pb").exists():
-        return SavedModelPredictor(path, classes)
+        predictor = SavedModelPredictor(path, classes)
+        outputs = predictor.serve.structured_outputs
+        _check_width(path, classes, int(outputs.get(PROBABILITIES, next(iter(outputs.values()))).shape[-1]))
+        return predictor
     if suffix == ".keras":
         from mobiletune.model.network import load_model
 
+        model = load_model(path)
+        _check_width(path, classes, max(2, int(model.output_shape[-1])))  # a binary training model: one logit
         # the run's detector was fitted to its trained model's outputs: before_fine_tuning.keras has none
         detector = load_detector(path.parent / runfolder.UNKNOWN) if path.name == runfolder.MODEL else None
-        return KerasPredictor(load_model(path), classes, detector)
+        return KerasPredictor(model, classes, detector)
     raise UsageError(f"{path}: not a model: give a run folder, .keras, SavedModel folder, .tflite or .onnx")
 
 

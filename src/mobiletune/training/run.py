@@ -8,7 +8,6 @@ copies kept in one split), both phases (`loop.fit_recipe`), the test set scored 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from mobiletune.config import Config
 from mobiletune.data import manifest, pixels
 from mobiletune.data.images import ImageSet
 from mobiletune.data.manifest import read_manifest
-from mobiletune.errors import DataError, Interrupted
+from mobiletune.errors import DataError, Interrupted, UsageError
 from mobiletune.evaluation import statistics as evaluate
 from mobiletune.evaluation import unknown
 from mobiletune.features import cache
@@ -82,6 +81,8 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     split is the trial's.
     """
     runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
+    if config.data.parent and Path(config.data.parent).resolve() == Path(workdir).resolve():
+        raise UsageError(f"--out {workdir}: the run --from retrains; give the new run a folder of its own")
     return _run(config, data_dir, Path(workdir), resuming=False, overwrite=overwrite, console=console,
                 fine_tune_ats=fine_tune_ats, mlflow=mlflow, trained=trained)
 
@@ -229,15 +230,32 @@ def _restored(saved: tuple[RunState, dict] | None, classifier: Classifier, confi
     return state
 
 
+# What an earlier run in the folder made (--overwrite): gone before this run starts, so a folder stopped midway is
+# no finished run of the old model (metrics.json marks one), and no file of it is read with the new one
+EARLIER_RUN = (runfolder.METRICS, runfolder.CHECKPOINT, runfolder.MODEL, runfolder.MODEL_BEFORE, runfolder.UNKNOWN,
+               runfolder.PREDICTIONS, runfolder.HISTORY, runfolder.REPORT, runfolder.SUMMARY, runfolder.MODEL_CARD,
+               runfolder.AUDIT, runfolder.AUDIT_PAGE, runfolder.CURVES_BEFORE, runfolder.CURVES_AFTER)
+
+
+def _clear_earlier_run(out: Path) -> None:
+    """An earlier run's files in `out` (`EARLIER_RUN`, its TensorBoard curves, the export and evaluations made
+    from its model: an export left there would serve the old model under the new labels); a user's own files,
+    in those folders too, stay."""
+    for name in EARLIER_RUN:
+        (out / name).unlink(missing_ok=True)
+    for events in (out / runfolder.LOGS).rglob("events.out.tfevents.*"):
+        events.unlink()
+    record = runfolder.read_export_record(out / runfolder.EXPORT)
+    if record is not None:
+        runfolder.remove_export(out / runfolder.EXPORT, record)
+    runfolder.remove_evaluations(out)
+
+
 def _start_folder(workdir: Path, overwrite: bool, config: Config, data_dir: str | Path,
                   images: ImageSet) -> Path:
     """A fresh run folder: the config, where the data is, the split and what was skipped."""
     out = runfolder.prepare(workdir, overwrite=overwrite)
-    (out / runfolder.CHECKPOINT).unlink(missing_ok=True)
-    for events in (out / runfolder.LOGS).rglob("events.out.tfevents.*"):  # --overwrite: an earlier run's curves
-        events.unlink()  # would mix in; anything else a user keeps there stays
-    for derived in (runfolder.EXPORT, runfolder.EVALUATIONS):  # made from the model this run replaces: an export
-        shutil.rmtree(out / derived, ignore_errors=True)  # left there would serve the old model under the new name
+    _clear_earlier_run(out)
     runfolder.write_text(out / runfolder.CONFIG, config.to_yaml())
     runfolder.write_json(out / runfolder.RUN_INFO, {"data_dir": str(Path(data_dir).resolve()),
                                                     **({"parent": config.data.parent} if config.data.parent else {})})
