@@ -101,5 +101,16 @@ def test_evaluate_run_again_and_on_new_data(tiny_run, tmp_path):
     with pytest.raises(UsageError, match="not empty"):
         evaluation_run.evaluate_run(run, new, mine)
     assert (mine / "notes.txt").read_text() == "mine"
+    with pytest.raises(UsageError, match="the run folder itself"):
+        evaluation_run.evaluate_run(run, new, run, overwrite=True)
+    with pytest.raises(UsageError, match="only with --data"):
+        evaluation_run.evaluate_run(run, None, mine)
+    # another folder of the same name (setA/new, setB/new) does not replace the first one's evaluation unasked
+    other = tmp_path / "elsewhere" / "new"
+    copy_images(CATS_DOGS / "validation", other, 2, offset=300)
+    with pytest.raises(UsageError, match="holds the evaluation of other images"):
+        evaluation_run.evaluate_run(run, other)
+    assert json.loads((run / "evaluations" / "new" / "evaluation.json").read_text()) == saved
+    assert evaluation_run.evaluate_run(run, new)["after_fine_tuning"]["test"]["n"] == 8  # the same images: replaced
     with pytest.raises(UsageError, match="not a finished mobiletune run"):
         evaluation_run.evaluate_run(tmp_path / "new")

@@ -131,16 +131,14 @@ def evaluate_command(
     (report.html rebuilt), or with --data on other labelled images (into a folder of their own)."""
     from mobiletune import runfolder
     from mobiletune.data.folders import check_source
-    from mobiletune.errors import UsageError
-    from mobiletune.evaluation.run import default_folder, evaluate_run
+    from mobiletune.evaluation.run import check_arguments, default_folder, evaluate_run
     from mobiletune.report.summary import print_results
 
     runfolder.read_metrics(run)  # a folder that is no finished run is refused before TensorFlow starts
-    if data is None and out is not None:
-        raise UsageError("--out: only with --data (without it the run's own files are rebuilt)")
+    check_arguments(data, out)
     if data is not None:
         check_source(data)  # so is a missing --data
-    if out is not None:
+    if out is not None and data is not None:
         runfolder.check_out(out, overwrite=overwrite)
     import_tensorflow()
     block = evaluate_run(run, data, out, overwrite)
@@ -332,8 +330,8 @@ def predict_command(
     predictor = load_predictor(model)
     scoring = unknown and predictor.unknown_threshold is not None
     if unknown and not scoring and format_ == "table":  # every image gets a class: say so once, on stderr
-        err_console.print(f"note: {model} has no unknown-input score; every image gets one of its classes (the run "
-                          "folder and the .tflite exports say 'unknown')", markup=False)
+        err_console.print(f"note: {model} has no unknown-input score; every image gets one of its classes",
+                          markup=False)
     writer = csv_lib.writer(sys.stdout, lineterminator="\n")
     if format_ == "csv":
         writer.writerow(["path", *(["unknown", "unknown_score"] if scoring else []),

@@ -9,14 +9,46 @@ from typing import Any
 from mobiletune.evaluation.statistics import compare_stages, predict_logits, probabilities, write_predictions
 
 
-def default_folder(run, data_dir) -> Path:
+def default_folder(run: str | Path, data_dir: str | Path) -> Path:
     """Where `evaluate RUN --data DIR` writes without --out: RUN/evaluations/<DIR's name> (a labels CSV's stem)."""
     from mobiletune import runfolder
 
-    return Path(run) / runfolder.EVALUATIONS / Path(data_dir).resolve().stem
+    data_dir = Path(data_dir).resolve()
+    return Path(run) / runfolder.EVALUATIONS / (data_dir.stem if data_dir.is_file() else data_dir.name)
 
 
-def evaluate_run(run, data_dir=None, out=None, overwrite: bool = False) -> dict[str, Any]:
+def check_arguments(data_dir, out) -> None:
+    """`out` only with `data_dir`: without it the run's own files are rebuilt (before TensorFlow starts)."""
+    from mobiletune.errors import UsageError
+
+    if data_dir is None and out is not None:
+        raise UsageError("--out: only with --data (without it the run's own files are rebuilt)")
+
+
+def _evaluation_folder(run: Path, data_dir, out, overwrite: bool) -> Path:
+    """`out`, or the default folder: replaced when it holds an evaluation of the same images; one of other images
+    there (setA/test and setB/test share a name) is kept unless `overwrite`."""
+    from mobiletune import runfolder
+    from mobiletune.errors import UsageError
+
+    if out is not None and Path(out).resolve() == run.resolve():
+        raise UsageError(f"--out {out}: the run folder itself; its own files stay as they are: give another folder")
+    if out is not None:
+        return runfolder.check_out(out, overwrite=overwrite)
+    out = default_folder(run, data_dir)
+    earlier = out / runfolder.EVALUATION
+    if earlier.is_file() and not overwrite:
+        try:
+            same = runfolder.read_json(earlier).get("data_dir") == str(Path(data_dir).resolve())
+        except (UsageError, AttributeError):
+            same = False
+        if not same:
+            raise UsageError(f"{out} holds the evaluation of other images; give --out, or --overwrite to replace it")
+    return out
+
+
+def evaluate_run(run: str | Path, data_dir: str | Path | None = None, out: str | Path | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Re-evaluate a finished run's two models (before and after fine-tuning); returns the before/after block.
 
     On the run's own test split by default: metrics.json, test_predictions.csv and the report are rebuilt in
@@ -35,8 +67,9 @@ def evaluate_run(run, data_dir=None, out=None, overwrite: bool = False) -> dict[
 
     run = Path(run)
     metrics = runfolder.read_metrics(run)  # first: a clear error for a folder that is no run
+    check_arguments(data_dir, out)
     if data_dir is not None:
-        out = runfolder.check_out(out or default_folder(run, data_dir), overwrite=overwrite or out is None)
+        out = _evaluation_folder(run, data_dir, out, overwrite)
     config = load_config(run / runfolder.CONFIG)
     images = data.load_test_images(run, data_dir, config.data)
     test = pixels.eval_batches(images, config.data.image_size, config.data.batch_size)
