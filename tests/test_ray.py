@@ -211,9 +211,13 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(cats_dogs_tiny, tm
     assert result.exit_code != 0 and time.perf_counter() - started < 10
     assert result.output.strip() == (f"error: --ray 127.0.0.1:{port}: nothing answers there (Connection refused); "
                                      "start a cluster with `ray start --head`, or give its address")
-    for bad in ("127.0.0.1", "host:port"):
+    for bad in ("127.0.0.1", "host:port", "host:0", "host:65536", "host:99999999999999999999", "host:\u00b2"):
         with pytest.raises(UsageError, match="give HOST:PORT"):
             cluster_lib.probe(bad)
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # what answers passes, in every form
+        port = listening.getsockname()[1]
+        for good in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"localhost:{port}", "auto"):
+            cluster_lib.probe(good)
 
 
 def test_bad_settings_are_one_line(tmp_path):

@@ -115,9 +115,9 @@ def probe(address: str) -> None:
     if address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--ray {address}: give HOST:PORT (the head's address, e.g. 10.0.0.5:6379), "
-                         "ray://HOST:PORT or auto")
+    if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"--ray {address}: give HOST:PORT (the head's address, e.g. 10.0.0.5:6379; a port from 1 "
+                         "to 65535), ray://HOST:PORT or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
     except OSError as exc:
