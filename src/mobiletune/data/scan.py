@@ -168,7 +168,8 @@ def hash_files(paths: list[Path], index: FileIndex, check: Callable[[Path], str 
         if r is not None and r.sha256 in bad:
             results[i] = Hashed(r.sha256, bad[r.sha256])
     fresh: list[tuple[bytes, Stamp, str]] = []
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:  # hashlib releases the GIL
+    pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))  # hashlib releases the GIL
+    try:
         hashed_all = pool.map(lambda p: _hash_file(p, check), [paths[i] for i in todo])
         for done, (i, (hashed, st)) in enumerate(zip(todo, hashed_all, strict=True), 1):
             results[i] = hashed
@@ -176,12 +177,14 @@ def hash_files(paths: list[Path], index: FileIndex, check: Callable[[Path], str 
                 fresh.append((os.fsencode(str(paths[i])), st, hashed.sha256))
                 if hashed.reason:
                     index.mark_bad(hashed.sha256, hashed.reason)
-            if len(fresh) >= RECORD_EVERY:  # an interrupted first scan of a large folder keeps what it read
+            if len(fresh) >= RECORD_EVERY:  # a first scan of a large folder stopped midway keeps what it read
                 index.record(fresh)
                 fresh.clear()
             if progress:
                 progress(done, len(todo))
-    index.record(fresh)
+    finally:  # Ctrl-C: what was read is recorded, and the files not yet started are not read
+        index.record(fresh)
+        pool.shutdown(cancel_futures=True)
     return results, len(todo)  # type: ignore[return-value]
 
 
