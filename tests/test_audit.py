@@ -428,6 +428,18 @@ def test_where_a_class_has_no_kind_a_photo_of_another_kind_is_scored_by_the_cont
     assert scores.kind_contrast(cats, hierarchy())[-1] > 0  # the Siamese stands out, but the class has a kind
 
 
+def test_the_contrast_in_chunks_equals_the_contrast_at_once(monkeypatch):
+    from mobiletune.model.imagenet import hierarchy
+
+    probs = np.random.default_rng(1).dirichlet(np.full(1000, 0.02), size=30) * 1e-3
+    for row, cls in ((3, 281), (11, 985), (20, 409)):  # three that stand out: a tabby, a daisy, a clock
+        probs[row, cls] += 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    whole = scores.kind_contrast(probs, hierarchy())
+    monkeypatch.setattr(scores, "CHUNK", 7)
+    assert whole.max() > 0 and np.allclose(scores.kind_contrast(probs, hierarchy()), whole)
+
+
 @pytest.mark.parametrize(("n", "blanks"), [(300, 7), (12, 5), (3, 3), (40, 0)])
 def test_the_neighbour_search_keeps_blank_images_apart(n, blanks):
     """The search lists the neighbours and similarities of scikit-learn's cosine metric, and a blank image (all-zero
