@@ -47,7 +47,7 @@ def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
     assert len(out.read_text().splitlines()) == 8
 
     # --strict stops on the images that cannot be used (6): notes.txt is no image, so no failed one
-    with pytest.raises(DataError, match="6 image.*--strict"):
+    with pytest.raises(DataError, match="6 file.*--strict"):
         data.load_images(cats_dogs_tiny, DataConfig(image_size=32, strict=True))
 
 

@@ -216,7 +216,7 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
     # --strict stops on images that cannot be used; junk folders and files that are no image are passed over still
     failed = [s for s in unusable if s.reason != JUNK_REASON and not s.reason.startswith(NOT_AN_IMAGE)]
     if failed and config.strict:
-        raise DataError(f"{len(failed)} image(s) cannot be used, first {failed[0].path}: {failed[0].reason}; "
+        raise DataError(f"{len(failed)} file(s) cannot be used, first {failed[0].path}: {failed[0].reason}; "
                         "remove them, or drop --strict to skip them")
     skipped = sorted([*unusable, *left_out], key=lambda s: s.path)
     keep = [i for i, h in enumerate(hashed) if not h.reason]
