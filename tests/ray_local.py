@@ -74,11 +74,23 @@ class LocalCluster:
         self._wait(lambda: self._alive() == len(self.processes), f"node {node} again")
 
     def kill(self, node: int) -> None:
-        """Lose node `node`: SIGKILL to its raylet, object store and workers (its process group)."""
+        """Lose node `node`: SIGKILL to its raylet, object store and workers, at once. The workers the raylet starts
+        are not in its process group: killed by the group alone, a worker went on to finish its trial."""
+        import psutil
+
+        try:
+            workers = psutil.Process(self.processes[node].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
         try:
             os.killpg(self.processes[node].pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for process in workers:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                continue
 
     def stop(self) -> None:
         for process in reversed(self.processes):
