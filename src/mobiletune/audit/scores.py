@@ -186,10 +186,10 @@ def _kind(probs: np.ndarray, nouns: Hierarchy) -> int:
     return int(held[np.lexsort((share[held], nouns.depths[held]))[-1]])  # the deepest; of equals, the larger share
 
 
-def kind_deficit(probs: np.ndarray, nouns: Hierarchy) -> tuple[np.ndarray, str]:
-    """How many tenfolds below KIND_BELIEF each member's ImageNet belief in its class's kind (`_kind`) lies (0 to
-    KIND_DECADES), and the kind."""
-    noun = _kind(probs, nouns)
+def kind_deficit(probs: np.ndarray, nouns: Hierarchy, noun: int | None = None) -> tuple[np.ndarray, str]:
+    """How many tenfolds below KIND_BELIEF each member's ImageNet belief in its class's kind (`_kind`, unless given
+    as `noun`) lies (0 to KIND_DECADES), and the kind."""
+    noun = _kind(probs, nouns) if noun is None else noun
     belief = probs @ nouns.members[:, noun]
     return np.clip(np.log10(KIND_BELIEF / np.clip(belief, 1e-30, None)), 0.0, KIND_DECADES), nouns.names[noun]
 
@@ -210,8 +210,9 @@ def kind_contrast(probs: np.ndarray, nouns: Hierarchy) -> np.ndarray:
 def _kind_lack(probs: np.ndarray, nouns: Hierarchy) -> np.ndarray:
     """Each member's tenfolds short of being what its class is: `kind_deficit` where the class has a kind, else
     (a kind no deeper than VAGUE_DEPTH) the larger of it and `kind_contrast`."""
-    deficit, _ = kind_deficit(probs, nouns)
-    if nouns.depths[_kind(probs, nouns)] > VAGUE_DEPTH:
+    noun = _kind(probs, nouns)
+    deficit, _ = kind_deficit(probs, nouns, noun)
+    if nouns.depths[noun] > VAGUE_DEPTH:
         return deficit
     return np.maximum(deficit, kind_contrast(probs, nouns))
 

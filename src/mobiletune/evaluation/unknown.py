@@ -166,7 +166,8 @@ def fit(score: str, train_features: np.ndarray, val_features: np.ndarray, val_lo
     """The detector whose threshold accepts `keep` of the in-distribution scores: the validation images', and
     for knn also the training images' leave-one-out scores (`train_features` should be unaugmented: a test image
     is, and augmented references sit farther from it, which blurred 96-160 px detectors: docs/unknown-inputs.md).
-    knn with `layers` (the features hold their pooled outputs and the pooled base output, `widths` channels each):
+    knn with `layers` (the features hold their pooled outputs and the pooled base output, `widths` channels each;
+    no `widths` without `layers`):
     each layer's distances are put in robust deviations from their in-distribution median, and the score is the
     largest."""
     if score != "knn":
