@@ -63,11 +63,11 @@ def top_model(classifier: Classifier, fine_tune_at: int, *, fast: bool = True, p
     if len(cut) == 1:  # Keras wants a lone tensor, not a list of one
         cut, inputs = cut[0], inputs[0]
     upper = keras.Model(cut, [*(base.get_layer(v).output for v in layers), base.output], name="upper_base")
-    *middle, x = keras.tree.flatten((kernels.fast_clone(upper) if fast else upper)(inputs))
+    maps = keras.tree.flatten((kernels.fast_clone(upper) if fast else upper)(inputs))
     if head is not None:
         assert not pooled, "a trainee's head gives logits only"
-        return keras.Model(inputs, head(x), name="top")
-    parts = [*(keras.layers.GlobalAveragePooling2D()(m) for m in middle), classifier.pool(x)]
+        return keras.Model(inputs, head(maps[-1]), name="top")
+    parts = classifier.pooled_maps(maps)
     features = model_lib.side_by_side(parts)
     logits = classifier.head(parts[-1])
     return keras.Model(inputs, [features, logits] if pooled else logits, name="top")

@@ -125,7 +125,12 @@ class Classifier:
         if not layers:  # the base called whole: one nested model in the serving graph, as exports expect
             return [self.pool(self.base(x))]
         base = self.base
-        *middle, last = keras.Model(base.input, [*(base.get_layer(v).output for v in layers), base.output])(x)
+        return self.pooled_maps(keras.Model(base.input, [*(base.get_layer(v).output for v in layers), base.output])(x))
+
+    def pooled_maps(self, maps: list[keras.KerasTensor]) -> list[keras.KerasTensor]:
+        """The middle layers' maps and the base output's (last) -> their global averages, the base output's through
+        the classifier's own pool: what `pooled_layers` gives from pixels, and `cut.top_model` from the cache."""
+        *middle, last = maps
         return [*(keras.layers.GlobalAveragePooling2D()(m) for m in middle), self.pool(last)]
 
     def scoring_model(self, layers: tuple[str, ...] = ()) -> keras.Model:
