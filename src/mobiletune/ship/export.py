@@ -268,7 +268,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
         raise UsageError(f"--out {out}: the run folder itself (its model.keras and model card would be replaced); "
                          f"give another folder, or none for {run / runfolder.EXPORT}")
     digest = hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()
-    out = _claimed(Path(out) if out else run / runfolder.EXPORT, digest, overwrite=overwrite or not out)
+    out, earlier = _claimed(Path(out) if out else run / runfolder.EXPORT, digest, overwrite=overwrite or not out)
     classifier = Classifier(model_lib.load_model(run / runfolder.MODEL))
     images = data.load_test_images(run, None, config.data)
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None
@@ -283,7 +283,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     flags = None if scores is None else scores > detector.threshold
     checks = check_exports(paths, images, reference, flags)
     failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
-    checks = _earlier_checks(out, digest, exclude=formats) + checks
+    checks = _earlier_checks(out, earlier, exclude=formats) + checks
     runfolder.write_text(out / runfolder.EXPORT_REPORT,
                          report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
     result = {"out": str(out), "keras_accuracy": keras_accuracy, "model_sha256": digest,
@@ -304,25 +304,24 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     return result
 
 
-def _claimed(out: Path, model_sha256: str, overwrite: bool) -> Path:
-    """`out`, made ready for this model's files. An earlier export of another model there (its export.json names
-    another digest) has its files removed: its formats would stay beside this model's labels and be read with
-    them. A non-empty folder that holds no export is someone's own: refused unless `overwrite`."""
+def _claimed(out: Path, model_sha256: str, overwrite: bool) -> tuple[Path, dict[str, Any] | None]:
+    """`out`, made ready for this model's files, and the record of an earlier export of this model there (None:
+    none). An earlier export of another model (its export.json names another digest) has its files removed: its
+    formats would stay beside this model's labels and be read with them. A non-empty folder that holds no export is
+    someone's own: refused unless `overwrite`."""
     earlier = runfolder.read_export_record(out)
     runfolder.check_out(out, overwrite=overwrite or earlier is not None)
     if earlier is not None and earlier["model_sha256"] != model_sha256:
         runfolder.remove_export(out, earlier)
-    return runfolder.make_folder(out)
+        earlier = None
+    return runfolder.make_folder(out), earlier
 
 
-def _earlier_checks(out: Path, model_sha256: str, exclude: list[str]) -> list[Check]:
-    """The re-tests of formats an earlier `export` of the same model left in `out` (their files still
-    there), so export.json, report.md and the model card list every file in the folder."""
-    earlier = runfolder.read_export_record(out)
-    if earlier is None or earlier["model_sha256"] != model_sha256:
-        return []  # another model, or an export from before the digest was recorded
+def _earlier_checks(out: Path, earlier: dict[str, Any] | None, exclude: list[str]) -> list[Check]:
+    """The re-tests of formats an earlier `export` of the same model (`earlier`, its record) left in `out` (their
+    files still there), so export.json, report.md and the model card list every file in the folder."""
     checks = []
-    for c in earlier["checks"]:
+    for c in earlier["checks"] if earlier is not None else []:
         fmt = c.get("format") if isinstance(c, dict) else None
         if fmt in FORMATS and fmt not in exclude and (out / FILE_NAMES[fmt]).exists():
             try:
