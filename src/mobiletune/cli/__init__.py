@@ -131,22 +131,20 @@ def evaluate_command(
     (report.html rebuilt), or with --data on other labelled images (into a folder of their own)."""
     from mobiletune import runfolder
     from mobiletune.data.folders import check_source
-    from mobiletune.evaluation.run import check_arguments, default_folder, evaluate_run
+    from mobiletune.evaluation.run import evaluate_run, evaluation_folder
     from mobiletune.report.summary import print_results
 
     runfolder.read_metrics(run)  # a folder that is no finished run is refused before TensorFlow starts
-    check_arguments(data, out)
     if data is not None:
         check_source(data)  # so is a missing --data
-    if out is not None and data is not None:
-        runfolder.check_out(out, overwrite=overwrite)
+    where = evaluation_folder(run, data, out, overwrite)  # and a --out it must not write into
     import_tensorflow()
     block = evaluate_run(run, data, out, overwrite)
     print_results(console, block, title="Test set" if data is None else f"Images in {data}")
-    if data is None:
+    if where is None:
         console.print(f"report: {run / runfolder.REPORT}")  # McNemar's test is in print_results' lines
     else:
-        console.print(f"results: {(out or default_folder(run, data)) / runfolder.EVALUATION}")
+        console.print(f"results: {where / runfolder.EVALUATION}")
 
 
 @app.command("report")

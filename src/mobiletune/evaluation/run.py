@@ -17,21 +17,19 @@ def default_folder(run: str | Path, data_dir: str | Path) -> Path:
     return Path(run) / runfolder.EVALUATIONS / (data_dir.stem if data_dir.is_file() else data_dir.name)
 
 
-def check_arguments(data_dir, out) -> None:
-    """`out` only with `data_dir`: without it the run's own files are rebuilt (before TensorFlow starts)."""
-    from mobiletune.errors import UsageError
-
-    if data_dir is None and out is not None:
-        raise UsageError("--out: only with --data (without it the run's own files are rebuilt)")
-
-
-def _evaluation_folder(run: Path, data_dir, out, overwrite: bool) -> Path:
-    """`out`, or the default folder: replaced when it holds an evaluation of the same images; one of other images
-    there (setA/test and setB/test share a name) is kept unless `overwrite`."""
+def evaluation_folder(run: str | Path, data_dir: str | Path | None, out: str | Path | None,
+                      overwrite: bool) -> Path | None:
+    """Where `evaluate RUN --data DIR` writes (None without `data_dir`: the run's own files are rebuilt), checked
+    before any work: `out`, or the default folder, replaced when it holds an evaluation of the same images; one of
+    other images there (setA/test and setB/test share a name) is kept unless `overwrite`."""
     from mobiletune import runfolder
     from mobiletune.errors import UsageError
 
-    if out is not None and Path(out).resolve() == run.resolve():
+    if data_dir is None:
+        if out is not None:
+            raise UsageError("--out: only with --data (without it the run's own files are rebuilt)")
+        return None
+    if out is not None and Path(out).resolve() == Path(run).resolve():
         raise UsageError(f"--out {out}: the run folder itself; its own files stay as they are: give another folder")
     if out is not None:
         return runfolder.check_out(out, overwrite=overwrite)
@@ -67,9 +65,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, out: str |
 
     run = Path(run)
     metrics = runfolder.read_metrics(run)  # first: a clear error for a folder that is no run
-    check_arguments(data_dir, out)
-    if data_dir is not None:
-        out = _evaluation_folder(run, data_dir, out, overwrite)
+    out = evaluation_folder(run, data_dir, out, overwrite)
     config = load_config(run / runfolder.CONFIG)
     images = data.load_test_images(run, data_dir, config.data)
     test = pixels.eval_batches(images, config.data.image_size, config.data.batch_size)
@@ -83,7 +79,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, out: str |
     if detector is not None:
         scores = detector.scores(features, logits)
         block["unknown"] = detector.summary(scores)
-    if data_dir is not None:
+    if out is not None:
         runfolder.make_folder(out)
         write_predictions(out / runfolder.PREDICTIONS, images.paths, images.labels, images.classes, before, after,
                           scores)
