@@ -283,8 +283,8 @@ def fit_run(classifier, images, config, feats=None, layers: tuple[str, ...] | No
     knn = p.unknown_score == "knn"  # only knn compares with training images
     splits = ("train", "validation", "test") if knn else ("validation", "test")
     layers = layers_for(classifier, p.unknown_score) if layers is None or not knn else layers
-    widths = tuple(int(classifier.base.get_layer(v).output.shape[-1]) for v in layers) + (classifier.pool_width,)
-    widths = widths if layers else ()
+    widths = (*(int(classifier.base.get_layer(v).output.shape[-1]) for v in layers), classifier.pool_width
+              ) if layers else ()
     rows = {"train": reference_rows(len(images.indices("train")), config.data.seed)}
     emb = embed(classifier, images, splits, config, feats, rows, layers)
     detector = fit(p.unknown_score, emb["train"][0] if knn else np.zeros((0, 0)), *emb["validation"], keep=p.keep,
