@@ -31,6 +31,7 @@ def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
     os.symlink("loop_a.jpg", cats / "loop_b.jpg")
     os.symlink("gone.jpg", cats / "dangling.jpg")  # unreadable (root reads chmod 000 files, so not that)
     _write(cats / "odd.png", _png_bytes(Image.new("LA", (9, 9))))  # usable: converted
+    Image.new("RGB", (9, 9)).save(cats / "scan.TIFF")  # a scanner's: usable
     weird = os.fsdecode(b"caf\xe9.jpg")  # not UTF-8
     _write(cats / weird, b"garbage")
     images = data.load_images(cats_dogs_tiny, CFG)
@@ -41,7 +42,7 @@ def test_bad_files_are_skipped_counted_and_listed(cats_dogs_tiny, tmp_path):
     assert "not an image file extension" in reasons["train/cats/notes.txt"]
     assert "cannot read" in reasons["train/cats/loop_a.jpg"]
     assert "train/cats/caf\\xe9.jpg" in reasons
-    assert "train/cats/odd.png" in images.paths
+    assert "train/cats/odd.png" in images.paths and "train/cats/scan.TIFF" in images.paths
     out = tmp_path / "skipped.csv"
     manifest.write_skipped(images, out)
     assert len(out.read_text().splitlines()) == 8

@@ -100,3 +100,20 @@ def _all_test(images):
     from dataclasses import replace
 
     return replace(images, splits=np.array(["test"] * len(images.paths)))
+
+
+def test_a_phone_sized_jpeg_decodes_where_pil_would_refuse_it(tmp_path):
+    """A 108-megapixel photo is past PIL's 89 MP limit; as a JPEG it decodes at an eighth of each side. A PNG that
+    large is still refused, by the file's header alone too."""
+    big = Image.new("RGB", (12000, 9000), (200, 40, 40))
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    big.save(jpeg, format="JPEG", quality=70)
+    big.save(png, format="PNG", compress_level=1)
+    (tmp_path / "photo.jpg").write_bytes(jpeg.getvalue())
+    (tmp_path / "scan.png").write_bytes(png.getvalue())
+    decoded = pixels.decode_image(jpeg.getvalue(), 32)
+    assert decoded.shape == (32, 32, 3) and decoded[..., 0].mean() > 180 and decoded[..., 1].mean() < 70
+    assert pixels.probe_image(tmp_path / "photo.jpg") is None
+    with pytest.raises(pixels.BadImage, match="too large"):
+        pixels.decode_image(png.getvalue(), 32)
+    assert "too large" in pixels.probe_image(tmp_path / "scan.png")

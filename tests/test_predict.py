@@ -1,3 +1,4 @@
+import csv
 import json
 import shutil
 
@@ -43,6 +44,13 @@ def test_predict_cli_formats(tiny_run, tmp_path):
                                "--top-k", "2"])
     assert glob.stdout.splitlines()[0] == "path,unknown,unknown_score,class1,p1,class2,p2,error"  # a run folder scores
     assert len(glob.stdout.splitlines()) == 4  # header + broken + two cats
+    rows = list(csv.DictReader(glob.stdout.splitlines()))
+    assert rows[0]["error"] and not rows[0]["class1"]  # the message under "error", not under a class
+    assert not rows[1]["error"] and rows[1]["class2"] in ("cats", "dogs")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    empty = runner.invoke(app, ["predict", str(tiny_run.workdir), str(tmp_path / "empty")])
+    assert empty.exit_code == 1 and "a folder with no image files" in empty.stdout
     nothing = runner.invoke(app, ["predict", str(tiny_run.workdir), str(folder / "*.gif"), str(folder / "gone.jpg"),
                                   "--format", "json"])
     errors = [json.loads(line)["error"] for line in nothing.stdout.splitlines()]

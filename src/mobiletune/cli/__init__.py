@@ -344,8 +344,9 @@ def predict_command(
                                  if p.unknown_score is not None else {}),
                               **({"error": p.error} if p.error else {})}), flush=True)
         elif format_ == "csv":
-            writer.writerow([p.path, *(score or ([""] * 2 if scoring else [])),
-                             *[x for c, v in p.top for x in (c, f"{v:.6f}")], p.error])
+            top = [x for c, v in p.top for x in (c, f"{v:.6f}")]  # empty on an error: padded, so the message
+            writer.writerow([p.path, *(score or ([""] * 2 if scoring else [])),  # lands under "error"
+                             *top, *[""] * (2 * top_k - len(top)), p.error])
         else:
             shown = "  ".join(f"{c} {v:.3f}" for c, v in p.top) if p.top else f"error: {p.error}"
             if p.unknown:

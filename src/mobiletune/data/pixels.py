@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 CHANGED = "changed since it was scanned; run again to use its new content"
 
 
+JPEG_MAX_PIXELS = 1_000_000_000  # above PIL's own limit (89 MP, which phones' 108-200 MP photos pass), a JPEG is
+# still opened up to this: `draft` decodes it at an eighth of each side, so a 200 MP photo costs what a 3 MP one does
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
 class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason users see."""
 
@@ -45,7 +50,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = open_image(data)
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
             image.load()
             image = ImageOps.exif_transpose(image)
@@ -71,7 +76,7 @@ def probe_image(path: Path) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 image.size  # noqa: B018 - the header is parsed by now
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"too large to decode safely ({exc.__class__.__name__})"
@@ -80,6 +85,31 @@ def probe_image(path: Path) -> str | None:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return f"cannot decode ({exc})"
     return None
+
+
+def open_image(source: bytes | Path) -> Image.Image:
+    """PIL's lazy open, refusing what its decompression-bomb limit warns of (Image.DecompressionBombWarning raised),
+    except a JPEG: that is opened up to JPEG_MAX_PIXELS, for `draft` to decode at a reduced scale."""
+    from PIL import JpegImagePlugin
+
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        if isinstance(source, Path):
+            with source.open("rb") as file:
+                head = file.read(len(JPEG_MAGIC))
+        else:
+            head = source[:len(JPEG_MAGIC)]
+        if head != JPEG_MAGIC:
+            raise
+    image = JpegImagePlugin.JpegImageFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+    if image.size[0] * image.size[1] > JPEG_MAX_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(f"{image.size[0]}x{image.size[1]} pixels")
+    return image
 
 
 def read_image(path: Path, size: int, sha256: str | None = None) -> np.ndarray:

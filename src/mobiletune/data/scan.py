@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# every format PIL decodes that cameras, phones, scanners and the web save photos in
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 INDEX_NAME = "files.sqlite"
 
 # (size, mtime_ns, ctime_ns): what says a file is unchanged without reading it, as git's index does

@@ -236,15 +236,20 @@ def _load(path: Path) -> Predictor:
 
 
 def expand_paths(items: Iterable[str]) -> Iterator[Path]:
-    """Files as given, folders walked for image files, globs expanded; lazily, in a stable order."""
+    """Files as given, folders walked for image files (a folder without any: itself, which is reported), globs
+    expanded; lazily, in a stable order."""
     for item in items:
         path = Path(item)
         if path.is_dir():
+            found = False
             for root, dirs, files in os.walk(path):
                 dirs.sort()
                 for name in sorted(files):
                     if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                        found = True
                         yield Path(root, name)
+            if not found:
+                yield path  # reported as a folder without images, on its own line
         elif path.exists() or path.is_symlink():
             yield path
         else:
@@ -283,6 +288,9 @@ def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32
         pending.clear()
 
     for path in expand_paths(items):
+        if path.is_dir():
+            pending.append((path, None, f"a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+            continue
         try:
             pending.append((path, decode_image(path.read_bytes(), predictor.size), ""))
         except BadImage as exc:
