@@ -1,5 +1,6 @@
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,23 @@ def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypa
 
     again = run_sweep(config, cats_dogs_tiny, out, n_trials=3, space_path=_space_file(tmp_path))
     assert again["counts"] == results["counts"]  # nothing left to run: the study was already complete
+
+    # continued with other images or another recipe, the study would mix them in: refused, sweep.yaml kept
+    request, best = (out / "sweep.yaml").read_text(), (out / "best" / "model.keras").read_bytes()
+    fewer = tmp_path / "fewer"
+    shutil.copytree(cats_dogs_tiny, fewer)
+    next((fewer / "train" / "cats").iterdir()).unlink()
+    with pytest.raises(UsageError, match=r"ran its trials on other images \(\d+ of 2 classes; these: \d+ of 2\)"):
+        run_sweep(config, fewer, out, n_trials=4, space_path=_space_file(tmp_path))
+    other = load_config(overrides=[*TINY, "phase1.min_steps=7"])
+    with pytest.raises(UsageError, match="ran its trials with phase1.min_steps=.* \\(now 7\\)"):
+        run_sweep(other, cats_dogs_tiny, out, n_trials=4, space_path=_space_file(tmp_path))
+    assert (out / "sweep.yaml").read_text() == request and (out / "best" / "model.keras").read_bytes() == best
+    (tmp_path / "flowers_run").mkdir()
+    (tmp_path / "flowers_run" / "metrics.json").write_text('{"classes": ["daisy", "roses"]}')
+    with pytest.raises(UsageError, match="--baseline .*a run of other classes \\(daisy, roses; .* has cats, dogs\\)"):
+        run_sweep(config, cats_dogs_tiny, out, n_trials=3, space_path=_space_file(tmp_path),
+                  baseline=tmp_path / "flowers_run")
 
 
 def test_a_heap_frozen_before_the_sweep_stays_frozen():

@@ -8,6 +8,7 @@ storage; what each needs besides (the images, the cut points) it works out from 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import time
@@ -111,6 +112,34 @@ def check_objectives(study, created: bool, wanted: objectives_lib.Objectives) ->
     if wanted.measures_latency and not earlier["measures_latency"]:
         raise UsageError(f"--max-latency-ms: study {study.study_name!r} measured no latency; give a new --out "
                          "(or --study) with --objectives accuracy,latency or --max-latency-ms from the start")
+
+
+IRRELEVANT = ("features.cache_dir", "features.engine", "data.strict", "data.audit", "data.exclude")  # settings that
+# change where or how a trial's numbers are computed, not the numbers
+
+
+def check_inputs(study, created: bool, base: Config, space: dict[str, Any], images: ImageSet) -> None:
+    """A study's trials compare only on one set of images, one recipe around the space and one space: a study
+    continued with other images or settings is refused, naming what differs, before a trial mixes them in."""
+    made = json.loads(json.dumps({  # as the storage hands it back: tuples as lists
+        "data": images.digest(), "images": len(images.labels), "classes": len(images.classes), "space": space,
+        "base": {k: v for k, v in base.flat().items() if k not in space and k not in IRRELEVANT}}))
+    if created:
+        study.set_user_attr("inputs", made)
+        return
+    earlier = study.user_attrs.get("inputs")
+    if earlier is None:
+        return  # a study from before mobiletune recorded this
+    again = "continue it with those, or give a new --out (or --study) for these"
+    if earlier["data"] != made["data"]:
+        raise UsageError(f"study {study.study_name!r} ran its trials on other images ({earlier['images']} of "
+                         f"{earlier['classes']} classes; these: {made['images']} of {made['classes']}); {again}")
+    changed = [f"{k}={earlier['base'].get(k)!r} (now {v!r})" for k, v in made["base"].items()
+               if earlier["base"].get(k) != v]
+    if changed:
+        raise UsageError(f"study {study.study_name!r} ran its trials with {', '.join(changed[:3])}; {again}")
+    if earlier["space"] != made["space"]:
+        raise UsageError(f"study {study.study_name!r} searched another --space; {again}")
 
 
 def begin(study, created: bool, base: Config, space: dict[str, Any], n_trials: int, say) -> None:

@@ -1,6 +1,6 @@
 """A sweep's arguments and folder, checked before anything heavy starts: `api.sweep` calls `check` before
 TensorFlow's start-up (~4 s), so a typo in --trials, --space, --baseline or --out is refused at once;
-`run_sweep` checks again (it may be called on its own) and `prepare_folder` records what was asked for.
+`run_sweep` checks again (it may be called on its own) and `record_request` records what was asked for.
 """
 
 from __future__ import annotations
@@ -47,11 +47,24 @@ def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space
     return space, None if baseline is None else _read_baseline(Path(baseline))
 
 
-def prepare_folder(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,
-                   wanted: objectives_lib.Objectives) -> None:
-    """The cache and sweep folders, and sweep.yaml: what the sweep was asked for."""
+def check_baseline(baseline: str | Path | None, metrics: dict[str, Any] | None, data_dir: str | Path,
+                   classes: list[str]) -> None:
+    """A --baseline run is compared with the sweep's best: it must be a run on the sweep's classes."""
+    if metrics is not None and metrics.get("classes") != classes:
+        raise UsageError(f"--baseline {baseline}: a run of other classes ({', '.join(metrics.get('classes') or [])}; "
+                         f"{data_dir} has {', '.join(classes)}); give a run of the default recipe on {data_dir}, "
+                         "or leave --baseline out to train one")
+
+
+def prepare_folders(out: Path, base: Config) -> None:
+    """The cache and sweep folders."""
     runfolder.make_folder(cache.cache_root(base), "features.cache_dir")
     runfolder.make_folder(out)
+
+
+def record_request(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,
+                   wanted: objectives_lib.Objectives) -> None:
+    """sweep.yaml: what the sweep was asked for (written once the study has been found to hold this sweep's)."""
     runfolder.write_text(out / "sweep.yaml", yaml.safe_dump(
         {"base_config": base.to_dict(), "space": space, "trials": n_trials, "study": study_name,
          "objectives": list(wanted.names), "latency_format": wanted.latency_format,

@@ -59,15 +59,18 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     wanted, out = objectives or objectives_lib.Objectives(), Path(out)
     space, baseline_metrics = sweep_setup.check(out, n_trials, grace_period, workers, space_path, wanted, baseline,
                                                 tracked=mlflow is not None, on_ray=ray is not None)
-    sweep_setup.prepare_folder(out, base, space, n_trials, study_name, wanted)
+    sweep_setup.prepare_folders(out, base)
     say = console.print if console is not None else (lambda *a, **k: None)
     # Our own line per trial; Optuna's warning for a failed trial carries a traceback (Ctrl-C printed one),
     # and the error reaches the user once, as our one-line message
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     index, images, fine_tune_ats = search.inputs(base, data_dir, space)
+    sweep_setup.check_baseline(baseline, baseline_metrics, data_dir, images.classes)
     study, created = search.open_study(out, storage, study_name, base.data.seed, grace_period, wanted.directions)
     search.check_objectives(study, created, wanted)
+    search.check_inputs(study, created, base, space, images)
+    sweep_setup.record_request(out, base, space, n_trials, study_name, wanted)
     parent = _sweep_mlflow(mlflow, study, created, out, base, images, say)
     with cluster_lib.connected(ray) as on_cluster, parent.failing() if parent is not None else nullcontext():
         shared = Shared(base, images, fine_tune_ats, index, out / runfolder.LOGS, wanted, parent)
