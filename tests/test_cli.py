@@ -84,6 +84,9 @@ cases.append(["evaluate", finished, "--data", here + "/nope"])
 cases.append(["evaluate", finished, "--out", here + "/elsewhere"])  # --out without --data
 os.makedirs(here + "/data/a")
 cases.append(["evaluate", finished, "--data", here + "/data", "--out", here])  # a non-empty folder of the user's
+os.makedirs(here + "/data/b")
+for command in ("train", "sweep", "audit"):  # its charts would be read as a class of images next time
+    cases.append([command, here + "/data", "--out", here + "/data/runs/first"])
 for args in cases:
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and result.output.startswith("error: "), (args, result.output)

@@ -221,6 +221,7 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         if cfg.data.parent:  # a network the parent's weights do not fit is refused before any image is read
             retraining.check_config(cfg)
         data.check_source(data_dir)
+        runfolder.check_apart(out, data_dir)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
     from mobiletune.features.cluster import connected
     from mobiletune.tracking.tracker import mlflow_target
@@ -278,6 +279,7 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
         raise UsageError(f"data.parent={base.data.parent!r}: a sweep's trials train from the base weights; drop it, "
                          "and retrain the best config with `mobiletune train DATA --from RUN` later")
     data.check_source(data_dir)
+    runfolder.check_apart(out, data_dir)
     # MLflow with --workers is checked by run_sweep: whether MLflow is on is settled after TensorFlow starts
     sweep_setup.check(out, trials, grace_period, workers, space, wanted, baseline)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up

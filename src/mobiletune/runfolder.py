@@ -62,6 +62,15 @@ def check_out(out: str | Path, *, overwrite: bool) -> Path:
     return out
 
 
+def check_apart(out: str | Path, data_dir: str | Path) -> None:
+    """Refuse an `out` inside the folder of images DATA_DIR (or DATA_DIR itself): the next run would read the
+    outputs' folders as classes and their charts as images. A CSV's folder is no such folder."""
+    data, out = Path(data_dir).resolve(), Path(out).resolve()
+    if data.is_dir() and out.is_relative_to(data):
+        raise UsageError(f"--out {out}: inside the data folder {data_dir}, where its charts would be read as a "
+                         "class of images; give a folder outside it")
+
+
 def prepare(out: str | Path, *, overwrite: bool) -> Path:
     """Create `out` after `check_out`."""
     return make_folder(check_out(out, overwrite=overwrite))

@@ -31,6 +31,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
     from mobiletune.model.network import create_model
 
     runfolder.check_out(out, overwrite=overwrite)
+    runfolder.check_apart(out, data_dir)
     runfolder.make_folder(cache.cache_root(config), "features.cache_dir")
     index = scan.FileIndex(cache.cache_root(config) / scan.INDEX_NAME)
     exclude = read_exclusions(Path(config.data.exclude)) if config.data.exclude else None

@@ -173,6 +173,7 @@ def audit_command(
     """Find duplicates, copies across splits, likely label errors and off-topic images; write audit.csv and .html."""
     from rich.table import Table
 
+    from mobiletune import runfolder
     from mobiletune.audit.checks import ISSUES
     from mobiletune.audit.run import audit_folder
     from mobiletune.config import load_config
@@ -180,6 +181,7 @@ def audit_command(
 
     recipe = load_config(config, list(set_ or []))
     check_source(data_dir)
+    runfolder.check_apart(out, data_dir)
     import_tensorflow()
     found = audit_folder(recipe, data_dir, out, overwrite=overwrite, console=console,
                          listing="all" if all_ else "review", ray=ray)

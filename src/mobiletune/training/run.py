@@ -81,6 +81,7 @@ def train_and_evaluate(config: Config, data_dir: str | Path, workdir: str | Path
     split is the trial's.
     """
     runfolder.check_out(workdir, overwrite=overwrite)  # refuse before minutes of decoding
+    runfolder.check_apart(workdir, data_dir)
     if config.data.parent and Path(config.data.parent).resolve() == Path(workdir).resolve():
         raise UsageError(f"--out {workdir}: the run --from retrains; give the new run a folder of its own")
     return _run(config, data_dir, Path(workdir), resuming=False, overwrite=overwrite, console=console,
