@@ -191,9 +191,17 @@ def test_a_runs_test_images_are_checked_against_the_manifest(cats_dogs_tiny, tmp
     test = data.load_test_images(run, None, CFG)
     assert test.paths == [images.paths[i] for i in images.indices("test")]
     victim = cats_dogs_tiny / test.paths[0]
-    victim.write_bytes(victim.read_bytes() + b"\0")
-    with pytest.raises(DataError, match="changed since the run .sha256 differs.; evaluate on --data DIR instead"):
+    original = victim.read_bytes()
+    victim.write_bytes(original + b"\0")
+    with pytest.raises(DataError, match="changed since the run .sha256 differs.; restore it, or evaluate on other "
+                                        "images: mobiletune evaluate .*run --data DIR"):
         data.load_test_images(run, None, CFG)
+    victim.unlink()  # a test image gone: the test set would quietly be another one
+    with pytest.raises(DataError, match=f"1 of the run's {len(test.paths)} test images cannot be read under .*"
+                                        f"first: {test.paths[0]}: cannot read"):
+        data.load_test_images(run, None, CFG)
+    victim.write_bytes(original)
+    assert data.load_test_images(run, None, CFG).paths == test.paths
 
 
 @pytest.mark.parametrize("layout", ["class folders", "split folders"])

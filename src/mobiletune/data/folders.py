@@ -280,11 +280,15 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
         root = image_root(metrics["data_dir"])
         manifest = [r for r in read_manifest(run_dir / runfolder.SPLIT) if r["split"] == "test"]
         hashed, _ = hash_files([root / r["path"] for r in manifest], FileIndex(None))
+        elsewhere = f"restore it, or evaluate on other images: mobiletune evaluate {run_dir} --data DIR"
         for r, h in zip(manifest, hashed, strict=True):
             if h.sha256 is not None and h.sha256 != r["sha256"]:
-                raise DataError(f"{root / r['path']}: changed since the run (sha256 differs); evaluate on --data "
-                                "DIR instead")
-        rows = [(r["path"], r["class"], r["sha256"], h.reason) for r, h in zip(manifest, hashed, strict=True)]
+                raise DataError(f"{root / r['path']}: changed since the run (sha256 differs); {elsewhere}")
+        gone = [(r["path"], h.reason) for r, h in zip(manifest, hashed, strict=True) if h.reason]
+        if gone:  # left out, the test set would quietly become another one
+            raise DataError(f"{len(gone)} of the run's {len(manifest)} test images cannot be read under {root} "
+                            f"(first: {gone[0][0]}: {gone[0][1]}); {elsewhere}")
+        rows = [(r["path"], r["class"], r["sha256"], "") for r in manifest]
     images = ImageSet(root=root, classes=classes, paths=[r[0] for r in rows if not r[3]],
                       labels=np.array([classes.index(r[1]) for r in rows if not r[3]], np.int32),
                       splits=np.array(["test"] * sum(not r[3] for r in rows)), hashes=[r[2] for r in rows if not r[3]],
