@@ -83,15 +83,21 @@ def test_planted_problems_are_found(tmp_path):
 def test_duplicates_and_leaks_on_exact_copies(cats_dogs_tiny, tmp_path):
     original = sorted((cats_dogs_tiny / "train" / "cats").iterdir())[0]
     shutil.copy(original, cats_dogs_tiny / "validation" / "cats" / "copy.jpg")
+    dog = sorted((cats_dogs_tiny / "train" / "dogs").iterdir())[0]
+    shutil.copy(dog, cats_dogs_tiny / "train" / "cats" / "filed_as_a_cat.jpg")  # one file under two classes
     config = load_config(overrides=[*TINY, "data.image_size=64", f"features.cache_dir={tmp_path / 'cache'}"])
     images = data.load_images(cats_dogs_tiny, config.data)
     pooled, images = features.plain_pooled(create_model(config, 2), images, config)
     found = audit.run_audit(images, pooled, full=False)
-    exact = [f for f in found if f.issue == "exact_duplicate"]
-    assert [(f.path, f.other_path) for f in exact] == [(f"train/cats/{original.name}", "validation/cats/copy.jpg")] \
-        or [(f.other_path, f.path) for f in exact] == [(f"train/cats/{original.name}", "validation/cats/copy.jpg")]
+    exact = {frozenset((f.path, f.other_path)): f for f in found if f.issue == "exact_duplicate"}
+    assert set(exact) == {frozenset((f"train/cats/{original.name}", "validation/cats/copy.jpg")),
+                          frozenset((f"train/dogs/{dog.name}", "train/cats/filed_as_a_cat.jpg"))}
+    across = exact[frozenset((f"train/dogs/{dog.name}", "train/cats/filed_as_a_cat.jpg"))]
+    assert {across.cls, across.suggested_class} == {"cats", "dogs"}  # the copy's class named beside its own
+    assert not exact[frozenset((f"train/cats/{original.name}", "validation/cats/copy.jpg"))].suggested_class
     summary = audit.summary(images, found)
-    assert summary["exact_duplicate"] == 1 and "validation/cats/copy.jpg" in summary["leaked_held_out"]
+    assert summary["exact_duplicate"] == 2 and "validation/cats/copy.jpg" in summary["leaked_held_out"]
+    assert summary["across_classes"] == 1 and summary["leaks"] == 1
     assert all(f.issue in ("exact_duplicate", "near_duplicate") for f in found)
 
 

@@ -162,6 +162,27 @@ def test_class_folders_alone_split_each_class_into_test_validation_and_train():
     assert counts == [(2, 2), (1, 1), (1, 1)]
 
 
+def test_a_file_filed_under_two_classes_lands_in_one_split_the_least_held_out():
+    """Each class's quota draws its own members, so a copy in two classes can be drawn into two splits (test as a
+    cat, validation as a dog): it joins the copy's least held-out split instead, and never leaves validation/."""
+    a, b = _digests(10, "a"), _digests(10, "b")
+    config = DataConfig(seed=1, holdout_fraction=0.2)
+    draws = {}
+    for shared in a:  # a digest of class a held out there, also filed under b, where b's quota trains it or not
+        labels = np.array([0] * 10 + [1] * 11, np.int32)
+        splits = assign_splits(labels, [None] * 21, [*a, *b, shared], config, ["a", "b"])
+        mine = splits[a.index(shared)]
+        assert splits[20] == mine, shared  # one split for both copies
+        draws[str(mine)] = draws.get(str(mine), 0) + 1
+    assert {"train", "validation"} <= set(draws)  # held out in one class, trained in the other, and so on
+    # given train/ and validation/: a validation copy of a training image stays in validation, not in test
+    given = (["train"] * 3 + ["validation"] * 3) * 2 + ["validation"]
+    digests = [*_digests(12, "g"), _digests(12, "g")[0]]  # the last: class b's validation copy of a's first
+    splits = assign_splits(np.array([0] * 6 + [1] * 7, np.int32), given, digests, DataConfig(test_fraction=0.5),
+                           ["a", "b"])
+    assert splits[12] == "validation" and list(splits[[0, 1, 2, 6, 7, 8]]) == ["train"] * 6
+
+
 def test_the_seed_and_the_holdout_fraction_come_from_the_config():
     digests = _digests(20)
     labels = np.zeros(20, np.int32)

@@ -89,7 +89,7 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], threshold:
     first: dict[str, int] = {}
     for i, digest in enumerate(images.hashes):
         if digest in first:
-            found.append(_finding(images, i, "exact_duplicate", 1.0, other_path=images.paths[first[digest]]))
+            found.append(_copy(images, i, first[digest], "exact_duplicate", 1.0))
         else:
             first[digest] = i
     similarities, neighbours = near
@@ -102,9 +102,16 @@ def duplicates(images: ImageSet, near: tuple[np.ndarray, np.ndarray], threshold:
     doubtful = _doubtful(images, ranked, partners, pairs)
     for a, b, _ in matching.same_photo(images, sorted(doubtful), progress, index):
         pairs[(a, b)] = doubtful[(a, b)]
-    found += [_finding(images, b, "near_duplicate", sim, other_path=images.paths[a]) for (a, b), sim in pairs.items()
+    found += [_copy(images, b, a, "near_duplicate", sim) for (a, b), sim in pairs.items()
               if a != b and images.hashes[a] != images.hashes[b]]  # exact copies: reported above
     return found
+
+
+def _copy(images: ImageSet, i: int, original: int, issue: str, score: float) -> Finding:
+    """Image i as a copy of `original`; filed under another class, the original's class is its suggested one."""
+    other = images.labels[original]
+    return _finding(images, i, issue, score, other_path=images.paths[original],
+                    suggested_class=images.classes[other] if other != images.labels[i] else "")
 
 
 def _others(near: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +251,7 @@ def summary(images: ImageSet, findings: list[Finding]) -> dict[str, Any]:
     return {
         **{issue: sum(f.flagged and f.issue == issue for f in findings) for issue in ISSUES},
         "leaks": len(crossing),
+        "across_classes": sum(f.flagged and f.issue in ISSUES[:2] and bool(f.suggested_class) for f in findings),
         "leaked_held_out": sorted({f.path if f.split != "train" else f.other_path for f in crossing}),
     }
 

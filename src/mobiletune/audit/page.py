@@ -56,7 +56,8 @@ def _box(root: Path, f: Finding) -> str:
     head = f"{f.path} ({f.split}, {f.cls})"
     if f.other_path:
         figures = [_figure(root, f.path, head),
-                   _figure(root, f.other_path, f"{f.other_path} (similarity {f.score:.3f})")]
+                   _figure(root, f.other_path, f"{f.other_path} (similarity {f.score:.3f}"
+                                               + (f"; filed as {f.suggested_class})" if f.suggested_class else ")"))]
     elif f.suggested_class:
         figures = [_figure(root, f.path, f"{head}: looks like {f.suggested_class}, score {f.score:.3f}")]
     else:
@@ -97,6 +98,9 @@ def build_audit_page(out: Path, root: Path, findings: list[Finding], summary: di
     """Write OUT/audit.html for the images under `root`; `kinds`: {class: its ImageNet kind}, where known."""
     leaks = (f"<p>{summary['leaks']} duplicate pair(s) cross train and validation/test: those held-out images "
              "are as good as seen in training.</p>") if summary["leaks"] else ""
+    if summary.get("across_classes"):
+        leaks += (f"<p>{summary['across_classes']} duplicate pair(s) are filed under two classes: at most one of "
+                  "each pair has the right label.</p>")
     header = f"# mobiletune audit of {root.resolve()}: ticked to leave out (mobiletune train DATA_DIR --exclude FILE)"
     # "<" as \u003c: a folder named "</script>" or "<!--" stays text inside the script
     constants = f"const HEADER = {json.dumps(header)}, FILE = {json.dumps(EXCLUDE_FILE)};".replace("<", "\\u003c")

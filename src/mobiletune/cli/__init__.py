@@ -191,6 +191,7 @@ def audit_command(
     for issue in ISSUES:
         table.add_row(issue.replace("_", " "), f"{found[issue]:,}")
     table.add_row("duplicates across train and validation/test (leaks)", f"{found['leaks']:,}")
+    table.add_row("duplicates filed under two classes", f"{found['across_classes']:,}")
     console.print(table)
     if found["kinds"]:
         console.print("what ImageNet takes each class for (off-topic images have little belief in it): "

@@ -97,6 +97,7 @@ def audit_run(images: ImageSet, feats: features.Features | None, near: tuple | N
     parts = [f"{found[i]} {i.replace('_', ' ')}(s)" for i in audit.ISSUES if found[i] or i in audit.ISSUES[:2]]
     say(f"audit: {', '.join(parts)}; {found['leaks']} cross train and validation/test" + (
         " (leaks: the test accuracy without them is reported too)" if found["leaks"] else "")
+        + (f"; {found['across_classes']} filed under two classes" if found["across_classes"] else "")
         + f" ({time.perf_counter() - clock:.1f} s; audit.csv{' and audit.html' if full else ''})")
     return found
 
