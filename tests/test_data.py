@@ -112,7 +112,8 @@ def test_class_with_only_bad_files(tmp_path):
     root = _classes(tmp_path, ["a", "b"], per_class=3)
     for f in (root / "b").iterdir():
         f.write_bytes(b"broken")
-    with pytest.raises(DataError, match="'b' has no usable images"):
+    with pytest.raises(DataError, match=r"'b' has no usable images: its 3 file\(s\) cannot be used \(first b/0.png: "
+                                        "not an image PIL can read"):  # said here: no run folder, no skipped.csv
         data.load_images(root, CFG)
 
 

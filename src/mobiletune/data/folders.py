@@ -44,6 +44,7 @@ SPLIT_FOLDERS = labels.SPLIT_NAMES
 JUNK_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "__pycache__"})
 JUNK_FILES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"})
 JUNK_REASON = "archive or system folder, not images: passed over"
+NO_SUCH_FILE = "listed in --exclude, but no such image here"  # a reported skip that is no file
 
 
 def _is_shown(name: str, junk: frozenset[str]) -> bool:
@@ -190,6 +191,17 @@ def parent_training_images(parent: str) -> frozenset[str]:
     return frozenset(r["sha256"] for r in read_manifest(split) if r["split"] == "train")
 
 
+def _relative(exclude: dict[str, str], root: Path) -> dict[str, str]:
+    """--exclude's paths relative to the data folder, as the listing names files: absolute ones under it too."""
+    out = {}
+    for path, reason in exclude.items():
+        given = Path(path)
+        if given.is_absolute() and given.resolve().is_relative_to(root.resolve()):
+            path = given.resolve().relative_to(root.resolve()).as_posix()
+        out[os.path.normpath(path) if path else path] = reason
+    return out
+
+
 def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | None = None,
                 progress: Callable[[int, int], None] | None = None, exclude: dict[str, str] | None = None,
                 groups: dict[str, str] | None = None) -> ImageSet:
@@ -206,7 +218,10 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
     if given != {None} and not {"train", "validation"} <= given:  # folders are checked in discover(); a CSV here
         raise DataError(f"{data_dir}: its split column names {sorted(s for s in given if s)} but a run needs both "
                         "train and validation rows (test is optional); add them, or drop the split column")
+    exclude = _relative(exclude, root)
     left_out = [Skipped(display_path(p), exclude[p]) for p, _, _ in files if p in exclude]
+    left_out += [Skipped(display_path(p), f"{NO_SUCH_FILE} ({exclude[p]})")
+                 for p in sorted(set(exclude) - {p for p, _, _ in files})]
     where = [w for w, (p, _, _) in zip(listing.where or [None] * len(files), files, strict=True) if p not in exclude]
     files = [f for f in files if f[0] not in exclude]
     hashed, files_read = hash_files([root / f[0] for f in files], index or FileIndex(None), probe_image, progress)
@@ -223,7 +238,10 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
     labels_ = np.array([classes.index(files[i][1]) for i in keep], np.int32)
     for i, cls in enumerate(classes):
         if not (labels_ == i).any():
-            raise DataError(f"class {cls!r} has no usable images (all {len(skipped)} skipped files: see skipped.csv)")
+            bad = [(files[j][0], h.reason) for j, h in enumerate(hashed) if h.reason and files[j][1] == cls]
+            raise DataError(f"class {cls!r} has no usable images" + (
+                f": its {len(bad)} file(s) cannot be used (first {display_path(bad[0][0])}: {bad[0][1]})" if bad
+                else " (every one of its files is left out by --exclude)"))
     hashes = [hashed[i].sha256 for i in keep]
     splits = assign_splits(labels_, [files[i][2] for i in keep], hashes, config, classes, groups,  # type: ignore[arg-type]
                            parent_training_images(config.parent))

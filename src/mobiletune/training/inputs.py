@@ -132,6 +132,7 @@ def scan_images(data_dir: str | Path, config: Config, index: scan.FileIndex, con
     with progress.bar(console, "hashing new files") as update:
         images = data.load_images(data_dir, config.data, index, update, exclude, groups)
     if console is not None:
-        files = len(images.paths) + sum(s.reason != data.JUNK_REASON for s in images.skipped)
+        files = len(images.paths) + sum(s.reason != data.JUNK_REASON and not s.reason.startswith(data.NO_SUCH_FILE)
+                                        for s in images.skipped)
         console.print(f"scanned {files:,} files: {images.files_read:,} new or changed (hashed), the rest known")
     return images
