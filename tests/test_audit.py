@@ -104,8 +104,12 @@ def test_duplicates_and_leaks_on_exact_copies(cats_dogs_tiny, tmp_path):
 def test_audit_command_writes_csv_and_page(cats_dogs_tiny, tmp_path):
     out = tmp_path / "audit"
     sets = [f"--set={s}" for s in [*TINY, "data.image_size=64"]]
+    (cats_dogs_tiny / "train" / "cats" / "broken.png").write_bytes(b"not a picture")
     result = runner.invoke(app, ["audit", str(cats_dogs_tiny), "--out", str(out), *sets], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
+    assert runfolder.read_csv(out / "skipped.csv") == [{"path": "train/cats/broken.png",
+                                                         "reason": "not an image PIL can read"}]
+    assert "skipped: 1 file(s), each with its reason in" in result.output
     assert "label error" in result.output and "--exclude" in result.output
     assert "what ImageNet takes each class for" in result.output  # the kinds, with the 224-px top of the base
     rows = runfolder.read_csv(out / "audit.csv")

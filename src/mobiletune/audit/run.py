@@ -11,6 +11,7 @@ import numpy as np
 from mobiletune import runfolder
 from mobiletune.audit.checks import read_exclusions, run_audit, summary, write_csv
 from mobiletune.audit.scores import class_kinds
+from mobiletune.data.manifest import write_skipped
 
 
 def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bool = False, console=None,
@@ -45,6 +46,7 @@ def audit_folder(config, data_dir: str | Path, out: str | Path, *, overwrite: bo
         findings = run_audit(images, pooled, listing=listing, top=top, progress=update, index=index)
     out = runfolder.prepare(out, overwrite=overwrite)
     found, kinds = write_findings(out, images, pooled, findings, top, page=True)
+    write_skipped(images, out / runfolder.SKIPPED)  # with none, its header alone: no earlier audit's list stays
     return {**found, "kinds": kinds, "images": len(images.paths), "skipped": len(images.skipped), "out": str(out)}
 
 

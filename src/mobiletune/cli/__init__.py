@@ -197,6 +197,8 @@ def audit_command(
         console.print("what ImageNet takes each class for (off-topic images have little belief in it): "
                       + ", ".join(f"{cls}: {kind}" for cls, kind in found["kinds"].items()))
     out = Path(found["out"])
+    if found["skipped"]:
+        console.print(f"skipped: {found['skipped']} file(s), each with its reason in {out / 'skipped.csv'}")
     console.print(f"details: {out / 'audit.csv'} (the findings, then the next most suspicious to review) and "
                   f"{out / 'audit.html'} (tick images, download them as an exclude list); leave the findings out "
                   f"with mobiletune train {data_dir} --exclude {out / 'audit.csv'}")
