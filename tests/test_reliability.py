@@ -101,6 +101,8 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(cats_dogs_small, tmp_path):
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output
     assert f"mobiletune train --resume {out}" in output
+    rerun = runner.invoke(app, ["train", str(cats_dogs_small), "--out", str(out)])  # the same command again
+    assert rerun.exit_code == 2 and f"did not finish; continue it with mobiletune train --resume {out}" in rerun.output
     result = runner.invoke(app, ["train", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     again = runner.invoke(app, ["train", "--resume", str(out)])

@@ -58,6 +58,9 @@ def check_out(out: str | Path, *, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
+        if (out / RUN_INFO).is_file() and not (out / METRICS).exists():
+            raise UsageError(f"--out {out}: holds a run that did not finish; continue it with mobiletune train "
+                             f"--resume {out}, or pick a new --out, or add --overwrite to start it again")
         raise UsageError(f"--out {out}: folder exists and is not empty; pick a new --out or add --overwrite")
     return out
 
