@@ -48,6 +48,8 @@ def test_default_space_holds_the_seed_recipe():
         ("[1, 2]", "expected a mapping"),
         ("data.seed: [0, 1]", "data.seed cannot be searched .*one split.*--set data.seed="),
         ("model.alpha: [0.5, 1.0]", "model.alpha cannot be searched"),
+        ("data.image_size: [7, 96]", "data.image_size: 7 cannot be drawn .*data.image_size=7"),  # before any trial
+        ("phase1.epochs: {type: int, low: -2, high: 3}", "phase1.epochs: -2 cannot be drawn"),
     ],
 )
 def test_bad_spaces(tmp_path, text, needle):

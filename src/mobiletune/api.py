@@ -281,7 +281,7 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
     data.check_source(data_dir)
     runfolder.check_apart(out, data_dir)
     # MLflow with --workers is checked by run_sweep: whether MLflow is on is settled after TensorFlow starts
-    sweep_setup.check(out, trials, grace_period, workers, space, wanted, baseline)
+    sweep_setup.check(out, trials, grace_period, workers, space, wanted, baseline, timeout=timeout)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
     from mobiletune.tracking.tracker import mlflow_target
     from mobiletune.tuning.study import run_sweep

@@ -148,7 +148,10 @@ def begin(study, created: bool, base: Config, space: dict[str, Any], n_trials: i
     defaults = {k: base.flat()[k] for k in space}
     if created and all(in_space(defaults[k], space[k]) for k in space):
         study.enqueue_trial(defaults, user_attrs={"note": "the base recipe"})
-    say(f"study {study.study_name!r}: {len(study.trials)} trials so far; running until {n_trials} have finished")
+    states = counts(study)
+    others = states.get("FAIL", 0) + states.get("RUNNING", 0)  # failed, or a killed worker's (failed when stale)
+    say(f"study {study.study_name!r}: {finished(study)} trial(s) finished so far" + (
+        f" ({others} failed or left unfinished)" if others else "") + f"; running until {n_trials} have finished")
 
 
 def search(study, created: bool, shared: Shared, space: dict[str, Any], n_trials: int, timeout: float | None,

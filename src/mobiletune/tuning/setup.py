@@ -22,11 +22,14 @@ WORKER_TASK = "MOBILETUNE_WORKER"  # the environment variable that hands a helpe
 
 def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space_path: str | Path | None,
           wanted: objectives_lib.Objectives, baseline: str | Path | None,
-          tracked: bool = False, on_ray: bool = False) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+          tracked: bool = False, on_ray: bool = False, timeout: float | None = None,
+          ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """The search space and the baseline run's metrics (None: the base recipe is run), or a UsageError naming
     the argument. `tracked`: the sweep logs to MLflow; `on_ray`: its trials run on a Ray cluster."""
     if n_trials < 1:
         raise UsageError(f"--trials {n_trials}: give at least 1")
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g}: give seconds above 0, or leave it out to run every trial")
     if grace_period < 2:
         raise UsageError(f"--grace-period {grace_period}: give at least 2 seconds")
     if workers < 1:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from mobiletune.config import all_keys
+from mobiletune.config import all_keys, load_config
 from mobiletune.errors import ConfigError
 
 # Sensible MobileNetV2 ranges; the seed's recipe (trial 0) lies inside every one of them.
@@ -75,8 +75,19 @@ def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"--space {path}: {key}: needs numbers low < high, got low={low!r} high={high!r}")
             if spec.get("log") and low <= 0:
                 raise ConfigError(f"--space {path}: {key}: a log range needs low > 0, got {low!r}")
+        _check_values(path, key, spec)
         space[key] = spec
     return space
+
+
+def _check_values(path: Path, key: str, spec: dict[str, Any]) -> None:
+    """Every choice, or both ends of a range, must be a value the config takes: refused now, not when a trial
+    draws it after others have run."""
+    for value in spec["choices"] if spec["type"] == "categorical" else (spec["low"], spec["high"]):
+        try:
+            load_config(overrides=[f"{key}={value}"])
+        except ConfigError as exc:
+            raise ConfigError(f"--space {path}: {key}: {value!r} cannot be drawn ({exc})") from None
 
 
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def run_sweep(base: Config, data_dir: str | Path, out: str | Path, *, n_trials: 
     started = time.perf_counter()
     wanted, out = objectives or objectives_lib.Objectives(), Path(out)
     space, baseline_metrics = sweep_setup.check(out, n_trials, grace_period, workers, space_path, wanted, baseline,
-                                                tracked=mlflow is not None, on_ray=ray is not None)
+                                                tracked=mlflow is not None, on_ray=ray is not None, timeout=timeout)
     runfolder.check_apart(out, data_dir)
     sweep_setup.prepare_folders(out, base)
     say = console.print if console is not None else (lambda *a, **k: None)
