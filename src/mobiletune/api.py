@@ -215,8 +215,7 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
                    **({"data.audit": "full"} if audit else {}),
                    **({"data.exclude": str(Path(exclude).resolve())} if exclude else {})}
         if parent is not None:  # the parent's recipe, or `config`, with the retraining schedule
-            config = make_config(config if config is not None else Path(parent) / runfolder.CONFIG,
-                                 retraining.retrain_overrides(parent))
+            config = make_config(config or Path(parent) / runfolder.CONFIG, retraining.retrain_overrides(parent))
         cfg = make_config(make_config(config, overrides), options)
         if cfg.data.parent:  # a network the parent's weights do not fit is refused before any image is read
             retraining.check_config(cfg)
