@@ -77,8 +77,12 @@ def test_bad_set_syntax():
         ("phase1: {lr: [\n", "not valid YAML"),
         ("lr: 0.1\n", "section 'lr' must be a mapping"),
         ("- 1\n- 2\n", "expected a mapping"),
+        ("data:\n\timage_size: 96\n", r"not valid YAML at line 2, column 1: .*YAML indents with spaces, not tabs"),
+        ("data:\n  image_size: 96\ndata:\n  batch_size: 8\n", "at line 3, column 1: 'data' is given twice"),
+        ("phase1:\n  epoch: 3\n", r"--config .*recipe.yaml: unknown config key 'phase1.epoch' \(did you mean "
+                                   r"phase1.epochs\?\)"),
     ],
-    ids=["missing", "broken", "flat", "list"],
+    ids=["missing", "broken", "flat", "list", "tab", "twice", "typo"],
 )
 def test_bad_yaml_files(tmp_path, text, needle):
     path = tmp_path / "recipe.yaml"

@@ -146,7 +146,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(_flatten(_read_yaml(Path(path)), source=str(path)))
+        values.update(_flatten(_read_yaml(Path(path)), source=f"--config {path}"))
     for item in overrides or []:
         key, value = parse_override(item)
         values[key] = value
@@ -172,21 +172,45 @@ def from_flat(values: dict[str, Any]) -> Config:
     for key, value in values.items():
         section, _, name = key.partition(".")
         if section not in sections or name not in _field_types(section):
-            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(all_keys())}")
+            raise ConfigError(unknown_key(key))
         by_section[section][name] = _coerce(key, _field_types(section)[name], value)
     config = Config(**{s: _section_class(s)(**kw) for s, kw in by_section.items()})
     validate(config)
     return config
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: Path, option: str) -> Any:
+    """A YAML file's content, or a ConfigError naming the option, the file, the line and column, and the problem."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a safe loader
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{option} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        hint = "; YAML indents with spaces, not tabs" if "\\t" in problem else ""
+        raise ConfigError(f"{option} {path}: not valid YAML{where}: {problem}{hint}") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = str(exc).splitlines()[0]
-        raise ConfigError(f"--config {path}: not valid YAML ({reason})") from None
+    data = load_yaml(path, "--config")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -203,6 +227,8 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
                 f"e.g. 'phase1: {{lr: 0.0001}}'"
             )
         for name, value in fields.items():
+            if f"{section}.{name}" not in all_keys():
+                raise ConfigError(f"{source}: {unknown_key(f'{section}.{name}')}")
             flat[f"{section}.{name}"] = value
     return flat
 
@@ -217,6 +243,15 @@ def _field_types(section: str) -> dict[str, str]:
 
 def all_keys() -> list[str]:
     return list(Config().flat())
+
+
+def unknown_key(key: str) -> str:
+    """What to say of a key no config has: the nearest known one, then every known key."""
+    import difflib
+
+    near = difflib.get_close_matches(key, all_keys(), n=1)
+    return (f"unknown config key {key!r}" + (f" (did you mean {near[0]}?)" if near else "")
+            + f"; known keys: {', '.join(all_keys())}")
 
 
 def _coerce(key: str, type_name: str, value: Any) -> Any:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mobiletune.config import all_keys, load_config
+from mobiletune.config import all_keys, load_config, load_yaml, unknown_key
 from mobiletune.errors import ConfigError
 
 # Sensible MobileNetV2 ranges; the seed's recipe (trial 0) lies inside every one of them.
@@ -50,17 +48,14 @@ def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return DEFAULT_SPACE
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--space {path}: cannot read it ({str(exc).splitlines()[0]})") from None
+    raw = load_yaml(path, "--space")
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"--space {path}: expected a mapping of config keys to ranges, e.g. 'phase1.lr: "
                           "{type: float, low: 1e-5, high: 1e-3, log: true}'")
     space = {}
     for key, spec in raw.items():
         if key not in all_keys():
-            raise ConfigError(f"--space {path}: unknown config key {key!r}")
+            raise ConfigError(f"--space {path}: {unknown_key(key)}")
         if key in FIXED:
             raise ConfigError(f"--space {path}: {key} cannot be searched ({FIXED[key]}); set it with --set {key}=...")
         if isinstance(spec, list):
