@@ -68,7 +68,15 @@ def test_predict_bad_model_is_one_line(tmp_path):
     bogus = tmp_path / "model.keras"
     bogus.write_bytes(b"PK\x03\x04 damaged")
     (tmp_path / "labels.txt").write_text("a\nb\n")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "run.json").write_text("{}")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.yaml").write_text("trials: 3\n")
     for args, needle in (([str(bogus), "x.jpg"], "not a loadable .keras model"),
+                         ([str(tmp_path / "unfinished"), "x.jpg"], "did not finish, so it has no model yet; "
+                                                                    "continue it with mobiletune train --resume"),
+                         ([str(tmp_path / "sweep"), "x.jpg"], f"a sweep folder; the model it chose is "
+                                                              f"{tmp_path / 'sweep' / 'best'}"),
                          ([str(tmp_path / "nothing.onnx"), "x.jpg"], "no such model"),
                          ([str(tmp_path / "labels.txt"), "x.jpg"], "not a model"),
                          ([str(_image(tmp_path)), str(tmp_path)], "an image, not a model; the model comes first")):

@@ -303,6 +303,10 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
             if h.sha256 is not None and h.sha256 != r["sha256"]:
                 raise DataError(f"{root / r['path']}: changed since the run (sha256 differs); {elsewhere}")
         gone = [(r["path"], h.reason) for r, h in zip(manifest, hashed, strict=True) if h.reason]
+        if len(gone) == len(manifest):
+            raise DataError(f"none of the run's {len(manifest)} test images is under {root} any more: was the data "
+                            "folder moved? Put it back there (--data DIR would test on every image under DIR, "
+                            "training images too)")
         if gone:  # left out, the test set would quietly become another one
             raise DataError(f"{len(gone)} of the run's {len(manifest)} test images cannot be read under {root} "
                             f"(first: {gone[0][0]}: {gone[0][1]}); {elsewhere}")

@@ -45,7 +45,7 @@ def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space
         raise UsageError(f"--workers {workers} with a data.image_size range: each size would be timed while the "
                          "other workers train; give the sizes as a list of choices, or --workers 1")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "sweep.yaml").exists():
+    if out.exists() and any(out.iterdir()) and not (out / runfolder.SWEEP_REQUEST).exists():
         raise UsageError(f"--out {out}: folder exists and is not a sweep; pick a new --out")
     return space, None if baseline is None else _read_baseline(Path(baseline))
 
@@ -68,7 +68,7 @@ def prepare_folders(out: Path, base: Config) -> None:
 def record_request(out: Path, base: Config, space: dict[str, Any], n_trials: int, study_name: str,
                    wanted: objectives_lib.Objectives) -> None:
     """sweep.yaml: what the sweep was asked for (written once the study has been found to hold this sweep's)."""
-    runfolder.write_text(out / "sweep.yaml", yaml.safe_dump(
+    runfolder.write_text(out / runfolder.SWEEP_REQUEST, yaml.safe_dump(
         {"base_config": base.to_dict(), "space": space, "trials": n_trials, "study": study_name,
          "objectives": list(wanted.names), "latency_format": wanted.latency_format,
          "max_latency_ms": wanted.max_latency_ms}, sort_keys=False))
