@@ -203,6 +203,10 @@ def test_a_runs_test_images_are_checked_against_the_manifest(cats_dogs_tiny, tmp
         data.load_test_images(run, None, CFG)
     victim.write_bytes(original)
     assert data.load_test_images(run, None, CFG).paths == test.paths
+    cats_dogs_tiny.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match="none of the run's .* test images is under .* any more: was the data folder "
+                                        "moved"):
+        data.load_test_images(run, None, CFG)
 
 
 @pytest.mark.parametrize("layout", ["class folders", "split folders"])
