@@ -349,3 +349,22 @@ def test_best_and_default_test_their_trials_models_which_training_again_reproduc
             ours, theirs = (model_lib.load_model(f / name).get_weights() for f in (folder, again.workdir))
             assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)), (folder.name, name)
         assert {p.name for p in (folder / "logs").iterdir()} >= {"train", "validation", "test"}
+
+
+def test_a_searched_key_set_by_the_user_is_said_to_be_the_first_trials_only(tmp_path):
+    import re
+
+    import optuna
+
+    from mobiletune.tuning import search
+
+    said: list[str] = []
+    space = load_space(_space_file(tmp_path))
+    base = load_config(overrides=["phase1.lr=0.002", "model.dropout=0.3"])  # dropout: not searched here
+    search.begin(optuna.create_study(), True, base, space, 3, said.append)
+    assert said[0].startswith("note: the space searches phase1.lr: phase1.lr=0.002 (from --set or --config) is only "
+                              "the first trial's")
+    assert re.fullmatch(r"study '.*': 0 trial\(s\) finished so far; running until 3 have finished", said[1])
+    said.clear()
+    search.begin(optuna.create_study(), True, load_config(), space, 3, said.append)
+    assert len(said) == 1 and not said[0].startswith("note")

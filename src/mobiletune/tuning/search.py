@@ -148,6 +148,10 @@ def begin(study, created: bool, base: Config, space: dict[str, Any], n_trials: i
     defaults = {k: base.flat()[k] for k in space}
     if created and all(in_space(defaults[k], space[k]) for k in space):
         study.enqueue_trial(defaults, user_attrs={"note": "the base recipe"})
+    mine = [f"{k}={v}" for k, v in defaults.items() if v != Config().flat()[k]]  # given by --set or --config
+    if mine:
+        say(f"note: the space searches {', '.join(k.partition('=')[0] for k in mine)}: {', '.join(mine)} (from "
+            "--set or --config) is only the first trial's, the base recipe's; the other trials draw from the space")
     states = counts(study)
     others = states.get("FAIL", 0) + states.get("RUNNING", 0)  # failed, or a killed worker's (failed when stale)
     say(f"study {study.study_name!r}: {finished(study)} trial(s) finished so far" + (
