@@ -78,7 +78,7 @@ def fit_recipe(fit: Fit, state: RunState) -> list[dict[str, Any]]:
         _fit_phase(fit, state, Phase.of(1, fit.images, config, state))
     if not resumed_at or resumed_at < config.phase1.epochs + config.phase2.epochs:  # unfreeze from fine_tune_at
         classifier.unfreeze_from(config.phase2.fine_tune_at, config.model.bn_mode)
-        if fit.console is not None:
+        if fit.console is not None and config.phase2.epochs:  # with none, phase 2 only tests the phase-1 model
             at, layers = config.phase2.fine_tune_at, classifier.base.layers
             kept = sum(not layer.trainable for layer in layers[at:])  # BatchNorm in inference mode
             frozen = f" ({kept} BatchNorm layers among them frozen)" if kept else ""
