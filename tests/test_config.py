@@ -70,6 +70,15 @@ def test_bad_set_syntax():
         parse_override("phase1.lr")
 
 
+def test_yaml_merge_keys_still_read(tmp_path):
+    """A key given twice is refused, but a merge key's keys may be given again: that is what `<<` is for."""
+    from mobiletune.config import load_yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("base: &b {lr: 0.1, epochs: 4}\nphase1: {<<: *b, epochs: 5}\n")
+    assert load_yaml(path, "--config")["phase1"] == {"lr": 0.1, "epochs": 5}
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
@@ -79,10 +88,11 @@ def test_bad_set_syntax():
         ("- 1\n- 2\n", "expected a mapping"),
         ("data:\n\timage_size: 96\n", r"not valid YAML at line 2, column 1: .*YAML indents with spaces, not tabs"),
         ("data:\n  image_size: 96\ndata:\n  batch_size: 8\n", "at line 3, column 1: 'data' is given twice"),
-        ("phase1:\n  epoch: 3\n", r"--config .*recipe.yaml: unknown config key 'phase1.epoch' \(did you mean "
+        ("phase1:\n  epoch: 3\n", r".*recipe.yaml: unknown config key 'phase1.epoch' \(did you mean "
                                    r"phase1.epochs\?\)"),
+        ("? [a, b]\n: 1\n", "at line 1, column 3: a list or mapping cannot be a key"),
     ],
-    ids=["missing", "broken", "flat", "list", "tab", "twice", "typo"],
+    ids=["missing", "broken", "flat", "list", "tab", "twice", "typo", "list-key"],
 )
 def test_bad_yaml_files(tmp_path, text, needle):
     path = tmp_path / "recipe.yaml"

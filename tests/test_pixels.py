@@ -103,8 +103,8 @@ def _all_test(images):
 
 
 def test_a_phone_sized_jpeg_decodes_where_pil_would_refuse_it(tmp_path):
-    """A 108-megapixel photo is past PIL's 89 MP limit; as a JPEG it decodes at an eighth of each side. A PNG that
-    large is still refused, by the file's header alone too."""
+    """A 108-megapixel photo is past PIL's 89 MP limit; as a baseline JPEG it decodes at an eighth of each side. A
+    PNG or a progressive JPEG that large is still refused, by the file's header alone too."""
     big = Image.new("RGB", (12000, 9000), (200, 40, 40))
     jpeg, png = io.BytesIO(), io.BytesIO()
     big.save(jpeg, format="JPEG", quality=70)
@@ -117,3 +117,7 @@ def test_a_phone_sized_jpeg_decodes_where_pil_would_refuse_it(tmp_path):
     with pytest.raises(pixels.BadImage, match="too large"):
         pixels.decode_image(png.getvalue(), 32)
     assert "too large" in pixels.probe_image(tmp_path / "scan.png")
+    progressive = io.BytesIO()  # libjpeg holds every coefficient of a progressive JPEG, however it is scaled
+    big.save(progressive, format="JPEG", quality=70, progressive=True)
+    with pytest.raises(pixels.BadImage, match="too large"):
+        pixels.decode_image(progressive.getvalue(), 32)

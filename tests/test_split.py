@@ -175,6 +175,11 @@ def test_a_file_filed_under_two_classes_lands_in_one_split_the_least_held_out():
         assert splits[20] == mine, shared  # one split for both copies
         draws[str(mine)] = draws.get(str(mine), 0) + 1
     assert {"train", "validation"} <= set(draws)  # held out in one class, trained in the other, and so on
+    # a 3-image class whose held-out copy is also trained on as another class keeps its held-out image there
+    for seed in range(40):
+        splits = assign_splits(np.array([0] * 3 + [1] * 7), [None] * 10, [*a[:3], *b[:6], a[1]],
+                               DataConfig(seed=seed), ["a", "b"])
+        assert {"validation", "test"} <= set(splits[:3]), (seed, splits)
     # given train/ and validation/: a validation copy of a training image stays in validation, not in test
     given = (["train"] * 3 + ["validation"] * 3) * 2 + ["validation"]
     digests = [*_digests(12, "g"), _digests(12, "g")[0]]  # the last: class b's validation copy of a's first

@@ -146,7 +146,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(_flatten(_read_yaml(Path(path)), source=f"--config {path}"))
+        values.update(_flatten(_read_yaml(Path(path)), source=str(path)))
     for item in overrides or []:
         key, value = parse_override(item)
         values[key] = value
@@ -185,10 +185,17 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *common`: the keys it brings may be given again, that is what it is for
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # a list or mapping as a key
+                raise yaml.constructor.ConstructorError(None, None, "a list or mapping cannot be a key",
+                                                        key_node.start_mark) from None
+            if twice:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
-            seen.add(key)
         return super().construct_mapping(node, deep)
 
 

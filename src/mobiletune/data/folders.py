@@ -191,14 +191,19 @@ def parent_training_images(parent: str) -> frozenset[str]:
     return frozenset(r["sha256"] for r in read_manifest(split) if r["split"] == "train")
 
 
-def _relative(exclude: dict[str, str], root: Path) -> dict[str, str]:
-    """--exclude's paths relative to the data folder, as the listing names files: absolute ones under it too."""
-    out = {}
+def _relative(exclude: dict[str, str], files: list[tuple[str, str, str | None]], root: Path) -> dict[str, str]:
+    """--exclude's paths as the listing names files: as given where one matches, else absolute ones under the data
+    folder made relative to it (links not followed: a linked image is excluded by its own path), and Windows
+    separators read as "/"."""
+    named, out = {p for p, _, _ in files}, {}
     for path, reason in exclude.items():
-        given = Path(path)
-        if given.is_absolute() and given.resolve().is_relative_to(root.resolve()):
-            path = given.resolve().relative_to(root.resolve()).as_posix()
-        out[os.path.normpath(path) if path else path] = reason
+        if path not in named:
+            path = path.replace("\\", "/")
+            for base in {os.path.abspath(root), os.path.realpath(root)}:
+                if os.path.isabs(path) and Path(os.path.abspath(path)).is_relative_to(base):
+                    path = Path(os.path.abspath(path)).relative_to(base).as_posix()
+            path = os.path.normpath(path) if path else path
+        out[path] = reason
     return out
 
 
@@ -218,7 +223,7 @@ def load_images(data_dir: str | Path, config: DataConfig, index: FileIndex | Non
     if given != {None} and not {"train", "validation"} <= given:  # folders are checked in discover(); a CSV here
         raise DataError(f"{data_dir}: its split column names {sorted(s for s in given if s)} but a run needs both "
                         "train and validation rows (test is optional); add them, or drop the split column")
-    exclude = _relative(exclude, root)
+    exclude = _relative(exclude, files, root)
     left_out = [Skipped(display_path(p), exclude[p]) for p, _, _ in files if p in exclude]
     left_out += [Skipped(display_path(p), f"{NO_SUCH_FILE} ({exclude[p]})")
                  for p in sorted(set(exclude) - {p for p, _, _ in files})]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +31,11 @@ if TYPE_CHECKING:
 CHANGED = "changed since it was scanned; run again to use its new content"
 
 
-JPEG_MAX_PIXELS = 1_000_000_000  # above PIL's own limit (89 MP, which phones' 108-200 MP photos pass), a JPEG is
-# still opened up to this: `draft` decodes it at an eighth of each side, so a 200 MP photo costs what a 3 MP one does
+JPEG_MAX_PIXELS = 250_000_000  # above PIL's own limit (89 MP, which phones' 108-200 MP photos pass), a baseline
+# JPEG is still opened up to this: `draft` decodes it at an eighth of each side (~25 MB for 200 MP). A progressive
+# one is not: libjpeg holds all its coefficients however it is scaled (~3 bytes a pixel, measured)
 JPEG_MAGIC = b"\xff\xd8\xff"
+_OPENING = threading.Lock()  # `warnings.catch_warnings` swaps process-wide state: one thread at a time in it
 
 
 class BadImage(Exception):
@@ -48,18 +51,16 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = open_image(data)
-            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("P", "PA") or "transparency" in image.info:
-                image = image.convert("RGBA")  # palette transparency: alpha is then dropped below
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+        image = open_image(data)
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("P", "PA") or "transparency" in image.info:
+            image = image.convert("RGBA")  # palette transparency: alpha is then dropped below
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"too large to decode safely ({exc.__class__.__name__})") from None
     except Image.UnidentifiedImageError:
@@ -74,10 +75,8 @@ def probe_image(path: Path) -> str | None:
     Catches empty, foreign and oversized files; a file damaged further in is caught when decoded.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open_image(path) as image:
-                image.size  # noqa: B018 - the header is parsed by now
+        with open_image(path) as image:
+            image.size  # noqa: B018 - the header is parsed by now
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"too large to decode safely ({exc.__class__.__name__})"
     except Image.UnidentifiedImageError:
@@ -94,7 +93,7 @@ def open_image(source: bytes | Path) -> Image.Image:
 
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with warnings.catch_warnings():
+        with _OPENING, warnings.catch_warnings():  # the header alone is read here: the lock costs little
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(fp)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -106,7 +105,7 @@ def open_image(source: bytes | Path) -> Image.Image:
         if head != JPEG_MAGIC:
             raise
     image = JpegImagePlugin.JpegImageFile(io.BytesIO(source) if isinstance(source, bytes) else source)
-    if image.size[0] * image.size[1] > JPEG_MAX_PIXELS:
+    if image.size[0] * image.size[1] > JPEG_MAX_PIXELS or image.info.get("progressive"):
         image.close()
         raise Image.DecompressionBombError(f"{image.size[0]}x{image.size[1]} pixels")
     return image

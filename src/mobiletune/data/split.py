@@ -83,7 +83,7 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
                               "add a test/ folder, or test rows)")
             splits[_held_out(members, digests, config.seed, config.test_fraction, 1)[0]] = "test"
     if given[0] is None or not has_test:
-        _one_split_each(splits, np.array(hashes), drawn=np.array([s is None or s == "validation" for s in given]),
+        _one_split_each(splits, labels, np.array(hashes), np.array([s is None or s == "validation" for s in given]),
                         floor="train" if given[0] is None else "validation")
     if trained:
         pinned = {d for d, h in zip(digests, hashes, strict=True) if h in trained}
@@ -91,16 +91,24 @@ def assign_splits(labels: np.ndarray, given: list[str | None], hashes: list[str]
     return splits.astype(str)
 
 
-def _one_split_each(splits: np.ndarray, digests: np.ndarray, drawn: np.ndarray, floor: str) -> None:
+def _one_split_each(splits: np.ndarray, labels: np.ndarray, digests: np.ndarray, drawn: np.ndarray,
+                    floor: str) -> None:
     """One file filed under two classes is drawn class by class, so its copies can land in two splits: the `drawn`
-    ones join the least held-out split of them, no less held out than `floor` (validation/ images stay held out).
-    Exact copies only: near copies across classes are mostly look-alikes, which the split needs not keep together."""
+    ones join the least held-out split of them, no less held out than `floor` (validation/ images stay held out),
+    unless that would leave their class without a held-out split. Exact copies only: near copies across classes
+    are mostly look-alikes, which the split needs not keep together."""
     names = ["train", "validation", "test"]
     least: dict[str, int] = {}
     for digest, split in zip(digests, splits, strict=True):
         least[digest] = min(least.get(digest, 2), names.index(split))
+    moved = splits.copy()
     for i in np.flatnonzero(drawn):
-        splits[i] = names[max(least[digests[i]], names.index(floor))]
+        moved[i] = names[max(least[digests[i]], names.index(floor))]
+    for i in np.flatnonzero(moved != splits):
+        held = (labels == labels[i]) & (moved == splits[i])
+        if splits[i] != "train" and not held.any():  # its class's last image there: it stays
+            moved[i] = splits[i]
+    splits[:] = moved
 
 
 def _check_splittable(name: str, members: np.ndarray, digests: np.ndarray, needed: int, where: str,
