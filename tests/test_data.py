@@ -194,13 +194,16 @@ def test_a_runs_test_images_are_checked_against_the_manifest(cats_dogs_tiny, tmp
     victim = cats_dogs_tiny / test.paths[0]
     original = victim.read_bytes()
     victim.write_bytes(original + b"\0")
-    with pytest.raises(DataError, match="changed since the run .sha256 differs.; restore it, or evaluate on other "
-                                        "images: mobiletune evaluate .*run --data DIR"):
+    with pytest.raises(DataError, match=f"1 of the run's {len(test.paths)} test images cannot be used under .*"
+                                        f"first: {test.paths[0]}: changed since the run .sha256 differs..; restore it, "
+                                        "or evaluate on other images: mobiletune evaluate .*run --data DIR"):
         data.load_test_images(run, None, CFG)
     victim.unlink()  # a test image gone: the test set would quietly be another one
-    with pytest.raises(DataError, match=f"1 of the run's {len(test.paths)} test images cannot be read under .*"
+    with pytest.raises(DataError, match=f"1 of the run's {len(test.paths)} test images cannot be used under .*"
                                         f"first: {test.paths[0]}: cannot read"):
         data.load_test_images(run, None, CFG)
+    some = data.load_test_images(run, None, CFG, missing_ok=True)  # an export's re-test: the others, the gone listed
+    assert some.paths == test.paths[1:] and [s.path for s in some.skipped] == [test.paths[0]]
     victim.write_bytes(original)
     assert data.load_test_images(run, None, CFG).paths == test.paths
     cats_dogs_tiny.rename(tmp_path / "moved")

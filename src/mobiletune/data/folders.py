@@ -278,8 +278,29 @@ def check_decodable(images: ImageSet, size: int, batch: int,
     return images.without(failed)
 
 
-def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataConfig) -> ImageSet:
-    """The images to evaluate a finished run on.
+def _run_test_rows(run_dir: Path, root: Path, missing_ok: bool) -> list[tuple[str, str, str, str | None]]:
+    """(path, class, sha256, why it cannot be used) of the run's test split, each file checked against its recorded
+    sha256: one changed or gone is an error (the test set would quietly become another one), unless `missing_ok`."""
+    manifest = [r for r in read_manifest(run_dir / runfolder.SPLIT) if r["split"] == "test"]
+    hashed, _ = hash_files([root / r["path"] for r in manifest], FileIndex(None))
+    reasons = [h.reason or ("changed since the run (sha256 differs)" if h.sha256 != r["sha256"] else None)
+               for r, h in zip(manifest, hashed, strict=True)]
+    if all(reasons) and manifest:
+        raise DataError(f"none of the run's {len(manifest)} test images is under {root} any more: was the data "
+                        "folder moved? Put it back there (--data DIR would test on every image under DIR, training "
+                        "images too)")
+    bad = [(r["path"], why) for r, why in zip(manifest, reasons, strict=True) if why]
+    if bad and not missing_ok:
+        raise DataError(f"{len(bad)} of the run's {len(manifest)} test images cannot be used under {root} (first: "
+                        f"{bad[0][0]}: {bad[0][1]}); restore it, or evaluate on other images: mobiletune evaluate "
+                        f"{run_dir} --data DIR")
+    return [(r["path"], r["class"], r["sha256"], why) for r, why in zip(manifest, reasons, strict=True)]
+
+
+def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataConfig, *,
+                     missing_ok: bool = False) -> ImageSet:
+    """The images to evaluate a finished run on (`missing_ok`: a test image gone is skipped, not an error: an
+    export's re-test needs only some of them).
 
     Without `data_dir`: the run's own test split, from its manifest, each file checked against
     its recorded sha256 (read, not decoded: those files decoded when the run made them). With
@@ -301,21 +322,7 @@ def load_test_images(run_dir: Path, data_dir: str | Path | None, config: DataCon
         rows += [(s.path, None, None, s.reason) for s in listing.skipped]
     else:
         root = image_root(metrics["data_dir"])
-        manifest = [r for r in read_manifest(run_dir / runfolder.SPLIT) if r["split"] == "test"]
-        hashed, _ = hash_files([root / r["path"] for r in manifest], FileIndex(None))
-        elsewhere = f"restore it, or evaluate on other images: mobiletune evaluate {run_dir} --data DIR"
-        for r, h in zip(manifest, hashed, strict=True):
-            if h.sha256 is not None and h.sha256 != r["sha256"]:
-                raise DataError(f"{root / r['path']}: changed since the run (sha256 differs); {elsewhere}")
-        gone = [(r["path"], h.reason) for r, h in zip(manifest, hashed, strict=True) if h.reason]
-        if len(gone) == len(manifest):
-            raise DataError(f"none of the run's {len(manifest)} test images is under {root} any more: was the data "
-                            "folder moved? Put it back there (--data DIR would test on every image under DIR, "
-                            "training images too)")
-        if gone:  # left out, the test set would quietly become another one
-            raise DataError(f"{len(gone)} of the run's {len(manifest)} test images cannot be read under {root} "
-                            f"(first: {gone[0][0]}: {gone[0][1]}); {elsewhere}")
-        rows = [(r["path"], r["class"], r["sha256"], "") for r in manifest]
+        rows = _run_test_rows(run_dir, root, missing_ok)
     images = ImageSet(root=root, classes=classes, paths=[r[0] for r in rows if not r[3]],
                       labels=np.array([classes.index(r[1]) for r in rows if not r[3]], np.int32),
                       splits=np.array(["test"] * sum(not r[3] for r in rows)), hashes=[r[2] for r in rows if not r[3]],

@@ -213,10 +213,11 @@ def check_exports(paths: dict[str, Path], images: ImageSet, reference: np.ndarra
     return checks
 
 
-def report_markdown(checks: list[Check], keras_accuracy: float, n: int, max_drop: float) -> str:
+def report_markdown(checks: list[Check], keras_accuracy: float, n: int, max_drop: float, missing: int = 0) -> str:
     lines = [
         f"# Exports, re-tested on the run's test set ({n} images)",
         "",
+        *([f"{missing} of the run's test images could not be read, and are left out.", ""] if missing else []),
         f"Keras model: accuracy {keras_accuracy:.2%}. An export fails when its accuracy is more than "
         f"{max_drop:g} point(s) lower.",
         "",
@@ -270,7 +271,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     digest = hashlib.sha256((run / runfolder.MODEL).read_bytes()).hexdigest()
     out, earlier = _claimed(Path(out) if out else run / runfolder.EXPORT, digest, overwrite=overwrite or not out)
     classifier = Classifier(model_lib.load_model(run / runfolder.MODEL))
-    images = data.load_test_images(run, None, config.data)
+    images = data.load_test_images(run, None, config.data, missing_ok=True)
     train = _representative(run, metrics, config) if "tflite-int8" in formats else None
     detector = load_detector(run / runfolder.UNKNOWN)
     info = model_info(run, metrics, digest, detector, about)
@@ -285,7 +286,7 @@ def export_run(run: str | Path, formats: list[str], out: str | Path | None = Non
     failed = [c for c in checks if 100 * (keras_accuracy - c.accuracy) > max_drop]
     checks = _earlier_checks(out, earlier, exclude=formats) + checks
     runfolder.write_text(out / runfolder.EXPORT_REPORT,
-                         report_markdown(checks, keras_accuracy, len(images.labels), max_drop))
+                         report_markdown(checks, keras_accuracy, len(images.labels), max_drop, len(images.skipped)))
     result = {"out": str(out), "keras_accuracy": keras_accuracy, "model_sha256": digest,
               **({WEB: str(out / FILE_NAMES[WEB])} if web else {}),
               "metadata": {k: v for k, v in info.__dict__.items() if k != "classes"},
