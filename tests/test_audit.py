@@ -3,6 +3,7 @@ audit.csv closes the loop through --exclude."""
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -184,6 +185,9 @@ def test_exclude_leaves_files_out_and_lists_them(cats_dogs_tiny, tmp_path):
     assert skipped == {victims[0]: "excluded (label_error, audit.csv)"}
     assert victims[0] not in {r["path"] for r in read_manifest(out / "split.csv")}
     assert audit.read_exclusions(listing) == {victims[1]: "excluded (listed in list.txt)"}
+    latin = tmp_path / "latin.txt"  # a file name that is not UTF-8, as an audit.csv of that folder names it
+    latin.write_bytes(b"cats/caf\xe9.jpg\n")
+    assert audit.read_exclusions(latin) == {os.fsdecode(b"cats/caf\xe9.jpg"): "excluded (listed in latin.txt)"}
     # a list naming a file by its absolute path, and one that is not there: the first left out, the second a
     # reported skip, neither silently ignored
     listing.write_text(f"{cats_dogs_tiny / victims[1]}\ntrain/dogs/no_such.jpg\n{victims[0].replace('/', chr(92))}\n")

@@ -72,6 +72,7 @@ def test_predict_bad_model_is_one_line(tmp_path):
     (tmp_path / "unfinished" / "run.json").write_text("{}")
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "sweep.yaml").write_text("trials: 3\n")
+    (tmp_path / "sweep" / "best").mkdir()
     for args, needle in (([str(bogus), "x.jpg"], "not a loadable .keras model"),
                          ([str(tmp_path / "unfinished"), "x.jpg"], "did not finish, so it has no model yet; "
                                                                     "continue it with mobiletune train --resume"),

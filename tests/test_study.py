@@ -97,11 +97,16 @@ def test_sweep_end_to_end_and_rerun_continues(cats_dogs_tiny, tmp_path, monkeypa
     fewer = tmp_path / "fewer"
     shutil.copytree(cats_dogs_tiny, fewer)
     next((fewer / "train" / "cats").iterdir()).unlink()
-    with pytest.raises(UsageError, match=r"ran its trials on other images \(\d+ of 2 classes; these: \d+ of 2\)"):
+    with pytest.raises(UsageError, match=r"ran its trials on other images or another split of them "
+                                         r"\(\d+ of 2 classes; these: \d+ of 2\)"):
         run_sweep(config, fewer, out, n_trials=4, space_path=_space_file(tmp_path))
     other = load_config(overrides=[*TINY, "phase1.min_steps=7"])
     with pytest.raises(UsageError, match="ran its trials with phase1.min_steps=.* \\(now 7\\)"):
         run_sweep(other, cats_dogs_tiny, out, n_trials=4, space_path=_space_file(tmp_path))
+    smaller = tmp_path / "smaller.yaml"
+    smaller.write_text(yaml.safe_dump({k: v for k, v in SPACE.items() if k != "phase1.lr"}))
+    with pytest.raises(UsageError, match="searched another --space"):
+        run_sweep(config, cats_dogs_tiny, out, n_trials=4, space_path=smaller)
     assert (out / "sweep.yaml").read_text() == request and (out / "best" / "model.keras").read_bytes() == best
     (tmp_path / "flowers_run").mkdir()
     (tmp_path / "flowers_run" / "metrics.json").write_text('{"classes": ["daisy", "roses"]}')

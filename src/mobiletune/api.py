@@ -171,6 +171,13 @@ def load(run: str | Path) -> Run:
     return Run(workdir, metrics, load_config(workdir / runfolder.CONFIG), history)
 
 
+def _run_options(strict: bool, cache: bool, audit: bool, exclude: str | Path | None) -> dict[str, Any]:
+    """The config keys `train`'s flags stand for."""
+    return {**({"data.strict": True} if strict else {}), **({} if cache else {"features.cache": False}),
+            **({"data.audit": "full"} if audit else {}),
+            **({"data.exclude": str(Path(exclude).resolve())} if exclude else {})}
+
+
 def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *,
           config: str | Path | Config | None = None, overrides: Overrides = None, overwrite: bool = False,
           strict: bool = False, cache: bool = True, audit: bool = False, exclude: str | Path | None = None,
@@ -211,11 +218,10 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
     else:
         if data_dir is None:
             raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
-        options = {**({"data.strict": True} if strict else {}), **({} if cache else {"features.cache": False}),
-                   **({"data.audit": "full"} if audit else {}),
-                   **({"data.exclude": str(Path(exclude).resolve())} if exclude else {})}
+        options = _run_options(strict, cache, audit, exclude)
         if parent is not None:  # the parent's recipe, or `config`, with the retraining schedule
-            config = make_config(config or Path(parent) / runfolder.CONFIG, retraining.retrain_overrides(parent))
+            config = make_config(Path(parent) / runfolder.CONFIG if config is None else config,
+                                 retraining.retrain_overrides(parent))
         cfg = make_config(make_config(config, overrides), options)
         if cfg.data.parent:  # a network the parent's weights do not fit is refused before any image is read
             retraining.check_config(cfg)

@@ -60,7 +60,7 @@ def check_out(out: str | Path, *, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        if (out / RUN_INFO).is_file() and not (out / METRICS).exists():
+        if is_unfinished(out):
             raise UsageError(f"--out {out}: holds a run that did not finish; continue it with mobiletune train "
                              f"--resume {out}, or pick a new --out, or add --overwrite to start it again")
         raise UsageError(f"--out {out}: folder exists and is not empty; pick a new --out or add --overwrite")
@@ -175,11 +175,16 @@ def read_json(path: Path) -> Any:
         raise UsageError(f"{path}: cannot read it ({exc})") from None
 
 
+def is_unfinished(run: Path) -> bool:
+    """A run folder whose run has not finished (killed, interrupted or still running): `--resume` continues it."""
+    return (run / RUN_INFO).is_file() and not (run / METRICS).exists()
+
+
 def read_resumable(run: Path) -> dict[str, Any]:
     """run.json of a run folder that `--resume` can continue; a finished or foreign folder is a usage error."""
     if not (run / RUN_INFO).is_file():
         raise UsageError(f"--resume {run}: not a mobiletune run folder (no {RUN_INFO})")
-    if (run / METRICS).exists():
+    if not is_unfinished(run):
         raise UsageError(f"--resume {run}: this run is already complete")
     return read_json(run / RUN_INFO)
 

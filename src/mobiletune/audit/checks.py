@@ -267,9 +267,9 @@ def read_exclusions(path: Path) -> dict[str, str]:
     of paths (one a line; lines starting with # are comments)."""
     from mobiletune.errors import UsageError
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    try:  # an audit.csv names files as the OS does: non-UTF-8 names as surrogates, which `read_csv` reads back
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
         raise UsageError(f"--exclude {path}: cannot read it ({exc})") from None
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and lines[0].split(",")[:4] == COLUMNS[:4]:

@@ -186,11 +186,13 @@ def model_path(path: str | Path) -> Path:
         raise UsageError(f"{path}: no such model or run folder")
     if path.is_dir() and (path / runfolder.MODEL).is_file() and (path / runfolder.METRICS).is_file():
         return path / runfolder.MODEL  # a run folder
-    if path.is_dir() and (path / runfolder.RUN_INFO).is_file() and not (path / runfolder.METRICS).exists():
+    if path.is_dir() and runfolder.is_unfinished(path):
         raise UsageError(f"{path}: a run that did not finish, so it has no model yet; continue it with mobiletune "
                          f"train --resume {path}")
     if path.is_dir() and (path / runfolder.SWEEP_REQUEST).is_file():
-        raise UsageError(f"{path}: a sweep folder; the model it chose is {path / runfolder.SWEEP_BEST}")
+        best = path / runfolder.SWEEP_BEST
+        raise UsageError(f"{path}: a sweep folder; " + (f"the model it chose is {best}" if best.is_dir() else
+                                                          "it has chosen no model yet: run the sweep again to finish"))
     return path
 
 

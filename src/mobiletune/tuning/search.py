@@ -114,32 +114,33 @@ def check_objectives(study, created: bool, wanted: objectives_lib.Objectives) ->
                          "(or --study) with --objectives accuracy,latency or --max-latency-ms from the start")
 
 
-IRRELEVANT = ("features.cache_dir", "features.engine", "data.strict", "data.audit", "data.exclude")  # settings that
-# change where or how a trial's numbers are computed, not the numbers
+IRRELEVANT = ("features.cache_dir", "features.engine", "data.strict", "data.audit", "data.exclude", "predict.")  # keys
+# (and prefixes) that change where or how a trial's numbers are computed, or what the chosen run says of unknown
+# inputs afterwards, not the trials' numbers
 
 
 def check_inputs(study, created: bool, base: Config, space: dict[str, Any], images: ImageSet) -> None:
     """A study's trials compare only on one set of images, one recipe around the space and one space: a study
-    continued with other images or settings is refused, naming what differs, before a trial mixes them in."""
+    continued with another space, other settings or other images is refused, naming what differs, before a trial
+    mixes them in. A study with no finished trial yet takes the new ones."""
     made = json.loads(json.dumps({  # as the storage hands it back: tuples as lists
         "data": images.digest(), "images": len(images.labels), "classes": len(images.classes), "space": space,
-        "base": {k: v for k, v in base.flat().items() if k not in space and k not in IRRELEVANT}}))
-    if created:
+        "base": {k: v for k, v in base.flat().items() if not k.startswith(IRRELEVANT)}}))
+    earlier = None if created else study.user_attrs.get("inputs")
+    if earlier is None or not finished(study):  # new, from before mobiletune recorded this, or nothing to mix with
         study.set_user_attr("inputs", made)
         return
-    earlier = study.user_attrs.get("inputs")
-    if earlier is None:
-        return  # a study from before mobiletune recorded this
     again = "continue it with those, or give a new --out (or --study) for these"
-    if earlier["data"] != made["data"]:
-        raise UsageError(f"study {study.study_name!r} ran its trials on other images ({earlier['images']} of "
-                         f"{earlier['classes']} classes; these: {made['images']} of {made['classes']}); {again}")
-    changed = [f"{k}={earlier['base'].get(k)!r} (now {v!r})" for k, v in made["base"].items()
-               if earlier["base"].get(k) != v]
-    if changed:
-        raise UsageError(f"study {study.study_name!r} ran its trials with {', '.join(changed[:3])}; {again}")
     if earlier["space"] != made["space"]:
         raise UsageError(f"study {study.study_name!r} searched another --space; {again}")
+    changed = [f"{k}={earlier['base'][k]!r} (now {v!r})" for k, v in made["base"].items()
+               if k in earlier["base"] and k not in space and earlier["base"][k] != v]  # keys both versions know
+    if changed:
+        raise UsageError(f"study {study.study_name!r} ran its trials with {', '.join(changed[:3])}; {again}")
+    if earlier["data"] != made["data"]:
+        raise UsageError(f"study {study.study_name!r} ran its trials on other images or another split of them "
+                         f"({earlier['images']} of {earlier['classes']} classes; these: {made['images']} of "
+                         f"{made['classes']}); {again}")
 
 
 def begin(study, created: bool, base: Config, space: dict[str, Any], n_trials: int, say) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mobiletune.config import all_keys, load_config, load_yaml, unknown_key
+from mobiletune.config import all_keys, from_flat, load_yaml, unknown_key
 from mobiletune.errors import ConfigError
 
 # Sensible MobileNetV2 ranges; the seed's recipe (trial 0) lies inside every one of them.
@@ -80,7 +80,7 @@ def _check_values(path: Path, key: str, spec: dict[str, Any]) -> None:
     draws it after others have run."""
     for value in spec["choices"] if spec["type"] == "categorical" else (spec["low"], spec["high"]):
         try:
-            load_config(overrides=[f"{key}={value}"])
+            from_flat({key: value})
         except ConfigError as exc:
             raise ConfigError(f"--space {path}: {key}: {value!r} cannot be drawn ({exc})") from None
 
