@@ -63,8 +63,19 @@ def test_a_loaded_run_predicts_paths_and_arrays_alike_and_evaluates(tiny_run, tm
     assert from_path[0].unknown_score == pytest.approx(from_array[0].unknown_score, abs=1e-6)
     big = np.zeros((2, 50, 70, 3), np.uint8)  # other sizes are resized like files
     assert len(run.predict(big)) == 2
+    from PIL import Image
+
+    photo = np.asarray(Image.open(image).convert("RGB"))  # the photo at full size, as a camera hands it over
+    whole = run.predict(photo, top_k=2)[0]
+    assert dict(whole.top) == pytest.approx(dict(from_path[0].top), abs=0.03)  # resized as its JPEG file is
+    two = run.predict([photo, photo[:200, :300]])  # arrays of different sizes, each its own
+    assert len(two) == 2 and dict(two[0].top) == pytest.approx(dict(whole.top[:1]))
     with pytest.raises(mt.UsageError, match=r"shape \(50, 70\)"):
         run.predict(np.zeros((50, 70)))
+    with pytest.raises(mt.UsageError, match="within 0-1; mobiletune takes pixels 0-255"):
+        run.predict(photo / 255.0)
+    with pytest.raises(mt.UsageError, match="NaN"):
+        run.predict(np.full((1, 40, 40, 3), np.nan, np.float32))
     block = run.evaluate()
     assert block["after_fine_tuning"]["test"]["n"] == tiny_run.metrics["after_fine_tuning"]["test"]["n"]
 

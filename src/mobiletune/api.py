@@ -97,6 +97,11 @@ class Run:
         if isinstance(images, np.ndarray):
             return predict_array(self._predictor, images, batch=batch, top_k=top_k, unknown=unknown)
         items = [images] if isinstance(images, (str, Path)) else list(images)
+        if items and all(isinstance(i, np.ndarray) for i in items):  # arrays of different sizes: one at a time
+            return [p for i in items for p in predict_array(self._predictor, i, batch=batch, top_k=top_k,
+                                                            unknown=unknown)]
+        if not all(isinstance(i, (str, Path)) for i in items):
+            raise UsageError("images: give file paths, folders or globs, or arrays of RGB pixels, not a mix")
         return list(predict_paths(self._predictor, [str(i) for i in items], batch=batch, top_k=top_k,
                                   unknown=unknown))
 

@@ -69,6 +69,18 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         raise BadImage(f"cannot decode ({exc})") from None
 
 
+def resized_like_a_jpeg(pixels: np.ndarray, size: int) -> np.ndarray:
+    """RGB pixels [height, width, 3] 0-255 at [size, size, 3], resized as `decode_image` resizes a JPEG file: first
+    shrunk by the largest of 8, 4 or 2 that leaves both sides at least `size` (PIL's `draft` scales a JPEG so, in
+    its decoder; here by averaging blocks), then bilinear. An array of a photo then gets what its JPEG file gets
+    (resized from full size in one step, a cat the model called 0.86 "cats" from the file scored 0.78)."""
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    factor = next((f for f in (8, 4, 2) if min(image.width // size, image.height // size) >= f), 1)
+    if factor > 1:
+        image = image.reduce(factor)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
 def probe_image(path: Path) -> str | None:
     """Why `path` is not an image, from its header alone (cheap: the scan runs it on new files); None if it may be.
 

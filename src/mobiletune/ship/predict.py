@@ -324,20 +324,23 @@ def _predict_batch(predictor: Predictor, pixels: np.ndarray, top_k: int, unknown
 def predict_array(predictor: Predictor, images: np.ndarray, *, batch: int = 32, top_k: int = 1,
                   unknown: bool = True) -> list[Prediction]:
     """Predictions for RGB images as an array [n, height, width, 3] (or one [height, width, 3]), values
-    0-255; images of another size are resized as files are (bilinear)."""
-    from PIL import Image
+    0-255; images of another size are resized as JPEG files are (`pixels.resized_like_a_jpeg`)."""
+    from mobiletune.data.pixels import resized_like_a_jpeg
 
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise UsageError(f"images of shape {images.shape}: give [n, height, width, 3] RGB pixels 0-255")
+    given = np.asarray(images)
+    images = given[None] if given.ndim == 3 else given
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype.kind not in "uif":
+        raise UsageError(f"images of shape {given.shape} ({given.dtype}): give RGB pixels 0-255 as [n, height, "
+                         "width, 3] or one [height, width, 3]")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise UsageError("images: some pixels are NaN or infinite; give RGB pixels 0-255")
+    if images.dtype.kind == "f" and images.size and images.max() <= 1.0:
+        raise UsageError("images: every value is within 0-1; mobiletune takes pixels 0-255 (multiply by 255)")
     if batch < 1 or top_k < 1:
         raise UsageError(f"batch={batch} top_k={top_k}: both must be at least 1")
     size = predictor.size
     if images.shape[1:3] != (size, size):
-        images = np.stack([np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).resize(
-            (size, size), Image.Resampling.BILINEAR)) for x in images])
+        images = np.stack([resized_like_a_jpeg(x, size) for x in images])
     top_k = min(top_k, len(predictor.classes))
     out = []
     for start in range(0, len(images), batch):
