@@ -80,3 +80,20 @@ def test_one_results_table_in_every_report(tiny_run):
         assert "| " + " | ".join(row) + " |" in card
         assert "<tr>" + "".join(f"<td>{v}</td>" for v in row) in page
         assert all(v in shown for v in row[:4])
+
+
+def test_a_metrics_file_damaged_by_hand_is_one_line(tiny_run, tmp_path):
+    import json
+
+    import pytest
+
+    from mobiletune.errors import UsageError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.workdir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["after_fine_tuning"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(UsageError, match="metrics.json does not hold what a report needs .no 'after_fine_tuning'.; "
+                                         "`mobiletune evaluate .*` writes it again"):
+        build_report(run)

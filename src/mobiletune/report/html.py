@@ -121,8 +121,17 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def build_report(run: str | Path) -> Path:
-    """Write `report.html` into the run folder from its files; returns its path."""
-    run = Path(run)
+    """Write `report.html` into the run folder from its files; returns its path. A metrics.json edited or damaged
+    by hand (a block missing, a number as text) is a UsageError naming what is wrong, not a traceback."""
+    try:
+        return _build_report(Path(run))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+        raise UsageError(f"{run}: its metrics.json does not hold what a report needs ({what}); "
+                         f"`mobiletune evaluate {run}` writes it again") from None
+
+
+def _build_report(run: Path) -> Path:
     metrics = runfolder.read_metrics(run)
     if "mcnemar" not in metrics:  # metrics.json holds the test results of one stage, not the comparison
         raise UsageError(f"{run}: metrics.json has no before/after comparison; run `mobiletune evaluate {run}`")
