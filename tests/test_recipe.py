@@ -102,8 +102,13 @@ def test_class_weight_auto_balances_an_imbalanced_split(tmp_path):
     result = train_and_evaluate(config, root, tmp_path / "run")
     assert result.metrics["class_weight"] == pytest.approx({"cats": 16 / 24, "dogs": 16 / 8})
     assert "auto: balanced" in (tmp_path / "run" / "summary.md").read_text()
+    assert result.metrics["balance_note"].startswith("the classes are imbalanced in train (cats 12, dogs 4)")
+    assert "class_weight=auto" not in result.metrics["balance_note"]  # it is on already
     plain = train_and_evaluate(load_config(overrides=TINY), root, tmp_path / "plain")
     assert plain.metrics["class_weight"] == {}
+    summary = (tmp_path / "plain" / "summary.md").read_text()  # with balanced accuracy beside accuracy
+    assert "Note: the classes are imbalanced" in summary and "--set data.class_weight=auto weights" in summary
+    assert "| stage | accuracy | 95% interval | loss | balanced accuracy |" in summary
     assert plain.history[0]["loss"] != result.history[0]["loss"]  # the weights reached the loss
 
 

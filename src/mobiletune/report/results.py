@@ -9,7 +9,8 @@ from typing import Any
 
 STAGES = (("before_fine_tuning", "before fine-tuning"), ("after_fine_tuning", "after fine-tuning"))
 COLUMNS = ("stage", "accuracy", "95% interval", "loss", "balanced accuracy", "ROC-AUC", "ECE")
-BRIEF = 4  # the console and summary.md: stage, accuracy, interval, loss
+BRIEF = 5  # the console and summary.md: stage, accuracy, interval, loss, balanced accuracy (accuracy alone hides a
+# class the model misses)
 
 
 @dataclass(frozen=True)

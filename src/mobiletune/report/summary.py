@@ -49,7 +49,8 @@ def summary_markdown(config: Config, metrics: dict[str, Any]) -> str:
     lines += [
         f"Classes: {', '.join(metrics['classes'])}. Images: "
         + ", ".join(f"{k} {v}" for k, v in metrics["n_images"].items())
-        + f" ({metrics.get('n_skipped', 0)} skipped).",
+        + f" ({metrics.get('n_skipped', 0)} skipped)." + (f" Note: {metrics['balance_note']}."
+                                                           if metrics.get("balance_note") else ""),
         f"Base: MobileNetV2 alpha {config.model.alpha}, {metrics['base_layers']} layers, weights "
         f"{config.model.weights}; fine-tuned from layer {metrics['fine_tune_at']} on "
         f"({metrics['base_layers'] - metrics['fine_tune_at']} layers unfrozen, BatchNorm in "

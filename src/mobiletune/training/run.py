@@ -209,6 +209,8 @@ def _prepare(config: Config, data_dir: str | Path, out: Path, resuming: bool, ov
         out = _start_folder(out, overwrite, config, data_dir, images)
     say(f"images: {images.counts()} in {len(images.classes)} classes {images.classes}; {len(images.skipped)} "
         "skipped" + (" (see skipped.csv)" if images.skipped else ""))
+    if note := images.balance_note(config.data.class_weight == "auto"):
+        say(f"note: {note}")
     clock = time.perf_counter()
     audited = inputs.audit_run(images, feats, near, config, classifier, out, say, index)
     seconds["audit"] = time.perf_counter() - clock
@@ -321,6 +323,7 @@ def _finish(run: _Inputs, state: RunState, config: Config, out: Path, started: f
     metrics = {
         **evaluate.compare_stages(before, after, images.labels[test], images.classes),
         "classes": images.classes, "n_images": images.counts(), "n_skipped": len(images.skipped),
+        "balance_note": images.balance_note(config.data.class_weight == "auto"),
         "audit": inputs.audit_metrics(run.audited, images, before, after),
         "base_layers": len(classifier.base.layers), "fine_tune_at": config.phase2.fine_tune_at,
         "unknown": detector.summary(unknown_scores),
