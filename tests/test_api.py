@@ -20,7 +20,7 @@ def test_the_public_surface_is_named_and_documented():
 
     for name in mt.__all__:
         assert hasattr(mt, name), name
-    for fn in (mt.train, mt.sweep, mt.load, mt.Run.predict, mt.Run.evaluate, mt.Run.export):
+    for fn in (mt.train, mt.sweep, mt.audit_folder, mt.load, mt.Run.predict, mt.Run.evaluate, mt.Run.export):
         assert "Args:" in inspect.getdoc(fn) and "Returns:" in inspect.getdoc(fn), fn.__qualname__
 
 
@@ -83,3 +83,17 @@ def test_a_loaded_run_predicts_paths_and_arrays_alike_and_evaluates(tiny_run, tm
 def test_load_refuses_what_is_not_a_finished_run(tmp_path):
     with pytest.raises(mt.UsageError, match="not a finished mobiletune run folder"):
         mt.load(tmp_path)
+
+
+def test_audit_gives_what_the_cli_gives(cats_dogs_tiny, tmp_path):
+    from mobiletune import runfolder
+
+    found = mt.audit_folder(cats_dogs_tiny, out=tmp_path / "audit", overrides=[*TINY, "data.image_size=64"],
+                            verbose=False)
+    assert {"exact_duplicate", "near_duplicate", "label_error", "outlier", "leaks", "across_classes", "kinds",
+            "images", "skipped", "out"} <= set(found) and found["images"] == 22
+    rows = runfolder.read_csv(tmp_path / "audit" / "audit.csv")
+    assert sum(r["flagged"] == "true" and r["issue"] == "outlier" for r in rows) == found["outlier"]
+    assert (tmp_path / "audit" / "audit.html").is_file() and (tmp_path / "audit" / "skipped.csv").is_file()
+    with pytest.raises(mt.UsageError, match="--overwrite"):  # nothing a user made is replaced unasked
+        mt.audit_folder(cats_dogs_tiny, out=tmp_path / "audit", overrides=TINY, verbose=False)

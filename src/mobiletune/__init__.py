@@ -7,7 +7,7 @@
 The whole surface is below (`__all__`); docs/python-api.md walks through it.
 """
 
-from mobiletune.api import Run, load, make_config, sweep, train
+from mobiletune.api import Run, audit_folder, load, make_config, sweep, train
 from mobiletune.config import Config
 from mobiletune.errors import (
     ConfigError,
@@ -31,6 +31,7 @@ __all__ = [
     "Run",
     "UsageError",
     "__version__",
+    "audit_folder",
     "load",
     "make_config",
     "sweep",

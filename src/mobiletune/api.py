@@ -31,7 +31,7 @@ from mobiletune.errors import UsageError
 from mobiletune.quiet import import_tensorflow
 from mobiletune.training import parent as retraining
 
-__all__ = ["Run", "load", "make_config", "sweep", "train"]
+__all__ = ["Run", "audit_folder", "load", "make_config", "sweep", "train"]
 
 Overrides = Mapping[str, Any] | Iterable[str] | None
 
@@ -242,6 +242,39 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         result = (resume_run(resume, console=console, mlflow=target) if resume is not None else
                   train_and_evaluate(cfg, data_dir, out, overwrite=overwrite, console=console, mlflow=target))
     return load(result.workdir)
+
+
+def audit_folder(data_dir: str | Path, out: str | Path = "runs/audit", *, config: str | Path | Config | None = None,
+                 overrides: Overrides = None, overwrite: bool = False, all_images: bool = False,
+                 ray: str | Any | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Look for duplicates, copies across splits (leaks), likely label errors and off-topic images, as
+    `mobiletune audit` (`mobiletune.audit` names the subpackage): audit.csv, audit.html (tick findings, download
+    an exclude list) and skipped.csv in `out`.
+
+    Args:
+        data_dir: the same folder (or labels CSV) as for `train`.
+        out: the folder for the audit's files.
+        config, overrides: the recipe (its data.image_size is the size the features are computed at).
+        overwrite: reuse a non-empty `out`.
+        all_images: list every image under every check in audit.csv, ranked (default: the findings, then the
+            next most suspicious 1% of each check, to review).
+        ray: run the feature pass on this Ray cluster.
+        verbose: show progress.
+
+    Returns:
+        Flagged images per issue ("exact_duplicate", "near_duplicate", "label_error", "outlier"), "leaks",
+        "across_classes" (copies filed under two classes), "kinds" (what ImageNet takes each class for),
+        "images", "skipped" and "out".
+    """
+    from mobiletune.audit import run as audit_run
+
+    cfg = make_config(config, overrides)
+    data.check_source(data_dir)
+    runfolder.check_out(out, overwrite=overwrite)
+    runfolder.check_apart(out, data_dir)
+    import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
+    return audit_run.audit_folder(cfg, data_dir, out, overwrite=overwrite, console=_console(verbose),
+                                  listing="all" if all_images else "review", ray=ray)
 
 
 def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int = 16, space: str | Path | None = None,
