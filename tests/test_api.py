@@ -97,3 +97,21 @@ def test_audit_gives_what_the_cli_gives(cats_dogs_tiny, tmp_path):
     assert (tmp_path / "audit" / "audit.html").is_file() and (tmp_path / "audit" / "skipped.csv").is_file()
     with pytest.raises(mt.UsageError, match="--overwrite"):  # nothing a user made is replaced unasked
         mt.audit_folder(cats_dogs_tiny, out=tmp_path / "audit", overrides=TINY, verbose=False)
+
+
+def test_wrong_argument_types_are_usage_errors_naming_the_argument(tiny_run, tmp_path):
+    """An int where a path goes, or text where a count goes, reached Python's own TypeError before."""
+    run = mt.load(tiny_run.workdir)
+    image = CATS_DOGS / "validation" / "dogs" / "dog.2000.jpg"
+    cases = [(lambda: mt.train(CATS_DOGS, out=5), r"out=5: give a path"),
+             (lambda: mt.train(123, out=tmp_path / "r"), r"data_dir=123: give a path"),
+             (lambda: mt.train(CATS_DOGS, out=tmp_path / "r", config=3), r"config=3: give a YAML file's path"),
+             (lambda: mt.train(CATS_DOGS, out=tmp_path / "r", overrides=5), r"overrides=5: give a dict"),
+             (lambda: mt.load(5), r"run=5: give a path"),
+             (lambda: run.evaluate(5), r"data_dir=5: give a path"),
+             (lambda: run.predict([image], top_k="2"), r"top_k \(--top-k\) '2': give whole numbers"),
+             (lambda: mt.sweep(CATS_DOGS, out=tmp_path / "s", trials="2"), r"--trials '2': give a whole number"),
+             (lambda: mt.audit_folder(CATS_DOGS, out=7), r"out=7: give a path")]
+    for call, message in cases:
+        with pytest.raises(mt.UsageError, match=message):
+            call()

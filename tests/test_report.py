@@ -97,3 +97,16 @@ def test_a_metrics_file_damaged_by_hand_is_one_line(tiny_run, tmp_path):
     with pytest.raises(UsageError, match="metrics.json does not hold what a report needs .no 'after_fine_tuning'.; "
                                          "`mobiletune evaluate .*` writes it again"):
         build_report(run)
+
+
+def test_a_schedule_without_phase_1_says_so():
+    """A retraining (`--from`) skips phase 1: summary.md must not speak of its optimizer steps."""
+    from mobiletune.config import load_config
+    from mobiletune.report.summary import schedule_lines
+
+    schedule = {"passes_per_epoch": 1, "phase1_steps_per_epoch": 3, "phase2_steps_per_epoch": 3}
+    retraining = schedule_lines(load_config(overrides=["phase1.epochs=0", "phase1.min_steps=40"]),
+                                {"schedule": schedule})[0]
+    assert retraining.startswith("Schedule: the head is not trained on its own. Phase 1: none (phase1.epochs=0); "
+                                 "phase 2: 10 epoch(s)") and "min_steps" not in retraining
+    assert "at least phase1.min_steps=630" in schedule_lines(load_config(), {"schedule": schedule})[0]

@@ -17,6 +17,7 @@ in Jupyter as well as on a terminal (`verbose=False` for silence).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +45,22 @@ def _console(verbose: bool):
     return Console(highlight=False, soft_wrap=True)
 
 
+def _path(name: str, value: Any) -> Path:
+    """An argument that names a file or folder, or a UsageError naming it (an int reached `Path` as a TypeError)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{name}={value!r}: give a path (a str or pathlib.Path)")
+    return Path(value)
+
+
 def make_config(config: str | Path | Config | None = None, overrides: Overrides = None) -> Config:
     """The defaults, then `config` (a YAML path, or a Config), then `overrides` ({"phase1.epochs": 5} or
     ["phase1.epochs=5"], as `--set` takes them); validated, like the CLI's."""
     from mobiletune.config import from_flat, parse_override
 
+    if config is not None and not isinstance(config, (Config, str, os.PathLike)):
+        raise UsageError(f"config={config!r}: give a YAML file's path or a Config")
     values = (config if isinstance(config, Config) else load_config(config)).flat()
-    if isinstance(overrides, str):
+    if isinstance(overrides, str) or not isinstance(overrides, (Mapping, Iterable, type(None))):
         raise UsageError(f"overrides={overrides!r}: give a dict like {{'phase1.epochs': 5}} or a list of 'key=value'")
     if isinstance(overrides, Mapping):
         values.update(overrides)
@@ -122,7 +132,7 @@ class Run:
         from mobiletune.evaluation.run import evaluate_run
 
         if data_dir is not None:
-            data.check_source(data_dir)  # a missing folder is refused before TensorFlow starts
+            data.check_source(_path("data_dir", data_dir))  # a missing folder is refused before TensorFlow starts
         import_tensorflow()
         block = evaluate_run(self.workdir, data_dir, out, overwrite)
         self.metrics = runfolder.read_metrics(self.workdir)
@@ -167,7 +177,7 @@ def load(run: str | Path) -> Run:
     Returns:
         A `Run`. A folder that is not a finished run raises UsageError.
     """
-    workdir = Path(run)
+    workdir = _path("run", run)
     metrics = runfolder.read_metrics(workdir)  # first: one clear error for a folder that is no finished run
     if not (workdir / runfolder.MODEL).is_file():
         raise UsageError(f"{workdir}: not a finished mobiletune run folder (no model.keras)")
@@ -219,7 +229,7 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         if data_dir is not None or config is not None or overrides or audit or exclude or parent is not None:
             raise UsageError("--resume RUN takes the run's own data and config; drop DATA_DIR, --config, --set, "
                              "--audit, --exclude and --from")
-        runfolder.read_resumable(Path(resume))
+        runfolder.read_resumable(_path("resume", resume))
     else:
         if data_dir is None:
             raise UsageError("missing DATA_DIR: mobiletune train DATA_DIR --out runs/NAME (or --resume RUN)")
@@ -230,8 +240,8 @@ def train(data_dir: str | Path | None = None, out: str | Path = "runs/latest", *
         cfg = make_config(make_config(config, overrides), options)
         if cfg.data.parent:  # a network the parent's weights do not fit is refused before any image is read
             retraining.check_config(cfg)
-        data.check_source(data_dir)
-        runfolder.check_apart(out, data_dir)
+        data.check_source(_path("data_dir", data_dir))
+        runfolder.check_apart(_path("out", out), data_dir)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
     from mobiletune.features.cluster import connected
     from mobiletune.tracking.tracker import mlflow_target
@@ -269,8 +279,8 @@ def audit_folder(data_dir: str | Path, out: str | Path = "runs/audit", *, config
     from mobiletune.audit import run as audit_run
 
     cfg = make_config(config, overrides)
-    data.check_source(data_dir)
-    runfolder.check_out(out, overwrite=overwrite)
+    data.check_source(_path("data_dir", data_dir))
+    runfolder.check_out(_path("out", out), overwrite=overwrite)
     runfolder.check_apart(out, data_dir)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up
     return audit_run.audit_folder(cfg, data_dir, out, overwrite=overwrite, console=_console(verbose),
@@ -321,8 +331,8 @@ def sweep(data_dir: str | Path, out: str | Path = "runs/sweep", *, trials: int =
     if base.data.parent:
         raise UsageError(f"data.parent={base.data.parent!r}: a sweep's trials train from the base weights; drop it, "
                          "and retrain the best config with `mobiletune train DATA --from RUN` later")
-    data.check_source(data_dir)
-    runfolder.check_apart(out, data_dir)
+    data.check_source(_path("data_dir", data_dir))
+    runfolder.check_apart(_path("out", out), data_dir)
     # MLflow with --workers is checked by run_sweep: whether MLflow is on is settled after TensorFlow starts
     sweep_setup.check(out, trials, grace_period, workers, space, wanted, baseline, timeout=timeout)
     import_tensorflow()  # after the checks: a typo is refused at once, not after TensorFlow's start-up

@@ -94,8 +94,9 @@ def schedule_lines(config: Config, metrics: dict[str, Any]) -> list[str]:
         recipe = ("the seed's exact recipe (phase1.min_steps=0: one pass over the training images an epoch)"
                   if p1.min_steps == 0 else f"phase 1 takes at least phase1.min_steps={p1.min_steps} optimizer steps "
                   "(0 gives the seed's exact recipe)")
-        lines.append(f"Schedule: {recipe}. Phase 1: {p1.epochs} epoch(s), each {s['passes_per_epoch']} pass(es) over "
-                     f"the training images in {s['phase1_steps_per_epoch']} optimizer steps; phase 2: "
+        first = (f"Phase 1: {p1.epochs} epoch(s), each {s['passes_per_epoch']} pass(es) over the training images in "
+                 f"{s['phase1_steps_per_epoch']} optimizer steps" if p1.epochs else "Phase 1: none (phase1.epochs=0)")
+        lines.append(f"Schedule: {recipe if p1.epochs else 'the head is not trained on its own'}. {first}; phase 2: "
                      f"{config.phase2.epochs} epoch(s) of {s['phase2_steps_per_epoch']} steps.")
     if config.data.image_size < 224 and config.model.weights == "imagenet":
         lines.append(f"Input size: {config.data.image_size} px. The ImageNet weights were trained at 224 px, and "

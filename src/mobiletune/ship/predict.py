@@ -277,12 +277,16 @@ class Prediction:
     unknown: bool = False  # the score is beyond the detector's threshold: none of the classes
 
 
+def _check_counts(batch: object, top_k: object) -> None:
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (batch, top_k)):
+        raise UsageError(f"batch (--batch) {batch!r}, top_k (--top-k) {top_k!r}: give whole numbers of at least 1")
+
+
 def predict_paths(predictor: Predictor, items: Iterable[str], *, batch: int = 32,
                   top_k: int = 1, unknown: bool = True) -> Iterator[Prediction]:
     """Predictions in input order, one batch decoded at a time; with `unknown` and a predictor that
     has a detector, each scored and flagged unknown beyond its threshold."""
-    if batch < 1 or top_k < 1:
-        raise UsageError(f"--batch {batch} --top-k {top_k}: both must be at least 1")
+    _check_counts(batch, top_k)
     top_k = min(top_k, len(predictor.classes))
     pending: list[tuple[Path, np.ndarray | None, str]] = []
 
@@ -336,8 +340,7 @@ def predict_array(predictor: Predictor, images: np.ndarray, *, batch: int = 32, 
         raise UsageError("images: some pixels are NaN or infinite; give RGB pixels 0-255")
     if images.dtype.kind == "f" and images.size and images.max() <= 1.0:
         raise UsageError("images: every value is within 0-1; mobiletune takes pixels 0-255 (multiply by 255)")
-    if batch < 1 or top_k < 1:
-        raise UsageError(f"batch={batch} top_k={top_k}: both must be at least 1")
+    _check_counts(batch, top_k)
     size = predictor.size
     if images.shape[1:3] != (size, size):
         images = np.stack([resized_like_a_jpeg(x, size) for x in images])

@@ -26,6 +26,9 @@ def check(out: str | Path, n_trials: int, grace_period: int, workers: int, space
           ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """The search space and the baseline run's metrics (None: the base recipe is run), or a UsageError naming
     the argument. `tracked`: the sweep logs to MLflow; `on_ray`: its trials run on a Ray cluster."""
+    for name, value in (("--trials", n_trials), ("--workers", workers), ("--grace-period", grace_period)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"{name} {value!r}: give a whole number")
     if n_trials < 1:
         raise UsageError(f"--trials {n_trials}: give at least 1")
     if timeout is not None and timeout <= 0:
