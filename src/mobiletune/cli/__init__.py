@@ -173,18 +173,11 @@ def audit_command(
     """Find duplicates, copies across splits, likely label errors and off-topic images; write audit.csv and .html."""
     from rich.table import Table
 
-    from mobiletune import runfolder
+    from mobiletune import api
     from mobiletune.audit.checks import ISSUES
-    from mobiletune.audit.run import audit_folder
-    from mobiletune.config import load_config
-    from mobiletune.data.folders import check_source
 
-    recipe = load_config(config, list(set_ or []))
-    check_source(data_dir)
-    runfolder.check_apart(out, data_dir)
-    import_tensorflow()
-    found = audit_folder(recipe, data_dir, out, overwrite=overwrite, console=console,
-                         listing="all" if all_ else "review", ray=ray)
+    found = api.audit_folder(data_dir, out, config=config, overrides=set_, overwrite=overwrite, all_images=all_,
+                             ray=ray)
     table = Table(title=f"audit of {found['images']:,} images ({found['skipped']} skipped)")
     table.add_column("issue")
     table.add_column("images", justify="right")

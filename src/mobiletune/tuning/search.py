@@ -146,10 +146,11 @@ def check_inputs(study, created: bool, base: Config, space: dict[str, Any], imag
 def begin(study, created: bool, base: Config, space: dict[str, Any], n_trials: int, say) -> None:
     """The base recipe queued as the first trial of a study just made, when it is in the space; said how far
     the study is."""
-    defaults = {k: base.flat()[k] for k in space}
+    flat, plain = base.flat(), Config().flat()
+    defaults = {k: flat[k] for k in space}
     if created and all(in_space(defaults[k], space[k]) for k in space):
         study.enqueue_trial(defaults, user_attrs={"note": "the base recipe"})
-    mine = [f"{k}={v}" for k, v in defaults.items() if v != Config().flat()[k]]  # given by --set or --config
+    mine = [f"{k}={v}" for k, v in defaults.items() if v != plain[k]]  # given by --set or --config
     if mine:
         say(f"note: the space searches {', '.join(k.partition('=')[0] for k in mine)}: {', '.join(mine)} (from "
             "--set or --config) is only the first trial's, the base recipe's; the other trials draw from the space")

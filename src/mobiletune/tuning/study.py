@@ -143,7 +143,7 @@ def _choose_and_run(study, space: dict[str, Any], base: Config, data_dir, out: P
     results["best"] = run(best_config, out / runfolder.SWEEP_BEST, "best config")
     if results["best"].get("n_skipped"):  # the trials saw the same images: said once, here
         say(f"{results['best']['n_skipped']} file(s) skipped, unreadable or not images: see "
-            f"{out / 'best' / runfolder.SKIPPED}")
+            f"{out / runfolder.SWEEP_BEST / runfolder.SKIPPED}")
     if baseline_metrics is None and best_config == base:
         baseline_metrics = results["best"]
     elif baseline_metrics is None:
